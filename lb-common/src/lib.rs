@@ -1,0 +1,320 @@
+//! The one definition of every BPF map key and value used by xlb.
+//!
+//! The XDP program (`lb-ebpf`) and the controller (`lb-userspace`) both use these types, so the
+//! layouts can never disagree. Everything is `#[repr(C)]` with explicit padding (no implicit
+//! holes: the kernel hashes and compares keys byte for byte, and userspace must be able to write
+//! every byte). Addresses and ports are stored exactly as they appear on the wire (network byte
+//! order), so the data plane copies them without swapping.
+//!
+//! Pure logic that both sides need (checksum arithmetic, the IPVS TCP state machine) lives here
+//! too, so the packet path and the tests/reference models run the same code.
+#![no_std]
+
+pub mod csum;
+pub mod reason;
+pub mod tcp;
+
+/// Address family tags stored in keys and values.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers the data plane balances.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Names of the maps in the XDP object (the `#[map]` statics of `lb-ebpf` carry these names).
+pub mod map_names {
+    pub const SERVICES_V4: &str = "SERVICES_V4";
+    pub const SERVICES_V6: &str = "SERVICES_V6";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const SLOTS: &str = "SLOTS";
+    pub const SCHED_STATE: &str = "SCHED_STATE";
+    pub const FLOWS_V4: &str = "FLOWS_V4";
+    pub const FLOWS_V6: &str = "FLOWS_V6";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASONS: &str = "REASONS";
+    pub const GLOBALS: &str = "GLOBALS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+}
+
+/// Name of the XDP program in the object.
+pub const PROGRAM_NAME: &str = "xlb";
+/// A pass-through XDP program shipped in the same object. On veth, frames sent with `XDP_TX` or
+/// `XDP_REDIRECT` are only delivered if the receiving peer runs an XDP program of its own.
+pub const PASS_PROGRAM_NAME: &str = "xlb_pass";
+
+/// Capacities compiled into the object; the controller overrides them from the configuration
+/// (`EbpfLoader::set_max_entries`) before loading.
+pub mod defaults {
+    pub const CONN_TABLE_SIZE: u32 = 1 << 20;
+    pub const MAX_SERVICES: u32 = 1 << 16;
+    pub const MAX_BACKENDS: u32 = 1 << 16;
+    pub const SLOT_TABLE_SIZE: u32 = 1 << 20;
+    pub const TX_PORTS: u32 = 256;
+    pub const EVENTS_BYTES: u32 = 1 << 14;
+}
+
+/// Schedulers, as stored in [`Service::scheduler`].
+pub mod sched {
+    /// Round robin: a shared pick counter walks the slot table (one slot per usable server).
+    pub const RR: u8 = 1;
+    /// Weighted round robin: the slot table holds one full IPVS wrr cycle.
+    pub const WRR: u8 = 2;
+}
+
+/// Forwarding methods, as stored in [`Backend::forward`].
+pub mod forward {
+    /// Direct routing (IPVS `-g`): rewrite the MACs, decrement TTL, transmit.
+    pub const DR: u8 = 1;
+    /// NAT (IPVS `-m`); not implemented by the data plane yet.
+    pub const NAT: u8 = 2;
+    /// Tunnelling (IPVS `-i`); not implemented by the data plane yet.
+    pub const TUNNEL: u8 = 3;
+}
+
+/// Lookup key of an IPv4 virtual service: (VIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKeyV4 {
+    /// VIP, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Lookup key of an IPv6 virtual service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKeyV6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the service maps. A hash-map update replaces the whole value atomically, so a packet
+/// sees either the old or the new service (slot table, scheduler) and never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index of the service in the per-service arrays (stats, scheduler state).
+    pub id: u32,
+    /// First entry of this service's slot table in `SLOTS`.
+    pub slots_base: u32,
+    /// Number of entries in the slot table; 0 means no usable real server.
+    pub slots_len: u32,
+    /// Added to the shared pick counter before indexing the slot table, so that a new table
+    /// continues the scheduler's sequence where IPVS would (see the controller's scheduler code).
+    pub sched_offset: u32,
+    /// One of [`sched`].
+    pub scheduler: u8,
+    /// `SERVICE_F_*` flags.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Real server as the data plane needs it. One entry per (service, real server), like an IPVS
+/// destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Address, network byte order (IPv4 in `addr[0]`).
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    pub family: u8,
+    /// One of [`forward`].
+    pub forward: u8,
+    /// `BACKEND_F_*` flags.
+    pub flags: u8,
+    pub _pad0: [u8; 3],
+    /// The service this entry belongs to.
+    pub service_id: u32,
+    /// Bumped whenever the id is given to a different real server; flows remember it, so a flow
+    /// never follows a recycled id to the wrong server.
+    pub generation: u32,
+    /// Egress interface; `XDP_TX` when it is the ingress interface, else `XDP_REDIRECT`.
+    pub ifindex: u32,
+    /// Next hop MAC (the real server's own MAC for direct routing).
+    pub dst_mac: [u8; 6],
+    /// MAC of the egress interface.
+    pub src_mac: [u8; 6],
+}
+
+/// The entry can take packets (not deleted).
+pub const BACKEND_F_AVAILABLE: u8 = 1;
+/// `dst_mac` holds a resolved neighbour.
+pub const BACKEND_F_NEIGH_VALID: u8 = 2;
+
+/// An element of the `BACKENDS` array. Array elements are overwritten in place by the kernel
+/// (a plain memcpy), so a reader on another CPU could see a half-written [`Backend`]. The
+/// controller therefore writes the inactive half first and then flips `active` (only its low
+/// byte ever changes, and a byte cannot tear); bytes rewritten with their own value are never
+/// observed changing. See `lb-userspace`'s `dataplane::backends`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendSlot {
+    /// Index (0 or 1) of the half that readers use.
+    pub active: u32,
+    pub _pad: u32,
+    pub half: [Backend; 2],
+}
+
+impl BackendSlot {
+    #[inline(always)]
+    pub fn current(&self) -> &Backend {
+        &self.half[(self.active & 1) as usize]
+    }
+}
+
+/// Connection-table key, IPv4 (client → VIP direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Connection-table key, IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Connection-table value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Index in `BACKENDS`.
+    pub backend: u32,
+    /// `Backend::generation` when the flow was scheduled.
+    pub generation: u32,
+    pub service_id: u32,
+    /// Last packet, whole seconds of the kernel's coarse monotonic clock.
+    pub last_seen: u32,
+    /// IPVS connection state ([`tcp::state`]), `tcp::state::UDP` for UDP.
+    pub state: u8,
+    /// `FLOW_F_*` flags.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Per-service round-robin state, shared by all CPUs (atomic fetch-add). One cache line per
+/// service so services do not slow each other down.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedState {
+    /// New flows scheduled so far.
+    pub picks: u64,
+    pub _reserved: [u64; 7],
+}
+
+/// Traffic counters, per CPU, per service and per real server (IPVS `--stats` columns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connections scheduled.
+    pub conns: u64,
+    pub in_packets: u64,
+    /// Bytes of the IP packets (L3 length), as IPVS counts them.
+    pub in_bytes: u64,
+    pub out_packets: u64,
+    pub out_bytes: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.conns += other.conns;
+        self.in_packets += other.in_packets;
+        self.in_bytes += other.in_bytes;
+        self.out_packets += other.out_packets;
+        self.out_bytes += other.out_bytes;
+    }
+}
+
+/// Global settings read by the data plane (one element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Globals {
+    /// Idle timeout in seconds per [`tcp::state`] (index = state).
+    pub timeouts: [u32; tcp::state::COUNT],
+    pub flags: u32,
+}
+
+impl Default for Globals {
+    fn default() -> Self {
+        Globals {
+            timeouts: tcp::DEFAULT_TIMEOUTS,
+            flags: 0,
+        }
+    }
+}
+
+/// Messages from the data plane to the controller (`EVENTS` ring buffer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub kind: u32,
+    pub backend: u32,
+}
+
+/// A packet needed a real server whose next-hop MAC is unknown: resolve it.
+pub const EVENT_NEIGH_MISSING: u32 = 1;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, contain only integers and have no implicit
+    // padding (checked by the layout tests below).
+    unsafe impl aya::Pod for ServiceKeyV4 {}
+    unsafe impl aya::Pod for ServiceKeyV6 {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for BackendSlot {}
+    unsafe impl aya::Pod for FlowKeyV4 {}
+    unsafe impl aya::Pod for FlowKeyV6 {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for SchedState {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Globals {}
+    unsafe impl aya::Pod for Event {}
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    /// Sizes are part of the map ABI (pinned maps are reused across versions later on); a
+    /// change here must be deliberate. The sums prove there is no implicit padding.
+    #[test]
+    fn sizes_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKeyV4>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceKeyV6>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<Service>(), 4 * 4 + 1 + 1 + 6);
+        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6);
+        assert_eq!(size_of::<BackendSlot>(), 8 + 2 * size_of::<Backend>());
+        assert_eq!(size_of::<FlowKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<FlowKeyV6>(), 16 + 16 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<Flow>(), 4 * 4 + 1 + 1 + 6);
+        assert_eq!(size_of::<SchedState>(), 64);
+        assert_eq!(align_of::<SchedState>(), 64);
+        assert_eq!(size_of::<Counters>(), 5 * 8);
+        assert_eq!(size_of::<Globals>(), 4 * tcp::state::COUNT + 4);
+        assert_eq!(size_of::<Event>(), 8);
+    }
+}

@@ -1,0 +1,84 @@
+//! Indexes of the per-CPU `REASONS` counter array.
+//!
+//! Every packet the program sees increments exactly one *verdict* counter (indexes below
+//! [`VERDICTS`]), so their sum is the number of packets processed. The indexes from
+//! [`VERDICTS`] up count events that happen on the way (a flow could not be recorded, ...).
+
+// --- XDP_PASS: the packet goes to the kernel untouched ---
+/// Not IPv4/IPv6 (ARP, LLDP, ...).
+pub const PASS_NOT_IP: u32 = 0;
+/// IP, but neither TCP nor UDP (ICMP, VRRP, ...).
+pub const PASS_NOT_TCP_UDP: u32 = 1;
+/// An IPv4 fragment or an IPv6 packet with a fragment header.
+pub const PASS_FRAGMENT: u32 = 2;
+/// Header fields that contradict each other or the frame (IHL < 5, total length too small...).
+pub const PASS_MALFORMED: u32 = 3;
+/// The frame ends inside a header.
+pub const PASS_TRUNCATED: u32 = 4;
+/// An IPv6 extension-header chain the program does not follow.
+pub const PASS_IPV6_EXT: u32 = 5;
+/// No virtual service for (destination, port, protocol).
+pub const PASS_NO_SERVICE: u32 = 6;
+/// A TCP segment without SYN for a flow the balancer does not know (IPVS hands these to the
+/// local stack too, unless sloppy_tcp is set).
+pub const PASS_TCP_NO_FLOW: u32 = 7;
+/// The service has no usable real server.
+pub const PASS_NO_BACKEND: u32 = 8;
+/// TTL / hop limit would expire: the kernel answers with ICMP time exceeded.
+pub const PASS_TTL_EXPIRED: u32 = 9;
+// --- XDP_DROP ---
+/// The real server's next-hop MAC is not resolved yet; the controller was asked to resolve it
+/// and the client's retransmission will get through.
+pub const DROP_NEIGH_MISSING: u32 = 10;
+/// The flow's real server was removed (IPVS drops these packets too, expire_nodest_conn=0).
+pub const DROP_BACKEND_GONE: u32 = 11;
+/// An internal lookup failed (a slot or backend index out of range): a controller bug.
+pub const DROP_INTERNAL: u32 = 12;
+/// The forwarding method is not implemented for this packet.
+pub const DROP_UNSUPPORTED: u32 = 13;
+// --- forwarded ---
+pub const TX: u32 = 14;
+pub const REDIRECT: u32 = 15;
+
+/// Whether a verdict counter stands for `XDP_PASS`.
+#[inline(always)]
+pub fn is_pass(r: u32) -> bool {
+    r < DROP_NEIGH_MISSING
+}
+
+/// Number of verdict counters.
+pub const VERDICTS: u32 = 16;
+
+// --- events (not verdicts) ---
+/// A new flow could not be inserted into the connection table; it was forwarded untracked.
+pub const EV_FLOW_INSERT_FAILED: u32 = 16;
+/// A SYN or UDP datagram found an expired or stale flow entry and was scheduled afresh.
+pub const EV_FLOW_RESCHEDULED: u32 = 17;
+/// A new-flow event was lost because the controller's ring buffer was full.
+pub const EV_EVENT_LOST: u32 = 18;
+
+/// Size of the `REASONS` array.
+pub const COUNT: u32 = 19;
+
+/// Metric/label names, indexed by counter.
+pub const NAMES: [&str; COUNT as usize] = [
+    "pass_not_ip",
+    "pass_not_tcp_udp",
+    "pass_fragment",
+    "pass_malformed",
+    "pass_truncated",
+    "pass_ipv6_ext",
+    "pass_no_service",
+    "pass_tcp_no_flow",
+    "pass_no_backend",
+    "pass_ttl_expired",
+    "drop_neigh_missing",
+    "drop_backend_gone",
+    "drop_internal",
+    "drop_unsupported",
+    "tx",
+    "redirect",
+    "flow_insert_failed",
+    "flow_rescheduled",
+    "event_lost",
+];

@@ -1,0 +1,67 @@
+//! Every map of the program. Key/value types and names come from `lb-common`; the sizes here
+//! are placeholders that the controller overrides from the configuration before loading.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use lb_common::{
+    BackendSlot, Counters, Flow, FlowKeyV4, FlowKeyV6, Globals, SchedState, Service, ServiceKeyV4,
+    ServiceKeyV6, defaults, reason,
+};
+
+/// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
+/// syscall per slot.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Virtual services by (VIP, port, protocol).
+#[map]
+pub static SERVICES_V4: HashMap<ServiceKeyV4, Service> =
+    HashMap::with_max_entries(defaults::MAX_SERVICES, 0);
+#[map]
+pub static SERVICES_V6: HashMap<ServiceKeyV6, Service> =
+    HashMap::with_max_entries(defaults::MAX_SERVICES, 0);
+
+/// Real servers by backend index (double-buffered entries, see `BackendSlot`).
+#[map]
+pub static BACKENDS: Array<BackendSlot> = Array::with_max_entries(defaults::MAX_BACKENDS, 0);
+
+/// Slot tables of all services (backend indexes); a service owns `[slots_base, +slots_len)`.
+#[map]
+pub static SLOTS: Array<u32> = Array::with_max_entries(defaults::SLOT_TABLE_SIZE, BPF_F_MMAPABLE);
+
+/// Per-service scheduler state, indexed by service id.
+#[map]
+pub static SCHED_STATE: Array<SchedState> = Array::with_max_entries(defaults::MAX_SERVICES, 0);
+
+/// Connection tables: client 5-tuple → real server.
+#[map]
+pub static FLOWS_V4: LruHashMap<FlowKeyV4, Flow> =
+    LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+#[map]
+pub static FLOWS_V6: LruHashMap<FlowKeyV6, Flow> =
+    LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+
+/// Per-CPU traffic counters by service id and by backend index.
+#[map]
+pub static SERVICE_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(defaults::MAX_SERVICES, 0);
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(defaults::MAX_BACKENDS, 0);
+
+/// Per-CPU verdict and event counters (`lb_common::reason`).
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+/// Settings (timeouts); one element.
+#[map]
+pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);
+
+/// Requests to the controller (e.g. resolve a real server's MAC).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(defaults::EVENTS_BYTES, 0);
+
+/// Egress interfaces for `XDP_REDIRECT`, keyed by ifindex.
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(defaults::TX_PORTS, 0);

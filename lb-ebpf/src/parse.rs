@@ -1,0 +1,208 @@
+//! Header parsing with verifier-friendly bounds checks.
+//!
+//! Every access goes through [`at`], which proves `offset + size_of::<T>() <= data_end` to the
+//! verifier. Offsets that come from the packet (IHL, extension-header lengths) are masked to
+//! small bounds first so the verifier can track them.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, reason};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_FRAGMENT: u8 = 44;
+/// Extension headers skipped before giving up (hop-by-hop and destination options).
+const MAX_EXT_HEADERS: usize = 4;
+
+/// What the rest of the program needs to know about a TCP/UDP packet.
+pub struct Pkt {
+    /// Offset of the IP header.
+    pub l3: usize,
+    pub family: u8,
+    pub proto: u8,
+    /// Addresses as on the wire; IPv4 uses index 0.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Ports as on the wire (network byte order).
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// Length of the IP packet (header included), for byte counters.
+    pub l3_len: u32,
+    /// TTL / hop limit as received.
+    pub ttl: u8,
+}
+
+/// Pointer to a `T` at `off` bytes into the frame, if the frame is long enough.
+#[inline(always)]
+pub fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
+    at::<u16>(ctx, off).map(|p| u16::from_be(unsafe { *p }))
+}
+
+/// Parses the frame. `Err` carries the `reason` counter of a packet that goes to the kernel
+/// untouched.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Pkt, u32> {
+    let mut ethertype = be16(ctx, 12).ok_or(reason::PASS_TRUNCATED)?;
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = be16(ctx, 16).ok_or(reason::PASS_TRUNCATED)?;
+        l3 = ETH_HLEN + 4;
+    }
+    match ethertype {
+        ETH_P_IP => parse_v4(ctx, l3),
+        ETH_P_IPV6 => parse_v6(ctx, l3),
+        _ => Err(reason::PASS_NOT_IP),
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
+    // The fixed part of the header: [ver/ihl, tos, tot_len, id, frag, ttl, proto, csum, src, dst]
+    let vihl: u8 = unsafe { *at::<u8>(ctx, l3).ok_or(reason::PASS_TRUNCATED)? };
+    at::<[u32; 5]>(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
+    if vihl >> 4 != 4 {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let hlen = ((vihl & 0x0f) as usize) * 4;
+    if hlen < 20 {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let tot_len = be16(ctx, l3 + 2).ok_or(reason::PASS_TRUNCATED)? as usize;
+    if tot_len < hlen {
+        return Err(reason::PASS_MALFORMED);
+    }
+    // The frame may carry Ethernet padding after the packet, never less than the packet.
+    if ctx.data() + l3 + tot_len > ctx.data_end() {
+        return Err(reason::PASS_TRUNCATED);
+    }
+    let frag = be16(ctx, l3 + 6).ok_or(reason::PASS_TRUNCATED)?;
+    if frag & 0x3fff != 0 {
+        return Err(reason::PASS_FRAGMENT);
+    }
+    let ttl = unsafe { *at::<u8>(ctx, l3 + 8).ok_or(reason::PASS_TRUNCATED)? };
+    let proto = unsafe { *at::<u8>(ctx, l3 + 9).ok_or(reason::PASS_TRUNCATED)? };
+    let src = unsafe { *at::<u32>(ctx, l3 + 12).ok_or(reason::PASS_TRUNCATED)? };
+    let dst = unsafe { *at::<u32>(ctx, l3 + 16).ok_or(reason::PASS_TRUNCATED)? };
+    let l4 = l3 + hlen;
+    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l4, tot_len - hlen)?;
+    Ok(Pkt {
+        l3,
+        family: FAMILY_V4,
+        proto,
+        src: [src, 0, 0, 0],
+        dst: [dst, 0, 0, 0],
+        sport,
+        dport,
+        tcp_flags,
+        l3_len: tot_len as u32,
+        ttl,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
+    let hdr = at::<[u32; 10]>(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
+    let w = unsafe { &*hdr };
+    if (u32::from_be(w[0]) >> 28) != 6 {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let payload_len = (u32::from_be(w[1]) >> 16) as usize;
+    if ctx.data() + l3 + IPV6_HLEN + payload_len > ctx.data_end() {
+        return Err(reason::PASS_TRUNCATED);
+    }
+    let mut next = (u32::from_be(w[1]) >> 8) as u8;
+    let ttl = u32::from_be(w[1]) as u8;
+    let src = [w[2], w[3], w[4], w[5]];
+    let dst = [w[6], w[7], w[8], w[9]];
+    let mut l4 = l3 + IPV6_HLEN;
+    let mut ext_len = 0usize;
+    // Skip hop-by-hop and destination options; anything else that is not TCP/UDP is passed.
+    for _ in 0..MAX_EXT_HEADERS {
+        if next != NEXTHDR_HOP && next != NEXTHDR_DEST {
+            break;
+        }
+        let eh = at::<[u8; 2]>(ctx, l4).ok_or(reason::PASS_TRUNCATED)?;
+        let [nh, len] = unsafe { *eh };
+        let this = (len as usize + 1) * 8;
+        next = nh;
+        l4 += this;
+        ext_len += this;
+    }
+    if next == NEXTHDR_FRAGMENT {
+        return Err(reason::PASS_FRAGMENT);
+    }
+    if next != PROTO_TCP && next != PROTO_UDP {
+        return Err(if is_v6_extension(next) {
+            reason::PASS_IPV6_EXT
+        } else {
+            reason::PASS_NOT_TCP_UDP
+        });
+    }
+    if ext_len > payload_len {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let (sport, dport, tcp_flags) = parse_l4(ctx, next, l4, payload_len - ext_len)?;
+    Ok(Pkt {
+        l3,
+        family: FAMILY_V6,
+        proto: next,
+        src,
+        dst,
+        sport,
+        dport,
+        tcp_flags,
+        l3_len: (IPV6_HLEN + payload_len) as u32,
+        ttl,
+    })
+}
+
+#[inline(always)]
+fn is_v6_extension(nh: u8) -> bool {
+    // routing, fragment, ESP, AH, no-next-header, dest options, mobility, HIP, shim6
+    matches!(nh, 0 | 43 | 44 | 50 | 51 | 59 | 60 | 135 | 139 | 140)
+}
+
+/// Ports and TCP flags; `l4_len` is what the IP header says the L4 part holds.
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, proto: u8, l4: usize, l4_len: usize) -> Result<(u16, u16, u8), u32> {
+    match proto {
+        PROTO_TCP => {
+            // ports, seq, ack, data offset, flags
+            let hdr = at::<[u8; 20]>(ctx, l4).ok_or(reason::PASS_TRUNCATED)?;
+            let h = unsafe { &*hdr };
+            let doff = (h[12] >> 4) as usize * 4;
+            if doff < 20 || doff > l4_len {
+                return Err(reason::PASS_MALFORMED);
+            }
+            let ports = unsafe { *(hdr as *const [u16; 2]) };
+            Ok((ports[0], ports[1], h[13]))
+        }
+        PROTO_UDP => {
+            let hdr = at::<[u16; 4]>(ctx, l4).ok_or(reason::PASS_TRUNCATED)?;
+            if l4_len < 8 {
+                return Err(reason::PASS_MALFORMED);
+            }
+            let h = unsafe { *hdr };
+            Ok((h[0], h[1], 0))
+        }
+        _ => Err(reason::PASS_NOT_TCP_UDP),
+    }
+}

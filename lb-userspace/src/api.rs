@@ -1,0 +1,177 @@
+//! The local admin API: HTTP/JSON on a Unix socket (mode 0600, so only root connects), and
+//! the client the CLI uses. `curl --unix-socket /run/xlb/xlb.sock http://xlb/v1/services`
+//! works too.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, Result, bail};
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::{net::UnixStream, sync::Mutex};
+
+use crate::{
+    dataplane::{Attachment, Dataplane},
+    engine::{Engine, ServiceView},
+};
+
+/// What the daemon shares between its tasks.
+pub struct Daemon {
+    pub dp: Dataplane,
+    pub engine: Engine,
+}
+
+pub type Shared = Arc<Mutex<Daemon>>;
+
+/// `GET /v1/services`: the table `ipvsadm -L` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServicesResponse {
+    /// Capacity of the (IPv4) connection table, shown as ipvsadm's `size=`.
+    pub conn_table_size: u32,
+    pub services: Vec<ServiceView>,
+}
+
+/// `GET /v1/counters`: every verdict/event counter of the data plane.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CountersResponse {
+    pub counters: Vec<(String, u64)>,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub version: String,
+    pub attached: Vec<AttachmentView>,
+    pub maps: Vec<MapMemory>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachmentView {
+    pub interface: String,
+    pub ifindex: u32,
+    pub mode: String,
+}
+
+impl From<Attachment> for AttachmentView {
+    fn from(a: Attachment) -> Self {
+        AttachmentView {
+            interface: a.interface,
+            ifindex: a.ifindex,
+            mode: a.mode.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapMemory {
+    pub name: String,
+    pub bytes: u64,
+    pub max_entries: u32,
+}
+
+type ApiError = (StatusCode, String);
+
+fn internal(e: anyhow::Error) -> ApiError {
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+async fn services(State(s): State<Shared>) -> Result<Json<ServicesResponse>, ApiError> {
+    let d = s.lock().await;
+    Ok(Json(ServicesResponse {
+        conn_table_size: d.dp.limits.conn_table_size,
+        services: d.engine.view(&d.dp).map_err(internal)?,
+    }))
+}
+
+async fn counters(State(s): State<Shared>) -> Result<Json<CountersResponse>, ApiError> {
+    let d = s.lock().await;
+    let values = d.dp.reasons().map_err(internal)?;
+    Ok(Json(CountersResponse {
+        counters: lb_common::reason::NAMES
+            .iter()
+            .zip(values)
+            .map(|(n, v)| (n.to_string(), v))
+            .collect(),
+    }))
+}
+
+async fn status(State(s): State<Shared>) -> Json<StatusResponse> {
+    let d = s.lock().await;
+    Json(StatusResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        attached: d.dp.attachments().into_iter().map(Into::into).collect(),
+        maps: d
+            .dp
+            .memory()
+            .into_iter()
+            .map(|(n, b, m)| MapMemory {
+                name: n.to_string(),
+                bytes: b,
+                max_entries: m,
+            })
+            .collect(),
+    })
+}
+
+/// Binds the socket (refusing to steal one a live daemon answers on) and serves the API.
+pub async fn serve(path: &Path, state: Shared) -> Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another xlb daemon is serving {} (use a different [control] socket per instance)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let app = Router::new()
+        .route("/v1/services", get(services))
+        .route("/v1/counters", get(counters))
+        .route("/v1/status", get(status))
+        .with_state(state);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("admin API stopped: {e}");
+        }
+    }))
+}
+
+/// Client side: `GET path` on the daemon's socket, decoded from JSON.
+pub async fn get_json<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach the xlb daemon at {} (is `xlb run` running? --socket / XLB_SOCKET select another instance)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, "xlb")
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{}: {}", status, String::from_utf8_lossy(&body));
+    }
+    serde_json::from_slice(&body).context("decoding the daemon's answer")
+}
+
+/// The socket to use: `--socket`, else `XLB_SOCKET`, else the default.
+pub fn socket_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("XLB_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_SOCKET))
+}

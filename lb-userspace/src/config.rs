@@ -1,0 +1,933 @@
+//! The TOML configuration: parsing, validation with file:line:column errors, and the validated
+//! model the rest of the controller works with.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Default Unix socket of the admin API.
+pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// L4 protocol of a virtual service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+    /// As ipvsadm prints it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// IPVS schedulers. All names are recognised so that a known-but-unsupported scheduler gets a
+/// precise error rather than "unknown".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    Rr,
+    Wrr,
+    Lc,
+    Wlc,
+    Sed,
+    Nq,
+    Sh,
+    Dh,
+    Mh,
+    Lblc,
+    Lblcr,
+    Fo,
+    Ovf,
+    Twos,
+}
+
+impl Scheduler {
+    pub const ALL: [Scheduler; 14] = [
+        Scheduler::Rr,
+        Scheduler::Wrr,
+        Scheduler::Lc,
+        Scheduler::Wlc,
+        Scheduler::Sed,
+        Scheduler::Nq,
+        Scheduler::Sh,
+        Scheduler::Dh,
+        Scheduler::Mh,
+        Scheduler::Lblc,
+        Scheduler::Lblcr,
+        Scheduler::Fo,
+        Scheduler::Ovf,
+        Scheduler::Twos,
+    ];
+    /// ipvsadm's (and keepalived's `lb_algo`) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Sed => "sed",
+            Scheduler::Nq => "nq",
+            Scheduler::Sh => "sh",
+            Scheduler::Dh => "dh",
+            Scheduler::Mh => "mh",
+            Scheduler::Lblc => "lblc",
+            Scheduler::Lblcr => "lblcr",
+            Scheduler::Fo => "fo",
+            Scheduler::Ovf => "ovf",
+            Scheduler::Twos => "twos",
+        }
+    }
+    /// Whether the data plane implements it.
+    pub fn supported(self) -> bool {
+        matches!(self, Scheduler::Rr | Scheduler::Wrr)
+    }
+    /// The data plane's code for it.
+    pub fn code(self) -> u8 {
+        match self {
+            Scheduler::Wrr => lb_common::sched::WRR,
+            _ => lb_common::sched::RR,
+        }
+    }
+}
+
+impl FromStr for Scheduler {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Scheduler::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| format!("unknown scheduler \"{s}\""))
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Forwarding method (IPVS -g / -m / -i).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    Dr,
+    Nat,
+    Tunnel,
+}
+
+impl Forwarding {
+    pub fn supported(self) -> bool {
+        self == Forwarding::Dr
+    }
+    pub fn code(self) -> u8 {
+        match self {
+            Forwarding::Dr => lb_common::forward::DR,
+            Forwarding::Nat => lb_common::forward::NAT,
+            Forwarding::Tunnel => lb_common::forward::TUNNEL,
+        }
+    }
+    /// ipvsadm's "Forward" column.
+    pub fn label(self) -> &'static str {
+        match self {
+            Forwarding::Dr => "Route",
+            Forwarding::Nat => "Masq",
+            Forwarding::Tunnel => "Tunnel",
+        }
+    }
+}
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native if the driver supports it, else generic.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Identity of a virtual service: (address, port, protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}",
+            self.protocol.label(),
+            SocketAddr::new(self.addr, self.port)
+        )
+    }
+}
+
+/// A validated virtual service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub key: ServiceKey,
+    pub scheduler: Scheduler,
+    pub forwarding: Forwarding,
+    /// In the order they were added (configuration order).
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A validated real server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendConfig {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub forwarding: Forwarding,
+}
+
+/// IPVS idle timeouts (`ipvsadm --set tcp tcpfin udp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    pub tcp: u32,
+    pub tcp_fin: u32,
+    pub udp: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp: 900,
+            tcp_fin: 120,
+            udp: 300,
+        }
+    }
+}
+
+/// A value with the place it came from, for errors found after parsing (e.g. a missing
+/// interface).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located<T> {
+    pub value: T,
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl<T> Located<T> {
+    pub fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.line,
+            column: self.column,
+            message: message.into(),
+        }
+    }
+}
+
+/// Data-plane settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    pub interfaces: Vec<Located<String>>,
+    pub xdp_mode: XdpModeSetting,
+    pub limits: Limits,
+}
+
+/// Capacities of the BPF maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub conn_table_size: u32,
+    pub conn_table_size_v6: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub slot_table_size: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        use lb_common::defaults as d;
+        Limits {
+            conn_table_size: d::CONN_TABLE_SIZE,
+            conn_table_size_v6: d::CONN_TABLE_SIZE / 4,
+            max_services: d::MAX_SERVICES,
+            max_backends: d::MAX_BACKENDS,
+            slot_table_size: d::SLOT_TABLE_SIZE,
+        }
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub dataplane: DataplaneConfig,
+    pub socket: PathBuf,
+    pub timeouts: Timeouts,
+    pub services: Vec<ServiceConfig>,
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    dataplane: FileDataplane,
+    #[serde(default)]
+    control: FileControl,
+    #[serde(default)]
+    timeouts: Option<Spanned<FileTimeouts>>,
+    #[serde(default)]
+    services: Vec<FileService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDataplane {
+    interfaces: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    xdp_mode: XdpModeSetting,
+    conn_table_size: Option<Spanned<u32>>,
+    conn_table_size_v6: Option<Spanned<u32>>,
+    max_services: Option<Spanned<u32>>,
+    max_backends: Option<Spanned<u32>>,
+    slot_table_size: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileControl {
+    socket: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTimeouts {
+    tcp: Option<u32>,
+    tcp_fin: Option<u32>,
+    udp: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    #[serde(default)]
+    protocol: Option<Spanned<String>>,
+    #[serde(default)]
+    scheduler: Option<Spanned<String>>,
+    #[serde(default)]
+    forwarding: Option<Spanned<String>>,
+    #[serde(default)]
+    backends: Vec<Spanned<FileBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    forwarding: Option<Spanned<String>>,
+}
+
+/// Byte offset → line/column.
+struct Locator<'a> {
+    file: String,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn at(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+        (line, column)
+    }
+    fn err(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, column) = self.at(span.start);
+        ConfigError {
+            file: self.file.clone(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+    fn located<T>(&self, s: Spanned<T>) -> Located<T> {
+        let (line, column) = self.at(s.span().start);
+        Located {
+            value: s.into_inner(),
+            file: self.file.clone(),
+            line,
+            column,
+        }
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates configuration text (`path` names it in errors).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let loc = Locator {
+        file: path.display().to_string(),
+        text,
+    };
+    let file: FileConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        loc.err(span, e.message().to_string())
+    })?;
+
+    let dp = file.dataplane;
+    let if_span = dp.interfaces.span();
+    let interfaces: Vec<Located<String>> = dp
+        .interfaces
+        .into_inner()
+        .into_iter()
+        .map(|i| loc.located(i))
+        .collect();
+    if interfaces.is_empty() {
+        return Err(loc.err(
+            if_span,
+            "dataplane.interfaces must name at least one interface",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for i in &interfaces {
+        if i.value.is_empty() || i.value.len() > 15 || i.value.contains(['/', ' ']) {
+            return Err(i.error(format!("\"{}\" is not a valid interface name", i.value)));
+        }
+        if !seen.insert(i.value.clone()) {
+            return Err(i.error(format!("interface {} is listed twice", i.value)));
+        }
+    }
+
+    let mut limits = Limits::default();
+    let size = |v: &Option<Spanned<u32>>,
+                min: u32,
+                max: u32,
+                name: &str|
+     -> Result<Option<u32>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) if *s.get_ref() < min || *s.get_ref() > max => Err(loc.err(
+                s.span(),
+                format!(
+                    "{name} must be between {min} and {max}, not {}",
+                    s.get_ref()
+                ),
+            )),
+            Some(s) => Ok(Some(*s.get_ref())),
+        }
+    };
+    if let Some(n) = size(&dp.conn_table_size, 64, 1 << 28, "conn_table_size")? {
+        limits.conn_table_size = n;
+        limits.conn_table_size_v6 = (n / 4).max(64);
+    }
+    if let Some(n) = size(&dp.conn_table_size_v6, 64, 1 << 28, "conn_table_size_v6")? {
+        limits.conn_table_size_v6 = n;
+    }
+    if let Some(n) = size(&dp.max_services, 1, 1 << 20, "max_services")? {
+        limits.max_services = n;
+    }
+    if let Some(n) = size(&dp.max_backends, 1, 1 << 22, "max_backends")? {
+        limits.max_backends = n;
+    }
+    if let Some(n) = size(&dp.slot_table_size, 1, 1 << 28, "slot_table_size")? {
+        limits.slot_table_size = n;
+    }
+
+    let mut timeouts = Timeouts::default();
+    if let Some(t) = file.timeouts {
+        let span = t.span();
+        let t = t.into_inner();
+        for (v, slot, name) in [
+            (t.tcp, &mut timeouts.tcp, "tcp"),
+            (t.tcp_fin, &mut timeouts.tcp_fin, "tcp_fin"),
+            (t.udp, &mut timeouts.udp, "udp"),
+        ] {
+            if let Some(v) = v {
+                // ipvsadm --set accepts 0..=2678400 (31 days); 0 there means "unchanged", which
+                // has no meaning in a file.
+                if v == 0 || v > 2_678_400 {
+                    return Err(loc.err(
+                        span.clone(),
+                        format!("timeouts.{name} must be between 1 and 2678400 seconds, not {v}"),
+                    ));
+                }
+                *slot = v;
+            }
+        }
+    }
+
+    let mut services = Vec::new();
+    let mut names = HashSet::new();
+    let mut keys = HashSet::new();
+    let mut total_backends = 0usize;
+    for s in file.services {
+        let svc = service(&loc, s)?;
+        total_backends += svc.0.backends.len();
+        let (svc, name_span, addr_span) = svc;
+        if !names.insert(svc.name.clone()) {
+            return Err(loc.err(
+                name_span,
+                format!("service name \"{}\" is used twice", svc.name),
+            ));
+        }
+        if !keys.insert(svc.key) {
+            return Err(loc.err(addr_span, format!("service {} is defined twice", svc.key)));
+        }
+        services.push(svc);
+    }
+    if services.len() > limits.max_services as usize {
+        return Err(ConfigError {
+            file: loc.file.clone(),
+            line: 1,
+            column: 1,
+            message: format!(
+                "{} services exceed dataplane.max_services = {}",
+                services.len(),
+                limits.max_services
+            ),
+        });
+    }
+    if total_backends > limits.max_backends as usize {
+        return Err(ConfigError {
+            file: loc.file.clone(),
+            line: 1,
+            column: 1,
+            message: format!(
+                "{total_backends} real servers exceed dataplane.max_backends = {}",
+                limits.max_backends
+            ),
+        });
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        dataplane: DataplaneConfig {
+            interfaces,
+            xdp_mode: dp.xdp_mode,
+            limits,
+        },
+        socket: file
+            .control
+            .socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        timeouts,
+        services,
+    })
+}
+
+/// Parses "addr:port" / "[v6]:port" (port required) or, with `default_port`, also a bare
+/// address.
+fn parse_endpoint(s: &str, default_port: Option<u16>) -> Result<(IpAddr, u16), String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), sa.port()));
+    }
+    if let Ok(ip) = s
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return match default_port {
+            Some(p) => Ok((ip, p)),
+            None => Err(format!("\"{s}\" has no port (write {})", example(ip))),
+        };
+    }
+    Err(format!(
+        "\"{s}\" is not an address with a port (e.g. 192.168.56.10:80 or [2001:db8::10]:80)"
+    ))
+}
+
+fn example(ip: IpAddr) -> String {
+    SocketAddr::new(ip, 80).to_string()
+}
+
+fn check_unicast(ip: IpAddr) -> Result<(), String> {
+    let bad = match ip {
+        IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
+    };
+    if bad {
+        Err(format!("{ip} is not a unicast address"))
+    } else {
+        Ok(())
+    }
+}
+
+fn service(
+    loc: &Locator<'_>,
+    s: FileService,
+) -> Result<(ServiceConfig, Range<usize>, Range<usize>), ConfigError> {
+    let name_span = s.name.span();
+    let name = s.name.into_inner();
+    if name.is_empty() {
+        return Err(loc.err(name_span, "service name must not be empty"));
+    }
+    let addr_span = s.address.span();
+    let (addr, port) =
+        parse_endpoint(s.address.get_ref(), None).map_err(|m| loc.err(addr_span.clone(), m))?;
+    check_unicast(addr).map_err(|m| loc.err(addr_span.clone(), m))?;
+    if port == 0 {
+        return Err(loc.err(
+            addr_span,
+            "port 0 (all ports of the address) is not supported yet; give the service's port",
+        ));
+    }
+    let protocol = match &s.protocol {
+        None => Protocol::Tcp,
+        Some(p) => match p.get_ref().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(loc.err(
+                    p.span(),
+                    format!("protocol \"{other}\" is not one of: tcp, udp"),
+                ));
+            }
+        },
+    };
+    // IPVS and Piranha default to wlc.
+    let (scheduler, sched_span) = match &s.scheduler {
+        None => (Scheduler::Wlc, name_span.clone()),
+        Some(x) => (
+            x.get_ref().parse::<Scheduler>().map_err(|m| {
+                loc.err(
+                    x.span(),
+                    format!("{m}; IPVS schedulers are rr, wrr, lc, wlc, sed, nq, sh, dh, mh, lblc, lblcr, fo, ovf, twos"),
+                )
+            })?,
+            x.span(),
+        ),
+    };
+    if !scheduler.supported() {
+        return Err(loc.err(
+            sched_span,
+            format!(
+                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr)",
+                if s.scheduler.is_none() {
+                    " (the default)"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    let forwarding = parse_forwarding(loc, &s.forwarding)?.unwrap_or(Forwarding::Dr);
+
+    let mut backends = Vec::new();
+    let mut seen = HashSet::new();
+    for b in s.backends {
+        let bspan = b.span();
+        let b = b.into_inner();
+        let aspan = b.address.span();
+        let (baddr, bport) = parse_endpoint(b.address.get_ref(), Some(port))
+            .map_err(|m| loc.err(aspan.clone(), m))?;
+        check_unicast(baddr).map_err(|m| loc.err(aspan.clone(), m))?;
+        let weight = match &b.weight {
+            None => 1,
+            Some(w) if (0..=65535).contains(w.get_ref()) => *w.get_ref() as u32,
+            Some(w) => {
+                return Err(loc.err(
+                    w.span(),
+                    format!("weight must be between 0 and 65535, not {}", w.get_ref()),
+                ));
+            }
+        };
+        let bfwd = parse_forwarding(loc, &b.forwarding)?.unwrap_or(forwarding);
+        if bfwd == Forwarding::Dr && bport != port {
+            return Err(loc.err(
+                aspan,
+                format!(
+                    "direct routing cannot change the port: real server port {bport} differs from the service port {port}"
+                ),
+            ));
+        }
+        if bfwd != Forwarding::Tunnel && baddr.is_ipv4() != addr.is_ipv4() {
+            return Err(loc.err(
+                aspan,
+                "real server and service must be the same address family (only tunnelling may mix them)",
+            ));
+        }
+        if !seen.insert((baddr, bport)) {
+            return Err(loc.err(
+                bspan,
+                format!(
+                    "real server {} is listed twice",
+                    SocketAddr::new(baddr, bport)
+                ),
+            ));
+        }
+        backends.push(BackendConfig {
+            addr: baddr,
+            port: bport,
+            weight,
+            forwarding: bfwd,
+        });
+    }
+    Ok((
+        ServiceConfig {
+            name,
+            key: ServiceKey {
+                addr,
+                port,
+                protocol,
+            },
+            scheduler,
+            forwarding,
+            backends,
+        },
+        name_span,
+        addr_span,
+    ))
+}
+
+fn parse_forwarding(
+    loc: &Locator<'_>,
+    f: &Option<Spanned<String>>,
+) -> Result<Option<Forwarding>, ConfigError> {
+    let Some(f) = f else { return Ok(None) };
+    let v = match f.get_ref().as_str() {
+        "dr" => Forwarding::Dr,
+        "nat" => Forwarding::Nat,
+        "tunnel" => Forwarding::Tunnel,
+        other => {
+            return Err(loc.err(
+                f.span(),
+                format!("forwarding \"{other}\" is not one of: dr, nat, tunnel"),
+            ));
+        }
+    };
+    if !v.supported() {
+        return Err(loc.err(
+            f.span(),
+            format!(
+                "forwarding \"{}\" is not supported yet (supported: dr)",
+                f.get_ref()
+            ),
+        ));
+    }
+    Ok(Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[dataplane]
+interfaces = ["eth0"]
+xdp_mode = "auto"
+conn_table_size = 1048576
+
+[[services]]
+name = "web"
+address = "192.168.56.10:80"     # VIP:port; IPv6 as "[2001:db8::10]:80"
+protocol = "tcp"                  # tcp | udp
+scheduler = "rr"
+forwarding = "dr"
+
+[[services.backends]]
+address = "192.168.56.11:80"
+weight = 1
+"#;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("xlb.toml"), text)
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = p(EXAMPLE).unwrap();
+        assert_eq!(c.dataplane.interfaces[0].value, "eth0");
+        assert_eq!(c.dataplane.interfaces[0].line, 3);
+        assert_eq!(c.dataplane.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(c.dataplane.limits.conn_table_size, 1 << 20);
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.timeouts, Timeouts::default());
+        let s = &c.services[0];
+        assert_eq!(s.name, "web");
+        assert_eq!(s.key.addr, "192.168.56.10".parse::<IpAddr>().unwrap());
+        assert_eq!(s.key.port, 80);
+        assert_eq!(s.key.protocol, Protocol::Tcp);
+        assert_eq!(s.scheduler, Scheduler::Rr);
+        assert_eq!(
+            s.backends,
+            vec![BackendConfig {
+                addr: "192.168.56.11".parse().unwrap(),
+                port: 80,
+                weight: 1,
+                forwarding: Forwarding::Dr
+            }]
+        );
+    }
+
+    #[test]
+    fn ipv6_and_defaults() {
+        let c = p(r#"
+[dataplane]
+interfaces = ["eth0", "eth1"]
+[[services]]
+name = "v6"
+address = "[2001:db8::10]:443"
+scheduler = "wrr"
+[[services.backends]]
+address = "2001:db8::11"
+weight = 3
+[[services.backends]]
+address = "[2001:db8::12]:443"
+"#)
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.key.protocol, Protocol::Tcp);
+        assert_eq!(s.forwarding, Forwarding::Dr);
+        assert_eq!(s.backends[0].port, 443);
+        assert_eq!(s.backends[0].weight, 3);
+        assert_eq!(s.backends[1].weight, 1);
+        assert_eq!(c.dataplane.limits.conn_table_size_v6, (1 << 20) / 4);
+    }
+
+    /// Every error names the file, the line and the problem.
+    #[test]
+    fn errors_are_located() {
+        let cases: &[(&str, usize, &str)] = &[
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\nbogus = 1\n",
+                3,
+                "unknown field `bogus`",
+            ),
+            (
+                "[dataplane]\ninterfaces = []\n",
+                2,
+                "at least one interface",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\nxdp_mode = \"turbo\"\n",
+                3,
+                "turbo",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\nconn_table_size = 1\n",
+                3,
+                "conn_table_size must be between",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1\"\nscheduler = \"rr\"\n",
+                5,
+                "has no port",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"fast\"\n",
+                6,
+                "unknown scheduler \"fast\"",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n",
+                4,
+                "scheduler wlc (the default) is not supported yet",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\nprotocol = \"sctp\"\n",
+                7,
+                "protocol \"sctp\"",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\n[[services.backends]]\naddress = \"10.0.0.2:8080\"\n",
+                8,
+                "direct routing cannot change the port",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\n[[services.backends]]\naddress = \"10.0.0.2\"\nweight = 70000\n",
+                9,
+                "weight must be between 0 and 65535",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\n[[services.backends]]\naddress = \"2001:db8::2\"\n",
+                8,
+                "same address family",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\nforwarding = \"nat\"\n",
+                7,
+                "not supported yet",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\n[[services]]\nname = \"b\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\n",
+                9,
+                "defined twice",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"224.0.0.1:80\"\nscheduler = \"rr\"\n",
+                5,
+                "not a unicast address",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[timeouts]\ntcp = 0\n",
+                3,
+                "timeouts.tcp must be between 1 and 2678400",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let e = p(text).expect_err(text);
+            assert_eq!(e.file, "xlb.toml");
+            assert_eq!(e.line, *line, "{e} for {text:?}");
+            assert!(
+                e.to_string().contains(needle),
+                "{e} does not mention {needle:?}"
+            );
+            assert!(e.to_string().starts_with(&format!("xlb.toml:{line}:")));
+        }
+    }
+
+    #[test]
+    fn timeouts_section() {
+        let c =
+            p("[dataplane]\ninterfaces = [\"eth0\"]\n[timeouts]\ntcp = 600\nudp = 30\n").unwrap();
+        assert_eq!(
+            c.timeouts,
+            Timeouts {
+                tcp: 600,
+                tcp_fin: 120,
+                udp: 30
+            }
+        );
+    }
+}

@@ -1,0 +1,572 @@
+//! The loaded XDP program and its maps: loading with the configured capacities, attaching,
+//! and the low-level writes whose order makes every change atomic for packets.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    os::fd::{AsFd, AsRawFd},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    Backend, BackendSlot, Counters, Flow, FlowKeyV4, FlowKeyV6, Globals, PASS_PROGRAM_NAME,
+    PROGRAM_NAME, SchedState, Service, ServiceKeyV4, ServiceKeyV6, map_names as names, reason,
+};
+use tracing::{info, warn};
+
+use crate::config::{Limits, XdpModeSetting};
+
+/// The XDP object, built from `lb-ebpf` by this crate's build script.
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb.bpf.o"));
+
+/// How long a reader may still be using the half of a [`BackendSlot`] that was just retired,
+/// or a slot-table region that was just replaced. An XDP program runs for microseconds with
+/// preemption disabled; this is orders of magnitude more.
+pub const GRACE: Duration = Duration::from_millis(50);
+
+/// Where the program ended up attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    pub mode: &'static str,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pub limits: Limits,
+    services_v4: HashMap<MapData, ServiceKeyV4, Service>,
+    services_v6: HashMap<MapData, ServiceKeyV6, Service>,
+    backends: Array<MapData, BackendSlot>,
+    slots: Slots,
+    sched_state: Array<MapData, SchedState>,
+    flows_v4: HashMap<MapData, FlowKeyV4, Flow>,
+    flows_v6: HashMap<MapData, FlowKeyV6, Flow>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reasons: PerCpuArray<MapData, u64>,
+    globals: Array<MapData, Globals>,
+    tx_ports: DevMapHash<MapData>,
+    events: Option<RingBuf<MapData>>,
+    links: Vec<(Attachment, XdpLinkId)>,
+    /// When each backend slot last flipped halves (see [`Dataplane::write_backend`]).
+    last_flip: StdHashMap<u32, Instant>,
+    ncpus: usize,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+impl Dataplane {
+    /// Loads the program and creates its maps with the configured capacities. Nothing is
+    /// attached yet.
+    pub fn load(limits: Limits) -> Result<Self> {
+        raise_memlock_limit();
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(names::FLOWS_V4, limits.conn_table_size)
+            .map_max_entries(names::FLOWS_V6, limits.conn_table_size_v6)
+            .map_max_entries(names::SERVICES_V4, limits.max_services)
+            .map_max_entries(names::SERVICES_V6, limits.max_services)
+            .map_max_entries(names::SCHED_STATE, limits.max_services)
+            .map_max_entries(names::SERVICE_STATS, limits.max_services)
+            .map_max_entries(names::BACKENDS, limits.max_backends)
+            .map_max_entries(names::BACKEND_STATS, limits.max_backends)
+            .map_max_entries(names::SLOTS, limits.slot_table_size);
+        let mut ebpf = loader
+            .load(XDP_OBJECT)
+            .context("loading the XDP object (are you root with CAP_BPF/CAP_NET_ADMIN?)")?;
+        for name in [PROGRAM_NAME, PASS_PROGRAM_NAME] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected the XDP program {name}"))?;
+        }
+        let slots_map: Array<MapData, u32> = take(&mut ebpf, names::SLOTS)?;
+        let mut dp = Dataplane {
+            services_v4: take(&mut ebpf, names::SERVICES_V4)?,
+            services_v6: take(&mut ebpf, names::SERVICES_V6)?,
+            backends: take(&mut ebpf, names::BACKENDS)?,
+            slots: Slots::map(slots_map, limits.slot_table_size)?,
+            sched_state: take(&mut ebpf, names::SCHED_STATE)?,
+            flows_v4: take(&mut ebpf, names::FLOWS_V4)?,
+            flows_v6: take(&mut ebpf, names::FLOWS_V6)?,
+            service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
+            reasons: take(&mut ebpf, names::REASONS)?,
+            globals: take(&mut ebpf, names::GLOBALS)?,
+            tx_ports: take(&mut ebpf, names::TX_PORTS)?,
+            events: Some(take(&mut ebpf, names::EVENTS)?),
+            ebpf,
+            limits,
+            links: Vec::new(),
+            last_flip: StdHashMap::new(),
+            ncpus: aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?,
+        };
+        dp.set_globals(&Globals::default())?;
+        Ok(dp)
+    }
+
+    /// The balancer program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("loaded in Dataplane::load")
+    }
+
+    /// The ring buffer the program writes events to (taken once, by the daemon).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Attaches the balancer to `interface`.
+    pub fn attach(&mut self, interface: &str, mode: XdpModeSetting) -> Result<Attachment> {
+        let ifindex = ifindex(interface)?;
+        let attachment = attach_program(&mut self.ebpf, PROGRAM_NAME, interface, ifindex, mode)?;
+        self.links.push((attachment.0.clone(), attachment.1));
+        // A devmap entry per interface, so real servers behind another attached interface
+        // are reached with XDP_REDIRECT.
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding {interface} to the redirect map"))?;
+        Ok(attachment.0)
+    }
+
+    pub fn attachments(&self) -> Vec<Attachment> {
+        self.links.iter().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Detaches from every interface.
+    pub fn detach_all(&mut self) {
+        let prog: Result<&mut Xdp, _> = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("loaded")
+            .try_into();
+        if let Ok(prog) = prog {
+            for (a, id) in self.links.drain(..) {
+                match prog.detach(id) {
+                    Ok(()) => info!(interface = %a.interface, "detached"),
+                    Err(e) => warn!(interface = %a.interface, "detach failed: {e}"),
+                }
+            }
+        }
+    }
+
+    pub fn set_globals(&mut self, g: &Globals) -> Result<()> {
+        self.globals.set(0, g, 0).context("writing GLOBALS")
+    }
+
+    // ---- services ----
+
+    pub fn put_service_v4(&mut self, k: &ServiceKeyV4, v: &Service) -> Result<()> {
+        self.services_v4
+            .insert(k, v, 0)
+            .context("updating SERVICES_V4")
+    }
+    pub fn put_service_v6(&mut self, k: &ServiceKeyV6, v: &Service) -> Result<()> {
+        self.services_v6
+            .insert(k, v, 0)
+            .context("updating SERVICES_V6")
+    }
+    pub fn remove_service_v4(&mut self, k: &ServiceKeyV4) -> Result<()> {
+        self.services_v4
+            .remove(k)
+            .context("deleting from SERVICES_V4")
+    }
+    pub fn remove_service_v6(&mut self, k: &ServiceKeyV6) -> Result<()> {
+        self.services_v6
+            .remove(k)
+            .context("deleting from SERVICES_V6")
+    }
+
+    // ---- backends ----
+
+    /// Replaces backend `index` so that no reader ever sees a half-written entry: the new
+    /// value goes into the half readers do not use, then `active` flips to it. Before the
+    /// retired half is reused, readers get [`GRACE`] to finish with it.
+    pub fn write_backend(&mut self, index: u32, new: &Backend) -> Result<()> {
+        let mut slot = self
+            .backends
+            .get(&index, 0)
+            .with_context(|| format!("reading BACKENDS[{index}]"))?;
+        if slot.current() == new && slot.half[0] == slot.half[1] {
+            return Ok(());
+        }
+        if let Some(t) = self.last_flip.get(&index) {
+            let age = t.elapsed();
+            if age < GRACE {
+                std::thread::sleep(GRACE - age);
+            }
+        }
+        let spare = (1 - (slot.active & 1)) as usize;
+        slot.half[spare] = *new;
+        self.backends
+            .set(index, slot, 0)
+            .with_context(|| format!("writing BACKENDS[{index}]"))?;
+        slot.active = spare as u32;
+        self.backends
+            .set(index, slot, 0)
+            .with_context(|| format!("writing BACKENDS[{index}]"))?;
+        self.last_flip.insert(index, Instant::now());
+        Ok(())
+    }
+
+    pub fn read_backend(&self, index: u32) -> Result<Backend> {
+        Ok(*self.backends.get(&index, 0)?.current())
+    }
+
+    // ---- slot tables ----
+
+    pub fn write_slots(&mut self, base: u32, values: &[u32]) -> Result<()> {
+        self.slots.write(base, values)
+    }
+
+    pub fn read_slot(&self, index: u32) -> Option<u32> {
+        self.slots.read(index)
+    }
+
+    // ---- per-service scheduler state ----
+
+    /// New flows the data plane has scheduled for service `id` so far.
+    pub fn picks(&self, id: u32) -> Result<u64> {
+        Ok(self.sched_state.get(&id, 0)?.picks)
+    }
+
+    pub fn reset_sched_state(&mut self, id: u32) -> Result<()> {
+        self.sched_state
+            .set(id, SchedState::default(), 0)
+            .context("writing SCHED_STATE")
+    }
+
+    // ---- counters ----
+
+    pub fn reset_service_stats(&mut self, id: u32) -> Result<()> {
+        let zero = PerCpuValues::try_from(vec![Counters::default(); self.ncpus])?;
+        self.service_stats
+            .set(id, zero, 0)
+            .context("zeroing SERVICE_STATS")
+    }
+
+    pub fn reset_backend_stats(&mut self, index: u32) -> Result<()> {
+        let zero = PerCpuValues::try_from(vec![Counters::default(); self.ncpus])?;
+        self.backend_stats
+            .set(index, zero, 0)
+            .context("zeroing BACKEND_STATS")
+    }
+
+    pub fn service_stats(&self, id: u32) -> Result<Counters> {
+        let mut sum = Counters::default();
+        for c in self.service_stats.get(&id, 0)?.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
+    }
+
+    pub fn backend_stats(&self, index: u32) -> Result<Counters> {
+        let mut sum = Counters::default();
+        for c in self.backend_stats.get(&index, 0)?.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
+    }
+
+    /// The `reason` counters summed over CPUs.
+    pub fn reasons(&self) -> Result<Vec<u64>> {
+        (0..reason::COUNT)
+            .map(|r| Ok(self.reasons.get(&r, 0)?.iter().sum()))
+            .collect()
+    }
+
+    // ---- connection tables ----
+
+    /// Every IPv4 flow entry (a full walk: for listings, not for the packet path).
+    pub fn flows_v4(&self) -> Vec<(FlowKeyV4, Flow)> {
+        self.flows_v4.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn flows_v6(&self) -> Vec<(FlowKeyV6, Flow)> {
+        self.flows_v6.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn flow_v4(&self, k: &FlowKeyV4) -> Option<Flow> {
+        self.flows_v4.get(k, 0).ok()
+    }
+
+    pub fn flow_v6(&self, k: &FlowKeyV6) -> Option<Flow> {
+        self.flows_v6.get(k, 0).ok()
+    }
+
+    /// Kernel memory charged to each map (`memlock` of its fdinfo), with its capacity.
+    pub fn memory(&self) -> Vec<(&'static str, u64, u32)> {
+        let fd_of = |m: &MapData| m.fd().as_fd().as_raw_fd();
+        let mut out = Vec::new();
+        let mut add = |name: &'static str, fd: i32| {
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+            let field = |k: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            out.push((name, field("memlock:"), field("max_entries:") as u32));
+        };
+        add(names::FLOWS_V4, fd_of(self.flows_v4_data()));
+        add(names::FLOWS_V6, fd_of(self.flows_v6_data()));
+        add(names::SERVICES_V4, self.services_v4.map_fd_raw());
+        add(names::SERVICES_V6, self.services_v6.map_fd_raw());
+        add(names::BACKENDS, self.backends.map_fd_raw());
+        add(names::SLOTS, self.slots.map.map_fd_raw());
+        add(names::SCHED_STATE, self.sched_state.map_fd_raw());
+        add(names::SERVICE_STATS, self.service_stats.map_fd_raw());
+        add(names::BACKEND_STATS, self.backend_stats.map_fd_raw());
+        out
+    }
+
+    fn flows_v4_data(&self) -> &MapData {
+        self.flows_v4.map_data()
+    }
+    fn flows_v6_data(&self) -> &MapData {
+        self.flows_v6.map_data()
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+/// Access to the fd of typed maps (aya keeps the inner `MapData` private).
+trait MapFdRaw {
+    fn map_fd_raw(&self) -> i32;
+}
+
+macro_rules! impl_map_fd_raw {
+    ($($t:ty),*) => {$(
+        impl MapFdRaw for $t {
+            fn map_fd_raw(&self) -> i32 {
+                aya::maps::IterableMap::map(self).fd().as_fd().as_raw_fd()
+            }
+        }
+    )*};
+}
+impl_map_fd_raw!(
+    HashMap<MapData, ServiceKeyV4, Service>,
+    HashMap<MapData, ServiceKeyV6, Service>,
+    Array<MapData, BackendSlot>,
+    Array<MapData, u32>,
+    Array<MapData, SchedState>,
+    PerCpuArray<MapData, Counters>
+);
+
+trait MapDataOf {
+    fn map_data(&self) -> &MapData;
+}
+impl<K: aya::Pod, V: aya::Pod> MapDataOf for HashMap<MapData, K, V> {
+    fn map_data(&self) -> &MapData {
+        aya::maps::IterableMap::map(self)
+    }
+}
+
+/// The `SLOTS` array, written through a shared mapping (one slot table can hold 100k+
+/// entries; one syscall each would make changes slow).
+struct Slots {
+    map: Array<MapData, u32>,
+    ptr: *mut u8,
+    len: usize,
+    entries: u32,
+}
+
+// The mapping is owned by this struct and only written through &mut self.
+unsafe impl Send for Slots {}
+unsafe impl Sync for Slots {}
+
+/// Array map values are laid out `round_up(value_size, 8)` apart.
+const SLOT_STRIDE: usize = 8;
+
+impl Slots {
+    fn map(map: Array<MapData, u32>, entries: u32) -> Result<Self> {
+        let page = 4096usize;
+        let len = (entries as usize * SLOT_STRIDE).div_ceil(page) * page;
+        let fd = map.map_fd_raw();
+        // SAFETY: mapping a BPF_F_MMAPABLE array of `entries` elements; the length is what the
+        // kernel allows for it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!("mmap of SLOTS failed: {}", std::io::Error::last_os_error());
+        }
+        Ok(Slots {
+            map,
+            ptr: ptr as *mut u8,
+            len,
+            entries,
+        })
+    }
+
+    fn write(&mut self, base: u32, values: &[u32]) -> Result<()> {
+        let end = base as usize + values.len();
+        if end > self.entries as usize {
+            bail!(
+                "slot range {base}..{end} beyond SLOTS ({} entries)",
+                self.entries
+            );
+        }
+        for (i, v) in values.iter().enumerate() {
+            // SAFETY: in bounds (checked above); u32 stores into the kernel's array.
+            unsafe {
+                let p = self.ptr.add((base as usize + i) * SLOT_STRIDE) as *mut u32;
+                std::ptr::write_volatile(p, *v);
+            }
+        }
+        // Make the table visible before the service that points at it is published.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn read(&self, index: u32) -> Option<u32> {
+        if index >= self.entries {
+            return None;
+        }
+        // SAFETY: in bounds.
+        Some(unsafe {
+            std::ptr::read_volatile(self.ptr.add(index as usize * SLOT_STRIDE) as *const u32)
+        })
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `map` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+pub fn ifindex(interface: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(interface)
+        .with_context(|| format!("no interface named {interface}"))
+}
+
+/// Attaches program `name` of `ebpf` to an interface, trying native mode first for `auto`.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &str,
+    interface: &str,
+    ifindex: u32,
+    mode: XdpModeSetting,
+) -> Result<(Attachment, XdpLinkId)> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing"))?
+        .try_into()?;
+    let tries: &[(XdpMode, &'static str)] = match mode {
+        XdpModeSetting::Native => &[(XdpMode::Driver, "native")],
+        XdpModeSetting::Generic => &[(XdpMode::Skb, "generic")],
+        XdpModeSetting::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+    };
+    let mut last = None;
+    for (m, label) in tries {
+        match prog.attach_to_if_index(ifindex, *m) {
+            Ok(id) => {
+                return Ok((
+                    Attachment {
+                        interface: interface.to_string(),
+                        ifindex,
+                        mode: label,
+                    },
+                    id,
+                ));
+            }
+            Err(e) => last = Some(anyhow!(e).context(format!("{label} XDP on {interface}"))),
+        }
+    }
+    Err(last.expect("at least one mode tried"))
+}
+
+/// Attaches the pass-through program to `interface` in native mode through the legacy netlink
+/// interface, so the attachment stays after this process exits (until the interface goes
+/// away or another program replaces it). Used on the peer of a veth that xlb transmits on
+/// (test benches, the demo): veth delivers XDP_TX/XDP_REDIRECT frames only into a peer that
+/// runs XDP itself.
+pub async fn attach_pass_through(interface: &str) -> Result<()> {
+    use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkXdp};
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    let mut ebpf = Ebpf::load(XDP_OBJECT).context("loading the XDP object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(PASS_PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program {PASS_PROGRAM_NAME} missing"))?
+        .try_into()?;
+    prog.load()?;
+    let fd = prog.fd()?.as_fd().as_raw_fd();
+    let index = ifindex(interface)?;
+    let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
+    tokio::spawn(conn);
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg.attributes.push(LinkAttribute::Xdp(vec![
+        LinkXdp::Fd(fd),
+        LinkXdp::Flags(XDP_FLAGS_DRV_MODE),
+    ]));
+    handle
+        .link()
+        .set(msg)
+        .execute()
+        .await
+        .with_context(|| format!("attaching the pass-through XDP program to {interface}"))?;
+    Ok(())
+}
+
+/// Mounts bpffs at `dir` if nothing is mounted there.
+pub fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(&*dir.to_string_lossy()) && l.contains(" bpf ")
+    }) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting bpffs at {}", dir.display()))
+}
+
+/// BPF map memory is charged to RLIMIT_MEMLOCK on older kernels; lift it so large connection
+/// tables load everywhere.
+fn raise_memlock_limit() {
+    let r = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
+}

@@ -1,0 +1,744 @@
+//! Turns the desired set of virtual services into map contents, and changes them so that
+//! packets see either the old or the new state of a service, never a mix.
+//!
+//! [`Engine::apply`] works in two steps. First it computes everything on a copy of its state
+//! (ids, slot tables, backend entries) and collects the writes; any error leaves the running
+//! state untouched. Then it performs the writes in an order that keeps every intermediate
+//! state consistent for the XDP program:
+//!
+//! 1. entries nobody references yet: counters of new ids, backend entries (double-buffered,
+//!    see [`Dataplane::write_backend`]), slot tables in fresh regions;
+//! 2. the service entries, each replaced by one atomic hash-map update (slot table, offset and
+//!    scheduler change together);
+//! 3. only then retire what the old state used: removed services, removed backends (marked
+//!    unavailable, so their flows stop, as IPVS drops them), and - after a grace period - old
+//!    slot regions and ids.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use lb_common::{
+    BACKEND_F_AVAILABLE, BACKEND_F_NEIGH_VALID, Backend, FAMILY_V4, FAMILY_V6, Globals, Service,
+    ServiceKeyV4, ServiceKeyV6, tcp,
+};
+use serde::Serialize;
+
+use crate::{
+    config::{BackendConfig, Forwarding, Scheduler, ServiceConfig, ServiceKey, Timeouts},
+    dataplane::{Dataplane, GRACE},
+    sched::{Dest, DestId, Sequencer, Table},
+};
+
+/// How long a deleted real server is kept for revival, as IPVS keeps deleted destinations in
+/// its trash (`IP_VS_DEST_TRASH_PERIOD`): re-adding it in time keeps its counters, and its
+/// connections continue.
+pub const TRASH_PERIOD: Duration = Duration::from_secs(120);
+
+/// Where packets for a real server leave: egress interface and the two MACs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+}
+
+#[derive(Clone, Debug)]
+struct BackendState {
+    index: u32,
+    generation: u32,
+    config: BackendConfig,
+}
+
+#[derive(Clone, Debug)]
+struct ServiceState {
+    id: u32,
+    config: ServiceConfig,
+    /// Configuration order.
+    backends: Vec<BackendState>,
+    seq: Sequencer,
+    table: Table,
+    region: Option<Region>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Region {
+    start: u32,
+    len: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Trashed {
+    service: ServiceKey,
+    backend: DestId,
+    index: u32,
+    generation: u32,
+    until: Instant,
+}
+
+#[derive(Clone, Debug)]
+enum Deferred {
+    Region(Region),
+    ServiceId(u32),
+    BackendIndex(u32),
+}
+
+/// One write to the maps.
+enum Op {
+    ResetService(u32),
+    ResetBackendStats(u32),
+    WriteBackend(u32, Backend),
+    WriteSlots(u32, Vec<u32>),
+    PutService(ServiceKey, Service),
+    RemoveService(ServiceKey),
+}
+
+/// First-fit allocator of `SLOTS` ranges.
+#[derive(Clone, Debug)]
+struct Regions {
+    /// start → len of free ranges, non-adjacent.
+    free: BTreeMap<u32, u32>,
+}
+
+impl Regions {
+    fn new(size: u32) -> Self {
+        Regions {
+            free: BTreeMap::from([(0, size)]),
+        }
+    }
+    fn alloc(&mut self, len: u32) -> Option<Region> {
+        let (&start, &have) = self.free.iter().find(|&(_, &l)| l >= len)?;
+        self.free.remove(&start);
+        if have > len {
+            self.free.insert(start + len, have - len);
+        }
+        Some(Region { start, len })
+    }
+    fn release(&mut self, r: Region) {
+        let mut start = r.start;
+        let mut len = r.len;
+        if let Some((&s, &l)) = self.free.range(..start).next_back()
+            && s + l == start
+        {
+            self.free.remove(&s);
+            start = s;
+            len += l;
+        }
+        if let Some(&l) = self.free.get(&(r.start + r.len)) {
+            self.free.remove(&(r.start + r.len));
+            len += l;
+        }
+        self.free.insert(start, len);
+    }
+}
+
+/// Free ids (lowest first) with a generation per id.
+#[derive(Clone, Debug)]
+struct Ids {
+    free: std::collections::BTreeSet<u32>,
+    generation: Vec<u32>,
+}
+
+impl Ids {
+    fn new(n: u32) -> Self {
+        Ids {
+            free: (0..n).collect(),
+            generation: vec![0; n as usize],
+        }
+    }
+    fn alloc(&mut self) -> Option<(u32, u32)> {
+        let id = self.free.pop_first()?;
+        let g = &mut self.generation[id as usize];
+        *g = g.wrapping_add(1).max(1);
+        Some((id, *g))
+    }
+    fn release(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+}
+
+/// What `ipvsadm -L` shows of a real server, plus what xlb knows in addition.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct BackendView {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub forwarding: Forwarding,
+    pub weight: u32,
+    pub active_conns: u64,
+    pub inactive_conns: u64,
+    pub stats: CountersView,
+    /// Resolved next-hop MAC, if any.
+    pub mac: Option<String>,
+    pub index: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CountersView {
+    pub conns: u64,
+    pub in_packets: u64,
+    pub in_bytes: u64,
+    pub out_packets: u64,
+    pub out_bytes: u64,
+}
+
+impl From<lb_common::Counters> for CountersView {
+    fn from(c: lb_common::Counters) -> Self {
+        CountersView {
+            conns: c.conns,
+            in_packets: c.in_packets,
+            in_bytes: c.in_bytes,
+            out_packets: c.out_packets,
+            out_bytes: c.out_bytes,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub name: String,
+    pub key: ServiceKey,
+    pub scheduler: Scheduler,
+    pub id: u32,
+    pub stats: CountersView,
+    pub backends: Vec<BackendView>,
+}
+
+pub struct Engine {
+    services: BTreeMap<ServiceKey, ServiceState>,
+    service_ids: Ids,
+    backend_ids: Ids,
+    regions: Regions,
+    trash: Vec<Trashed>,
+    deferred: Vec<(Instant, Deferred)>,
+    next_hops: HashMap<IpAddr, NextHop>,
+    timeouts: Timeouts,
+}
+
+/// Clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`), in seconds.
+pub fn monotonic_coarse_secs() -> u32 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE");
+    t.tv_sec() as u32
+}
+
+impl Engine {
+    pub fn new(dp: &Dataplane) -> Self {
+        Engine {
+            services: BTreeMap::new(),
+            service_ids: Ids::new(dp.limits.max_services),
+            backend_ids: Ids::new(dp.limits.max_backends),
+            regions: Regions::new(dp.limits.slot_table_size),
+            trash: Vec::new(),
+            deferred: Vec::new(),
+            next_hops: HashMap::new(),
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    /// The services as configured now (configuration order of backends).
+    pub fn services(&self) -> Vec<ServiceConfig> {
+        self.services.values().map(|s| s.config.clone()).collect()
+    }
+
+    /// Sets the idle timeouts (`ipvsadm --set`).
+    pub fn set_timeouts(&mut self, dp: &mut Dataplane, t: Timeouts) -> Result<()> {
+        let mut g = Globals::default();
+        g.timeouts[tcp::state::ESTABLISHED as usize] = t.tcp;
+        g.timeouts[tcp::state::FIN_WAIT as usize] = t.tcp_fin;
+        g.timeouts[tcp::state::UDP as usize] = t.udp;
+        dp.set_globals(&g)?;
+        self.timeouts = t;
+        Ok(())
+    }
+
+    /// Makes the data plane serve exactly `desired`. Validates and computes everything first;
+    /// on error nothing changes.
+    pub fn apply(&mut self, dp: &mut Dataplane, desired: &[ServiceConfig]) -> Result<()> {
+        self.collect_deferred(false);
+        let mut next = self.clone_state();
+        let mut ops = Vec::new();
+        let mut retire = Vec::new();
+        let now = Instant::now();
+        next.trash.retain(|t| t.until > now);
+        for t in self.trash.iter().filter(|t| t.until <= now) {
+            retire.push(Deferred::BackendIndex(t.index));
+        }
+
+        // Removed services.
+        for (key, old) in &self.services {
+            if !desired.iter().any(|d| d.key == *key) {
+                let st = next.services.remove(key).expect("cloned");
+                ops.push(Op::RemoveService(*key));
+                for b in &st.backends {
+                    next.retire_backend(&mut ops, *key, st.id, b, now);
+                }
+                if let Some(r) = old.region {
+                    retire.push(Deferred::Region(r));
+                }
+                retire.push(Deferred::ServiceId(old.id));
+            }
+        }
+
+        for want in desired {
+            next.plan_service(dp, want, &mut ops, &mut retire, now)
+                .with_context(|| format!("service \"{}\" ({})", want.name, want.key))?;
+        }
+
+        // Execute: unreferenced entries first, then the switch, then retirement.
+        ops.sort_by_key(|op| match op {
+            Op::ResetService(_) | Op::ResetBackendStats(_) => 0,
+            Op::WriteBackend(..) => 1,
+            Op::WriteSlots(..) => 2,
+            Op::PutService(..) => 3,
+            Op::RemoveService(_) => 4,
+        });
+        // Backend entries retired by this change must be written after the switch.
+        let (retired_backends, ops): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(
+            |op| matches!(op, Op::WriteBackend(_, b) if b.flags & BACKEND_F_AVAILABLE == 0),
+        );
+        for op in ops.into_iter().chain(retired_backends) {
+            execute(dp, op)?;
+        }
+        let at = Instant::now();
+        next.deferred.extend(retire.into_iter().map(|d| (at, d)));
+        *self = next;
+        Ok(())
+    }
+
+    fn clone_state(&self) -> Engine {
+        Engine {
+            services: self.services.clone(),
+            service_ids: self.service_ids.clone(),
+            backend_ids: self.backend_ids.clone(),
+            regions: self.regions.clone(),
+            trash: self.trash.clone(),
+            deferred: self.deferred.clone(),
+            next_hops: self.next_hops.clone(),
+            timeouts: self.timeouts,
+        }
+    }
+
+    /// Releases ids and slot regions whose grace period is over (`all`: regardless of age,
+    /// for tests that know no packet is in flight).
+    pub fn collect_deferred(&mut self, all: bool) {
+        let now = Instant::now();
+        let mut keep = Vec::new();
+        for (t, d) in std::mem::take(&mut self.deferred) {
+            if all || now.duration_since(t) >= GRACE {
+                match d {
+                    Deferred::Region(r) => self.regions.release(r),
+                    Deferred::ServiceId(id) => self.service_ids.release(id),
+                    Deferred::BackendIndex(i) => self.backend_ids.release(i),
+                }
+            } else {
+                keep.push((t, d));
+            }
+        }
+        self.deferred = keep;
+    }
+
+    /// Marks a removed real server unavailable and keeps it in the trash for revival.
+    fn retire_backend(
+        &mut self,
+        ops: &mut Vec<Op>,
+        svc: ServiceKey,
+        service_id: u32,
+        b: &BackendState,
+        now: Instant,
+    ) {
+        let mut entry = self.backend_entry_for(b, service_id);
+        entry.flags &= !BACKEND_F_AVAILABLE;
+        ops.push(Op::WriteBackend(b.index, entry));
+        self.trash.push(Trashed {
+            service: svc,
+            backend: (b.config.addr, b.config.port),
+            index: b.index,
+            generation: b.generation,
+            until: now + TRASH_PERIOD,
+        });
+    }
+
+    fn plan_service(
+        &mut self,
+        dp: &Dataplane,
+        want: &ServiceConfig,
+        ops: &mut Vec<Op>,
+        retire: &mut Vec<Deferred>,
+        now: Instant,
+    ) -> Result<()> {
+        let key = want.key;
+        let mut st = match self.services.remove(&key) {
+            Some(st) => st,
+            None => {
+                let Some((id, _)) = self.service_ids.alloc() else {
+                    bail!("no free service id (dataplane.max_services reached)");
+                };
+                ops.push(Op::ResetService(id));
+                ServiceState {
+                    id,
+                    config: want.clone(),
+                    backends: Vec::new(),
+                    seq: Sequencer::new(want.scheduler),
+                    table: Table::default(),
+                    region: None,
+                }
+            }
+        };
+        if st.seq.scheduler() != want.scheduler {
+            // ipvsadm -E with another scheduler binds a fresh one to the existing servers.
+            st.seq = Sequencer::rebind(want.scheduler, st.seq.list());
+        }
+
+        // Backends: keep, change, add, remove.
+        let mut backends = Vec::with_capacity(want.backends.len());
+        for bc in &want.backends {
+            let id = (bc.addr, bc.port);
+            let existing = st
+                .backends
+                .iter()
+                .position(|b| (b.config.addr, b.config.port) == id)
+                .map(|i| st.backends.remove(i));
+            let b = match existing {
+                Some(mut b) => {
+                    if b.config.forwarding != bc.forwarding {
+                        b.config = bc.clone();
+                        ops.push(Op::WriteBackend(b.index, self.backend_entry_for(&b, st.id)));
+                    }
+                    b.config = bc.clone();
+                    b
+                }
+                None => {
+                    // Revive from the trash (same index and generation: flows resume), or
+                    // take a fresh index.
+                    let revived = self
+                        .trash
+                        .iter()
+                        .position(|t| t.service == key && t.backend == id)
+                        .map(|i| self.trash.remove(i));
+                    let (index, generation) = match revived {
+                        Some(t) => (t.index, t.generation),
+                        None => {
+                            let Some(x) = self.backend_ids.alloc() else {
+                                bail!("no free real-server slot (dataplane.max_backends reached)");
+                            };
+                            ops.push(Op::ResetBackendStats(x.0));
+                            x
+                        }
+                    };
+                    let b = BackendState {
+                        index,
+                        generation,
+                        config: bc.clone(),
+                    };
+                    ops.push(Op::WriteBackend(index, self.backend_entry_for(&b, st.id)));
+                    b
+                }
+            };
+            backends.push(b);
+        }
+        for gone in std::mem::take(&mut st.backends) {
+            self.retire_backend(ops, key, st.id, &gone, now);
+        }
+        st.backends = backends;
+
+        // Scheduler table.
+        let targets: Vec<Dest> = st
+            .backends
+            .iter()
+            .map(|b| Dest {
+                id: (b.config.addr, b.config.port),
+                weight: b.config.weight,
+            })
+            .collect();
+        let picks = dp.picks(st.id).unwrap_or(0);
+        let table = st.seq.change(picks, &targets)?;
+        let index_of: HashMap<DestId, u32> = st
+            .backends
+            .iter()
+            .map(|b| ((b.config.addr, b.config.port), b.index))
+            .collect();
+        let slots: Vec<u32> = table.slots.iter().map(|d| index_of[d]).collect();
+        let same_slots = st.region.is_some() && st.table.slots == table.slots;
+        if !same_slots {
+            if let Some(r) = st.region.take() {
+                retire.push(Deferred::Region(r));
+            }
+            if !slots.is_empty() {
+                let Some(r) = self.regions.alloc(slots.len() as u32) else {
+                    bail!(
+                        "the slot table needs {} entries and dataplane.slot_table_size has no free range that large",
+                        slots.len()
+                    );
+                };
+                ops.push(Op::WriteSlots(r.start, slots));
+                st.region = Some(r);
+            }
+        }
+        st.table = table;
+        st.config = want.clone();
+        let region = st.region.unwrap_or(Region { start: 0, len: 0 });
+        ops.push(Op::PutService(
+            key,
+            Service {
+                id: st.id,
+                slots_base: region.start,
+                slots_len: st.table.slots.len() as u32,
+                sched_offset: st.table.offset,
+                scheduler: want.scheduler.code(),
+                flags: 0,
+                _pad: [0; 6],
+            },
+        ));
+        self.services.insert(key, st);
+        Ok(())
+    }
+
+    fn backend_entry_for(&self, b: &BackendState, service_id: u32) -> Backend {
+        let mut e = Backend {
+            addr: addr_words(b.config.addr),
+            port: b.config.port.to_be(),
+            family: family(b.config.addr),
+            forward: b.config.forwarding.code(),
+            flags: BACKEND_F_AVAILABLE,
+            service_id,
+            generation: b.generation,
+            ..Backend::default()
+        };
+        if let Some(nh) = self.next_hops.get(&b.config.addr) {
+            e.flags |= BACKEND_F_NEIGH_VALID;
+            e.ifindex = nh.ifindex;
+            e.dst_mac = nh.dst_mac;
+            e.src_mac = nh.src_mac;
+        }
+        e
+    }
+
+    /// Records where `addr` is reached (or that it is not, with `None`) and rewrites the
+    /// backends with that address.
+    pub fn set_next_hop(
+        &mut self,
+        dp: &mut Dataplane,
+        addr: IpAddr,
+        nh: Option<NextHop>,
+    ) -> Result<()> {
+        if self.next_hops.get(&addr) == nh.as_ref() {
+            return Ok(());
+        }
+        match nh {
+            Some(nh) => self.next_hops.insert(addr, nh),
+            None => self.next_hops.remove(&addr),
+        };
+        for st in self.services.values() {
+            for b in st.backends.iter().filter(|b| b.config.addr == addr) {
+                dp.write_backend(b.index, &self.backend_entry_for(b, st.id))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn next_hop(&self, addr: IpAddr) -> Option<NextHop> {
+        self.next_hops.get(&addr).copied()
+    }
+
+    /// Addresses of every configured real server.
+    pub fn backend_addrs(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.config.addr))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The real server address behind a backend index (for neighbour events).
+    pub fn backend_addr(&self, index: u32) -> Option<IpAddr> {
+        self.services
+            .values()
+            .flat_map(|s| s.backends.iter())
+            .find(|b| b.index == index)
+            .map(|b| b.config.addr)
+    }
+
+    /// The table as `ipvsadm -L` shows it, with live counters. Connection counts come from a
+    /// walk of the connection tables (entries idle past their state's timeout are gone for
+    /// IPVS, so they are not counted).
+    pub fn view(&self, dp: &Dataplane) -> Result<Vec<ServiceView>> {
+        let now = monotonic_coarse_secs();
+        let mut timeouts = lb_common::tcp::DEFAULT_TIMEOUTS;
+        timeouts[tcp::state::ESTABLISHED as usize] = self.timeouts.tcp;
+        timeouts[tcp::state::FIN_WAIT as usize] = self.timeouts.tcp_fin;
+        timeouts[tcp::state::UDP as usize] = self.timeouts.udp;
+        // backend index → (generation, active, inactive)
+        let mut conns: HashMap<u32, (u64, u64)> = HashMap::new();
+        let generation_of: HashMap<u32, u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| (b.index, b.generation)))
+            .collect();
+        let mut count = |f: &lb_common::Flow| {
+            let live = now.wrapping_sub(f.last_seen)
+                <= timeouts.get(f.state as usize).copied().unwrap_or(0);
+            if live && generation_of.get(&f.backend) == Some(&f.generation) {
+                let e = conns.entry(f.backend).or_default();
+                if tcp::is_active(f.state) {
+                    e.0 += 1;
+                } else {
+                    e.1 += 1;
+                }
+            }
+        };
+        for (_, f) in dp.flows_v4() {
+            count(&f);
+        }
+        for (_, f) in dp.flows_v6() {
+            count(&f);
+        }
+        let mut out = Vec::new();
+        for st in self.services.values() {
+            let mut backends = Vec::new();
+            for b in &st.backends {
+                let (a, i) = conns.get(&b.index).copied().unwrap_or((0, 0));
+                backends.push(BackendView {
+                    addr: b.config.addr,
+                    port: b.config.port,
+                    forwarding: b.config.forwarding,
+                    weight: b.config.weight,
+                    active_conns: a,
+                    inactive_conns: i,
+                    stats: dp.backend_stats(b.index)?.into(),
+                    mac: self
+                        .next_hops
+                        .get(&b.config.addr)
+                        .map(|n| mac_string(&n.dst_mac)),
+                    index: b.index,
+                });
+            }
+            out.push(ServiceView {
+                name: st.config.name.clone(),
+                key: st.config.key,
+                scheduler: st.config.scheduler,
+                id: st.id,
+                stats: dp.service_stats(st.id)?.into(),
+                backends,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Backend index of a real server of a service (tests, diagnostics).
+    pub fn backend_index(&self, svc: &ServiceKey, addr: IpAddr, port: u16) -> Option<u32> {
+        self.services
+            .get(svc)?
+            .backends
+            .iter()
+            .find(|b| b.config.addr == addr && b.config.port == port)
+            .map(|b| b.index)
+    }
+
+    /// Service id of a service (tests, diagnostics).
+    pub fn service_id(&self, svc: &ServiceKey) -> Option<u32> {
+        self.services.get(svc).map(|s| s.id)
+    }
+}
+
+fn execute(dp: &mut Dataplane, op: Op) -> Result<()> {
+    match op {
+        Op::ResetService(id) => {
+            dp.reset_sched_state(id)?;
+            dp.reset_service_stats(id)
+        }
+        Op::ResetBackendStats(i) => dp.reset_backend_stats(i),
+        Op::WriteBackend(i, b) => dp.write_backend(i, &b),
+        Op::WriteSlots(base, v) => dp.write_slots(base, &v),
+        Op::PutService(k, v) => match service_key(&k) {
+            Keyed::V4(k4) => dp.put_service_v4(&k4, &v),
+            Keyed::V6(k6) => dp.put_service_v6(&k6, &v),
+        },
+        Op::RemoveService(k) => match service_key(&k) {
+            Keyed::V4(k4) => dp.remove_service_v4(&k4),
+            Keyed::V6(k6) => dp.remove_service_v6(&k6),
+        },
+    }
+}
+
+pub enum Keyed {
+    V4(ServiceKeyV4),
+    V6(ServiceKeyV6),
+}
+
+/// The map key of a service.
+pub fn service_key(k: &ServiceKey) -> Keyed {
+    match k.addr {
+        IpAddr::V4(a) => Keyed::V4(ServiceKeyV4 {
+            addr: u32::from_ne_bytes(a.octets()),
+            port: k.port.to_be(),
+            proto: k.protocol.number(),
+            _pad: 0,
+        }),
+        IpAddr::V6(a) => Keyed::V6(ServiceKeyV6 {
+            addr: addr_words(IpAddr::V6(a)),
+            port: k.port.to_be(),
+            proto: k.protocol.number(),
+            _pad: 0,
+        }),
+    }
+}
+
+/// An address as the data plane stores it: wire byte order in 32-bit words.
+pub fn addr_words(a: IpAddr) -> [u32; 4] {
+    match a {
+        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+fn family(a: IpAddr) -> u8 {
+    if a.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+pub fn mac_string(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_first_fit_and_merge() {
+        let mut r = Regions::new(100);
+        let a = r.alloc(10).unwrap();
+        let b = r.alloc(20).unwrap();
+        let c = r.alloc(30).unwrap();
+        assert_eq!((a.start, b.start, c.start), (0, 10, 30));
+        r.release(b);
+        assert_eq!(r.alloc(15).unwrap().start, 10);
+        r.release(a);
+        r.release(Region { start: 10, len: 15 });
+        r.release(c);
+        assert_eq!(r.free, BTreeMap::from([(0, 100)]));
+        assert!(r.alloc(101).is_none());
+    }
+
+    #[test]
+    fn ids_bump_generation_on_reuse() {
+        let mut ids = Ids::new(2);
+        assert_eq!(ids.alloc(), Some((0, 1)));
+        assert_eq!(ids.alloc(), Some((1, 1)));
+        assert_eq!(ids.alloc(), None);
+        ids.release(0);
+        assert_eq!(ids.alloc(), Some((0, 2)));
+    }
+}

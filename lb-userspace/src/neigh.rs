@@ -1,0 +1,304 @@
+//! Next hops of real servers: the egress interface from the routing table and the real
+//! server's MAC from the kernel's neighbour table (direct routing needs both; XDP cannot
+//! resolve addresses itself).
+//!
+//! The kernel does the resolving: for an unresolved address we ask it to resolve (a neighbour
+//! update with `NTF_USE`, which makes it send an ARP request / neighbour solicitation) and pick
+//! the answer up from the neighbour notifications. Entries used only by XDP never get
+//! confirmed by the stack, so the watcher also refreshes stale ones periodically.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow};
+use futures::{StreamExt, TryStreamExt};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::LinkAttribute,
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
+    route::{RouteAttribute, RouteType},
+};
+use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::engine::NextHop;
+
+/// What the kernel knows about a real server right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    Ready(NextHop),
+    /// Routed out of `ifindex`, MAC not known yet (resolution was requested).
+    Pending {
+        ifindex: u32,
+    },
+    /// No usable route (or the address is local).
+    Unreachable,
+}
+
+pub struct Resolver {
+    handle: Handle,
+}
+
+impl Resolver {
+    pub fn new() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        tokio::spawn(conn);
+        Ok(Resolver { handle })
+    }
+
+    /// Resolves every address with one neighbour dump per family.
+    pub async fn resolve_all(&self, addrs: &[IpAddr]) -> Result<Vec<(IpAddr, Resolution)>> {
+        let neigh = self.neighbours().await?;
+        let mut macs: HashMap<u32, [u8; 6]> = HashMap::new();
+        let mut out = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            let Some(oif) = self.route_oif(addr).await? else {
+                out.push((addr, Resolution::Unreachable));
+                continue;
+            };
+            let src_mac = match macs.get(&oif) {
+                Some(m) => *m,
+                None => {
+                    let m = self.link_mac(oif).await?;
+                    macs.insert(oif, m);
+                    m
+                }
+            };
+            match neigh.get(&(oif, addr)) {
+                Some((mac, state)) if usable(*state) => {
+                    if *state == NeighbourState::Stale {
+                        // Keep it fresh: XDP traffic never confirms it to the kernel.
+                        self.request(oif, addr).await;
+                    }
+                    out.push((
+                        addr,
+                        Resolution::Ready(NextHop {
+                            ifindex: oif,
+                            dst_mac: *mac,
+                            src_mac,
+                        }),
+                    ))
+                }
+                _ => {
+                    self.request(oif, addr).await;
+                    out.push((addr, Resolution::Pending { ifindex: oif }));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Asks the kernel to resolve `addr` on interface `oif`.
+    async fn request(&self, oif: u32, addr: IpAddr) {
+        let req = self
+            .handle
+            .neighbours()
+            .add(oif, addr)
+            .state(NeighbourState::None)
+            .flags(NeighbourFlags::Use)
+            .replace();
+        if let Err(e) = req.execute().await {
+            debug!(%addr, "neighbour resolution request failed: {e}");
+        }
+    }
+
+    /// The egress interface for `addr`; `None` if unroutable or local.
+    async fn route_oif(&self, addr: IpAddr) -> Result<Option<u32>> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(addr, prefix)
+            .map_err(|e| anyhow!("{e}"))?
+            .build();
+        let mut routes = self.handle.route().get(msg).execute();
+        match routes.try_next().await {
+            Ok(Some(r)) => {
+                if r.header.kind == RouteType::Local {
+                    warn!(%addr, "real server address is local to this host");
+                    return Ok(None);
+                }
+                Ok(r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                }))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                debug!(%addr, "no route: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn link_mac(&self, index: u32) -> Result<[u8; 6]> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links
+            .try_next()
+            .await?
+            .ok_or_else(|| anyhow!("interface {index} vanished"))?;
+        for a in link.attributes {
+            if let LinkAttribute::Address(m) = a
+                && m.len() == 6
+            {
+                return Ok(m.try_into().expect("6 bytes"));
+            }
+        }
+        Err(anyhow!("interface {index} has no Ethernet address"))
+    }
+
+    /// (ifindex, address) → (MAC, state) of every neighbour entry.
+    async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), ([u8; 6], NeighbourState)>> {
+        let mut out = HashMap::new();
+        for v in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut s = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(v)
+                .execute();
+            while let Some(m) = s.try_next().await? {
+                if let Some((k, v)) = entry(&m) {
+                    out.insert(k, v);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn usable(s: NeighbourState) -> bool {
+    matches!(
+        s,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    )
+}
+
+type NeighEntry = ((u32, IpAddr), ([u8; 6], NeighbourState));
+
+fn entry(m: &NeighbourMessage) -> Option<NeighEntry> {
+    let mut dst = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                dst = Some(IpAddr::V4(*v4))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                dst = Some(IpAddr::V6(*v6))
+            }
+            NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                mac = Some(<[u8; 6]>::try_from(l.as_slice()).expect("6 bytes"))
+            }
+            _ => {}
+        }
+    }
+    Some((
+        (m.header.ifindex, dst?),
+        (mac.unwrap_or([0; 6]), m.header.state),
+    ))
+}
+
+/// Updates of next hops for the daemon: `(address, next hop or None)`.
+pub type Updates = mpsc::UnboundedReceiver<(IpAddr, Option<NextHop>)>;
+
+/// Handle to the watcher task.
+#[derive(Clone)]
+pub struct Watcher {
+    /// Addresses to resolve now (a packet found one unresolved, or the config changed).
+    pub resolve: mpsc::UnboundedSender<IpAddr>,
+    /// Replaces the set of addresses watched.
+    pub watch: mpsc::UnboundedSender<Vec<IpAddr>>,
+}
+
+/// Starts the watcher: it resolves watched addresses on request, whenever the kernel's
+/// neighbour table changes for one of them, and every `refresh`. It reports a next hop when
+/// it becomes known or changes; a known MAC is kept while the kernel re-resolves it (a
+/// failing real server is the health checker's business, not the neighbour table's).
+pub fn spawn_watcher(initial: Vec<IpAddr>, refresh: Duration) -> Result<(Watcher, Updates)> {
+    let resolver = Resolver::new()?;
+    let (mconn, _mhandle, mut events) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Neigh])
+            .context("neighbour notifications")?;
+    tokio::spawn(mconn);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (resolve_tx, mut resolve_rx) = mpsc::unbounded_channel::<IpAddr>();
+    let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Vec<IpAddr>>();
+    tokio::spawn(async move {
+        let mut watched: HashSet<IpAddr> = initial.into_iter().collect();
+        let mut known: HashMap<IpAddr, NextHop> = HashMap::new();
+        let mut tick = tokio::time::interval(refresh);
+        loop {
+            let todo: Vec<IpAddr> = tokio::select! {
+                _ = tick.tick() => watched.iter().copied().collect(),
+                Some(a) = resolve_rx.recv() => {
+                    let mut v = vec![a];
+                    while let Ok(a) = resolve_rx.try_recv() { v.push(a); }
+                    v.sort(); v.dedup();
+                    v.into_iter().filter(|a| watched.contains(a)).collect()
+                }
+                Some(w) = watch_rx.recv() => {
+                    watched = w.into_iter().collect();
+                    known.retain(|a, _| watched.contains(a));
+                    watched.iter().copied().filter(|a| !known.contains_key(a)).collect()
+                }
+                Some((msg, _)) = events.next() => {
+                    match msg.payload {
+                        netlink_packet_core::NetlinkPayload::InnerMessage(
+                            RouteNetlinkMessage::NewNeighbour(m) | RouteNetlinkMessage::DelNeighbour(m),
+                        ) => entry(&m).map(|((_, a), _)| a).filter(|a| watched.contains(a)).into_iter().collect(),
+                        _ => Vec::new(),
+                    }
+                }
+                else => break,
+            };
+            if todo.is_empty() {
+                continue;
+            }
+            match resolver.resolve_all(&todo).await {
+                Ok(results) => {
+                    for (addr, r) in results {
+                        let update = match r {
+                            Resolution::Ready(nh) => Some(Some(nh)),
+                            // Route moved to another interface: the old MAC is wrong there.
+                            Resolution::Pending { ifindex } => match known.get(&addr) {
+                                Some(old) if old.ifindex != ifindex => Some(None),
+                                _ => None,
+                            },
+                            Resolution::Unreachable => known.contains_key(&addr).then_some(None),
+                        };
+                        if let Some(u) = update {
+                            if known.get(&addr).copied() == u {
+                                continue;
+                            }
+                            match u {
+                                Some(nh) => known.insert(addr, nh),
+                                None => known.remove(&addr),
+                            };
+                            if tx.send((addr, u)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!("resolving real servers: {e:#}"),
+            }
+        }
+    });
+    Ok((
+        Watcher {
+            resolve: resolve_tx,
+            watch: watch_tx,
+        },
+        rx,
+    ))
+}

@@ -1,0 +1,636 @@
+//! Scheduler tables for the data plane, computed so that the XDP program's decisions are
+//! exactly IPVS's.
+//!
+//! The data plane keeps one shared pick counter per service and reads slot
+//! `(picks + offset) % len` of the service's slot table for every new flow. This module builds
+//! that table and the offset:
+//!
+//! * **rr**: the servers with weight > 0 in IPVS list order; IPVS's cursor (the server picked
+//!   last) becomes the offset.
+//! * **wrr**: one complete IPVS wrr cycle (pass by pass: current weight `cw` from `mw` down by
+//!   the gcd `di`; each pass takes, in list order, every server whose weight ≥ `cw`).
+//!
+//! IPVS keeps scheduler state across configuration changes (rr's cursor; wrr's `cw`, adjusted
+//! by `ip_vs_wrr_dest_changed`). [`Sequencer::change`] recovers that state from the pick
+//! counter and replays the change event by event, so the sequence continues where IPVS's
+//! would. "List order" is IPVS's: a new server goes to the head of the list, so the list is
+//! the reverse of the order servers were added.
+//!
+//! [`model`] is a plain step-by-step implementation of the IPVS rules used to check all of
+//! this (and, through packet tests, the XDP program).
+
+use std::net::IpAddr;
+
+use crate::config::Scheduler;
+
+/// Identity of a real server within a service.
+pub type DestId = (IpAddr, u16);
+
+/// A real server as the schedulers see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dest {
+    pub id: DestId,
+    pub weight: u32,
+}
+
+/// IPVS scheduler state that survives a configuration change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resume {
+    /// rr: the server returned last (`None` = the list head).
+    Rr { cursor: Option<DestId> },
+    /// wrr: the current weight `cw` (the cursor is reset to the head on every change).
+    Wrr { cw: i64 },
+}
+
+/// What the data plane must hold for one service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Table {
+    /// Slot table.
+    pub slots: Vec<DestId>,
+    /// Offset added to the pick counter.
+    pub offset: u32,
+}
+
+/// Largest table one service may use (wrr cycles grow with the weights).
+pub const MAX_TABLE: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error(
+        "the wrr cycle of these weights needs {0} slots (sum of weight/gcd), more than the {1} allowed per service; use weights with a larger common divisor or smaller ones"
+    )]
+    CycleTooLong(u64, usize),
+}
+
+/// Per-service scheduler bookkeeping of the controller.
+#[derive(Clone, Debug)]
+pub struct Sequencer {
+    scheduler: Scheduler,
+    /// IPVS list order.
+    list: Vec<Dest>,
+    table: Vec<DestId>,
+    /// wrr: the pass (cw) each table position belongs to.
+    table_cw: Vec<i64>,
+    offset: u32,
+    /// Pick counter value when the table was installed.
+    picks_at_install: u64,
+    /// State at install time, before any pick from the new table.
+    installed: Resume,
+    /// A new scheduler was bound to existing servers and has no table yet.
+    rebound: bool,
+}
+
+impl Sequencer {
+    /// A new service without real servers, as `ipvsadm -A` creates it.
+    pub fn new(scheduler: Scheduler) -> Self {
+        let installed = match scheduler {
+            Scheduler::Wrr => Resume::Wrr { cw: 0 },
+            _ => Resume::Rr { cursor: None },
+        };
+        Sequencer {
+            scheduler,
+            list: Vec::new(),
+            table: Vec::new(),
+            table_cw: Vec::new(),
+            offset: 0,
+            picks_at_install: 0,
+            installed,
+            rebound: false,
+        }
+    }
+
+    /// A fresh scheduler bound to a service that already has servers (`ipvsadm -E` switching
+    /// schedulers): `init_svc` starts rr at the list head and wrr at `cw = mw`.
+    pub fn rebind(scheduler: Scheduler, list: &[Dest]) -> Self {
+        let mut s = Sequencer::new(scheduler);
+        s.list = list.to_vec();
+        s.rebound = true;
+        if let Resume::Wrr { cw } = &mut s.installed {
+            *cw = wrr_di_mw(list).1;
+        }
+        s
+    }
+
+    pub fn scheduler(&self) -> Scheduler {
+        self.scheduler
+    }
+
+    /// The IPVS list order currently installed.
+    pub fn list(&self) -> &[Dest] {
+        &self.list
+    }
+
+    /// The IPVS state after the data plane made `picks_now` picks in total.
+    fn state(&self, picks_now: u64) -> Resume {
+        if picks_now > self.picks_at_install && !self.table.is_empty() {
+            let len = self.table.len() as u64;
+            let last = ((picks_now - 1 + self.offset as u64) % len) as usize;
+            match self.installed {
+                Resume::Rr { .. } => Resume::Rr {
+                    cursor: Some(self.table[last]),
+                },
+                Resume::Wrr { .. } => Resume::Wrr {
+                    cw: self.table_cw[last],
+                },
+            }
+        } else {
+            self.installed
+        }
+    }
+
+    /// Changes the real servers to `target` (configuration order: the order they were added)
+    /// at a moment when the data plane's pick counter reads `picks_now`. Returns the table to
+    /// install. On error nothing changes.
+    pub fn change(&mut self, picks_now: u64, target: &[Dest]) -> Result<Table, SchedError> {
+        let unchanged = target.len() == self.list.len()
+            && target.iter().all(|t| self.list.iter().any(|d| d == t));
+        if unchanged && !self.rebound {
+            // No IPVS operation happens: the scheduler keeps its state (wrr's cursor too).
+            return Ok(Table {
+                slots: self.table.clone(),
+                offset: self.offset,
+            });
+        }
+        let mut state = self.state(picks_now);
+        let mut list = self.list.clone();
+        // IPVS applies a reload as single operations: deletions, edits, then additions.
+        let removed: Vec<DestId> = list
+            .iter()
+            .filter(|d| !target.iter().any(|t| t.id == d.id))
+            .map(|d| d.id)
+            .collect();
+        for id in removed {
+            let pos = list.iter().position(|d| d.id == id).expect("present");
+            if let Resume::Rr { cursor } = &mut state
+                && *cursor == Some(id)
+            {
+                // ip_vs_rr_del_dest(): the cursor steps back to the previous node.
+                *cursor = if pos == 0 {
+                    None
+                } else {
+                    Some(list[pos - 1].id)
+                };
+            }
+            list.remove(pos);
+            wrr_dest_changed(&mut state, &list);
+        }
+        for i in 0..list.len() {
+            if let Some(t) = target.iter().find(|t| t.id == list[i].id)
+                && t.weight != list[i].weight
+            {
+                list[i].weight = t.weight;
+                wrr_dest_changed(&mut state, &list);
+            }
+        }
+        for t in target {
+            if !list.iter().any(|d| d.id == t.id) {
+                list.insert(0, *t);
+                wrr_dest_changed(&mut state, &list);
+            }
+        }
+
+        let (table, table_cw, start) = match state {
+            Resume::Rr { cursor } => {
+                let table: Vec<DestId> =
+                    list.iter().filter(|d| d.weight > 0).map(|d| d.id).collect();
+                let next = rr_next(&list, cursor);
+                let start = next
+                    .and_then(|n| table.iter().position(|&t| t == n))
+                    .unwrap_or(0);
+                (table, Vec::new(), start)
+            }
+            Resume::Wrr { cw } => {
+                let (table, table_cw) = wrr_cycle(&list)?;
+                let start = table_cw.iter().position(|&c| c == cw).unwrap_or(0);
+                (table, table_cw, start)
+            }
+        };
+        let offset = if table.is_empty() {
+            0
+        } else {
+            let len = table.len() as u64;
+            ((start as u64 + len - picks_now % len) % len) as u32
+        };
+        self.list = list;
+        self.table = table.clone();
+        self.table_cw = table_cw;
+        self.offset = offset;
+        self.picks_at_install = picks_now;
+        self.installed = state;
+        self.rebound = false;
+        Ok(Table {
+            slots: table,
+            offset,
+        })
+    }
+}
+
+/// `ip_vs_wrr_dest_changed()`.
+fn wrr_dest_changed(state: &mut Resume, list: &[Dest]) {
+    let Resume::Wrr { cw } = state else { return };
+    let (di, mw) = wrr_di_mw(list);
+    if *cw > mw || *cw == 0 {
+        *cw = mw;
+    } else if di > 1 {
+        *cw = (*cw / di) * di + 1;
+    }
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// (di, mw) of `ip_vs_wrr_gcd_weight()` / `ip_vs_wrr_max_weight()`.
+fn wrr_di_mw(list: &[Dest]) -> (i64, i64) {
+    let di = list
+        .iter()
+        .filter(|d| d.weight > 0)
+        .fold(0, |g, d| gcd(d.weight as i64, g));
+    let di = if di == 0 { 1 } else { di };
+    let max = list.iter().map(|d| d.weight as i64).max().unwrap_or(0);
+    (di, max - (di - 1))
+}
+
+/// One complete wrr cycle and the pass (cw) of each position.
+fn wrr_cycle(list: &[Dest]) -> Result<(Vec<DestId>, Vec<i64>), SchedError> {
+    let (di, mw) = wrr_di_mw(list);
+    if mw <= 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let len: u64 = list.iter().map(|d| (d.weight as i64 / di) as u64).sum();
+    if len as usize > MAX_TABLE {
+        return Err(SchedError::CycleTooLong(len, MAX_TABLE));
+    }
+    let mut slots = Vec::with_capacity(len as usize);
+    let mut cws = Vec::with_capacity(len as usize);
+    let mut cw = mw;
+    while cw > 0 {
+        for d in list {
+            if d.weight as i64 >= cw {
+                slots.push(d.id);
+                cws.push(cw);
+            }
+        }
+        cw -= di;
+    }
+    Ok((slots, cws))
+}
+
+/// rr: the server after `cursor`, wrapping around and ending with the cursor itself.
+fn rr_next(list: &[Dest], cursor: Option<DestId>) -> Option<DestId> {
+    let after = cursor
+        .and_then(|c| list.iter().position(|d| d.id == c))
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let n = list.len();
+    (0..n)
+        .map(|k| &list[(after + k) % n])
+        .find(|d| d.weight > 0)
+        .map(|d| d.id)
+}
+
+/// Step-by-step IPVS schedulers (`ip_vs_rr.c`, `ip_vs_wrr.c`), written straight from the
+/// kernel's rules: a list with new servers at the head, a cursor, and for wrr the current
+/// weight. Used as the reference the tables and the XDP program are tested against.
+pub mod model {
+    use super::{Dest, DestId, gcd};
+    use crate::config::Scheduler;
+
+    #[derive(Clone, Debug)]
+    pub struct Ipvs {
+        scheduler: Scheduler,
+        /// IPVS list order.
+        pub list: Vec<Dest>,
+        /// Index in `list` of the cursor node; `None` = the list head.
+        cl: Option<usize>,
+        cw: i64,
+        mw: i64,
+        di: i64,
+    }
+
+    impl Ipvs {
+        /// `ip_vs_*_init_svc()` on an empty service.
+        pub fn new(scheduler: Scheduler) -> Self {
+            let mut s = Ipvs {
+                scheduler,
+                list: Vec::new(),
+                cl: None,
+                cw: 0,
+                mw: 0,
+                di: 1,
+            };
+            s.recompute();
+            s.cw = s.mw;
+            s
+        }
+
+        fn recompute(&mut self) {
+            let g = self
+                .list
+                .iter()
+                .filter(|d| d.weight > 0)
+                .fold(0, |g, d| gcd(d.weight as i64, g));
+            self.di = if g == 0 { 1 } else { g };
+            let max = self.list.iter().map(|d| d.weight as i64).max().unwrap_or(0);
+            self.mw = max - (self.di - 1);
+        }
+
+        fn dest_changed(&mut self) {
+            if self.scheduler != Scheduler::Wrr {
+                return;
+            }
+            self.cl = None;
+            self.recompute();
+            if self.cw > self.mw || self.cw == 0 {
+                self.cw = self.mw;
+            } else if self.di > 1 {
+                self.cw = (self.cw / self.di) * self.di + 1;
+            }
+        }
+
+        /// `ipvsadm -a`: the new server goes to the list head.
+        pub fn add(&mut self, d: Dest) {
+            self.list.insert(0, d);
+            if let Some(c) = self.cl.as_mut() {
+                *c += 1;
+            }
+            self.dest_changed();
+        }
+
+        /// `ipvsadm -d`.
+        pub fn remove(&mut self, id: DestId) {
+            let pos = self.list.iter().position(|d| d.id == id).expect("present");
+            match self.cl {
+                // rr: the cursor steps back to the previous node (or the head).
+                Some(c) if c == pos => self.cl = if pos == 0 { None } else { Some(pos - 1) },
+                Some(c) if c > pos => self.cl = Some(c - 1),
+                _ => {}
+            }
+            self.list.remove(pos);
+            self.dest_changed();
+        }
+
+        /// `ipvsadm -e ... -w`.
+        pub fn edit(&mut self, id: DestId, weight: u32) {
+            let d = self.list.iter_mut().find(|d| d.id == id).expect("present");
+            d.weight = weight;
+            self.dest_changed();
+        }
+
+        /// One scheduling decision.
+        pub fn schedule(&mut self) -> Option<DestId> {
+            match self.scheduler {
+                Scheduler::Wrr => self.wrr(),
+                _ => self.rr(),
+            }
+        }
+
+        fn rr(&mut self) -> Option<DestId> {
+            let n = self.list.len();
+            let start = self.cl.map(|c| c + 1).unwrap_or(0);
+            // Forward from after the cursor to the end, then from the head to the cursor.
+            for k in 0..n {
+                let i = (start + k) % n;
+                if self.list[i].weight > 0 {
+                    self.cl = Some(i);
+                    return Some(self.list[i].id);
+                }
+            }
+            None
+        }
+
+        fn wrr(&mut self) -> Option<DestId> {
+            if self.mw == 0 {
+                return None;
+            }
+            let n = self.list.len();
+            let mut i = self.cl.map(|c| c + 1).unwrap_or(0);
+            // At most one full cycle of passes.
+            let max_steps = (n + 1) * (self.mw / self.di + 2) as usize;
+            for _ in 0..max_steps {
+                if i >= n {
+                    // The scan reached the list end: next pass.
+                    i = 0;
+                    self.cw -= self.di;
+                    if self.cw <= 0 {
+                        self.cw = self.mw;
+                    }
+                    continue;
+                }
+                if self.list[i].weight as i64 >= self.cw {
+                    self.cl = Some(i);
+                    return Some(self.list[i].id);
+                }
+                i += 1;
+            }
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{model::Ipvs, *};
+
+    fn id(n: u8) -> DestId {
+        (IpAddr::from([10, 0, 0, n]), 80)
+    }
+    fn d(n: u8, w: u32) -> Dest {
+        Dest {
+            id: id(n),
+            weight: w,
+        }
+    }
+    fn name(x: DestId) -> char {
+        let IpAddr::V4(a) = x.0 else { unreachable!() };
+        (b'A' + a.octets()[3] - 1) as char
+    }
+
+    /// Plays the table as the data plane does.
+    struct Dataplane {
+        table: Table,
+        picks: u64,
+    }
+    impl Dataplane {
+        fn pick(&mut self) -> Option<DestId> {
+            if self.table.slots.is_empty() {
+                return None;
+            }
+            let len = self.table.slots.len() as u64;
+            let s = ((self.picks + self.table.offset as u64) % len) as usize;
+            self.picks += 1;
+            Some(self.table.slots[s])
+        }
+    }
+
+    /// The wrr sequences of `ipvs.md` §2.2 (list order given; A/B/C = 10.0.0.1/2/3): the
+    /// repeating cycle is the table.
+    #[test]
+    fn wrr_cycles_match_ipvs_reference() {
+        let cases: &[(&[(u8, u32)], &str)] = &[
+            (&[(1, 4), (2, 3), (3, 2)], "AABABCABC"),
+            (&[(3, 2), (2, 3), (1, 4)], "ABACBACBA"),
+            (&[(1, 4), (2, 2)], "AAB"),
+            (&[(1, 6), (2, 4), (3, 2)], "AABABC"),
+            (&[(1, 5), (2, 2)], "AAAABAB"),
+            (&[(1, 4), (2, 0), (3, 2)], "AAC"),
+            (&[(1, 1), (2, 1), (3, 1)], "ABC"),
+        ];
+        for (list, want) in cases {
+            let list: Vec<Dest> = list.iter().map(|&(n, w)| d(n, w)).collect();
+            let (slots, _) = wrr_cycle(&list).unwrap();
+            let got: String = slots.iter().map(|&s| name(s)).collect();
+            assert_eq!(&got, want, "{list:?}");
+        }
+    }
+
+    /// "weights 3 and 1 give 3:1 over every 4 new connections; weight 0 receives none".
+    #[test]
+    fn wrr_proportions_and_weight_zero() {
+        let mut seq = Sequencer::new(Scheduler::Wrr);
+        let t = seq.change(0, &[d(1, 3), d(2, 1), d(3, 0)]).unwrap();
+        let mut dp = Dataplane { table: t, picks: 0 };
+        let picks: Vec<DestId> = (0..400).map(|_| dp.pick().unwrap()).collect();
+        for w in picks.chunks(4) {
+            assert_eq!(w.iter().filter(|&&x| x == id(1)).count(), 3);
+            assert_eq!(w.iter().filter(|&&x| x == id(2)).count(), 1);
+        }
+        assert!(!picks.contains(&id(3)));
+    }
+
+    /// A fresh IPVS service fed its servers one by one starts wrr at cw = 1 (the adds adjust
+    /// cw), and rr at the server added last.
+    #[test]
+    fn fresh_services_start_where_ipvs_starts() {
+        for sched in [Scheduler::Rr, Scheduler::Wrr] {
+            let target = [d(1, 4), d(2, 3), d(3, 2)];
+            let mut m = Ipvs::new(sched);
+            for t in target {
+                m.add(t);
+            }
+            let mut seq = Sequencer::new(sched);
+            let mut dp = Dataplane {
+                table: seq.change(0, &target).unwrap(),
+                picks: 0,
+            };
+            for _ in 0..50 {
+                assert_eq!(dp.pick(), m.schedule(), "{sched:?}");
+            }
+        }
+    }
+
+    /// Long random sequences of picks and changes: the table + offset the controller installs
+    /// must make exactly the decisions of the step-by-step IPVS model.
+    #[test]
+    fn tables_follow_ipvs_across_changes() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for sched in [Scheduler::Rr, Scheduler::Wrr] {
+            for round in 0..40 {
+                let mut model = Ipvs::new(sched);
+                let mut seq = Sequencer::new(sched);
+                let mut dp = Dataplane {
+                    table: Table::default(),
+                    picks: 0,
+                };
+                // configuration order of the current servers
+                let mut config: Vec<Dest> = Vec::new();
+                for step in 0..60 {
+                    // change the configuration
+                    let mut target = config.clone();
+                    match next(4) {
+                        0 if target.len() < 8 => {
+                            let n = (1 + next(12)) as u8;
+                            if !target.iter().any(|t| t.id == id(n)) {
+                                target.push(d(n, next(6) as u32));
+                            }
+                        }
+                        1 if !target.is_empty() => {
+                            let i = next(target.len() as u64) as usize;
+                            target.remove(i);
+                        }
+                        2 if !target.is_empty() => {
+                            let i = next(target.len() as u64) as usize;
+                            target[i].weight = next(6) as u32;
+                        }
+                        _ => {}
+                    }
+                    // the model receives the same change as single IPVS operations:
+                    // deletions (in list order), weight edits, additions
+                    for m in model.list.clone() {
+                        if !target.iter().any(|t| t.id == m.id) {
+                            model.remove(m.id);
+                        }
+                    }
+                    for m in model.list.clone() {
+                        if let Some(t) = target.iter().find(|t| t.id == m.id)
+                            && t.weight != m.weight
+                        {
+                            model.edit(t.id, t.weight);
+                        }
+                    }
+                    for t in &target {
+                        if !config.iter().any(|c| c.id == t.id) {
+                            model.add(*t);
+                        }
+                    }
+                    config = target;
+                    dp.table = seq.change(dp.picks, &config).unwrap();
+                    for k in 0..next(20) {
+                        assert_eq!(
+                            dp.pick(),
+                            model.schedule(),
+                            "{sched:?} round {round} step {step} pick {k}: list {:?}",
+                            model.list
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rr_skips_weight_zero_and_empty_is_empty() {
+        let mut seq = Sequencer::new(Scheduler::Rr);
+        let t = seq.change(0, &[d(1, 1), d(2, 0), d(3, 5)]).unwrap();
+        // list order is the reverse of the configuration: C, (B), A
+        assert_eq!(t.slots, vec![id(3), id(1)]);
+        let t = seq.change(7, &[d(2, 0)]).unwrap();
+        assert!(t.slots.is_empty());
+    }
+
+    /// `ipvsadm -E -s wrr` on an rr service: a fresh wrr (cw = mw) over the existing list.
+    #[test]
+    fn rebinding_a_scheduler_starts_it_fresh() {
+        let mut rr = Sequencer::new(Scheduler::Rr);
+        rr.change(0, &[d(1, 4), d(2, 3), d(3, 2)]).unwrap();
+        let mut wrr = Sequencer::rebind(Scheduler::Wrr, rr.list());
+        let mut dp = Dataplane {
+            table: wrr.change(5, &[d(1, 4), d(2, 3), d(3, 2)]).unwrap(),
+            picks: 5,
+        };
+        // IPVS's init_svc: cw = mw, cursor at the head.
+        let got: String = (0..9).map(|_| name(dp.pick().unwrap())).collect();
+        // list order C, B, A with weights 2, 3, 4: passes cw=4 {A}, 3 {B,A}, 2 {C,B,A}, 1 {C,B,A}
+        assert_eq!(got, "ABACBACBA");
+    }
+
+    #[test]
+    fn huge_wrr_cycles_are_refused() {
+        let mut seq = Sequencer::new(Scheduler::Wrr);
+        let many: Vec<Dest> = (1..=40).map(|n| d(n, 65535 - n as u32)).collect();
+        assert!(matches!(
+            seq.change(0, &many),
+            Err(SchedError::CycleTooLong(..))
+        ));
+        assert!(
+            seq.list().is_empty(),
+            "a refused change leaves the state as it was"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! The real XDP program, loaded with small maps, driven with `BPF_PROG_TEST_RUN`.
+
+use std::{net::IpAddr, path::Path};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::reason;
+use xlb::{
+    config::{self, Limits, ServiceConfig, ServiceKey},
+    dataplane::Dataplane,
+    engine::{Engine, NextHop},
+};
+
+use crate::frames::LB_MAC;
+
+/// XDP verdicts.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// The MAC the harness pretends real server `addr` has.
+pub fn backend_mac(addr: IpAddr) -> [u8; 6] {
+    let o = match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let n = o.len();
+    [0x02, 0xbe, o[n - 4], o[n - 3], o[n - 2], o[n - 1]]
+}
+
+pub struct Harness {
+    pub dp: Dataplane,
+    pub engine: Engine,
+}
+
+/// Result of one run.
+#[derive(Debug)]
+pub struct Run {
+    pub action: u32,
+    pub out: Vec<u8>,
+}
+
+impl Harness {
+    /// Loads the program with small maps and installs the services of `toml` (the
+    /// `[[services]]` part of a configuration). Every real server is resolved to
+    /// [`backend_mac`], reached through the loopback device (so the verdict is `XDP_TX`).
+    pub fn new(services_toml: &str) -> Harness {
+        Self::with_limits(
+            services_toml,
+            Limits {
+                conn_table_size: 4096,
+                conn_table_size_v6: 4096,
+                max_services: 64,
+                max_backends: 256,
+                slot_table_size: 4096,
+            },
+        )
+    }
+
+    pub fn with_limits(services_toml: &str, limits: Limits) -> Harness {
+        crate::require_root();
+        let mut dp = Dataplane::load(limits).expect("load the XDP program");
+        let mut engine = Engine::new(&dp);
+        let services = parse_services(services_toml);
+        for s in &services {
+            for b in &s.backends {
+                engine
+                    .set_next_hop(
+                        &mut dp,
+                        b.addr,
+                        Some(NextHop {
+                            ifindex: 1,
+                            dst_mac: backend_mac(b.addr),
+                            src_mac: LB_MAC,
+                        }),
+                    )
+                    .unwrap();
+            }
+        }
+        engine.apply(&mut dp, &services).expect("apply");
+        Harness { dp, engine }
+    }
+
+    /// Replaces the services (as a reload would).
+    pub fn apply(&mut self, services_toml: &str) {
+        let services = parse_services(services_toml);
+        for s in &services {
+            for b in &s.backends {
+                if self.engine.next_hop(b.addr).is_none() {
+                    self.engine
+                        .set_next_hop(
+                            &mut self.dp,
+                            b.addr,
+                            Some(NextHop {
+                                ifindex: 1,
+                                dst_mac: backend_mac(b.addr),
+                                src_mac: LB_MAC,
+                            }),
+                        )
+                        .unwrap();
+                }
+            }
+        }
+        self.engine.apply(&mut self.dp, &services).expect("apply");
+    }
+
+    /// Runs the program once on `frame`.
+    pub fn run(&self, frame: &[u8]) -> Run {
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = self
+            .dp
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        Run {
+            action: r.return_value,
+            out,
+        }
+    }
+
+    /// The verdict/event counters.
+    pub fn counters(&self) -> Vec<u64> {
+        self.dp.reasons().unwrap()
+    }
+
+    /// Which real server (address) a forwarded frame was sent to, from its destination MAC.
+    pub fn server_of(&self, run: &Run, candidates: &[IpAddr]) -> Option<IpAddr> {
+        candidates
+            .iter()
+            .copied()
+            .find(|a| run.out[0..6] == backend_mac(*a))
+    }
+
+    pub fn service_id(&self, key: &ServiceKey) -> u32 {
+        self.engine.service_id(key).unwrap()
+    }
+}
+
+/// Parses `[[services]]` TOML into validated services (a dummy `[dataplane]` is added).
+pub fn parse_services(services_toml: &str) -> Vec<ServiceConfig> {
+    let text = format!("[dataplane]\ninterfaces = [\"lo\"]\n{services_toml}");
+    config::parse(Path::new("test.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .services
+}
+
+/// Counter deltas by name, for readable assertions.
+pub fn delta(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
+    reason::NAMES
+        .iter()
+        .zip(before.iter().zip(after))
+        .filter(|(_, (b, a))| a != b)
+        .map(|(n, (b, a))| (*n, a - b))
+        .collect()
+}

@@ -1,0 +1,484 @@
+//! Network-namespace test benches: namespaces, veths and a bridge, real HTTP servers (nginx)
+//! on real servers, and a client, all confined to namespaces the bench creates and removes
+//! (also when a test fails: cleanup runs in `Drop`, and leftovers of a killed run with the same
+//! prefix are removed first).
+//!
+//! Used by the end-to-end tests and by `cargo xtask demo`, so both exercise the same topology.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Namespaces, processes and a scratch directory that disappear together.
+pub struct Bench {
+    pub prefix: String,
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+}
+
+/// Runs a command to completion (bounded by `timeout`), failing with its stderr.
+pub fn run(argv: &[&str]) -> Result<String> {
+    let out = Command::new("timeout")
+        .arg("-s")
+        .arg("KILL")
+        .arg("30")
+        .args(argv)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {argv:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{argv:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &str) -> Result<String> {
+    let argv: Vec<&str> = std::iter::once("ip")
+        .chain(args.split_whitespace())
+        .collect();
+    run(&argv)
+}
+
+/// Removes namespaces named `<prefix>-*` and the processes in them.
+pub fn cleanup_prefix(prefix: &str) {
+    let Ok(list) = run(&["ip", "netns", "list"]) else {
+        return;
+    };
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if name.starts_with(&format!("{prefix}-")) {
+            kill_netns_processes(name);
+            let _ = run(&["ip", "netns", "del", name]);
+        }
+    }
+}
+
+fn kill_netns_processes(ns: &str) {
+    if let Ok(pids) = run(&["ip", "netns", "pids", ns]) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Bench {
+    pub fn new(prefix: &str) -> Result<Bench> {
+        cleanup_prefix(prefix);
+        let dir = std::env::temp_dir().join(format!("xlb-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Bench {
+            prefix: prefix.to_string(),
+            dir,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+        })
+    }
+
+    /// Creates namespace `<prefix>-<short>` with its loopback up.
+    pub fn netns(&mut self, short: &str) -> Result<String> {
+        let name = format!("{}-{short}", self.prefix);
+        ip(&format!("netns add {name}"))?;
+        self.namespaces.push(name.clone());
+        ip(&format!("-n {name} link set lo up"))?;
+        Ok(name)
+    }
+
+    /// Runs `argv` inside namespace `ns`.
+    pub fn exec(&self, ns: &str, argv: &[&str]) -> Result<String> {
+        let mut v = vec!["ip", "netns", "exec", ns];
+        v.extend_from_slice(argv);
+        run(&v)
+    }
+
+    /// Runs a shell snippet inside namespace `ns`.
+    pub fn sh(&self, ns: &str, script: &str) -> Result<String> {
+        self.exec(ns, &["sh", "-c", script])
+    }
+
+    /// Starts a long-running process in `ns`; its output goes to `<dir>/<log>`.
+    pub fn spawn(&mut self, ns: &str, argv: &[&str], log: &str) -> Result<u32> {
+        let logf = File::create(self.dir.join(log))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .with_context(|| format!("starting {argv:?} in {ns}"))?;
+        let pid = child.id();
+        self.children.push((log.to_string(), child));
+        Ok(pid)
+    }
+
+    /// Sends `sig` to a process started with [`Bench::spawn`] and waits (up to 10 s) for it
+    /// to exit; returns its exit status.
+    pub fn stop(
+        &mut self,
+        pid: u32,
+        sig: nix::sys::signal::Signal,
+    ) -> Result<std::process::ExitStatus> {
+        let i = self
+            .children
+            .iter()
+            .position(|(_, c)| c.id() == pid)
+            .ok_or_else(|| anyhow!("no process {pid}"))?;
+        let (_, mut child) = self.children.remove(i);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("process {pid} did not exit after {sig}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether a spawned process is still running.
+    pub fn running(&mut self, pid: u32) -> bool {
+        self.children
+            .iter_mut()
+            .find(|(_, c)| c.id() == pid)
+            .map(|(_, c)| matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(false)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    pub fn cleanup(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for (_, c) in &mut self.children {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        for ns in self.namespaces.drain(..).rev() {
+            kill_netns_processes(&ns);
+            let _ = run(&["ip", "netns", "del", &ns]);
+        }
+        if std::env::var_os("XLB_KEEP_BENCH").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> Result<T> {
+        let fd = File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("thread in {ns} panicked"))?
+}
+
+/// A real server of the bench.
+#[derive(Clone, Debug)]
+pub struct RealServer {
+    pub name: String,
+    pub ns: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+/// Client, balancer and real servers on one L2 segment (a bridge in its own namespace): the
+/// direct-routing topology. The VIP is on the balancer's interface (it answers ARP/ND for it)
+/// and on each real server's loopback, with `arp_ignore=1`/`arp_announce=2` so only the
+/// balancer answers.
+pub struct DrBench {
+    pub bench: Bench,
+    pub sw: String,
+    pub cli: String,
+    pub lb: String,
+    pub servers: Vec<RealServer>,
+    pub vip4: Ipv4Addr,
+    pub vip6: Ipv6Addr,
+    pub client4: Ipv4Addr,
+    pub client6: Ipv6Addr,
+}
+
+pub const LB_IF: &str = "eth0";
+
+impl DrBench {
+    /// Builds the topology with `n` real servers. `xlb` is the binary used to put the
+    /// pass-through XDP program on the balancer's bridge port (veth delivers XDP_TX frames
+    /// only into a peer running XDP).
+    pub fn new(prefix: &str, n: usize, xlb: &Path) -> Result<DrBench> {
+        let mut bench = Bench::new(prefix)?;
+        let sw = bench.netns("sw")?;
+        ip(&format!("-n {sw} link add br0 type bridge"))?;
+        ip(&format!("-n {sw} link set br0 up"))?;
+        let port = |bench: &mut Bench, short: &str, v4: &str, v6: &str| -> Result<String> {
+            let ns = bench.netns(short)?;
+            ip(&format!(
+                "link add eth0 netns {ns} type veth peer name p-{short} netns {sw}"
+            ))?;
+            ip(&format!("-n {sw} link set p-{short} master br0 up"))?;
+            ip(&format!("-n {ns} addr add {v4}/24 dev eth0"))?;
+            ip(&format!("-n {ns} addr add {v6}/64 dev eth0 nodad"))?;
+            ip(&format!("-n {ns} link set eth0 up"))?;
+            Ok(ns)
+        };
+        let vip4: Ipv4Addr = "10.100.0.100".parse()?;
+        let vip6: Ipv6Addr = "fd00:100::100".parse()?;
+        let client4: Ipv4Addr = "10.100.0.1".parse()?;
+        let client6: Ipv6Addr = "fd00:100::1".parse()?;
+        let cli = port(&mut bench, "cli", "10.100.0.1", "fd00:100::1")?;
+        // Checksum offload is lost when XDP forwards a veth frame: clients must send
+        // complete checksums or the real servers drop the segments.
+        bench.exec(&cli, &["ethtool", "-K", "eth0", "tx", "off"])?;
+        let lb = port(&mut bench, "lb", "10.100.0.2", "fd00:100::2")?;
+        ip(&format!("-n {lb} addr add {vip4}/32 dev eth0"))?;
+        ip(&format!("-n {lb} addr add {vip6}/128 dev eth0 nodad"))?;
+        bench.exec(&sw, &[&xlb.to_string_lossy(), "util", "xdp-pass", "p-lb"])?;
+        let mut servers = Vec::new();
+        for i in 1..=n {
+            let name = format!("be{i}");
+            let v4: Ipv4Addr = format!("10.100.0.{}", 10 + i).parse()?;
+            let v6: Ipv6Addr = format!("fd00:100::{}", 10 + i).parse()?;
+            let ns = port(&mut bench, &name, &v4.to_string(), &v6.to_string())?;
+            ip(&format!("-n {ns} addr add {vip4}/32 dev lo"))?;
+            ip(&format!("-n {ns} addr add {vip6}/128 dev lo nodad"))?;
+            bench.sh(
+                &ns,
+                "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
+                 net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2",
+            )?;
+            servers.push(RealServer { name, ns, v4, v6 });
+        }
+        Ok(DrBench {
+            bench,
+            sw,
+            cli,
+            lb,
+            servers,
+            vip4,
+            vip6,
+            client4,
+            client6,
+        })
+    }
+
+    /// Starts nginx on every real server, answering `GET /` with the server's name.
+    pub fn start_http(&mut self) -> Result<()> {
+        for s in self.servers.clone() {
+            let dir = self.bench.dir.join(format!("nginx-{}", s.name));
+            std::fs::create_dir_all(dir.join("tmp"))?;
+            let conf = format!(
+                r#"worker_processes 1;
+daemon off;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp;
+    scgi_temp_path {d}/tmp;
+    keepalive_timeout 300s;
+    keepalive_requests 100000;
+    server {{
+        listen 80 reuseport;
+        listen [::]:80 reuseport;
+        location / {{ default_type text/plain; return 200 "{name}\n"; }}
+    }}
+}}
+"#,
+                d = dir.display(),
+                name = s.name
+            );
+            let path = dir.join("nginx.conf");
+            std::fs::write(&path, conf)?;
+            self.bench.spawn(
+                &s.ns,
+                &[
+                    "nginx",
+                    "-e",
+                    &dir.join("error.log").to_string_lossy(),
+                    "-p",
+                    &dir.to_string_lossy(),
+                    "-c",
+                    &path.to_string_lossy(),
+                ],
+                &format!("nginx-{}.log", s.name),
+            )?;
+        }
+        // Wait until each answers locally.
+        for s in self.servers.clone() {
+            let addr = SocketAddr::new(IpAddr::V4(s.v4), 80);
+            let ns = s.ns.clone();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let ok = in_netns(&ns, move || http_get(addr).is_ok())?;
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "nginx on {} did not start: {}",
+                        s.name,
+                        self.bench.log(&format!("nginx-{}.log", s.name))
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// A configuration for the balancer with `services` (TOML `[[services]]` text).
+    pub fn config(&self, services: &str) -> String {
+        format!(
+            "[dataplane]\ninterfaces = [\"{LB_IF}\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n[control]\nsocket = \"{}\"\n\n{services}",
+            self.socket().display()
+        )
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.bench.dir.join("xlb.sock")
+    }
+
+    /// Starts `xlb run` in the balancer namespace with `config` and waits until its admin API
+    /// answers. Returns the daemon's pid.
+    pub fn start_xlb(&mut self, xlb: &Path, config: &str) -> Result<u32> {
+        let path = self.bench.dir.join("xlb.toml");
+        std::fs::write(&path, config)?;
+        let pid = self.bench.spawn(
+            &self.lb.clone(),
+            &[
+                &xlb.to_string_lossy(),
+                "run",
+                "--config",
+                &path.to_string_lossy(),
+            ],
+            "xlb.log",
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if run(&[
+                &xlb.to_string_lossy(),
+                "list",
+                "--socket",
+                &self.socket().to_string_lossy(),
+            ])
+            .is_ok()
+            {
+                return Ok(pid);
+            }
+            if !self.bench.running(pid) || Instant::now() > deadline {
+                bail!("xlb did not start:\n{}", self.bench.log("xlb.log"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One HTTP/1.1 GET of `/` with `Connection: close` on a new connection; returns the body.
+pub fn http_get(addr: SocketAddr) -> Result<String> {
+    let mut s = connect(addr)?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: xlb\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response: {resp:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("unexpected response: {head}");
+    }
+    Ok(body.trim().to_string())
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// A keep-alive HTTP/1.1 connection for several requests.
+pub struct KeepAlive {
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> Result<KeepAlive> {
+        Ok(KeepAlive {
+            reader: BufReader::new(connect(addr)?),
+        })
+    }
+
+    /// GET / on the open connection; returns the body.
+    pub fn get(&mut self) -> Result<String> {
+        write!(self.reader.get_mut(), "GET / HTTP/1.1\r\nHost: xlb\r\n\r\n")?;
+        let mut len = None;
+        let mut status = String::new();
+        self.reader.read_line(&mut status)?;
+        if !status.starts_with("HTTP/1.1 200") {
+            bail!("unexpected status line {status:?}");
+        }
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = Some(v.trim().parse::<usize>()?);
+            }
+        }
+        let mut body = vec![0; len.ok_or_else(|| anyhow!("no content-length"))?];
+        self.reader.read_exact(&mut body)?;
+        Ok(String::from_utf8_lossy(&body).trim().to_string())
+    }
+}
