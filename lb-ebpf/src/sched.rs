@@ -21,9 +21,11 @@ pub fn pick(svc: &Service) -> Result<(u32, &'static Backend), u32> {
         .get_ptr_mut(svc.id)
         .ok_or(reason::DROP_INTERNAL)?;
     // `core::sync::atomic` has no read-modify-write on bpfel (the target does not declare
-    // CAS); the intrinsic lowers to the BPF atomic fetch-and-add instruction (ISA v3).
+    // CAS); the intrinsic lowers to the BPF atomic fetch-and-add instruction (ISA v3). It must
+    // be SeqCst: LLVM's BPF backend lowers a *relaxed* add to the old XADD, which returns
+    // nothing, even when the result is used (the JIT emits `lock xadd` either way).
     let n: u64 =
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).picks, 1) };
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*state).picks, 1) };
     let slot = (n.wrapping_add(svc.sched_offset as u64) % svc.slots_len as u64) as u32;
     let index = *SLOTS
         .get(svc.slots_base.wrapping_add(slot))

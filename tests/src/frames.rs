@@ -175,6 +175,13 @@ pub fn expected_dr(input: &[u8], dst_mac: [u8; 6], src_mac: [u8; 6]) -> Vec<u8> 
     out
 }
 
+/// Whether a frame's IPv4 header checksum verifies.
+pub fn ipv4_checksum_valid(frame: &[u8]) -> bool {
+    let l3 = l3_offset(frame);
+    let ihl = (frame[l3] & 0xf) as usize * 4;
+    lb_common::csum::checksum(&frame[l3..l3 + ihl]) == 0
+}
+
 /// Asserts that a frame's IPv4 header checksum verifies (no-op for IPv6).
 pub fn assert_ipv4_checksum_valid(frame: &[u8]) {
     let l3 = l3_offset(frame);
