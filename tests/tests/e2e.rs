@@ -1,0 +1,297 @@
+//! End to end: a client, the balancer running `xlb run`, and real servers running nginx, in
+//! network namespaces joined by a bridge; real kernels' TCP stacks on both ends.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Mutex,
+    time::Duration,
+};
+
+use xlb_tests::{
+    require_root,
+    testbed::{DrBench, KeepAlive, http_get, in_netns, run},
+};
+
+/// The benches share two CPUs; one at a time keeps timings sane.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The `xlb` binary under test: `XLB_BIN`, else the one next to this test's build.
+fn xlb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLB_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join("xlb");
+    assert!(
+        p.exists(),
+        "{} not found: build it first (cargo build -p lb-userspace) or set XLB_BIN",
+        p.display()
+    );
+    p
+}
+
+fn service(name: &str, addr: &str, sched: &str, backends: &[(String, u32)]) -> String {
+    let mut s =
+        format!("[[services]]\nname = \"{name}\"\naddress = \"{addr}\"\nscheduler = \"{sched}\"\n");
+    for (b, w) in backends {
+        s += &format!("[[services.backends]]\naddress = \"{b}\"\nweight = {w}\n");
+    }
+    s
+}
+
+/// `n` sequential HTTP requests, one new TCP connection each; who answered each.
+fn requests(bench: &DrBench, vip: SocketAddr, n: usize) -> Vec<String> {
+    in_netns(&bench.cli, move || {
+        (0..n)
+            .map(|i| http_get(vip).unwrap_or_else(|e| panic!("request {i} to {vip}: {e:#}")))
+            .collect::<Vec<_>>()
+    })
+    .unwrap()
+}
+
+fn xlb_list(bench: &DrBench) -> String {
+    run(&[
+        &xlb_bin().to_string_lossy(),
+        "list",
+        "-n",
+        "--socket",
+        &bench.socket().to_string_lossy(),
+    ])
+    .unwrap()
+}
+
+fn counts(v: &[String]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for s in v {
+        *m.entry(s.clone()).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn rr_spreads_new_connections_in_ipvs_order() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-rr", 3, &xlb).unwrap();
+    b.start_http().unwrap();
+    let backends: Vec<(String, u32)> = b.servers.iter().map(|s| (s.v4.to_string(), 1)).collect();
+    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), "rr", &backends));
+    b.start_xlb(&xlb, &cfg).unwrap();
+    let got = requests(&b, SocketAddr::new(IpAddr::V4(b.vip4), 80), 30);
+    // IPVS list order is the reverse of the order servers were added.
+    let want: Vec<String> = ["be3", "be2", "be1"]
+        .repeat(10)
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(got, want);
+    let list = xlb_list(&b);
+    assert!(
+        list.starts_with("IP Virtual Server version 1.2.1 (size=65536)\n"),
+        "{list}"
+    );
+    assert!(list.contains("TCP  10.100.0.100:80 rr\n"), "{list}");
+    for s in &b.servers {
+        let line = list
+            .lines()
+            .find(|l| l.starts_with(&format!("  -> {}:80 ", s.v4)))
+            .unwrap_or_else(|| panic!("no line for {} in\n{list}", s.v4));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // -> addr Route weight active inactive: the 10 closed connections are inactive
+        assert_eq!(cols[2..], ["Route", "1", "0", "10"], "{line}");
+    }
+}
+
+#[test]
+fn wrr_follows_the_weights() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-wrr", 3, &xlb).unwrap();
+    b.start_http().unwrap();
+    let backends = vec![
+        (b.servers[0].v4.to_string(), 3),
+        (b.servers[1].v4.to_string(), 1),
+        (b.servers[2].v4.to_string(), 0),
+    ];
+    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), "wrr", &backends));
+    b.start_xlb(&xlb, &cfg).unwrap();
+    let got = requests(&b, SocketAddr::new(IpAddr::V4(b.vip4), 80), 40);
+    for w in got.chunks(4) {
+        let c = counts(w);
+        assert_eq!(
+            (c.get("be1"), c.get("be2")),
+            (Some(&3), Some(&1)),
+            "{got:?}"
+        );
+    }
+    assert!(
+        !got.iter().any(|s| s == "be3"),
+        "weight 0 got a connection: {got:?}"
+    );
+}
+
+#[test]
+fn long_lived_connection_keeps_its_real_server() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-ll", 3, &xlb).unwrap();
+    b.start_http().unwrap();
+    let backends: Vec<(String, u32)> = b.servers.iter().map(|s| (s.v4.to_string(), 1)).collect();
+    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), "rr", &backends));
+    b.start_xlb(&xlb, &cfg).unwrap();
+    let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
+    let (bin, socket) = (xlb.clone(), b.socket());
+    let (long, others, list) = in_netns(&b.cli, move || {
+        let mut conn = KeepAlive::connect(vip).unwrap();
+        let mut long = Vec::new();
+        let mut others = Vec::new();
+        for _ in 0..20 {
+            long.push(conn.get().unwrap());
+            others.push(http_get(vip).unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // while the long connection is still open
+        let list = run(&[
+            &bin.to_string_lossy(),
+            "list",
+            "-n",
+            "--socket",
+            &socket.to_string_lossy(),
+        ])
+        .unwrap();
+        (long, others, list)
+    })
+    .unwrap();
+    assert!(long.iter().all(|s| *s == long[0]), "{long:?}");
+    assert_eq!(
+        counts(&others).len(),
+        3,
+        "new connections kept rotating: {others:?}"
+    );
+    let active: u32 = list
+        .lines()
+        .filter(|l| l.starts_with("  -> ") && !l.contains("RemoteAddress"))
+        .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u32>().unwrap())
+        .sum();
+    assert_eq!(
+        active, 1,
+        "the open connection is the one active connection:\n{list}"
+    );
+}
+
+#[test]
+fn ipv6_end_to_end() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-v6", 3, &xlb).unwrap();
+    b.start_http().unwrap();
+    let backends: Vec<(String, u32)> = b
+        .servers
+        .iter()
+        .map(|s| (format!("[{}]:80", s.v6), 1))
+        .collect();
+    let mut services = service("web6", &format!("[{}]:80", b.vip6), "rr", &backends);
+    let v4: Vec<(String, u32)> = b.servers.iter().map(|s| (s.v4.to_string(), 1)).collect();
+    services += &service("web4", &format!("{}:80", b.vip4), "rr", &v4);
+    let cfg = b.config(&services);
+    b.start_xlb(&xlb, &cfg).unwrap();
+    let got = requests(&b, SocketAddr::new(IpAddr::V6(b.vip6), 80), 12);
+    let c = counts(&got);
+    assert_eq!(c.len(), 3, "{got:?}");
+    assert!(c.values().all(|&n| n == 4), "{got:?}");
+    let list = xlb_list(&b);
+    assert!(list.contains("TCP  [fd00:100::100]:80 rr\n"), "{list}");
+    // IPv4 services are listed before IPv6 ones.
+    assert!(
+        list.find("TCP  10.100.0.100:80").unwrap() < list.find("TCP  [fd00:100::100]:80").unwrap()
+    );
+}
+
+#[test]
+fn daemon_detaches_on_sigterm_and_rejects_bad_config_without_attaching() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-life", 1, &xlb).unwrap();
+    let lb = b.lb.clone();
+    let xdp_on_lb = |b: &DrBench| {
+        b.bench
+            .exec(&lb, &["ip", "link", "show", "eth0"])
+            .unwrap()
+            .contains("xdp")
+    };
+
+    // A configuration error: named file, line and problem; exit status 1; nothing attached.
+    let bad = b.bench.dir.join("bad.toml");
+    let text = b.config(
+        "[[services]]\nname = \"x\"\naddress = \"10.100.0.100:80\"\nscheduler = \"fastest\"\n",
+    );
+    let line = text.lines().position(|l| l.contains("fastest")).unwrap() + 1;
+    std::fs::write(&bad, &text).unwrap();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lb,
+            &xlb.to_string_lossy(),
+            "run",
+            "--config",
+            &bad.to_string_lossy(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:{line}:", bad.display()))
+            && err.contains("unknown scheduler \"fastest\""),
+        "{err}"
+    );
+    assert!(!xdp_on_lb(&b));
+    // A missing interface is a located configuration error too.
+    std::fs::write(
+        &bad,
+        b.config("").replace("[\"eth0\"]", "[\"eth0\", \"nope0\"]"),
+    )
+    .unwrap();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lb,
+            &xlb.to_string_lossy(),
+            "run",
+            "--config",
+            &bad.to_string_lossy(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":2:") && err.contains("no interface named nope0"),
+        "{err}"
+    );
+    assert!(!xdp_on_lb(&b));
+
+    let cfg = b.config(&service(
+        "web",
+        "10.100.0.100:80",
+        "rr",
+        &[(b.servers[0].v4.to_string(), 1)],
+    ));
+    let pid = b.start_xlb(&xlb, &cfg).unwrap();
+    assert!(xdp_on_lb(&b));
+    let status = b
+        .bench
+        .stop(pid, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    assert!(status.success(), "{status}: {}", b.bench.log("xlb.log"));
+    assert!(!xdp_on_lb(&b), "still attached after SIGTERM");
+    assert!(!b.socket().exists(), "socket left behind");
+}
