@@ -37,6 +37,26 @@ pub mod map_names {
     pub const GLOBALS: &str = "GLOBALS";
     pub const EVENTS: &str = "EVENTS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const SERVICE_FILTER: &str = "SERVICE_FILTER";
+}
+
+/// The service prefilter: bit `bit(addr, port, proto)` of a bitmap is set for every virtual
+/// service. False positives only cost a lookup; the controller sets a service's bit before the
+/// service appears and clears it after it is gone, so there are no false negatives.
+pub mod filter {
+    /// Bits in the bitmap (a power of two).
+    pub const BITS: u32 = 1 << 16;
+    /// u64 words in the bitmap.
+    pub const WORDS: u32 = BITS / 64;
+
+    /// `addr` is the destination address as stored in keys (IPv4: the address; IPv6: the XOR
+    /// of its four words), `port` in network byte order, as on the wire.
+    #[inline(always)]
+    pub fn bit(addr: u32, port: u16, proto: u8) -> u32 {
+        let x = addr ^ ((port as u32) << 8) ^ ((proto as u32) << 24);
+        // Multiplicative hashing: the top bits of the product mix every input bit.
+        x.wrapping_mul(0x9e37_79b1) >> (32 - BITS.trailing_zeros())
+    }
 }
 
 /// Name of the XDP program in the object.
@@ -94,6 +114,92 @@ pub struct ServiceKeyV6 {
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+// Constructors from whole 32-bit words. A field-wise struct literal makes LLVM zero the
+// padding bytes with a `memset` call - a BPF-to-BPF call and a byte loop on the packet path.
+
+#[inline(always)]
+fn ports_word(a: u16, b: u16) -> u32 {
+    let [a0, a1] = a.to_ne_bytes();
+    let [b0, b1] = b.to_ne_bytes();
+    u32::from_ne_bytes([a0, a1, b0, b1])
+}
+
+#[inline(always)]
+fn byte_word(b0: u8, b1: u8) -> u32 {
+    u32::from_ne_bytes([b0, b1, 0, 0])
+}
+
+impl ServiceKeyV4 {
+    #[inline(always)]
+    pub fn new(addr: u32, port: u16, proto: u8) -> Self {
+        let [p0, p1] = port.to_ne_bytes();
+        let w: [u32; 2] = [addr, u32::from_ne_bytes([p0, p1, proto, 0])];
+        // SAFETY: same size, alignment and field offsets; every bit pattern is valid.
+        unsafe { core::mem::transmute(w) }
+    }
+}
+
+impl ServiceKeyV6 {
+    #[inline(always)]
+    pub fn new(addr: [u32; 4], port: u16, proto: u8) -> Self {
+        let [p0, p1] = port.to_ne_bytes();
+        let w: [u32; 5] = [
+            addr[0],
+            addr[1],
+            addr[2],
+            addr[3],
+            u32::from_ne_bytes([p0, p1, proto, 0]),
+        ];
+        // SAFETY: as above.
+        unsafe { core::mem::transmute(w) }
+    }
+}
+
+impl FlowKeyV4 {
+    #[inline(always)]
+    pub fn new(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        let w: [u32; 4] = [src, dst, ports_word(sport, dport), byte_word(proto, 0)];
+        // SAFETY: as above.
+        unsafe { core::mem::transmute(w) }
+    }
+}
+
+impl FlowKeyV6 {
+    #[inline(always)]
+    pub fn new(src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        let w: [u32; 10] = [
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+            ports_word(sport, dport),
+            byte_word(proto, 0),
+        ];
+        // SAFETY: as above.
+        unsafe { core::mem::transmute(w) }
+    }
+}
+
+impl Flow {
+    #[inline(always)]
+    pub fn new(backend: u32, generation: u32, service_id: u32, last_seen: u32, state: u8) -> Self {
+        let w: [u32; 6] = [
+            backend,
+            generation,
+            service_id,
+            last_seen,
+            byte_word(state, 0),
+            0,
+        ];
+        // SAFETY: as above.
+        unsafe { core::mem::transmute(w) }
+    }
 }
 
 /// Value of the service maps. A hash-map update replaces the whole value atomically, so a packet
@@ -204,7 +310,7 @@ pub struct Flow {
     /// `Backend::generation` when the flow was scheduled.
     pub generation: u32,
     pub service_id: u32,
-    /// Last packet, whole seconds of the kernel's coarse monotonic clock.
+    /// Last packet, in [`ticks`] of the kernel's coarse monotonic clock.
     pub last_seen: u32,
     /// IPVS connection state ([`tcp::state`]), `tcp::state::UDP` for UDP.
     pub state: u8,
@@ -246,21 +352,47 @@ impl Counters {
     }
 }
 
+/// Flow timestamps count ticks of 2^24 ns (16.8 ms) of the kernel's coarse monotonic clock
+/// (`bpf_ktime_get_coarse_ns`, userspace `CLOCK_MONOTONIC_COARSE`): a shift rather than a
+/// division on the packet path. A u32 of ticks wraps after 2.3 years; durations are compared
+/// with wrapping arithmetic.
+pub mod ticks {
+    pub const SHIFT: u32 = 24;
+
+    /// Ticks of a nanosecond timestamp.
+    #[inline(always)]
+    pub fn from_ns(ns: u64) -> u32 {
+        (ns >> SHIFT) as u32
+    }
+
+    /// A duration in seconds as ticks, rounded up (a timeout never ends early).
+    pub fn from_secs(s: u32) -> u32 {
+        ((s as u64 * 1_000_000_000).div_ceil(1 << SHIFT)) as u32
+    }
+}
+
 /// Global settings read by the data plane (one element).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Globals {
-    /// Idle timeout in seconds per [`tcp::state`] (index = state).
+    /// Idle timeout in [`ticks`] per [`tcp::state`] (index = state).
     pub timeouts: [u32; tcp::state::COUNT],
     pub flags: u32,
 }
 
-impl Default for Globals {
-    fn default() -> Self {
+impl Globals {
+    /// Settings with the given idle timeouts in seconds.
+    pub fn with_timeouts(secs: [u32; tcp::state::COUNT]) -> Self {
         Globals {
-            timeouts: tcp::DEFAULT_TIMEOUTS,
+            timeouts: secs.map(ticks::from_secs),
             flags: 0,
         }
+    }
+}
+
+impl Default for Globals {
+    fn default() -> Self {
+        Globals::with_timeouts(tcp::DEFAULT_TIMEOUTS)
     }
 }
 
@@ -316,5 +448,62 @@ mod layout_tests {
         assert_eq!(size_of::<Counters>(), 5 * 8);
         assert_eq!(size_of::<Globals>(), 4 * tcp::state::COUNT + 4);
         assert_eq!(size_of::<Event>(), 8);
+    }
+
+    /// The word-wise constructors equal field-wise literals.
+    #[test]
+    fn constructors_match_fields() {
+        assert_eq!(
+            FlowKeyV4::new(1, 2, 0x1234, 0x5678, 6),
+            FlowKeyV4 {
+                src: 1,
+                dst: 2,
+                sport: 0x1234,
+                dport: 0x5678,
+                proto: 6,
+                _pad: [0; 3]
+            }
+        );
+        assert_eq!(
+            FlowKeyV6::new([1, 2, 3, 4], [5, 6, 7, 8], 9, 10, 17),
+            FlowKeyV6 {
+                src: [1, 2, 3, 4],
+                dst: [5, 6, 7, 8],
+                sport: 9,
+                dport: 10,
+                proto: 17,
+                _pad: [0; 3]
+            }
+        );
+        assert_eq!(
+            ServiceKeyV4::new(0x0a00000a, 0x5000, 6),
+            ServiceKeyV4 {
+                addr: 0x0a00000a,
+                port: 0x5000,
+                proto: 6,
+                _pad: 0
+            }
+        );
+        assert_eq!(
+            ServiceKeyV6::new([1, 2, 3, 4], 443, 17),
+            ServiceKeyV6 {
+                addr: [1, 2, 3, 4],
+                port: 443,
+                proto: 17,
+                _pad: 0
+            }
+        );
+        assert_eq!(
+            Flow::new(7, 8, 9, 10, 3),
+            Flow {
+                backend: 7,
+                generation: 8,
+                service_id: 9,
+                last_seen: 10,
+                state: 3,
+                flags: 0,
+                _pad: [0; 6]
+            }
+        );
     }
 }

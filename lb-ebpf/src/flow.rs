@@ -1,16 +1,17 @@
 //! Connection tracking: the flow table keeps every packet of a flow on the real server its first
 //! packet was scheduled to, and follows the IPVS state machine (direct-routing "input only"
-//! table) so idle timeouts are the IPVS ones.
+//! table) so idle timeouts are the IPVS ones. Packets that open a connection are matched to
+//! their virtual service here and handed to the scheduler.
 
 use aya_ebpf::maps::LruHashMap;
 use lb_common::{
     BACKEND_F_AVAILABLE, Backend, FAMILY_V4, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP, Service,
-    reason,
+    ServiceKeyV4, ServiceKeyV6, reason,
     tcp::{self, Direction, state},
 };
 
 use crate::{
-    maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS},
+    maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS, SERVICES_V4, SERVICES_V6},
     parse::Pkt,
     sched, stats,
 };
@@ -19,6 +20,7 @@ use crate::{
 /// by-value results make LLVM spill uninitialised bytes the verifier rejects).
 pub struct Target {
     pub index: u32,
+    pub service_id: u32,
     pub backend: &'static Backend,
     /// The packet created the connection.
     pub new_conn: bool,
@@ -32,14 +34,7 @@ trait FlowKey: Sized + 'static {
 impl FlowKey for FlowKeyV4 {
     #[inline(always)]
     fn from_pkt(pkt: &Pkt) -> Self {
-        FlowKeyV4 {
-            src: pkt.src[0],
-            dst: pkt.dst[0],
-            sport: pkt.sport,
-            dport: pkt.dport,
-            proto: pkt.proto,
-            _pad: [0; 3],
-        }
+        FlowKeyV4::new(pkt.src[0], pkt.dst[0], pkt.sport, pkt.dport, pkt.proto)
     }
     #[inline(always)]
     fn table() -> &'static LruHashMap<Self, Flow> {
@@ -50,14 +45,7 @@ impl FlowKey for FlowKeyV4 {
 impl FlowKey for FlowKeyV6 {
     #[inline(always)]
     fn from_pkt(pkt: &Pkt) -> Self {
-        FlowKeyV6 {
-            src: pkt.src,
-            dst: pkt.dst,
-            sport: pkt.sport,
-            dport: pkt.dport,
-            proto: pkt.proto,
-            _pad: [0; 3],
-        }
+        FlowKeyV6::new(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto)
     }
     #[inline(always)]
     fn table() -> &'static LruHashMap<Self, Flow> {
@@ -65,13 +53,15 @@ impl FlowKey for FlowKeyV6 {
     }
 }
 
-/// Finds or creates the flow of `pkt` for service `svc`; `Err` carries the reason counter.
+/// Finds the flow of `pkt` or, for a packet that may open one, schedules it; `Err` carries the
+/// reason counter. An established flow needs no service lookup: its entry names the service
+/// and the real server.
 #[inline(always)]
-pub fn track(pkt: &Pkt, svc: &Service, now: u32) -> Result<Target, u32> {
+pub fn track(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     if pkt.family == FAMILY_V4 {
-        track_in::<FlowKeyV4>(pkt, svc, now)
+        track_in::<FlowKeyV4>(pkt, now)
     } else {
-        track_in::<FlowKeyV6>(pkt, svc, now)
+        track_in::<FlowKeyV6>(pkt, now)
     }
 }
 
@@ -84,12 +74,22 @@ fn timeout(st: u8) -> u32 {
 }
 
 #[inline(always)]
-fn track_in<K: FlowKey>(pkt: &Pkt, svc: &Service, now: u32) -> Result<Target, u32> {
+fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     let key = K::from_pkt(pkt);
     let is_tcp = pkt.proto == PROTO_TCP;
     let f = pkt.tcp_flags;
     // IPVS creates connections from UDP datagrams and from TCP SYNs without RST.
     let may_create = !is_tcp || (f & tcp::flags::SYN != 0 && f & tcp::flags::RST == 0);
+    let plain_syn = is_tcp
+        && f & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST | tcp::flags::FIN)
+            == tcp::flags::SYN;
+
+    // A SYN almost always opens a new connection: insert it directly (one hash-table walk
+    // instead of a lookup and then an insert). The pick is claimed only if the insert shows
+    // the flow is new; a retransmitted SYN finds its entry below, like any other packet.
+    if plain_syn && let Some(t) = syn_fast_path(&key, pkt, now)? {
+        return Ok(t);
+    }
 
     if let Some(entry) = K::table().get_ptr_mut(&key) {
         let flow = unsafe { &mut *entry };
@@ -100,14 +100,14 @@ fn track_in<K: FlowKey>(pkt: &Pkt, svc: &Service, now: u32) -> Result<Target, u3
         let backend = slot.current();
         let alive = backend.flags & BACKEND_F_AVAILABLE != 0
             && backend.generation == flow.generation
-            && backend.service_id == svc.id;
+            && backend.service_id == flow.service_id;
         // A fresh SYN on a closed connection's tuple starts a new connection (IPVS
         // conn_reuse_mode 1).
-        let plain_syn = is_tcp
-            && f & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST | tcp::flags::FIN)
-                == tcp::flags::SYN;
         let reused = plain_syn && (flow.state == state::TIME_WAIT || flow.state == state::CLOSE);
         if !expired && alive && !reused {
+            if pkt.ttl <= 1 {
+                return Err(reason::PASS_TTL_EXPIRED);
+            }
             let next = if is_tcp {
                 tcp::next_state(Direction::InputOnly, flow.state, f)
             } else {
@@ -122,6 +122,7 @@ fn track_in<K: FlowKey>(pkt: &Pkt, svc: &Service, now: u32) -> Result<Target, u3
             }
             return Ok(Target {
                 index: flow.backend,
+                service_id: flow.service_id,
                 backend,
                 new_conn: false,
             });
@@ -133,31 +134,85 @@ fn track_in<K: FlowKey>(pkt: &Pkt, svc: &Service, now: u32) -> Result<Target, u3
                 reason::DROP_BACKEND_GONE
             });
         }
+        let svc = lookup_service(pkt).ok_or(reason::PASS_NO_SERVICE)?;
         stats::count(reason::EV_FLOW_RESCHEDULED);
-    } else if !may_create {
+        return schedule(&key, pkt, svc, now);
+    }
+    let svc = lookup_service(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+    if !may_create {
         return Err(reason::PASS_TCP_NO_FLOW);
     }
+    schedule(&key, pkt, svc, now)
+}
 
-    let (index, backend) = sched::pick(svc)?;
-    let flow = Flow {
-        backend: index,
-        generation: backend.generation,
-        service_id: svc.id,
-        last_seen: now,
-        state: if is_tcp {
-            tcp::next_state(Direction::InputOnly, state::NONE, f)
-        } else {
-            state::UDP
-        },
-        flags: 0,
-        _pad: [0; 6],
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+/// The SYN of a new connection: `Ok(None)` if the flow turned out to exist already.
+#[inline(always)]
+fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Result<Option<Target>, u32> {
+    let svc = lookup_service(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+    if pkt.ttl <= 1 {
+        return Err(reason::PASS_TTL_EXPIRED);
+    }
+    let t = sched::peek(svc)?;
+    let initial = tcp::next_state(Direction::InputOnly, state::NONE, pkt.tcp_flags);
+    let flow = Flow::new(t.index, t.backend.generation, svc.id, now, initial);
+    match K::table().insert(key, &flow, BPF_NOEXIST) {
+        Err(e) if e == -EEXIST => return Ok(None),
+        Err(_) => stats::count(reason::EV_FLOW_INSERT_FAILED),
+        Ok(()) => {}
+    }
+    let (index, backend) = match sched::confirm(svc, &t)? {
+        None => (t.index, t.backend),
+        Some((index, backend)) => {
+            // Lost the race for that pick: record the one this flow owns.
+            let flow = Flow::new(index, backend.generation, svc.id, now, initial);
+            let _ = K::table().insert(key, &flow, 0);
+            (index, backend)
+        }
     };
-    if K::table().insert(&key, &flow, 0).is_err() {
+    Ok(Some(Target {
+        index,
+        service_id: svc.id,
+        backend,
+        new_conn: true,
+    }))
+}
+
+/// A new connection: pick a real server and record the flow.
+#[inline(always)]
+fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<Target, u32> {
+    if pkt.ttl <= 1 {
+        return Err(reason::PASS_TTL_EXPIRED);
+    }
+    let (index, backend) = sched::pick(svc)?;
+    let initial = if pkt.proto == PROTO_TCP {
+        tcp::next_state(Direction::InputOnly, state::NONE, pkt.tcp_flags)
+    } else {
+        state::UDP
+    };
+    let flow = Flow::new(index, backend.generation, svc.id, now, initial);
+    if K::table().insert(key, &flow, 0).is_err() {
         stats::count(reason::EV_FLOW_INSERT_FAILED);
     }
     Ok(Target {
         index,
+        service_id: svc.id,
         backend,
         new_conn: true,
     })
+}
+
+/// The virtual service for (destination, port, protocol).
+#[inline(always)]
+fn lookup_service(pkt: &Pkt) -> Option<&'static Service> {
+    if pkt.family == FAMILY_V4 {
+        let key = ServiceKeyV4::new(pkt.dst[0], pkt.dport, pkt.proto);
+        unsafe { SERVICES_V4.get(&key) }
+    } else {
+        let key = ServiceKeyV6::new(pkt.dst, pkt.dport, pkt.proto);
+        unsafe { SERVICES_V6.get(&key) }
+    }
 }

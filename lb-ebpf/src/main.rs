@@ -1,15 +1,17 @@
 //! xlb's XDP data plane: parse, find the virtual service, keep each flow on its real server,
 //! schedule new flows, forward by direct routing, count everything.
 //!
-//! One concern per module: `parse` (headers), `flow` (connection table and states), `sched`
-//! (picking a real server), `dr` (the forwarding method), `stats` (per-CPU counters). All map
-//! layouts come from `lb-common`.
+//! One concern per module: `parse` (headers), `filter` (is this possibly for a service),
+//! `flow` (connection table, states, service lookup for new flows), `sched` (picking a real
+//! server), `dr` (the forwarding method), `stats` (per-CPU counters). All map layouts come from
+//! `lb-common`.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
 mod dr;
+mod filter;
 mod flow;
 mod maps;
 mod parse;
@@ -19,12 +21,7 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
-use lb_common::{FAMILY_V4, Service, ServiceKeyV4, ServiceKeyV6, reason};
-
-use crate::{
-    maps::{SERVICES_V4, SERVICES_V6},
-    parse::Pkt,
-};
+use lb_common::reason;
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
@@ -47,14 +44,11 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
         Ok(p) => p,
         Err(why) => return (xdp_action::XDP_PASS, why),
     };
-    let Some(svc) = lookup_service(&pkt) else {
+    if !filter::may_match(&pkt) {
         return (xdp_action::XDP_PASS, reason::PASS_NO_SERVICE);
-    };
-    if pkt.ttl <= 1 {
-        return (xdp_action::XDP_PASS, reason::PASS_TTL_EXPIRED);
     }
-    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    let target = match flow::track(&pkt, &svc, now) {
+    let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+    let target = match flow::track(&pkt, now) {
         Ok(t) => t,
         Err(why) => {
             let action = if reason::is_pass(why) {
@@ -65,35 +59,13 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
             return (action, why);
         }
     };
-    if target.new_conn {
-        stats::new_conn(svc.id, target.index);
-    }
     let (action, why) = dr::forward(ctx, &pkt, target.index, target.backend);
     if why == reason::TX || why == reason::REDIRECT {
-        stats::forwarded(svc.id, target.index, pkt.l3_len);
+        stats::forwarded(target.service_id, target.index, pkt.l3_len, target.new_conn);
+    } else if target.new_conn {
+        stats::new_conn(target.service_id, target.index);
     }
     (action, why)
-}
-
-#[inline(always)]
-fn lookup_service(pkt: &Pkt) -> Option<Service> {
-    if pkt.family == FAMILY_V4 {
-        let key = ServiceKeyV4 {
-            addr: pkt.dst[0],
-            port: pkt.dport,
-            proto: pkt.proto,
-            _pad: 0,
-        };
-        unsafe { SERVICES_V4.get(&key) }.copied()
-    } else {
-        let key = ServiceKeyV6 {
-            addr: pkt.dst,
-            port: pkt.dport,
-            proto: pkt.proto,
-            _pad: 0,
-        };
-        unsafe { SERVICES_V6.get(&key) }.copied()
-    }
 }
 
 #[cfg(not(test))]

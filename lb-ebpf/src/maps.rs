@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendSlot, Counters, Flow, FlowKeyV4, FlowKeyV6, Globals, SchedState, Service, ServiceKeyV4,
-    ServiceKeyV6, defaults, reason,
+    ServiceKeyV6, defaults, filter, reason,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -21,6 +21,10 @@ pub static SERVICES_V4: HashMap<ServiceKeyV4, Service> =
 #[map]
 pub static SERVICES_V6: HashMap<ServiceKeyV6, Service> =
     HashMap::with_max_entries(defaults::MAX_SERVICES, 0);
+
+/// Prefilter bitmap (`lb_common::filter`).
+#[map]
+pub static SERVICE_FILTER: Array<u64> = Array::with_max_entries(filter::WORDS, BPF_F_MMAPABLE);
 
 /// Real servers by backend index (double-buffered entries, see `BackendSlot`).
 #[map]

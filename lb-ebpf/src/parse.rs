@@ -75,9 +75,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Pkt, u32> {
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
-    // The fixed part of the header: [ver/ihl, tos, tot_len, id, frag, ttl, proto, csum, src, dst]
-    let vihl: u8 = unsafe { *at::<u8>(ctx, l3).ok_or(reason::PASS_TRUNCATED)? };
-    at::<[u32; 5]>(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
+    // The fixed header in one bounds check:
+    // [ver/ihl tos tot_len] [id frag] [ttl proto csum] [src] [dst]
+    let hdr = at::<[u32; 5]>(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
+    let w = unsafe { *hdr };
+    let [vihl, _tos, len_hi, len_lo] = w[0].to_ne_bytes();
+    let [_, _, frag_hi, frag_lo] = w[1].to_ne_bytes();
+    let [ttl, proto, _, _] = w[2].to_ne_bytes();
     if vihl >> 4 != 4 {
         return Err(reason::PASS_MALFORMED);
     }
@@ -85,7 +89,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     if hlen < 20 {
         return Err(reason::PASS_MALFORMED);
     }
-    let tot_len = be16(ctx, l3 + 2).ok_or(reason::PASS_TRUNCATED)? as usize;
+    let tot_len = u16::from_be_bytes([len_hi, len_lo]) as usize;
     if tot_len < hlen {
         return Err(reason::PASS_MALFORMED);
     }
@@ -93,22 +97,16 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     if ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(reason::PASS_TRUNCATED);
     }
-    let frag = be16(ctx, l3 + 6).ok_or(reason::PASS_TRUNCATED)?;
-    if frag & 0x3fff != 0 {
+    if u16::from_be_bytes([frag_hi, frag_lo]) & 0x3fff != 0 {
         return Err(reason::PASS_FRAGMENT);
     }
-    let ttl = unsafe { *at::<u8>(ctx, l3 + 8).ok_or(reason::PASS_TRUNCATED)? };
-    let proto = unsafe { *at::<u8>(ctx, l3 + 9).ok_or(reason::PASS_TRUNCATED)? };
-    let src = unsafe { *at::<u32>(ctx, l3 + 12).ok_or(reason::PASS_TRUNCATED)? };
-    let dst = unsafe { *at::<u32>(ctx, l3 + 16).ok_or(reason::PASS_TRUNCATED)? };
-    let l4 = l3 + hlen;
-    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l4, tot_len - hlen)?;
+    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l3 + hlen, tot_len - hlen)?;
     Ok(Pkt {
         l3,
         family: FAMILY_V4,
         proto,
-        src: [src, 0, 0, 0],
-        dst: [dst, 0, 0, 0],
+        src: [w[3], 0, 0, 0],
+        dst: [w[4], 0, 0, 0],
         sport,
         dport,
         tcp_flags,

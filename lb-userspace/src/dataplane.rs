@@ -43,7 +43,8 @@ pub struct Dataplane {
     services_v4: HashMap<MapData, ServiceKeyV4, Service>,
     services_v6: HashMap<MapData, ServiceKeyV6, Service>,
     backends: Array<MapData, BackendSlot>,
-    slots: Slots,
+    slots: Mmapped<u32>,
+    filter: Mmapped<u64>,
     sched_state: Array<MapData, SchedState>,
     flows_v4: HashMap<MapData, FlowKeyV4, Flow>,
     flows_v6: HashMap<MapData, FlowKeyV6, Flow>,
@@ -97,11 +98,13 @@ impl Dataplane {
                 .with_context(|| format!("the kernel rejected the XDP program {name}"))?;
         }
         let slots_map: Array<MapData, u32> = take(&mut ebpf, names::SLOTS)?;
+        let filter_map: Array<MapData, u64> = take(&mut ebpf, names::SERVICE_FILTER)?;
         let mut dp = Dataplane {
             services_v4: take(&mut ebpf, names::SERVICES_V4)?,
             services_v6: take(&mut ebpf, names::SERVICES_V6)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
-            slots: Slots::map(slots_map, limits.slot_table_size)?,
+            slots: Mmapped::map(slots_map, limits.slot_table_size)?,
+            filter: Mmapped::map(filter_map, lb_common::filter::WORDS)?,
             sched_state: take(&mut ebpf, names::SCHED_STATE)?,
             flows_v4: take(&mut ebpf, names::FLOWS_V4)?,
             flows_v6: take(&mut ebpf, names::FLOWS_V6)?,
@@ -241,6 +244,16 @@ impl Dataplane {
         self.slots.read(index)
     }
 
+    /// Writes the prefilter words that differ from `words`.
+    pub fn write_filter(&mut self, words: &[u64]) -> Result<()> {
+        for (i, w) in words.iter().enumerate() {
+            if self.filter.read(i as u32) != Some(*w) {
+                self.filter.write(i as u32, &[*w])?;
+            }
+        }
+        Ok(())
+    }
+
     // ---- per-service scheduler state ----
 
     /// New flows the data plane has scheduled for service `id` so far.
@@ -314,7 +327,6 @@ impl Dataplane {
 
     /// Kernel memory charged to each map (`memlock` of its fdinfo), with its capacity.
     pub fn memory(&self) -> Vec<(&'static str, u64, u32)> {
-        let fd_of = |m: &MapData| m.fd().as_fd().as_raw_fd();
         let mut out = Vec::new();
         let mut add = |name: &'static str, fd: i32| {
             let info =
@@ -327,23 +339,17 @@ impl Dataplane {
             };
             out.push((name, field("memlock:"), field("max_entries:") as u32));
         };
-        add(names::FLOWS_V4, fd_of(self.flows_v4_data()));
-        add(names::FLOWS_V6, fd_of(self.flows_v6_data()));
-        add(names::SERVICES_V4, self.services_v4.map_fd_raw());
-        add(names::SERVICES_V6, self.services_v6.map_fd_raw());
-        add(names::BACKENDS, self.backends.map_fd_raw());
-        add(names::SLOTS, self.slots.map.map_fd_raw());
-        add(names::SCHED_STATE, self.sched_state.map_fd_raw());
-        add(names::SERVICE_STATS, self.service_stats.map_fd_raw());
-        add(names::BACKEND_STATS, self.backend_stats.map_fd_raw());
+        add(names::FLOWS_V4, raw_fd(&self.flows_v4));
+        add(names::FLOWS_V6, raw_fd(&self.flows_v6));
+        add(names::SERVICES_V4, raw_fd(&self.services_v4));
+        add(names::SERVICES_V6, raw_fd(&self.services_v6));
+        add(names::BACKENDS, raw_fd(&self.backends));
+        add(names::SLOTS, raw_fd(&self.slots.map));
+        add(names::SERVICE_FILTER, raw_fd(&self.filter.map));
+        add(names::SCHED_STATE, raw_fd(&self.sched_state));
+        add(names::SERVICE_STATS, raw_fd(&self.service_stats));
+        add(names::BACKEND_STATS, raw_fd(&self.backend_stats));
         out
-    }
-
-    fn flows_v4_data(&self) -> &MapData {
-        self.flows_v4.map_data()
-    }
-    fn flows_v6_data(&self) -> &MapData {
-        self.flows_v6.map_data()
     }
 }
 
@@ -353,59 +359,33 @@ impl Drop for Dataplane {
     }
 }
 
-/// Access to the fd of typed maps (aya keeps the inner `MapData` private).
-trait MapFdRaw {
-    fn map_fd_raw(&self) -> i32;
+/// The fd of a typed map (aya keeps the inner `MapData` behind `IterableMap`).
+fn raw_fd<K: aya::Pod, V, M: aya::maps::IterableMap<K, V>>(m: &M) -> i32 {
+    m.map().fd().as_fd().as_raw_fd()
 }
 
-macro_rules! impl_map_fd_raw {
-    ($($t:ty),*) => {$(
-        impl MapFdRaw for $t {
-            fn map_fd_raw(&self) -> i32 {
-                aya::maps::IterableMap::map(self).fd().as_fd().as_raw_fd()
-            }
-        }
-    )*};
-}
-impl_map_fd_raw!(
-    HashMap<MapData, ServiceKeyV4, Service>,
-    HashMap<MapData, ServiceKeyV6, Service>,
-    Array<MapData, BackendSlot>,
-    Array<MapData, u32>,
-    Array<MapData, SchedState>,
-    PerCpuArray<MapData, Counters>
-);
-
-trait MapDataOf {
-    fn map_data(&self) -> &MapData;
-}
-impl<K: aya::Pod, V: aya::Pod> MapDataOf for HashMap<MapData, K, V> {
-    fn map_data(&self) -> &MapData {
-        aya::maps::IterableMap::map(self)
-    }
-}
-
-/// The `SLOTS` array, written through a shared mapping (one slot table can hold 100k+
-/// entries; one syscall each would make changes slow).
-struct Slots {
-    map: Array<MapData, u32>,
+/// An array map written through a shared mapping (`BPF_F_MMAPABLE`): slot tables can hold
+/// 100k+ entries and one syscall each would make changes slow; the prefilter's words must be
+/// replaced with single stores.
+struct Mmapped<V: aya::Pod> {
+    map: Array<MapData, V>,
     ptr: *mut u8,
     len: usize,
     entries: u32,
 }
 
 // The mapping is owned by this struct and only written through &mut self.
-unsafe impl Send for Slots {}
-unsafe impl Sync for Slots {}
+unsafe impl<V: aya::Pod> Send for Mmapped<V> {}
+unsafe impl<V: aya::Pod> Sync for Mmapped<V> {}
 
-/// Array map values are laid out `round_up(value_size, 8)` apart.
-const SLOT_STRIDE: usize = 8;
+impl<V: aya::Pod> Mmapped<V> {
+    /// Array map values are laid out `round_up(value_size, 8)` apart.
+    const STRIDE: usize = std::mem::size_of::<V>().div_ceil(8) * 8;
 
-impl Slots {
-    fn map(map: Array<MapData, u32>, entries: u32) -> Result<Self> {
+    fn map(map: Array<MapData, V>, entries: u32) -> Result<Self> {
         let page = 4096usize;
-        let len = (entries as usize * SLOT_STRIDE).div_ceil(page) * page;
-        let fd = map.map_fd_raw();
+        let len = (entries as usize * Self::STRIDE).div_ceil(page) * page;
+        let fd = raw_fd(&map);
         // SAFETY: mapping a BPF_F_MMAPABLE array of `entries` elements; the length is what the
         // kernel allows for it.
         let ptr = unsafe {
@@ -419,9 +399,12 @@ impl Slots {
             )
         };
         if ptr == libc::MAP_FAILED {
-            bail!("mmap of SLOTS failed: {}", std::io::Error::last_os_error());
+            bail!(
+                "mmap of a BPF array failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
-        Ok(Slots {
+        Ok(Mmapped {
             map,
             ptr: ptr as *mut u8,
             len,
@@ -429,38 +412,38 @@ impl Slots {
         })
     }
 
-    fn write(&mut self, base: u32, values: &[u32]) -> Result<()> {
+    fn write(&mut self, base: u32, values: &[V]) -> Result<()> {
         let end = base as usize + values.len();
         if end > self.entries as usize {
             bail!(
-                "slot range {base}..{end} beyond SLOTS ({} entries)",
+                "range {base}..{end} beyond the array ({} entries)",
                 self.entries
             );
         }
         for (i, v) in values.iter().enumerate() {
-            // SAFETY: in bounds (checked above); u32 stores into the kernel's array.
+            // SAFETY: in bounds (checked above); an aligned store of the whole value.
             unsafe {
-                let p = self.ptr.add((base as usize + i) * SLOT_STRIDE) as *mut u32;
+                let p = self.ptr.add((base as usize + i) * Self::STRIDE) as *mut V;
                 std::ptr::write_volatile(p, *v);
             }
         }
-        // Make the table visible before the service that points at it is published.
+        // Visible before whatever the caller publishes next (a service that points here).
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
-    fn read(&self, index: u32) -> Option<u32> {
+    fn read(&self, index: u32) -> Option<V> {
         if index >= self.entries {
             return None;
         }
         // SAFETY: in bounds.
         Some(unsafe {
-            std::ptr::read_volatile(self.ptr.add(index as usize * SLOT_STRIDE) as *const u32)
+            std::ptr::read_volatile(self.ptr.add(index as usize * Self::STRIDE) as *const V)
         })
     }
 }
 
-impl Drop for Slots {
+impl<V: aya::Pod> Drop for Mmapped<V> {
     fn drop(&mut self) {
         // SAFETY: unmapping what `map` mapped.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };

@@ -92,8 +92,12 @@ enum Op {
     ResetBackendStats(u32),
     WriteBackend(u32, Backend),
     WriteSlots(u32, Vec<u32>),
+    /// The prefilter while services are switched: bits of old and new services.
+    FilterUnion(Vec<u64>),
     PutService(ServiceKey, Service),
     RemoveService(ServiceKey),
+    /// The prefilter once old services are gone.
+    FilterFinal(Vec<u64>),
 }
 
 /// First-fit allocator of `SLOTS` ranges.
@@ -215,13 +219,39 @@ pub struct Engine {
     deferred: Vec<(Instant, Deferred)>,
     next_hops: HashMap<IpAddr, NextHop>,
     timeouts: Timeouts,
+    /// The prefilter bitmap as installed.
+    filter: Vec<u64>,
 }
 
-/// Clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`), in seconds.
-pub fn monotonic_coarse_secs() -> u32 {
+/// The prefilter bitmap for a set of services.
+fn filter_words(services: &[ServiceConfig]) -> Vec<u64> {
+    let mut w = vec![0u64; lb_common::filter::WORDS as usize];
+    for s in services {
+        let a = addr_words(s.key.addr);
+        let bit = lb_common::filter::bit(
+            a[0] ^ a[1] ^ a[2] ^ a[3],
+            s.key.port.to_be(),
+            s.key.protocol.number(),
+        );
+        w[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    w
+}
+
+/// The clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`), in ticks.
+pub fn monotonic_coarse_ticks() -> u32 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .expect("CLOCK_MONOTONIC_COARSE");
-    t.tv_sec() as u32
+    lb_common::ticks::from_ns(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// Idle timeout per connection state, in seconds, with the `ipvsadm --set` values applied.
+fn timeouts_secs(t: Timeouts) -> [u32; tcp::state::COUNT] {
+    let mut s = tcp::DEFAULT_TIMEOUTS;
+    s[tcp::state::ESTABLISHED as usize] = t.tcp;
+    s[tcp::state::FIN_WAIT as usize] = t.tcp_fin;
+    s[tcp::state::UDP as usize] = t.udp;
+    s
 }
 
 impl Engine {
@@ -235,6 +265,7 @@ impl Engine {
             deferred: Vec::new(),
             next_hops: HashMap::new(),
             timeouts: Timeouts::default(),
+            filter: vec![0; lb_common::filter::WORDS as usize],
         }
     }
 
@@ -245,11 +276,7 @@ impl Engine {
 
     /// Sets the idle timeouts (`ipvsadm --set`).
     pub fn set_timeouts(&mut self, dp: &mut Dataplane, t: Timeouts) -> Result<()> {
-        let mut g = Globals::default();
-        g.timeouts[tcp::state::ESTABLISHED as usize] = t.tcp;
-        g.timeouts[tcp::state::FIN_WAIT as usize] = t.tcp_fin;
-        g.timeouts[tcp::state::UDP as usize] = t.udp;
-        dp.set_globals(&g)?;
+        dp.set_globals(&Globals::with_timeouts(timeouts_secs(t)))?;
         self.timeouts = t;
         Ok(())
     }
@@ -287,13 +314,28 @@ impl Engine {
                 .with_context(|| format!("service \"{}\" ({})", want.name, want.key))?;
         }
 
+        // The prefilter never misses a service: new bits before the switch, stale ones after.
+        let filter = filter_words(desired);
+        if filter != self.filter {
+            let union: Vec<u64> = filter
+                .iter()
+                .zip(&self.filter)
+                .map(|(a, b)| a | b)
+                .collect();
+            ops.push(Op::FilterUnion(union));
+            ops.push(Op::FilterFinal(filter.clone()));
+        }
+        next.filter = filter;
+
         // Execute: unreferenced entries first, then the switch, then retirement.
         ops.sort_by_key(|op| match op {
             Op::ResetService(_) | Op::ResetBackendStats(_) => 0,
             Op::WriteBackend(..) => 1,
             Op::WriteSlots(..) => 2,
-            Op::PutService(..) => 3,
-            Op::RemoveService(_) => 4,
+            Op::FilterUnion(_) => 3,
+            Op::PutService(..) => 4,
+            Op::RemoveService(_) => 5,
+            Op::FilterFinal(_) => 6,
         });
         // Backend entries retired by this change must be written after the switch.
         let (retired_backends, ops): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(
@@ -318,6 +360,7 @@ impl Engine {
             deferred: self.deferred.clone(),
             next_hops: self.next_hops.clone(),
             timeouts: self.timeouts,
+            filter: self.filter.clone(),
         }
     }
 
@@ -568,11 +611,8 @@ impl Engine {
     /// walk of the connection tables (entries idle past their state's timeout are gone for
     /// IPVS, so they are not counted).
     pub fn view(&self, dp: &Dataplane) -> Result<Vec<ServiceView>> {
-        let now = monotonic_coarse_secs();
-        let mut timeouts = lb_common::tcp::DEFAULT_TIMEOUTS;
-        timeouts[tcp::state::ESTABLISHED as usize] = self.timeouts.tcp;
-        timeouts[tcp::state::FIN_WAIT as usize] = self.timeouts.tcp_fin;
-        timeouts[tcp::state::UDP as usize] = self.timeouts.udp;
+        let now = monotonic_coarse_ticks();
+        let timeouts = Globals::with_timeouts(timeouts_secs(self.timeouts)).timeouts;
         // backend index → (generation, active, inactive)
         let mut conns: HashMap<u32, (u64, u64)> = HashMap::new();
         let generation_of: HashMap<u32, u32> = self
@@ -663,6 +703,7 @@ fn execute(dp: &mut Dataplane, op: Op) -> Result<()> {
             Keyed::V4(k4) => dp.remove_service_v4(&k4),
             Keyed::V6(k6) => dp.remove_service_v6(&k6),
         },
+        Op::FilterUnion(w) | Op::FilterFinal(w) => dp.write_filter(&w),
     }
 }
 

@@ -161,7 +161,7 @@ fn traffic_not_for_a_service_goes_to_the_kernel_untouched() {
     let mut icmp = Frame::udp("192.168.1.1", 1, "10.0.0.10", 53).build();
     icmp[14 + 9] = 1;
     let c = {
-        let (mut hdr, _) = etherparse::Ipv4Header::from_slice(&icmp[14..34]).unwrap();
+        let (hdr, _) = etherparse::Ipv4Header::from_slice(&icmp[14..34]).unwrap();
         hdr.calc_header_checksum()
     };
     icmp[24..26].copy_from_slice(&c.to_be_bytes());
@@ -458,6 +458,36 @@ address = "10.0.1.3"
         .collect();
     let want: Vec<IpAddr> = ["10.0.1.3", "10.0.1.2", "10.0.1.1"].map(ip).repeat(3);
     assert_eq!(got, want);
+}
+
+/// A retransmitted SYN finds its connection: same real server, and it does not consume a
+/// scheduling decision (the next new connection gets the next server in IPVS order).
+#[test]
+fn retransmitted_syn_keeps_its_server_and_the_rr_sequence() {
+    let cfg = r#"
+[[services]]
+name = "web"
+address = "10.0.0.10:80"
+scheduler = "rr"
+[[services.backends]]
+address = "10.0.1.1"
+[[services.backends]]
+address = "10.0.1.2"
+[[services.backends]]
+address = "10.0.1.3"
+"#;
+    let h = Harness::new(cfg);
+    let servers: Vec<IpAddr> = ["10.0.1.1", "10.0.1.2", "10.0.1.3"].map(ip).to_vec();
+    let syn = Frame::tcp("192.168.1.1", 1000, "10.0.0.10", 80, SYN).build();
+    let first = h.server_of(&h.run(&syn), &servers).unwrap();
+    assert_eq!(first, servers[2]);
+    for _ in 0..3 {
+        assert_eq!(h.server_of(&h.run(&syn), &servers), Some(first));
+    }
+    let next = Frame::tcp("192.168.1.1", 1001, "10.0.0.10", 80, SYN).build();
+    assert_eq!(h.server_of(&h.run(&next), &servers), Some(servers[1]));
+    let id = h.service_id(&key("10.0.0.10:80"));
+    assert_eq!(h.dp.service_stats(id).unwrap().conns, 2);
 }
 
 /// wrr: weights 3 and 1 give 3:1 over every 4 new connections; weight 0 gets none.

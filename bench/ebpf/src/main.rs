@@ -1,6 +1,186 @@
+//! Baseline XDP programs for `cargo xtask bench`, measured in the same run as xlb's program,
+//! and the restore-and-tail-call shim that makes `BPF_PROG_TEST_RUN`'s `repeat` meaningful
+//! for programs that rewrite the frame (see BENCHMARKS.md).
 #![no_std]
 #![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, ProgramArray},
+    programs::XdpContext,
+};
+use lb_common::{Flow, FlowKeyV4};
+
+/// Length of the benchmark frames (Ethernet + IPv4 + TCP with 12 bytes of options).
+const PKT_LEN: usize = 66;
+
+/// Shim configuration: the frame to restore before every run, and the optional per-run
+/// source-address variation (`src = 192.0.0.0 | (ctr & mask)`; mask 0 = fixed flow).
+#[repr(C)]
+pub struct WrapCfg {
+    pub pkt: [u8; 128],
+    pub mask: u32,
+    pub _pad: u32,
+    pub ctr: u64,
+}
+
+#[map]
+static WRAP_CFG: Array<WrapCfg> = Array::with_max_entries(1, 0);
+#[map]
+static WRAP_JMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The 5-tuple table of the "parse + one hash lookup" baseline (filled by the bench).
+#[map]
+static BASE_FLOWS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(1024, 0);
+
+/// Same key and value as xlb's IPv4 connection table; the bench sets the same capacity.
+#[map]
+static BASE_LRU: LruHashMap<FlowKeyV4, Flow> = LruHashMap::with_max_entries(1 << 20, 0);
+#[map]
+static BASE_LRU2: LruHashMap<FlowKeyV4, Flow> = LruHashMap::with_max_entries(1 << 20, 0);
+
+struct Parsed {
+    saddr: u32,
+    daddr: u32,
+    ports: u32,
+}
+
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Option<Parsed> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // Ethernet (14) + IPv4 without options (20) + TCP ports (4)
+    if start + 38 > end {
+        return None;
+    }
+    unsafe {
+        if *((start + 12) as *const u16) != 0x0008u16 {
+            return None;
+        }
+        let vihl = *((start + 14) as *const u8);
+        if vihl != 0x45 || *((start + 23) as *const u8) != 6 {
+            return None;
+        }
+        Some(Parsed {
+            saddr: *((start + 26) as *const u32),
+            daddr: *((start + 30) as *const u32),
+            ports: *((start + 34) as *const u32),
+        })
+    }
+}
+
+#[inline(always)]
+fn swap_macs(ctx: &XdpContext) {
+    let p = ctx.data() as *mut [u16; 6];
+    if ctx.data() + 12 > ctx.data_end() {
+        return;
+    }
+    unsafe {
+        let m = *p;
+        *p = [m[3], m[4], m[5], m[0], m[1], m[2]];
+    }
+}
+
+/// (i) the harness floor.
+#[xdp]
+pub fn base_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+/// (ii) parse Ethernet + IPv4 + TCP, swap MACs, transmit.
+#[xdp]
+pub fn base_parse_tx(ctx: XdpContext) -> u32 {
+    if parse(&ctx).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    swap_macs(&ctx);
+    xdp_action::XDP_TX
+}
+
+/// (iii) (ii) plus one hash lookup of the 5-tuple (a hit).
+#[xdp]
+pub fn base_parse_hash_tx(ctx: XdpContext) -> u32 {
+    let Some(p) = parse(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = [p.saddr, p.daddr, p.ports, 6];
+    if unsafe { BASE_FLOWS.get(&key) }.is_none() {
+        return xdp_action::XDP_DROP;
+    }
+    swap_macs(&ctx);
+    xdp_action::XDP_TX
+}
+
+/// (iv) (ii) plus the insert of the packet's 5-tuple into an LRU map shaped like xlb's
+/// connection table: the kernel's cost that a new flow cannot avoid.
+#[xdp]
+pub fn base_lru_insert(ctx: XdpContext) -> u32 {
+    let Some(p) = parse(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    let v = Flow::new(1, 1, 0, 0, 3);
+    if BASE_LRU.insert(&key, &v, 0).is_err() {
+        return xdp_action::XDP_DROP;
+    }
+    swap_macs(&ctx);
+    xdp_action::XDP_TX
+}
+
+/// (v) (iv) preceded by a lookup of the same key (a miss), as any connection table must do
+/// before it inserts: shows what of xlb's new-flow cost is the table's.
+#[xdp]
+pub fn base_lru_lookup_insert(ctx: XdpContext) -> u32 {
+    let Some(p) = parse(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    if BASE_LRU2.get_ptr(&key).is_some() {
+        return xdp_action::XDP_DROP;
+    }
+    let v = Flow::new(1, 1, 0, 0, 3);
+    if BASE_LRU2.insert(&key, &v, 0).is_err() {
+        return xdp_action::XDP_DROP;
+    }
+    swap_macs(&ctx);
+    xdp_action::XDP_TX
+}
+
+/// The shim: restores the original frame (and optionally varies the source address), then
+/// tail-calls the program under test. `repeat` runs then all see the same input.
+#[xdp]
+pub fn wrap(ctx: XdpContext) -> u32 {
+    let Some(cfg) = WRAP_CFG.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let start = ctx.data();
+    if start + PKT_LEN > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    unsafe {
+        let dst = start as *mut [u64; 8];
+        let src = &(*cfg).pkt as *const [u8; 128] as *const [u64; 8];
+        *dst = *src;
+        let dst2 = (start + 64) as *mut u16;
+        *dst2 = *((&(*cfg).pkt as *const [u8; 128] as *const u8).add(64) as *const u16);
+        let mask = (*cfg).mask;
+        if mask != 0 {
+            let addr = (0xC000_0000u32 | ((*cfg).ctr as u32 & mask)).to_be();
+            (*cfg).ctr += 1;
+            *((start + 26) as *mut u32) = addr;
+        }
+    }
+    let _ = unsafe { WRAP_JMP.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+#[cfg(not(test))]
 #[panic_handler]
-fn p(_: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
