@@ -38,6 +38,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const SERVICE_FILTER: &str = "SERVICE_FILTER";
+    pub const SERVICE_CACHE: &str = "SERVICE_CACHE";
+    pub const CONFIG_GEN: &str = "CONFIG_GEN";
 }
 
 /// The service prefilter: bit `bit(addr, port, proto)` of a bitmap is set for every virtual
@@ -221,6 +223,21 @@ pub struct Service {
     /// `SERVICE_F_*` flags.
     pub flags: u8,
     pub _pad: [u8; 6],
+}
+
+/// A CPU's copy of the service it looked up last (`SERVICE_CACHE`, per CPU): new flows to
+/// the same virtual service - a SYN burst, a flood - skip the hash lookup. Valid while
+/// `generation` equals `CONFIG_GEN`, which the controller bumps after every change of the
+/// services.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCache {
+    /// The key's words: an IPv4 `ServiceKeyV4` in the first two, or a `ServiceKeyV6`.
+    pub key: [u32; 5],
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub generation: u64,
+    pub service: Service,
 }
 
 /// Real server as the data plane needs it. One entry per (service, real server), like an IPVS
@@ -424,6 +441,7 @@ mod pod {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Globals {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for ServiceCache {}
 }
 
 #[cfg(test)]
@@ -448,6 +466,10 @@ mod layout_tests {
         assert_eq!(size_of::<Counters>(), 5 * 8);
         assert_eq!(size_of::<Globals>(), 4 * tcp::state::COUNT + 4);
         assert_eq!(size_of::<Event>(), 8);
+        assert_eq!(
+            size_of::<ServiceCache>(),
+            20 + 1 + 3 + 8 + size_of::<Service>()
+        );
     }
 
     /// The word-wise constructors equal field-wise literals.

@@ -6,14 +6,14 @@
 use aya_ebpf::maps::LruHashMap;
 use lb_common::{
     BACKEND_F_AVAILABLE, Backend, FAMILY_V4, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP, Service,
-    ServiceKeyV4, ServiceKeyV6, reason,
+    reason,
     tcp::{self, Direction, state},
 };
 
 use crate::{
-    maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS, SERVICES_V4, SERVICES_V6},
+    maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS},
     parse::Pkt,
-    sched, stats,
+    sched, service, stats,
 };
 
 /// The real server a packet goes to (a reference into `BACKENDS`, never a copy: large
@@ -134,11 +134,11 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
                 reason::DROP_BACKEND_GONE
             });
         }
-        let svc = lookup_service(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+        let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
         stats::count(reason::EV_FLOW_RESCHEDULED);
         return schedule(&key, pkt, svc, now);
     }
-    let svc = lookup_service(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+    let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
     if !may_create {
         return Err(reason::PASS_TCP_NO_FLOW);
     }
@@ -152,12 +152,13 @@ const EEXIST: i32 = 17;
 /// The SYN of a new connection: `Ok(None)` if the flow turned out to exist already.
 #[inline(always)]
 fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Result<Option<Target>, u32> {
-    let svc = lookup_service(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+    let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
     if pkt.ttl <= 1 {
         return Err(reason::PASS_TTL_EXPIRED);
     }
     let t = sched::peek(svc)?;
-    let initial = tcp::next_state(Direction::InputOnly, state::NONE, pkt.tcp_flags);
+    // A plain SYN in state NONE: the input-only table's answer, without the lookup.
+    let initial = state::SYN_RECV;
     let flow = Flow::new(t.index, t.backend.generation, svc.id, now, initial);
     match K::table().insert(key, &flow, BPF_NOEXIST) {
         Err(e) if e == -EEXIST => return Ok(None),
@@ -203,16 +204,4 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
         backend,
         new_conn: true,
     })
-}
-
-/// The virtual service for (destination, port, protocol).
-#[inline(always)]
-fn lookup_service(pkt: &Pkt) -> Option<&'static Service> {
-    if pkt.family == FAMILY_V4 {
-        let key = ServiceKeyV4::new(pkt.dst[0], pkt.dport, pkt.proto);
-        unsafe { SERVICES_V4.get(&key) }
-    } else {
-        let key = ServiceKeyV6::new(pkt.dst, pkt.dport, pkt.proto);
-        unsafe { SERVICES_V6.get(&key) }
-    }
 }

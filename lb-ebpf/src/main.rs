@@ -2,8 +2,9 @@
 //! schedule new flows, forward by direct routing, count everything.
 //!
 //! One concern per module: `parse` (headers), `filter` (is this possibly for a service),
-//! `flow` (connection table, states, service lookup for new flows), `sched` (picking a real
-//! server), `dr` (the forwarding method), `stats` (per-CPU counters). All map layouts come from
+//! `flow` (connection table and states), `service` (finding the virtual service of a new
+//! flow), `sched` (picking a real server), `dr` (the forwarding method), `stats` (per-CPU
+//! counters). All map layouts come from
 //! `lb-common`.
 #![no_std]
 #![no_main]
@@ -16,6 +17,7 @@ mod flow;
 mod maps;
 mod parse;
 mod sched;
+mod service;
 mod stats;
 
 use aya_ebpf::{

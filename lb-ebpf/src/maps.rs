@@ -6,25 +6,39 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    BackendSlot, Counters, Flow, FlowKeyV4, FlowKeyV6, Globals, SchedState, Service, ServiceKeyV4,
-    ServiceKeyV6, defaults, filter, reason,
+    BackendSlot, Counters, Flow, FlowKeyV4, FlowKeyV6, Globals, SchedState, Service, ServiceCache,
+    ServiceKeyV4, ServiceKeyV6, defaults, filter, reason,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
 /// syscall per slot.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Virtual services by (VIP, port, protocol).
+/// `BPF_F_NO_PREALLOC`: a replaced element is freed after an RCU grace period instead of
+/// being recycled at once, so a packet holding the old value never sees it overwritten.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Virtual services by (VIP, port, protocol). The controller replaces a service with one
+/// update; readers see the old or the new value.
 #[map]
 pub static SERVICES_V4: HashMap<ServiceKeyV4, Service> =
-    HashMap::with_max_entries(defaults::MAX_SERVICES, 0);
+    HashMap::with_max_entries(defaults::MAX_SERVICES, BPF_F_NO_PREALLOC);
 #[map]
 pub static SERVICES_V6: HashMap<ServiceKeyV6, Service> =
-    HashMap::with_max_entries(defaults::MAX_SERVICES, 0);
+    HashMap::with_max_entries(defaults::MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Prefilter bitmap (`lb_common::filter`).
 #[map]
 pub static SERVICE_FILTER: Array<u64> = Array::with_max_entries(filter::WORDS, BPF_F_MMAPABLE);
+
+/// Per-CPU copy of the last service looked up (`lb_common::ServiceCache`).
+#[map]
+pub static SERVICE_CACHE: PerCpuArray<ServiceCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// Generation of the service configuration, bumped by the controller after every change
+/// (one u64, written with a single store through a shared mapping).
+#[map]
+pub static CONFIG_GEN: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Real servers by backend index (double-buffered entries, see `BackendSlot`).
 #[map]

@@ -136,7 +136,12 @@ async fn wait_for_next_hops(
     let deadline = tokio::time::Instant::now() + NEIGH_STARTUP_WAIT;
     while addrs.iter().any(|a| engine.next_hop(*a).is_none()) {
         match tokio::time::timeout_at(deadline, updates.recv()).await {
-            Ok(Some((addr, nh))) => engine.set_next_hop(dp, addr, nh)?,
+            Ok(Some((addr, nh))) => {
+                if let Some(n) = &nh {
+                    info!(%addr, mac = %crate::engine::mac_string(&n.dst_mac), ifindex = n.ifindex, "next hop resolved");
+                }
+                engine.set_next_hop(dp, addr, nh)?
+            }
             _ => break,
         }
     }

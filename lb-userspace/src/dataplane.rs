@@ -45,6 +45,7 @@ pub struct Dataplane {
     backends: Array<MapData, BackendSlot>,
     slots: Mmapped<u32>,
     filter: Mmapped<u64>,
+    config_gen: Mmapped<u64>,
     sched_state: Array<MapData, SchedState>,
     flows_v4: HashMap<MapData, FlowKeyV4, Flow>,
     flows_v6: HashMap<MapData, FlowKeyV6, Flow>,
@@ -99,12 +100,14 @@ impl Dataplane {
         }
         let slots_map: Array<MapData, u32> = take(&mut ebpf, names::SLOTS)?;
         let filter_map: Array<MapData, u64> = take(&mut ebpf, names::SERVICE_FILTER)?;
+        let gen_map: Array<MapData, u64> = take(&mut ebpf, names::CONFIG_GEN)?;
         let mut dp = Dataplane {
             services_v4: take(&mut ebpf, names::SERVICES_V4)?,
             services_v6: take(&mut ebpf, names::SERVICES_V6)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
             slots: Mmapped::map(slots_map, limits.slot_table_size)?,
             filter: Mmapped::map(filter_map, lb_common::filter::WORDS)?,
+            config_gen: Mmapped::map(gen_map, 1)?,
             sched_state: take(&mut ebpf, names::SCHED_STATE)?,
             flows_v4: take(&mut ebpf, names::FLOWS_V4)?,
             flows_v6: take(&mut ebpf, names::FLOWS_V6)?,
@@ -252,6 +255,14 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// Tells the data plane the services changed: per-CPU copies of old service entries stop
+    /// being used. Called after every change, before anything the old entries referenced is
+    /// reused.
+    pub fn bump_config_generation(&mut self) -> Result<()> {
+        let g = self.config_gen.read(0).unwrap_or(0);
+        self.config_gen.write(0, &[g.wrapping_add(1)])
     }
 
     // ---- per-service scheduler state ----

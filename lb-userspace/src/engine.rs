@@ -344,6 +344,9 @@ impl Engine {
         for op in ops.into_iter().chain(retired_backends) {
             execute(dp, op)?;
         }
+        // Per-CPU copies of replaced service entries are dropped from here on; the slot
+        // regions they may reference are reused only after the grace period below.
+        dp.bump_config_generation()?;
         let at = Instant::now();
         next.deferred.extend(retire.into_iter().map(|d| (at, d)));
         *self = next;

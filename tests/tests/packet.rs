@@ -175,6 +175,25 @@ fn traffic_not_for_a_service_goes_to_the_kernel_untouched() {
     assert_pass(&h, &lldp, reason::PASS_NOT_IP);
 }
 
+/// A destination that shares the service's prefilter bit still goes to the kernel: the
+/// prefilter only ever lets the exact lookup decide.
+#[test]
+fn prefilter_collisions_are_resolved_by_the_lookup() {
+    let h = Harness::new(WEB);
+    let want = lb_common::filter::bit(addr_words(ip("10.0.0.10"))[0], 80u16.to_be(), 6);
+    let other = (0..u32::MAX)
+        .map(|i| std::net::Ipv4Addr::from(0x0b00_0000 + i))
+        .find(|a| lb_common::filter::bit(addr_words(IpAddr::V4(*a))[0], 80u16.to_be(), 6) == want)
+        .unwrap();
+    for flags in [SYN, ACK] {
+        assert_pass(
+            &h,
+            &Frame::tcp("192.168.1.1", 1, &other.to_string(), 80, flags).build(),
+            reason::PASS_NO_SERVICE,
+        );
+    }
+}
+
 #[test]
 fn fragments_go_to_the_kernel() {
     let h = Harness::new(WEB);
@@ -255,7 +274,8 @@ fn malformed_headers_go_to_the_kernel_untouched() {
     let good = Frame::tcp("192.168.1.1", 1, "10.0.0.10", 80, SYN)
         .payload(b"abc")
         .build();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, u32)> = vec![
+    type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Edit, u32)> = vec![
         ("IHL 4", Box::new(|f| f[14] = 0x44), reason::PASS_MALFORMED),
         (
             "version 6 in an IPv4 frame",

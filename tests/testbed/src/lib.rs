@@ -119,7 +119,18 @@ impl Bench {
     /// Starts a long-running process in `ns`; its output goes to `<dir>/<log>`.
     pub fn spawn(&mut self, ns: &str, argv: &[&str], log: &str) -> Result<u32> {
         let logf = File::create(self.dir.join(log))?;
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        // The caller may block SIGINT/SIGTERM to handle them on a thread (the demo does);
+        // the started process must not inherit that, or it could not be stopped.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                nix::sys::signal::SigSet::all()
+                    .thread_unblock()
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
             .args(["netns", "exec", ns])
             .args(argv)
             .stdin(Stdio::null())

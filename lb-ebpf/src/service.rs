@@ -1,0 +1,58 @@
+//! Virtual-service lookup for packets that open a connection (established flows never need
+//! it). Each CPU keeps a copy of the service it found last, valid for one configuration
+//! generation: a burst of new connections to one VIP - the common case, and the SYN-flood case
+//! - costs two compares instead of a hash lookup.
+
+use lb_common::{FAMILY_V4, Service, ServiceKeyV4, ServiceKeyV6};
+
+use crate::{
+    maps::{CONFIG_GEN, SERVICE_CACHE, SERVICES_V4, SERVICES_V6},
+    parse::Pkt,
+};
+
+/// The virtual service for (destination, port, protocol).
+#[inline(always)]
+pub fn lookup(pkt: &Pkt) -> Option<&'static Service> {
+    let words = key_words(pkt);
+    let generation = match CONFIG_GEN.get_ptr(0) {
+        Some(g) => unsafe { core::ptr::read_volatile(g) },
+        None => return in_map(pkt),
+    };
+    let cache = SERVICE_CACHE.get_ptr_mut(0)?;
+    let c = unsafe { &mut *cache };
+    if c.generation == generation && c.family == pkt.family && c.key == words {
+        return Some(unsafe { &(*cache).service });
+    }
+    let svc = in_map(pkt)?;
+    c.key = words;
+    c.family = pkt.family;
+    c.generation = generation;
+    c.service = *svc;
+    Some(svc)
+}
+
+/// The key as five words, laid out as `ServiceKeyV4` (first two) or `ServiceKeyV6`.
+#[inline(always)]
+fn key_words(pkt: &Pkt) -> [u32; 5] {
+    if pkt.family == FAMILY_V4 {
+        let k = ServiceKeyV4::new(pkt.dst[0], pkt.dport, pkt.proto);
+        // SAFETY: ServiceKeyV4 is two plain u32 words.
+        let w: [u32; 2] = unsafe { core::mem::transmute(k) };
+        [w[0], w[1], 0, 0, 0]
+    } else {
+        let k = ServiceKeyV6::new(pkt.dst, pkt.dport, pkt.proto);
+        // SAFETY: ServiceKeyV6 is five plain u32 words.
+        unsafe { core::mem::transmute(k) }
+    }
+}
+
+#[inline(always)]
+fn in_map(pkt: &Pkt) -> Option<&'static Service> {
+    if pkt.family == FAMILY_V4 {
+        let key = ServiceKeyV4::new(pkt.dst[0], pkt.dport, pkt.proto);
+        unsafe { SERVICES_V4.get(&key) }
+    } else {
+        let key = ServiceKeyV6::new(pkt.dst, pkt.dport, pkt.proto);
+        unsafe { SERVICES_V6.get(&key) }
+    }
+}
