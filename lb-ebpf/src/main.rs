@@ -4,12 +4,14 @@
 //! One concern per module: `parse` (headers), `filter` (is this possibly for a service),
 //! `flow` (connection table and states), `service` (finding the virtual service of a new
 //! flow), `sched` (picking a real server), `dr` (the forwarding method), `stats` (per-CPU
-//! counters). All map layouts come from
-//! `lb-common`.
+//! counters). All map layouts come from `lb-common`.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+// Map keys and values are passed by reference on purpose: by value they would be copied into
+// another stack slot before the helper call.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod dr;
 mod filter;

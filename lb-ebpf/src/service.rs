@@ -37,12 +37,12 @@ fn key_words(pkt: &Pkt) -> [u32; 5] {
     if pkt.family == FAMILY_V4 {
         let k = ServiceKeyV4::new(pkt.dst[0], pkt.dport, pkt.proto);
         // SAFETY: ServiceKeyV4 is two plain u32 words.
-        let w: [u32; 2] = unsafe { core::mem::transmute(k) };
+        let w = unsafe { core::mem::transmute::<ServiceKeyV4, [u32; 2]>(k) };
         [w[0], w[1], 0, 0, 0]
     } else {
         let k = ServiceKeyV6::new(pkt.dst, pkt.dport, pkt.proto);
         // SAFETY: ServiceKeyV6 is five plain u32 words.
-        unsafe { core::mem::transmute(k) }
+        unsafe { core::mem::transmute::<ServiceKeyV6, [u32; 5]>(k) }
     }
 }
 

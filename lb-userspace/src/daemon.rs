@@ -28,6 +28,9 @@ use crate::{
 
 /// How often next hops are re-checked (and stale neighbour entries refreshed).
 const NEIGH_REFRESH: Duration = Duration::from_secs(10);
+/// At most one resolution request per real server this often, however many packets find it
+/// unresolved.
+const RESOLVE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long start-up waits for the kernel to resolve real servers before attaching.
 const NEIGH_STARTUP_WAIT: Duration = Duration::from_secs(2);
 
@@ -158,6 +161,10 @@ async fn relay_events(
     resolve: tokio::sync::mpsc::UnboundedSender<IpAddr>,
 ) {
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until this task ends.
+    // A real server that stays unresolvable would otherwise turn every packet sent to it into
+    // a resolution request.
+    let mut last_request: std::collections::HashMap<IpAddr, std::time::Instant> =
+        Default::default();
     let mut fd = match unsafe { AsyncFd::register(rb) } {
         Ok(fd) => fd,
         Err(e) => {
@@ -190,7 +197,14 @@ async fn relay_events(
             let d = shared.lock().await;
             for b in backends {
                 if let Some(addr) = d.engine.backend_addr(b) {
-                    let _ = resolve.send(addr);
+                    let now = std::time::Instant::now();
+                    let due = last_request
+                        .get(&addr)
+                        .is_none_or(|t| now.duration_since(*t) >= RESOLVE_INTERVAL);
+                    if due {
+                        last_request.insert(addr, now);
+                        let _ = resolve.send(addr);
+                    }
                 }
             }
         }
