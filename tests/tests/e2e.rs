@@ -184,6 +184,53 @@ fn long_lived_connection_keeps_its_real_server() {
     );
 }
 
+/// The balancer's neighbour entries vanish (flushed, as after a link flap or garbage
+/// collection): forwarding goes on with the known MACs while the kernel re-resolves them.
+#[test]
+fn neighbour_flush_does_not_interrupt_forwarding() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-neigh", 2, &xlb).unwrap();
+    b.start_http().unwrap();
+    let backends: Vec<(String, u32)> = b.servers.iter().map(|s| (s.v4.to_string(), 1)).collect();
+    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), "rr", &backends));
+    b.start_xlb(&xlb, &cfg).unwrap();
+    let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
+    assert_eq!(requests(&b, vip, 4).len(), 4);
+    b.bench
+        .exec(&b.lb, &["ip", "neigh", "flush", "dev", "eth0"])
+        .unwrap();
+    let got = requests(&b, vip, 6);
+    assert_eq!(counts(&got).len(), 2, "{got:?}");
+    let counters = run(&[
+        &xlb.to_string_lossy(),
+        "counters",
+        "--socket",
+        &b.socket().to_string_lossy(),
+    ])
+    .unwrap();
+    let missing = counters
+        .lines()
+        .find(|l| l.starts_with("drop_neigh_missing"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap();
+    assert_eq!(missing, "0", "{counters}");
+    // ... and the kernel has them again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = b
+            .bench
+            .exec(&b.lb, &["ip", "neigh", "show", "dev", "eth0"])
+            .unwrap();
+        if b.servers.iter().all(|s| n.contains(&format!("{} ", s.v4))) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not re-resolved: {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn ipv6_end_to_end() {
     require_root();

@@ -101,6 +101,12 @@ impl Bench {
         ip(&format!("netns add {name}"))?;
         self.namespaces.push(name.clone());
         ip(&format!("-n {name} link set lo up"))?;
+        // Fresh interfaces: no duplicate address detection, so IPv6 (link-local addresses and
+        // neighbour discovery included) works at once instead of after a second or two.
+        self.sh(
+            &name,
+            "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
+        )?;
         Ok(name)
     }
 
