@@ -58,44 +58,27 @@ impl Harness {
 
     pub fn with_limits(services_toml: &str, limits: Limits) -> Harness {
         crate::require_root();
-        let mut dp = Dataplane::load(limits).expect("load the XDP program");
-        let mut engine = Engine::new(&dp);
-        let services = parse_services(services_toml);
-        for s in &services {
-            for b in &s.backends {
-                engine
-                    .set_next_hop(
-                        &mut dp,
-                        b.addr,
-                        Some(NextHop {
-                            ifindex: 1,
-                            dst_mac: backend_mac(b.addr),
-                            src_mac: LB_MAC,
-                        }),
-                    )
-                    .unwrap();
-            }
-        }
-        engine.apply(&mut dp, &services).expect("apply");
-        Harness { dp, engine }
+        let dp = Dataplane::load(limits).expect("load the XDP program");
+        let engine = Engine::new(&dp);
+        let mut h = Harness { dp, engine };
+        h.apply(services_toml);
+        h
     }
 
-    /// Replaces the services (as a reload would).
+    /// Replaces the services (as a reload would). Real servers not seen before get their
+    /// [`backend_mac`] as resolved next hop first.
     pub fn apply(&mut self, services_toml: &str) {
         let services = parse_services(services_toml);
         for s in &services {
             for b in &s.backends {
                 if self.engine.next_hop(b.addr).is_none() {
+                    let nh = NextHop {
+                        ifindex: 1,
+                        dst_mac: backend_mac(b.addr),
+                        src_mac: LB_MAC,
+                    };
                     self.engine
-                        .set_next_hop(
-                            &mut self.dp,
-                            b.addr,
-                            Some(NextHop {
-                                ifindex: 1,
-                                dst_mac: backend_mac(b.addr),
-                                src_mac: LB_MAC,
-                            }),
-                        )
+                        .set_next_hop(&mut self.dp, b.addr, Some(nh))
                         .unwrap();
                 }
             }

@@ -41,6 +41,23 @@ fn service(name: &str, addr: &str, sched: &str, backends: &[(String, u32)]) -> S
     s
 }
 
+/// A bench with `n` real servers running nginx and xlb serving one IPv4 service on the VIP
+/// with `sched` and the given weights (one per server).
+fn start_v4(prefix: &str, sched: &str, weights: &[u32]) -> (DrBench, PathBuf) {
+    let xlb = xlb_bin();
+    let mut b = DrBench::new(prefix, weights.len(), &xlb).unwrap();
+    b.start_http().unwrap();
+    let backends: Vec<(String, u32)> = b
+        .servers
+        .iter()
+        .zip(weights)
+        .map(|(s, w)| (s.v4.to_string(), *w))
+        .collect();
+    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), sched, &backends));
+    b.start_xlb(&xlb, &cfg).unwrap();
+    (b, xlb)
+}
+
 /// `n` sequential HTTP requests, one new TCP connection each; who answered each.
 fn requests(bench: &DrBench, vip: SocketAddr, n: usize) -> Vec<String> {
     in_netns(&bench.cli, move || {
@@ -74,12 +91,7 @@ fn counts(v: &[String]) -> HashMap<String, usize> {
 fn rr_spreads_new_connections_in_ipvs_order() {
     require_root();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let xlb = xlb_bin();
-    let mut b = DrBench::new("xte2e-rr", 3, &xlb).unwrap();
-    b.start_http().unwrap();
-    let backends: Vec<(String, u32)> = b.servers.iter().map(|s| (s.v4.to_string(), 1)).collect();
-    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), "rr", &backends));
-    b.start_xlb(&xlb, &cfg).unwrap();
+    let (b, _) = start_v4("xte2e-rr", "rr", &[1, 1, 1]);
     let got = requests(&b, SocketAddr::new(IpAddr::V4(b.vip4), 80), 30);
     // IPVS list order is the reverse of the order servers were added.
     let want: Vec<String> = ["be3", "be2", "be1"]
@@ -109,16 +121,7 @@ fn rr_spreads_new_connections_in_ipvs_order() {
 fn wrr_follows_the_weights() {
     require_root();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let xlb = xlb_bin();
-    let mut b = DrBench::new("xte2e-wrr", 3, &xlb).unwrap();
-    b.start_http().unwrap();
-    let backends = vec![
-        (b.servers[0].v4.to_string(), 3),
-        (b.servers[1].v4.to_string(), 1),
-        (b.servers[2].v4.to_string(), 0),
-    ];
-    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), "wrr", &backends));
-    b.start_xlb(&xlb, &cfg).unwrap();
+    let (b, _) = start_v4("xte2e-wrr", "wrr", &[3, 1, 0]);
     let got = requests(&b, SocketAddr::new(IpAddr::V4(b.vip4), 80), 40);
     for w in got.chunks(4) {
         let c = counts(w);
@@ -138,12 +141,7 @@ fn wrr_follows_the_weights() {
 fn long_lived_connection_keeps_its_real_server() {
     require_root();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let xlb = xlb_bin();
-    let mut b = DrBench::new("xte2e-ll", 3, &xlb).unwrap();
-    b.start_http().unwrap();
-    let backends: Vec<(String, u32)> = b.servers.iter().map(|s| (s.v4.to_string(), 1)).collect();
-    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), "rr", &backends));
-    b.start_xlb(&xlb, &cfg).unwrap();
+    let (b, xlb) = start_v4("xte2e-ll", "rr", &[1, 1, 1]);
     let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
     let (bin, socket) = (xlb.clone(), b.socket());
     let (long, others, list) = in_netns(&b.cli, move || {
@@ -190,12 +188,7 @@ fn long_lived_connection_keeps_its_real_server() {
 fn neighbour_flush_does_not_interrupt_forwarding() {
     require_root();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let xlb = xlb_bin();
-    let mut b = DrBench::new("xte2e-neigh", 2, &xlb).unwrap();
-    b.start_http().unwrap();
-    let backends: Vec<(String, u32)> = b.servers.iter().map(|s| (s.v4.to_string(), 1)).collect();
-    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), "rr", &backends));
-    b.start_xlb(&xlb, &cfg).unwrap();
+    let (b, xlb) = start_v4("xte2e-neigh", "rr", &[1, 1]);
     let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
     assert_eq!(requests(&b, vip, 4).len(), 4);
     b.bench

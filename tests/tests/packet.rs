@@ -38,6 +38,20 @@ scheduler = "rr"
 address = "[2001:db8:1::1]:443"
 "#;
 
+/// One rr service with three real servers (configuration order .1, .2, .3).
+const THREE_RR: &str = r#"
+[[services]]
+name = "web"
+address = "10.0.0.10:80"
+scheduler = "rr"
+[[services.backends]]
+address = "10.0.1.1"
+[[services.backends]]
+address = "10.0.1.2"
+[[services.backends]]
+address = "10.0.1.3"
+"#;
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -456,19 +470,7 @@ fn key(svc: &str) -> ServiceKey {
 /// New connections follow IPVS rr: list order is the reverse of the configuration order.
 #[test]
 fn rr_follows_ipvs_order() {
-    let cfg = r#"
-[[services]]
-name = "web"
-address = "10.0.0.10:80"
-scheduler = "rr"
-[[services.backends]]
-address = "10.0.1.1"
-[[services.backends]]
-address = "10.0.1.2"
-[[services.backends]]
-address = "10.0.1.3"
-"#;
-    let h = Harness::new(cfg);
+    let h = Harness::new(THREE_RR);
     let servers: Vec<IpAddr> = ["10.0.1.1", "10.0.1.2", "10.0.1.3"].map(ip).to_vec();
     let got: Vec<IpAddr> = (0..9)
         .map(|i| {
@@ -484,19 +486,7 @@ address = "10.0.1.3"
 /// scheduling decision (the next new connection gets the next server in IPVS order).
 #[test]
 fn retransmitted_syn_keeps_its_server_and_the_rr_sequence() {
-    let cfg = r#"
-[[services]]
-name = "web"
-address = "10.0.0.10:80"
-scheduler = "rr"
-[[services.backends]]
-address = "10.0.1.1"
-[[services.backends]]
-address = "10.0.1.2"
-[[services.backends]]
-address = "10.0.1.3"
-"#;
-    let h = Harness::new(cfg);
+    let h = Harness::new(THREE_RR);
     let servers: Vec<IpAddr> = ["10.0.1.1", "10.0.1.2", "10.0.1.3"].map(ip).to_vec();
     let syn = Frame::tcp("192.168.1.1", 1000, "10.0.0.10", 80, SYN).build();
     let first = h.server_of(&h.run(&syn), &servers).unwrap();
