@@ -87,7 +87,7 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     // A SYN almost always opens a new connection: insert it directly (one hash-table walk
     // instead of a lookup and then an insert). The pick is claimed only if the insert shows
     // the flow is new; a retransmitted SYN finds its entry below, like any other packet.
-    if plain_syn && let Some(t) = syn_fast_path(&key, pkt, now)? {
+    if plain_syn && let Some(t) = syn_fast_path(&key, pkt, now) {
         return Ok(t);
     }
 
@@ -98,9 +98,11 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
             return Err(reason::DROP_INTERNAL);
         };
         let backend = slot.current();
-        let alive = backend.flags & BACKEND_F_AVAILABLE != 0
-            && backend.generation == flow.generation
-            && backend.service_id == flow.service_id;
+        // The generation names the real server; the service it belongs to now is the
+        // backend entry's (a server revived from the trash after its service was re-created
+        // keeps its flows, as in IPVS).
+        let alive =
+            backend.flags & BACKEND_F_AVAILABLE != 0 && backend.generation == flow.generation;
         // A fresh SYN on a closed connection's tuple starts a new connection (IPVS
         // conn_reuse_mode 1).
         let reused = plain_syn && (flow.state == state::TIME_WAIT || flow.state == state::CLOSE);
@@ -122,17 +124,18 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
             }
             return Ok(Target {
                 index: flow.backend,
-                service_id: flow.service_id,
+                service_id: backend.service_id,
                 backend,
                 new_conn: false,
             });
         }
+        if !expired && !alive && !reused {
+            // The real server was removed: IPVS (expire_nodest_conn=0) drops the packets of
+            // its connections, a SYN on the same tuple included, until the entry expires.
+            return Err(reason::DROP_BACKEND_GONE);
+        }
         if !may_create {
-            return Err(if expired {
-                reason::PASS_TCP_NO_FLOW
-            } else {
-                reason::DROP_BACKEND_GONE
-            });
+            return Err(reason::PASS_TCP_NO_FLOW);
         }
         let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
         stats::count(reason::EV_FLOW_RESCHEDULED);
@@ -149,37 +152,43 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
-/// The SYN of a new connection: `Ok(None)` if the flow turned out to exist already.
+/// The SYN of a new connection. `None` when the flow exists already, or when anything stands
+/// in the way (no service, no usable server, expiring TTL): the regular path then looks at
+/// the connection table first and decides, so a retransmitted SYN of an existing connection
+/// always follows it.
 #[inline(always)]
-fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Result<Option<Target>, u32> {
-    let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
+    let svc = service::lookup(pkt)?;
     if pkt.ttl <= 1 {
-        return Err(reason::PASS_TTL_EXPIRED);
+        return None;
     }
-    let t = sched::peek(svc)?;
+    let t = sched::peek(svc).ok()?;
     // A plain SYN in state NONE: the input-only table's answer, without the lookup.
     let initial = state::SYN_RECV;
     let flow = Flow::new(t.index, t.backend.generation, svc.id, now, initial);
     match K::table().insert(key, &flow, BPF_NOEXIST) {
-        Err(e) if e == -EEXIST => return Ok(None),
+        Err(e) if e == -EEXIST => return None,
         Err(_) => stats::count(reason::EV_FLOW_INSERT_FAILED),
         Ok(()) => {}
     }
-    let (index, backend) = match sched::confirm(svc, &t)? {
-        None => (t.index, t.backend),
-        Some((index, backend)) => {
+    let (index, backend) = match sched::confirm(svc, &t) {
+        Ok(None) => (t.index, t.backend),
+        Ok(Some((index, backend))) => {
             // Lost the race for that pick: record the one this flow owns.
             let flow = Flow::new(index, backend.generation, svc.id, now, initial);
             let _ = K::table().insert(key, &flow, 0);
             (index, backend)
         }
+        // The table changed under us and the number we own has no usable server: keep the
+        // peeked one (recorded already) rather than drop a new connection.
+        Err(_) => (t.index, t.backend),
     };
-    Ok(Some(Target {
+    Some(Target {
         index,
         service_id: svc.id,
         backend,
         new_conn: true,
-    }))
+    })
 }
 
 /// A new connection: pick a real server and record the flow.

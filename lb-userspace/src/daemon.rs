@@ -103,7 +103,7 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
                     Some(n) => info!(%addr, mac = %crate::engine::mac_string(&n.dst_mac), ifindex = n.ifindex, "next hop resolved"),
                     None => warn!(%addr, "next hop lost"),
                 }
-                if let Err(e) = engine.set_next_hop(dp, addr, nh) {
+                if let Err(e) = set_next_hop(dp, engine, addr, nh) {
                     error!(%addr, "updating next hop: {e:#}");
                 }
             }
@@ -114,6 +114,30 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("stopped");
     Ok(())
+}
+
+/// Records a real server's next hop; one that leaves through an interface xlb is not attached
+/// to is reached with XDP_REDIRECT, so that interface joins the redirect map (if it cannot, the
+/// server stays unresolved and its packets are counted as drop_neigh_missing).
+fn set_next_hop(
+    dp: &mut Dataplane,
+    engine: &mut Engine,
+    addr: IpAddr,
+    nh: Option<crate::engine::NextHop>,
+) -> Result<()> {
+    let nh = match nh {
+        Some(n) if !dp.attachments().iter().any(|a| a.ifindex == n.ifindex) => {
+            match dp.add_tx_port(n.ifindex) {
+                Ok(()) => Some(n),
+                Err(e) => {
+                    warn!(%addr, "real server unreachable from XDP: {e:#}");
+                    None
+                }
+            }
+        }
+        other => other,
+    };
+    engine.set_next_hop(dp, addr, nh)
 }
 
 fn backend_addrs(config: &Config) -> Vec<IpAddr> {
@@ -143,7 +167,7 @@ async fn wait_for_next_hops(
                 if let Some(n) = &nh {
                     info!(%addr, mac = %crate::engine::mac_string(&n.dst_mac), ifindex = n.ifindex, "next hop resolved");
                 }
-                engine.set_next_hop(dp, addr, nh)?
+                set_next_hop(dp, engine, addr, nh)?
             }
             _ => break,
         }

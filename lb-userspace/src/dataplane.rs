@@ -24,10 +24,10 @@ use crate::config::{Limits, XdpModeSetting};
 /// The XDP object, built from `lb-ebpf` by this crate's build script.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb.bpf.o"));
 
-/// How long a reader may still be using the half of a [`BackendSlot`] that was just retired,
-/// or a slot-table region that was just replaced. An XDP program runs for microseconds with
-/// preemption disabled; this is orders of magnitude more.
-pub const GRACE: Duration = Duration::from_millis(50);
+/// Where the kernel cannot wait for an RCU grace period on our behalf (see
+/// [`Dataplane::wait_for_readers`]), how long to wait instead. An XDP program runs for
+/// microseconds with bottom halves disabled; this is orders of magnitude more.
+const FALLBACK_GRACE: Duration = Duration::from_millis(50);
 
 /// Where the program ended up attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +58,9 @@ pub struct Dataplane {
     links: Vec<(Attachment, XdpLinkId)>,
     /// When each backend slot last flipped halves (see [`Dataplane::write_backend`]).
     last_flip: StdHashMap<u32, Instant>,
+    /// When the last completed wait for readers started: everything retired before it is
+    /// no longer seen by any packet.
+    readers_done_since: Instant,
     ncpus: usize,
 }
 
@@ -121,6 +124,7 @@ impl Dataplane {
             limits,
             links: Vec::new(),
             last_flip: StdHashMap::new(),
+            readers_done_since: Instant::now(),
             ncpus: aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?,
         };
         dp.set_globals(&Globals::default())?;
@@ -151,6 +155,17 @@ impl Dataplane {
             .insert(ifindex, ifindex, None, 0)
             .with_context(|| format!("adding {interface} to the redirect map"))?;
         Ok(attachment.0)
+    }
+
+    /// Lets the program redirect to interface `ifindex` (a real server's egress interface
+    /// that xlb is not attached to).
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        if self.tx_ports.get(ifindex, 0).is_ok() {
+            return Ok(());
+        }
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding ifindex {ifindex} to the redirect map"))
     }
 
     pub fn attachments(&self) -> Vec<Attachment> {
@@ -203,9 +218,27 @@ impl Dataplane {
 
     // ---- backends ----
 
+    /// Makes sure no XDP program still runs that started before `since`: XDP programs run
+    /// inside RCU read-side sections, so an RCU grace period is enough. The kernel waits for
+    /// one in `membarrier(MEMBARRIER_CMD_GLOBAL)` (where that command is refused, a generous
+    /// sleep stands in).
+    pub fn wait_for_readers(&mut self, since: Instant) {
+        if self.readers_done_since > since {
+            return;
+        }
+        let start = Instant::now();
+        const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+        // SAFETY: plain syscall without pointers.
+        let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+        if r != 0 {
+            std::thread::sleep(FALLBACK_GRACE);
+        }
+        self.readers_done_since = start;
+    }
+
     /// Replaces backend `index` so that no reader ever sees a half-written entry: the new
-    /// value goes into the half readers do not use, then `active` flips to it. Before the
-    /// retired half is reused, readers get [`GRACE`] to finish with it.
+    /// value goes into the half readers do not use, then `active` flips to it. The half that
+    /// was retired by the previous flip is reused only once no reader can still be on it.
     pub fn write_backend(&mut self, index: u32, new: &Backend) -> Result<()> {
         let mut slot = self
             .backends
@@ -214,11 +247,8 @@ impl Dataplane {
         if slot.current() == new && slot.half[0] == slot.half[1] {
             return Ok(());
         }
-        if let Some(t) = self.last_flip.get(&index) {
-            let age = t.elapsed();
-            if age < GRACE {
-                std::thread::sleep(GRACE - age);
-            }
+        if let Some(t) = self.last_flip.get(&index).copied() {
+            self.wait_for_readers(t);
         }
         let spare = (1 - (slot.active & 1)) as usize;
         slot.half[spare] = *new;

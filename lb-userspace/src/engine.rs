@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::{
     config::{BackendConfig, Forwarding, Scheduler, ServiceConfig, ServiceKey, Timeouts},
-    dataplane::{Dataplane, GRACE},
+    dataplane::Dataplane,
     sched::{Dest, DestId, Sequencer, Table},
 };
 
@@ -94,10 +94,22 @@ enum Op {
     WriteSlots(u32, Vec<u32>),
     /// The prefilter while services are switched: bits of old and new services.
     FilterUnion(Vec<u64>),
-    PutService(ServiceKey, Service),
+    /// The service entry; its scheduler offset is computed when it is written (see
+    /// [`PendingSched`]).
+    PutService(ServiceKey, Service, PendingSched),
     RemoveService(ServiceKey),
     /// The prefilter once old services are gone.
     FilterFinal(Vec<u64>),
+}
+
+/// The scheduler change of a service, replayed at the moment its entry is written: the
+/// pick counter is read then, so picks made while the rest of the change was written are
+/// accounted for.
+struct PendingSched {
+    before: Sequencer,
+    targets: Vec<Dest>,
+    /// The service id is new: its counter starts at zero (it is reset in the same change).
+    fresh: bool,
 }
 
 /// First-fit allocator of `SLOTS` ranges.
@@ -284,7 +296,7 @@ impl Engine {
     /// Makes the data plane serve exactly `desired`. Validates and computes everything first;
     /// on error nothing changes.
     pub fn apply(&mut self, dp: &mut Dataplane, desired: &[ServiceConfig]) -> Result<()> {
-        self.collect_deferred(false);
+        self.collect_deferred(dp);
         let mut next = self.clone_state();
         let mut ops = Vec::new();
         let mut retire = Vec::new();
@@ -328,25 +340,45 @@ impl Engine {
         next.filter = filter;
 
         // Execute: unreferenced entries first, then the switch, then retirement.
-        ops.sort_by_key(|op| match op {
+        let stage = |op: &Op| match op {
             Op::ResetService(_) | Op::ResetBackendStats(_) => 0,
-            Op::WriteBackend(..) => 1,
+            Op::WriteBackend(_, b) if b.flags & BACKEND_F_AVAILABLE != 0 => 1,
             Op::WriteSlots(..) => 2,
             Op::FilterUnion(_) => 3,
             Op::PutService(..) => 4,
             Op::RemoveService(_) => 5,
             Op::FilterFinal(_) => 6,
-        });
-        // Backend entries retired by this change must be written after the switch.
-        let (retired_backends, ops): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(
-            |op| matches!(op, Op::WriteBackend(_, b) if b.flags & BACKEND_F_AVAILABLE == 0),
-        );
-        for op in ops.into_iter().chain(retired_backends) {
-            execute(dp, op)?;
+            // Backends retired by this change: only once nothing new can reach them.
+            Op::WriteBackend(..) => 7,
+        };
+        ops.sort_by_key(stage);
+        let mut bumped = false;
+        for op in ops {
+            if !bumped && stage(&op) > 5 {
+                // Per-CPU copies of replaced service entries stop being used right after the
+                // switch; what they referenced is reused only after a grace period.
+                dp.bump_config_generation()?;
+                bumped = true;
+            }
+            match op {
+                Op::PutService(key, mut svc, p) => {
+                    let picks = if p.fresh { 0 } else { dp.picks(svc.id)? };
+                    let mut seq = p.before;
+                    let table = seq.change(picks, &p.targets)?;
+                    svc.sched_offset = table.offset;
+                    write_service(dp, &key, &svc)?;
+                    if let Some(st) = next.services.get_mut(&key) {
+                        debug_assert_eq!(st.table.slots, table.slots);
+                        st.seq = seq;
+                        st.table = table;
+                    }
+                }
+                op => execute(dp, op)?,
+            }
         }
-        // Per-CPU copies of replaced service entries are dropped from here on; the slot
-        // regions they may reference are reused only after the grace period below.
-        dp.bump_config_generation()?;
+        if !bumped {
+            dp.bump_config_generation()?;
+        }
         let at = Instant::now();
         next.deferred.extend(retire.into_iter().map(|d| (at, d)));
         *self = next;
@@ -367,23 +399,20 @@ impl Engine {
         }
     }
 
-    /// Releases ids and slot regions whose grace period is over (`all`: regardless of age,
-    /// for tests that know no packet is in flight).
-    pub fn collect_deferred(&mut self, all: bool) {
-        let now = Instant::now();
-        let mut keep = Vec::new();
-        for (t, d) in std::mem::take(&mut self.deferred) {
-            if all || now.duration_since(t) >= GRACE {
-                match d {
-                    Deferred::Region(r) => self.regions.release(r),
-                    Deferred::ServiceId(id) => self.service_ids.release(id),
-                    Deferred::BackendIndex(i) => self.backend_ids.release(i),
-                }
-            } else {
-                keep.push((t, d));
+    /// Releases ids and slot regions retired by earlier changes, once no packet can still
+    /// be using them (after a grace period, see [`Dataplane::wait_for_readers`]).
+    pub fn collect_deferred(&mut self, dp: &mut Dataplane) {
+        let Some(newest) = self.deferred.iter().map(|(t, _)| *t).max() else {
+            return;
+        };
+        dp.wait_for_readers(newest);
+        for (_, d) in std::mem::take(&mut self.deferred) {
+            match d {
+                Deferred::Region(r) => self.regions.release(r),
+                Deferred::ServiceId(id) => self.service_ids.release(id),
+                Deferred::BackendIndex(i) => self.backend_ids.release(i),
             }
         }
-        self.deferred = keep;
     }
 
     /// Marks a removed real server unavailable and keeps it in the trash for revival.
@@ -416,9 +445,11 @@ impl Engine {
         now: Instant,
     ) -> Result<()> {
         let key = want.key;
+        let mut fresh = false;
         let mut st = match self.services.remove(&key) {
             Some(st) => st,
             None => {
+                fresh = true;
                 let Some((id, _)) = self.service_ids.alloc() else {
                     bail!("no free service id (dataplane.max_services reached)");
                 };
@@ -499,7 +530,10 @@ impl Engine {
                 weight: b.config.weight,
             })
             .collect();
-        let picks = dp.picks(st.id).unwrap_or(0);
+        // Planned now (validation, slot table); the offset is computed again when the entry
+        // is written.
+        let before = st.seq.clone();
+        let picks = if fresh { 0 } else { dp.picks(st.id)? };
         let table = st.seq.change(picks, &targets)?;
         let index_of: HashMap<DestId, u32> = st
             .backends
@@ -536,6 +570,11 @@ impl Engine {
                 scheduler: want.scheduler.code(),
                 flags: 0,
                 _pad: [0; 6],
+            },
+            PendingSched {
+                before,
+                targets,
+                fresh,
             },
         ));
         self.services.insert(key, st);
@@ -698,15 +737,19 @@ fn execute(dp: &mut Dataplane, op: Op) -> Result<()> {
         Op::ResetBackendStats(i) => dp.reset_backend_stats(i),
         Op::WriteBackend(i, b) => dp.write_backend(i, &b),
         Op::WriteSlots(base, v) => dp.write_slots(base, &v),
-        Op::PutService(k, v) => match service_key(&k) {
-            Keyed::V4(k4) => dp.put_service_v4(&k4, &v),
-            Keyed::V6(k6) => dp.put_service_v6(&k6, &v),
-        },
+        Op::PutService(k, v, _) => write_service(dp, &k, &v),
         Op::RemoveService(k) => match service_key(&k) {
             Keyed::V4(k4) => dp.remove_service_v4(&k4),
             Keyed::V6(k6) => dp.remove_service_v6(&k6),
         },
         Op::FilterUnion(w) | Op::FilterFinal(w) => dp.write_filter(&w),
+    }
+}
+
+fn write_service(dp: &mut Dataplane, k: &ServiceKey, v: &Service) -> Result<()> {
+    match service_key(k) {
+        Keyed::V4(k4) => dp.put_service_v4(&k4, v),
+        Keyed::V6(k6) => dp.put_service_v6(&k6, v),
     }
 }
 

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, anyhow};
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    link::LinkAttribute,
+    link::{InfoKind, LinkAttribute, LinkInfo},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
     },
@@ -55,7 +55,7 @@ impl Resolver {
     /// Resolves every address with one neighbour dump per family.
     pub async fn resolve_all(&self, addrs: &[IpAddr]) -> Result<Vec<(IpAddr, Resolution)>> {
         let neigh = self.neighbours().await?;
-        let mut macs: HashMap<u32, [u8; 6]> = HashMap::new();
+        let mut macs: HashMap<u32, Option<[u8; 6]>> = HashMap::new();
         let mut out = Vec::with_capacity(addrs.len());
         for &addr in addrs {
             let Some(oif) = self.route_oif(addr).await? else {
@@ -65,10 +65,20 @@ impl Resolver {
             let src_mac = match macs.get(&oif) {
                 Some(m) => *m,
                 None => {
-                    let m = self.link_mac(oif).await?;
+                    let m = match self.egress_mac(oif).await {
+                        Ok(m) => Some(m),
+                        Err(e) => {
+                            warn!(%addr, ifindex = oif, "real server cannot be reached by direct routing: {e:#}");
+                            None
+                        }
+                    };
                     macs.insert(oif, m);
                     m
                 }
+            };
+            let Some(src_mac) = src_mac else {
+                out.push((addr, Resolution::Unreachable));
+                continue;
             };
             match neigh.get(&(oif, addr)) {
                 Some((mac, state)) if usable(*state) => {
@@ -135,20 +145,34 @@ impl Resolver {
         }
     }
 
-    async fn link_mac(&self, index: u32) -> Result<[u8; 6]> {
+    /// The MAC frames to a real server leave with, if its egress interface can take them
+    /// from XDP: an Ethernet device that is not a VLAN sub-interface (XDP sees the parent's
+    /// tagged frames; re-tagging is not implemented).
+    async fn egress_mac(&self, index: u32) -> Result<[u8; 6]> {
         let mut links = self.handle.link().get().match_index(index).execute();
         let link = links
             .try_next()
             .await?
             .ok_or_else(|| anyhow!("interface {index} vanished"))?;
-        for a in link.attributes {
-            if let LinkAttribute::Address(m) = a
-                && m.len() == 6
-            {
-                return Ok(m.try_into().expect("6 bytes"));
+        let mut mac = None;
+        for a in &link.attributes {
+            match a {
+                LinkAttribute::Address(m) if m.len() == 6 => {
+                    mac = Some(<[u8; 6]>::try_from(m.as_slice()).expect("6 bytes"))
+                }
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Kind(InfoKind::Vlan) = i {
+                            return Err(anyhow!(
+                                "its egress interface (ifindex {index}) is a VLAN sub-interface, which direct routing does not support yet"
+                            ));
+                        }
+                    }
+                }
+                _ => {}
             }
         }
-        Err(anyhow!("interface {index} has no Ethernet address"))
+        mac.ok_or_else(|| anyhow!("its egress interface (ifindex {index}) has no Ethernet address"))
     }
 
     /// (ifindex, address) → (MAC, state) of every neighbour entry.
