@@ -20,14 +20,33 @@ pub fn lookup(pkt: &Pkt) -> Option<&'static Service> {
     };
     let cache = SERVICE_CACHE.get_ptr_mut(0)?;
     let c = unsafe { &mut *cache };
-    if c.generation == generation && c.family == pkt.family && c.key == words {
+    // Word by word: an array comparison compiles to a call to a `memcmp` subprogram.
+    let k = &c.key;
+    if c.generation == generation
+        && c.family == pkt.family
+        && k[0] == words[0]
+        && k[1] == words[1]
+        && k[2] == words[2]
+        && k[3] == words[3]
+        && k[4] == words[4]
+    {
         return Some(unsafe { &(*cache).service });
     }
     let svc = in_map(pkt)?;
-    c.key = words;
+    // Word by word again: a struct or array copy becomes a call to a `memmove` subprogram.
+    unsafe {
+        let dst = &raw mut c.key as *mut u32;
+        for (i, w) in words.iter().enumerate() {
+            core::ptr::write_volatile(dst.add(i), *w);
+        }
+        let src = svc as *const Service as *const u32;
+        let dst = &raw mut c.service as *mut u32;
+        for i in 0..core::mem::size_of::<Service>() / 4 {
+            core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i)));
+        }
+    }
     c.family = pkt.family;
     c.generation = generation;
-    c.service = *svc;
     Some(svc)
 }
 

@@ -594,3 +594,67 @@ fn raise_memlock_limit() {
     // SAFETY: plain syscall with a valid struct.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::XDP_OBJECT;
+
+    fn u16le(b: &[u8], o: usize) -> usize {
+        u16::from_le_bytes([b[o], b[o + 1]]) as usize
+    }
+    fn u32le(b: &[u8], o: usize) -> usize {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize
+    }
+    fn u64le(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+    fn cstr(b: &[u8], o: usize) -> &str {
+        let end = b[o..].iter().position(|&c| c == 0).unwrap();
+        std::str::from_utf8(&b[o..o + end]).unwrap()
+    }
+
+    /// The packet path must not call the compiler's memcpy/memmove/memset/memcmp: they become
+    /// BPF subprograms with byte loops (a struct copy cost a third of the program's time once).
+    /// Reads the relocations of the `xdp` section of the embedded object.
+    #[test]
+    fn packet_path_calls_no_mem_builtins() {
+        let b = XDP_OBJECT;
+        assert_eq!(&b[..4], b"\x7fELF");
+        let shoff = u64le(b, 0x28) as usize;
+        let shentsize = u16le(b, 0x3a);
+        let shnum = u16le(b, 0x3c);
+        let shstrndx = u16le(b, 0x3e);
+        let sh = |i: usize| shoff + i * shentsize;
+        let shstr = u64le(b, sh(shstrndx) + 0x18) as usize;
+        let name_of = |i: usize| cstr(b, shstr + u32le(b, sh(i)));
+        let mut checked = 0;
+        for i in 0..shnum {
+            let typ = u32le(b, sh(i) + 4);
+            // SHT_REL relocating the xdp section
+            if typ != 9 || name_of(u32le(b, sh(i) + 0x2c)) != "xdp" {
+                continue;
+            }
+            let (off, size) = (
+                u64le(b, sh(i) + 0x18) as usize,
+                u64le(b, sh(i) + 0x20) as usize,
+            );
+            let symtab = u32le(b, sh(i) + 0x28);
+            let (symoff, strtab) = (
+                u64le(b, sh(symtab) + 0x18) as usize,
+                u32le(b, sh(symtab) + 0x28),
+            );
+            let stroff = u64le(b, sh(strtab) + 0x18) as usize;
+            for r in (off..off + size).step_by(16) {
+                let sym = (u64le(b, r + 8) >> 32) as usize;
+                let name = cstr(b, stroff + u32le(b, symoff + sym * 24));
+                assert!(
+                    !["memcpy", "memmove", "memset", "memcmp", "bcmp"].contains(&name),
+                    "the XDP program calls {name} (relocation at {:#x})",
+                    u64le(b, r)
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 0, "no relocations of the xdp section found");
+    }
+}
