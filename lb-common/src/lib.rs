@@ -11,6 +11,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod hash;
 pub mod reason;
 pub mod tcp;
 
@@ -84,6 +85,18 @@ pub mod sched {
     pub const RR: u8 = 1;
     /// Weighted round robin: the slot table holds one full IPVS wrr cycle.
     pub const WRR: u8 = 2;
+    /// Source hashing: 256 buckets, by client address (and port with [`F_PORT`]).
+    pub const SH: u8 = 3;
+    /// Destination hashing: 256 buckets, by destination address.
+    pub const DH: u8 = 4;
+    /// Maglev hashing: a prime-sized table, by client address (and port with [`F_PORT`]).
+    pub const MH: u8 = 5;
+
+    /// `Service::flags`: when the hashed server cannot take the flow, look further
+    /// (ipvsadm `sh-fallback` / `mh-fallback`).
+    pub const F_FALLBACK: u8 = 1;
+    /// `Service::flags`: hash the client's port too (`sh-port` / `mh-port`).
+    pub const F_PORT: u8 = 2;
 }
 
 /// Forwarding methods, as stored in [`Backend::forward`].
@@ -266,6 +279,9 @@ pub struct Backend {
     pub dst_mac: [u8; 6],
     /// MAC of the egress interface.
     pub src_mac: [u8; 6],
+    /// Weight (0 = quiesced: no new flows). The hashing schedulers keep quiesced servers in
+    /// their tables and check this when they land on one.
+    pub weight: u32,
 }
 
 /// The entry can take packets (not deleted).
@@ -456,7 +472,10 @@ mod layout_tests {
         assert_eq!(size_of::<ServiceKeyV4>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ServiceKeyV6>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<Service>(), 4 * 4 + 1 + 1 + 6);
-        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6);
+        assert_eq!(
+            size_of::<Backend>(),
+            16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4
+        );
         assert_eq!(size_of::<BackendSlot>(), 8 + 2 * size_of::<Backend>());
         assert_eq!(size_of::<FlowKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowKeyV6>(), 16 + 16 + 2 + 2 + 1 + 3);

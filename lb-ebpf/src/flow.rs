@@ -162,7 +162,7 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
     if pkt.ttl <= 1 {
         return None;
     }
-    let t = sched::peek(svc).ok()?;
+    let t = sched::peek(svc, pkt).ok()?;
     // A plain SYN in state NONE: the input-only table's answer, without the lookup.
     let initial = state::SYN_RECV;
     let flow = Flow::new(t.index, t.backend.generation, svc.id, now, initial);
@@ -197,7 +197,7 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
     if pkt.ttl <= 1 {
         return Err(reason::PASS_TTL_EXPIRED);
     }
-    let (index, backend) = sched::pick(svc)?;
+    let (index, backend) = sched::pick(svc, pkt)?;
     let initial = if pkt.proto == PROTO_TCP {
         tcp::next_state(Direction::InputOnly, state::NONE, pkt.tcp_flags)
     } else {

@@ -1,17 +1,129 @@
 //! New-flow scheduling.
 //!
-//! rr and wrr share one mechanism: the controller writes the service's slot table (rr: the
-//! usable servers in IPVS list order; wrr: one whole IPVS wrr cycle) and every new flow takes
-//! the next slot through an atomic counter shared by all CPUs, so the sequence is exactly the
-//! IPVS one however the flows spread over CPUs, without a lock.
+//! Every scheduler reads the service's slot table, written by the controller:
+//!
+//! * rr and wrr share one mechanism: the table holds the usable servers in IPVS list order
+//!   (rr) or one whole IPVS wrr cycle (wrr), and every new flow takes the next slot through an
+//!   atomic counter shared by all CPUs, so the sequence is exactly the IPVS one however the
+//!   flows spread over CPUs, without a lock.
+//! * sh, dh and mh index the table with IPVS's hash of the client's address (sh, mh; with the
+//!   port if asked) or of the destination (dh). Their tables keep quiesced servers, as IPVS's
+//!   do; landing on one means no server, or - with the fallback flag - IPVS's probe sequence.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use lb_common::{BACKEND_F_AVAILABLE, Backend, Service, reason};
+use lb_common::{
+    BACKEND_F_AVAILABLE, Backend, Service,
+    hash::{self, MH_KEY1, SH_DH_SIZE},
+    reason,
+    sched::{self, F_FALLBACK, F_PORT},
+};
 
-use crate::maps::{BACKENDS, SCHED_STATE, SLOTS};
+use crate::{
+    maps::{BACKENDS, SCHED_STATE, SLOTS},
+    parse::Pkt,
+};
 
-/// The service's pick counter.
+/// State shared with the fallback probes run by `bpf_loop`: the verifier checks a loop body
+/// once, where a plain loop of hundreds or thousands of iterations would be walked through
+/// iteration by iteration (and beyond its instruction budget).
+#[repr(C)]
+struct Probe {
+    slots_base: u32,
+    slots_len: u32,
+    service_id: u32,
+    addr: u32,
+    /// Primary bucket / slot.
+    h: u32,
+    port: u16,
+    _pad: u16,
+    /// The backend index found, when `found` is 1.
+    index: u32,
+    found: u32,
+}
+
+impl Probe {
+    #[inline(always)]
+    fn new(svc: &Service, addr: u32, port: u16, h: u32) -> Self {
+        Probe {
+            slots_base: svc.slots_base,
+            slots_len: svc.slots_len,
+            service_id: svc.id,
+            addr,
+            h,
+            port,
+            _pad: 0,
+            index: 0,
+            found: 0,
+        }
+    }
+
+    /// Checks slot `slot`: 1 (stop) if its server can take the flow.
+    #[inline(always)]
+    fn check(&mut self, slot: u32) -> i64 {
+        let Some(index) = SLOTS.get(self.slots_base.wrapping_add(slot)) else {
+            return 1;
+        };
+        let index = *index;
+        let Some(be) = BACKENDS.get(index) else {
+            return 1;
+        };
+        let be = be.current();
+        if be.flags & BACKEND_F_AVAILABLE != 0 && be.service_id == self.service_id && usable(be) {
+            self.index = index;
+            self.found = 1;
+            return 1;
+        }
+        0
+    }
+
+    /// Runs `probe` for i = 0..n and returns the server found.
+    #[inline(always)]
+    fn run(
+        mut self,
+        n: u32,
+        probe: extern "C" fn(u64, *mut core::ffi::c_void) -> i64,
+    ) -> Result<(u32, &'static Backend), u32> {
+        unsafe {
+            aya_ebpf::helpers::bpf_loop(
+                n,
+                probe as *mut core::ffi::c_void,
+                &raw mut self as *mut core::ffi::c_void,
+                0,
+            )
+        };
+        if self.found == 0 {
+            return Err(reason::PASS_NO_BACKEND);
+        }
+        let be = BACKENDS
+            .get(self.index)
+            .ok_or(reason::DROP_INTERNAL)?
+            .current();
+        Ok((self.index, be))
+    }
+}
+
+/// One step of `ip_vs_sh_get_fallback()`: bucket `(i + 2h) mod 256`.
+#[inline(never)]
+extern "C" fn sh_probe(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let p = unsafe { &mut *(ctx as *mut Probe) };
+    let roffset = (i as u32).wrapping_add(p.h) % SH_DH_SIZE;
+    p.check(hash::sh_bucket(p.addr, p.port, roffset))
+}
+
+/// One step of `ip_vs_mh_get_fallback()`: a re-hash with offset `(h + i) mod M`.
+#[inline(never)]
+extern "C" fn mh_probe(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let p = unsafe { &mut *(ctx as *mut Probe) };
+    let m = p.slots_len;
+    if m == 0 {
+        return 1;
+    }
+    let roffset = (i as u32).wrapping_add(p.h) % m;
+    p.check(hash::mh_hash(p.addr, p.port, MH_KEY1, roffset) % m)
+}
+
+/// The service's pick counter (rr, wrr).
 #[inline(always)]
 fn counter(svc: &Service) -> Result<*mut u64, u32> {
     if svc.slots_len == 0 {
@@ -33,16 +145,9 @@ fn claim(picks: *mut u64) -> u64 {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(picks, 1) }
 }
 
-/// The real server of pick number `n`.
+/// The backend in slot `slot` of the service's table.
 #[inline(always)]
-fn server(svc: &Service, n: u64) -> Result<(u32, &'static Backend), u32> {
-    // Checked here, where the division is: the service entry lives in map memory, so the
-    // compiler cannot reuse a check made before the atomic.
-    let len = svc.slots_len as u64;
-    if len == 0 {
-        return Err(reason::PASS_NO_BACKEND);
-    }
-    let slot = (n.wrapping_add(svc.sched_offset as u64) % len) as u32;
+fn slot_backend(svc: &Service, slot: u32) -> Result<(u32, &'static Backend), u32> {
     let index = *SLOTS
         .get(svc.slots_base.wrapping_add(slot))
         .ok_or(reason::DROP_INTERNAL)?;
@@ -53,33 +158,67 @@ fn server(svc: &Service, n: u64) -> Result<(u32, &'static Backend), u32> {
     Ok((index, be))
 }
 
+/// The real server of counter value `n` (rr, wrr).
+#[inline(always)]
+fn server(svc: &Service, n: u64) -> Result<(u32, &'static Backend), u32> {
+    // Checked here, where the division is: the service entry lives in map memory, so the
+    // compiler cannot reuse a check made before the atomic.
+    let len = svc.slots_len as u64;
+    if len == 0 {
+        return Err(reason::PASS_NO_BACKEND);
+    }
+    slot_backend(svc, (n.wrapping_add(svc.sched_offset as u64) % len) as u32)
+}
+
+/// Whether a server the hash landed on may take a new flow (IPVS `is_unavailable()`).
+#[inline(always)]
+fn usable(be: &Backend) -> bool {
+    be.weight > 0
+}
+
 /// Picks the real server for a new flow: (backend index, backend), or the reason counter.
 #[inline(always)]
-pub fn pick(svc: &Service) -> Result<(u32, &'static Backend), u32> {
-    let picks = counter(svc)?;
-    server(svc, claim(picks))
+pub fn pick(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
+    match svc.scheduler {
+        sched::SH => sh(svc, pkt),
+        sched::DH => dh(svc, pkt),
+        sched::MH => mh(svc, pkt),
+        _ => server(svc, claim(counter(svc)?)),
+    }
 }
 
 /// A pick that is only claimed once the caller knows the flow is new.
 pub struct Tentative {
-    picks: *mut u64,
-    n: u64,
+    /// The rr/wrr counter value looked at; `None` for the hashing schedulers, whose picks
+    /// consume nothing.
+    n: Option<u64>,
     pub index: u32,
     pub backend: &'static Backend,
 }
 
 /// The server the next pick would give, without taking it.
 #[inline(always)]
-pub fn peek(svc: &Service) -> Result<Tentative, u32> {
-    let picks = counter(svc)?;
-    let n = unsafe { core::ptr::read_volatile(picks) };
-    let (index, backend) = server(svc, n)?;
-    Ok(Tentative {
-        picks,
-        n,
-        index,
-        backend,
-    })
+pub fn peek(svc: &Service, pkt: &Pkt) -> Result<Tentative, u32> {
+    match svc.scheduler {
+        sched::SH | sched::DH | sched::MH => {
+            let (index, backend) = pick(svc, pkt)?;
+            Ok(Tentative {
+                n: None,
+                index,
+                backend,
+            })
+        }
+        _ => {
+            let picks = counter(svc)?;
+            let n = unsafe { core::ptr::read_volatile(picks) };
+            let (index, backend) = server(svc, n)?;
+            Ok(Tentative {
+                n: Some(n),
+                index,
+                backend,
+            })
+        }
+    }
 }
 
 /// Takes the pick `t` looked at. If another CPU took that number meanwhile, the pick this
@@ -87,10 +226,76 @@ pub fn peek(svc: &Service) -> Result<Tentative, u32> {
 /// with IPVS's locked scheduler.
 #[inline(always)]
 pub fn confirm(svc: &Service, t: &Tentative) -> Result<Option<(u32, &'static Backend)>, u32> {
-    let m = claim(t.picks);
-    if m == t.n {
+    let Some(n) = t.n else {
+        return Ok(None);
+    };
+    let m = claim(counter(svc)?);
+    if m == n {
         Ok(None)
     } else {
         server(svc, m).map(Some)
     }
+}
+
+/// The client's port as the hashing schedulers use it (host order; 0 unless asked for).
+#[inline(always)]
+fn hashed_port(svc: &Service, pkt: &Pkt) -> u16 {
+    if svc.flags & F_PORT != 0 {
+        u16::from_be(pkt.sport)
+    } else {
+        0
+    }
+}
+
+/// `ip_vs_sh_schedule()`.
+#[inline(always)]
+fn sh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
+    if svc.slots_len != SH_DH_SIZE {
+        return Err(reason::PASS_NO_BACKEND);
+    }
+    let addr = hash::fold(pkt.src);
+    let port = hashed_port(svc, pkt);
+    let h = hash::sh_bucket(addr, port, 0);
+    let (index, be) = slot_backend(svc, h)?;
+    if usable(be) {
+        return Ok((index, be));
+    }
+    if svc.flags & F_FALLBACK == 0 {
+        return Err(reason::PASS_NO_BACKEND);
+    }
+    Probe::new(svc, addr, port, h).run(SH_DH_SIZE, sh_probe)
+}
+
+/// `ip_vs_dh_schedule()`: no fallback exists.
+#[inline(always)]
+fn dh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
+    if svc.slots_len != SH_DH_SIZE {
+        return Err(reason::PASS_NO_BACKEND);
+    }
+    let (index, be) = slot_backend(svc, hash::dh_bucket(hash::fold(pkt.dst)))?;
+    if usable(be) {
+        Ok((index, be))
+    } else {
+        Err(reason::PASS_NO_BACKEND)
+    }
+}
+
+/// `ip_vs_mh_schedule()`.
+#[inline(always)]
+fn mh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
+    let m = svc.slots_len;
+    if m == 0 {
+        return Err(reason::PASS_NO_BACKEND);
+    }
+    let addr = hash::fold(pkt.src);
+    let port = hashed_port(svc, pkt);
+    let h = hash::mh_hash(addr, port, MH_KEY1, 0) % m;
+    let (index, be) = slot_backend(svc, h)?;
+    if usable(be) {
+        return Ok((index, be));
+    }
+    if svc.flags & F_FALLBACK == 0 {
+        return Err(reason::PASS_NO_BACKEND);
+    }
+    Probe::new(svc, addr, port, h).run(m, mh_probe)
 }

@@ -13,6 +13,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+fn default_mh_size() -> u32 {
+    lb_common::hash::MH_DEFAULT_SIZE
+}
+
 /// Default Unix socket of the admin API.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 
@@ -109,13 +113,20 @@ impl Scheduler {
     }
     /// Whether the data plane implements it.
     pub fn supported(self) -> bool {
-        matches!(self, Scheduler::Rr | Scheduler::Wrr)
+        matches!(
+            self,
+            Scheduler::Rr | Scheduler::Wrr | Scheduler::Sh | Scheduler::Dh | Scheduler::Mh
+        )
     }
     /// The data plane's code for it.
     pub fn code(self) -> u8 {
+        use lb_common::sched as s;
         match self {
-            Scheduler::Wrr => lb_common::sched::WRR,
-            _ => lb_common::sched::RR,
+            Scheduler::Wrr => s::WRR,
+            Scheduler::Sh => s::SH,
+            Scheduler::Dh => s::DH,
+            Scheduler::Mh => s::MH,
+            _ => s::RR,
         }
     }
 }
@@ -196,12 +207,53 @@ impl fmt::Display for ServiceKey {
     }
 }
 
+/// Scheduler flags (ipvsadm `-b`): `sh-fallback`/`mh-fallback`, `sh-port`/`mh-port`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedFlags {
+    /// Look for another server when the hashed one cannot take the flow.
+    pub fallback: bool,
+    /// Hash the client's port too.
+    pub port: bool,
+}
+
+impl SchedFlags {
+    pub fn bits(self) -> u8 {
+        (if self.fallback {
+            lb_common::sched::F_FALLBACK
+        } else {
+            0
+        }) | (if self.port {
+            lb_common::sched::F_PORT
+        } else {
+            0
+        })
+    }
+
+    /// As ipvsadm lists them, e.g. `sh-fallback,sh-port`; empty without flags.
+    pub fn names(self, s: Scheduler) -> String {
+        let mut v = Vec::new();
+        if self.fallback {
+            v.push(format!("{s}-fallback"));
+        }
+        if self.port {
+            v.push(format!("{s}-port"));
+        }
+        v.join(",")
+    }
+}
+
 /// A validated virtual service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     pub name: String,
     pub key: ServiceKey,
     pub scheduler: Scheduler,
+    /// `sh`/`mh` flags.
+    #[serde(default)]
+    pub sched_flags: SchedFlags,
+    /// Slots of the mh table (a prime of IPVS's list; default 4093).
+    #[serde(default = "default_mh_size")]
+    pub mh_table_size: u32,
     pub forwarding: Forwarding,
     /// In the order they were added (configuration order).
     pub backends: Vec<BackendConfig>,
@@ -348,6 +400,11 @@ struct FileService {
     scheduler: Option<Spanned<String>>,
     #[serde(default)]
     forwarding: Option<Spanned<String>>,
+    /// ipvsadm `-b`: sh-fallback, sh-port, mh-fallback, mh-port.
+    #[serde(default)]
+    flags: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    mh_table_size: Option<Spanned<u32>>,
     #[serde(default)]
     backends: Vec<Spanned<FileBackend>>,
 }
@@ -642,7 +699,7 @@ fn service(
         return Err(loc.err(
             sched_span,
             format!(
-                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr)",
+                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr, sh, dh, mh)",
                 if s.scheduler.is_none() {
                     " (the default)"
                 } else {
@@ -651,6 +708,52 @@ fn service(
             ),
         ));
     }
+    let mut sched_flags = SchedFlags::default();
+    if let Some(fl) = &s.flags {
+        for f in fl.get_ref() {
+            let (sched, what) = f.get_ref().split_once('-').unwrap_or(("", ""));
+            let known = matches!(what, "fallback" | "port") && matches!(sched, "sh" | "mh");
+            if !known {
+                return Err(loc.err(
+                    f.span(),
+                    format!(
+                        "unknown scheduler flag \"{}\" (flags: sh-fallback, sh-port, mh-fallback, mh-port)",
+                        f.get_ref()
+                    ),
+                ));
+            }
+            if sched != scheduler.name() {
+                return Err(loc.err(
+                    f.span(),
+                    format!(
+                        "flag {} only applies to the {sched} scheduler, not {scheduler}",
+                        f.get_ref()
+                    ),
+                ));
+            }
+            match what {
+                "fallback" => sched_flags.fallback = true,
+                _ => sched_flags.port = true,
+            }
+        }
+    }
+    let mh_table_size = match &s.mh_table_size {
+        None => lb_common::hash::MH_DEFAULT_SIZE,
+        Some(m) if scheduler != Scheduler::Mh => {
+            return Err(loc.err(m.span(), "mh_table_size only applies to the mh scheduler"));
+        }
+        Some(m) if !lb_common::hash::MH_PRIMES.contains(m.get_ref()) => {
+            return Err(loc.err(
+                m.span(),
+                format!(
+                    "mh_table_size must be one of IPVS's primes {:?}, not {}",
+                    lb_common::hash::MH_PRIMES,
+                    m.get_ref()
+                ),
+            ));
+        }
+        Some(m) => *m.get_ref(),
+    };
     let forwarding = parse_forwarding(loc, &s.forwarding)?.unwrap_or(Forwarding::Dr);
 
     let mut backends = Vec::new();
@@ -712,6 +815,8 @@ fn service(
                 protocol,
             },
             scheduler,
+            sched_flags,
+            mh_table_size,
             forwarding,
             backends,
         },
@@ -863,6 +968,16 @@ address = "[2001:db8::12]:443"
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n",
                 4,
                 "scheduler wlc (the default) is not supported yet",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"sh\"\nflags = [\"mh-port\"]\n",
+                7,
+                "only applies to the mh scheduler",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"mh\"\nmh_table_size = 4000\n",
+                7,
+                "must be one of IPVS's primes",
             ),
             (
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\nprotocol = \"sctp\"\n",

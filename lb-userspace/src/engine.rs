@@ -217,6 +217,8 @@ pub struct ServiceView {
     pub name: String,
     pub key: ServiceKey,
     pub scheduler: Scheduler,
+    #[serde(default)]
+    pub sched_flags: crate::config::SchedFlags,
     pub id: u32,
     pub stats: CountersView,
     pub backends: Vec<BackendView>,
@@ -458,15 +460,15 @@ impl Engine {
                     id,
                     config: want.clone(),
                     backends: Vec::new(),
-                    seq: Sequencer::new(want.scheduler),
+                    seq: Sequencer::with_mh_size(want.scheduler, want.mh_table_size),
                     table: Table::default(),
                     region: None,
                 }
             }
         };
-        if st.seq.scheduler() != want.scheduler {
+        if st.seq.scheduler() != want.scheduler || st.config.mh_table_size != want.mh_table_size {
             // ipvsadm -E with another scheduler binds a fresh one to the existing servers.
-            st.seq = Sequencer::rebind(want.scheduler, st.seq.list());
+            st.seq = st.seq.rebind(want.scheduler, want.mh_table_size);
         }
 
         // Backends: keep, change, add, remove.
@@ -480,11 +482,12 @@ impl Engine {
                 .map(|i| st.backends.remove(i));
             let b = match existing {
                 Some(mut b) => {
-                    if b.config.forwarding != bc.forwarding {
+                    // Weight and forwarding live in the entry (the hashing schedulers check
+                    // the weight on the packet path).
+                    if b.config != *bc {
                         b.config = bc.clone();
                         ops.push(Op::WriteBackend(b.index, self.backend_entry_for(&b, st.id)));
                     }
-                    b.config = bc.clone();
                     b
                 }
                 None => {
@@ -568,7 +571,7 @@ impl Engine {
                 slots_len: st.table.slots.len() as u32,
                 sched_offset: st.table.offset,
                 scheduler: want.scheduler.code(),
-                flags: 0,
+                flags: want.sched_flags.bits(),
                 _pad: [0; 6],
             },
             PendingSched {
@@ -590,6 +593,7 @@ impl Engine {
             flags: BACKEND_F_AVAILABLE,
             service_id,
             generation: b.generation,
+            weight: b.config.weight,
             ..Backend::default()
         };
         if let Some(nh) = self.next_hops.get(&b.config.addr) {
@@ -704,6 +708,7 @@ impl Engine {
                 name: st.config.name.clone(),
                 key: st.config.key,
                 scheduler: st.config.scheduler,
+                sched_flags: st.config.sched_flags,
                 id: st.id,
                 stats: dp.service_stats(st.id)?.into(),
                 backends,

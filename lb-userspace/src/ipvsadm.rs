@@ -45,7 +45,12 @@ pub fn list(resp: &ServicesResponse, opts: ListOptions) -> String {
             largenums(&mut out, &s.stats, opts.exact);
             out.push('\n');
         } else {
-            let _ = writeln!(out, "{name} {}", s.scheduler.name());
+            let _ = write!(out, "{name} {}", s.scheduler.name());
+            let flags = s.sched_flags.names(s.scheduler);
+            if !flags.is_empty() {
+                let _ = write!(out, " ({flags})");
+            }
+            out.push('\n');
         }
         let mut backends: Vec<&BackendView> = s.backends.iter().collect();
         merge_sort(&mut backends, &|a, b| cmp_dests(a, b));
@@ -204,6 +209,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
             scheduler: sched,
+            sched_flags: Default::default(),
             id: 0,
             stats: CountersView::default(),
             backends,
@@ -288,6 +294,24 @@ mod tests {
         assert_eq!(largenum(123_456_789_012_345, false), "     123T");
         assert_eq!(largenum(712345678, true), " 712345678");
         assert_eq!(largenum(5, true), "        5");
+    }
+
+    /// Scheduler flags follow the scheduler, in parentheses (ipvs.md §7.3).
+    #[test]
+    fn scheduler_flags_are_listed() {
+        let mut s = svc("10.0.0.1", 443, Scheduler::Sh, vec![]);
+        s.sched_flags = crate::config::SchedFlags {
+            fallback: true,
+            port: true,
+        };
+        let resp = ServicesResponse {
+            conn_table_size: 4096,
+            services: vec![s],
+        };
+        assert!(
+            list(&resp, ListOptions::default())
+                .contains("\nTCP  10.0.0.1:443 sh (sh-fallback,sh-port)\n")
+        );
     }
 
     /// ipvsadm's signed-subtraction sort: 10.0.0.1 sorts after 200.0.0.1.

@@ -19,7 +19,9 @@
 //! [`model`] is a plain step-by-step implementation of the IPVS rules used to check all of
 //! this (and, through packet tests, the XDP program).
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
+
+use lb_common::hash::{MH_DEFAULT_SIZE, MH_KEY1, MH_KEY2, MH_PRIMES, SH_DH_SIZE, mh_hash};
 
 use crate::config::Scheduler;
 
@@ -40,6 +42,8 @@ enum Resume {
     Rr { cursor: Option<DestId> },
     /// wrr: the current weight `cw` (the cursor is reset to the head on every change).
     Wrr { cw: i64 },
+    /// sh, dh, mh: the table is a function of the servers; nothing to carry over.
+    Hash,
 }
 
 /// What the data plane must hold for one service.
@@ -60,6 +64,10 @@ pub enum SchedError {
         "the wrr cycle of these weights needs {0} slots (sum of weight/gcd), more than the {1} allowed per service; use weights with a larger common divisor or smaller ones"
     )]
     CycleTooLong(u64, usize),
+    #[error(
+        "mh cannot balance {0} real servers over a {1}-slot table (IPVS refuses more servers than slots)"
+    )]
+    MhTooManyServers(usize, u32),
 }
 
 /// Per-service scheduler bookkeeping of the controller.
@@ -78,13 +86,23 @@ pub struct Sequencer {
     installed: Resume,
     /// A new scheduler was bound to existing servers and has no table yet.
     rebound: bool,
+    /// Last non-zero weight of each server (IPVS `last_weight`; mh builds its table from it).
+    last_weights: HashMap<DestId, u32>,
+    /// mh's table size (a prime).
+    mh_size: u32,
 }
 
 impl Sequencer {
     /// A new service without real servers, as `ipvsadm -A` creates it.
     pub fn new(scheduler: Scheduler) -> Self {
+        Self::with_mh_size(scheduler, MH_DEFAULT_SIZE)
+    }
+
+    /// Like [`Sequencer::new`], with mh's table size.
+    pub fn with_mh_size(scheduler: Scheduler, mh_size: u32) -> Self {
         let installed = match scheduler {
             Scheduler::Wrr => Resume::Wrr { cw: 0 },
+            Scheduler::Sh | Scheduler::Dh | Scheduler::Mh => Resume::Hash,
             _ => Resume::Rr { cursor: None },
         };
         Sequencer {
@@ -96,14 +114,18 @@ impl Sequencer {
             picks_at_install: 0,
             installed,
             rebound: false,
+            last_weights: HashMap::new(),
+            mh_size,
         }
     }
 
     /// A fresh scheduler bound to a service that already has servers (`ipvsadm -E` switching
     /// schedulers): `init_svc` starts rr at the list head and wrr at `cw = mw`.
-    pub fn rebind(scheduler: Scheduler, list: &[Dest]) -> Self {
-        let mut s = Sequencer::new(scheduler);
-        s.list = list.to_vec();
+    pub fn rebind(&self, scheduler: Scheduler, mh_size: u32) -> Self {
+        let mut s = Sequencer::with_mh_size(scheduler, mh_size);
+        let list = &self.list;
+        s.list = list.clone();
+        s.last_weights = self.last_weights.clone();
         s.rebound = true;
         if let Resume::Wrr { cw } = &mut s.installed {
             *cw = wrr_di_mw(list).1;
@@ -132,6 +154,7 @@ impl Sequencer {
                 Resume::Wrr { .. } => Resume::Wrr {
                     cw: self.table_cw[last],
                 },
+                Resume::Hash => Resume::Hash,
             }
         } else {
             self.installed
@@ -153,6 +176,7 @@ impl Sequencer {
         }
         let mut state = self.state(picks_now);
         let mut list = self.list.clone();
+        let mut last_weights = self.last_weights.clone();
         // IPVS applies a reload as single operations: deletions, edits, then additions.
         let removed: Vec<DestId> = list
             .iter()
@@ -172,6 +196,7 @@ impl Sequencer {
                 };
             }
             list.remove(pos);
+            last_weights.remove(&id);
             wrr_dest_changed(&mut state, &list);
         }
         for i in 0..list.len() {
@@ -179,12 +204,16 @@ impl Sequencer {
                 && t.weight != list[i].weight
             {
                 list[i].weight = t.weight;
+                if t.weight > 0 {
+                    last_weights.insert(t.id, t.weight);
+                }
                 wrr_dest_changed(&mut state, &list);
             }
         }
         for t in target {
             if !list.iter().any(|d| d.id == t.id) {
                 list.insert(0, *t);
+                last_weights.insert(t.id, t.weight);
                 wrr_dest_changed(&mut state, &list);
             }
         }
@@ -204,6 +233,23 @@ impl Sequencer {
                 let start = table_cw.iter().position(|&c| c == cw).unwrap_or(0);
                 (table, table_cw, start)
             }
+            Resume::Hash => {
+                let table = match self.scheduler {
+                    Scheduler::Sh => sh_table(&list),
+                    Scheduler::Dh => dh_table(&list),
+                    _ => {
+                        if list.len() > self.mh_size as usize {
+                            return Err(SchedError::MhTooManyServers(list.len(), self.mh_size));
+                        }
+                        let lw: Vec<(DestId, u32)> = list
+                            .iter()
+                            .map(|d| (d.id, last_weights.get(&d.id).copied().unwrap_or(0)))
+                            .collect();
+                        mh_table(&lw, self.mh_size)
+                    }
+                };
+                (table, Vec::new(), 0)
+            }
         };
         let offset = if table.is_empty() {
             0
@@ -212,6 +258,7 @@ impl Sequencer {
             ((start as u64 + len - picks_now % len) % len) as u32
         };
         self.list = list;
+        self.last_weights = last_weights;
         self.table = table.clone();
         self.table_cw = table_cw;
         self.offset = offset;
@@ -276,6 +323,106 @@ fn wrr_cycle(list: &[Dest]) -> Result<(Vec<DestId>, Vec<i64>), SchedError> {
     Ok((slots, cws))
 }
 
+/// sh's 256 buckets (`ip_vs_sh_reassign()`): a cyclic walk over the list in which each server
+/// takes `weight` consecutive buckets - at least one, weight 0 included.
+pub fn sh_table(list: &[Dest]) -> Vec<DestId> {
+    if list.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(SH_DH_SIZE as usize);
+    let (mut p, mut count) = (0usize, 0u32);
+    for _ in 0..SH_DH_SIZE {
+        out.push(list[p].id);
+        count += 1;
+        if count >= list[p].weight {
+            p = (p + 1) % list.len();
+            count = 0;
+        }
+    }
+    out
+}
+
+/// dh's 256 buckets (`ip_vs_dh_reassign()`): plain round robin over the list; weights do not
+/// replicate buckets.
+pub fn dh_table(list: &[Dest]) -> Vec<DestId> {
+    if list.is_empty() {
+        return Vec::new();
+    }
+    (0..SH_DH_SIZE as usize)
+        .map(|i| list[i % list.len()].id)
+        .collect()
+}
+
+/// Offset, skip and turns of each server in mh's population (`ip_vs_mh_permutate()`,
+/// `ip_vs_mh_shift_weight()`), in list order.
+pub fn mh_setup(list: &[(DestId, u32)], m: u32) -> Vec<(u32, u32, u32)> {
+    let g = list
+        .iter()
+        .filter(|(_, w)| *w > 0)
+        .fold(0i64, |g, (_, w)| gcd(*w as i64, g)) as u32;
+    if g == 0 {
+        return Vec::new();
+    }
+    let tab_index = 8 + MH_PRIMES.iter().position(|&p| p == m).unwrap_or(4) as u32;
+    let mw = list.iter().map(|(_, w)| *w).max().unwrap_or(0) / g;
+    let bitlen = 32 - mw.leading_zeros();
+    let shift = bitlen.saturating_sub(tab_index / 2);
+    list.iter()
+        .map(|((addr, port), lw)| {
+            let a = fold_addr(*addr);
+            let offset = mh_hash(a, *port, MH_KEY1, 0) % m;
+            let skip = mh_hash(a, *port, MH_KEY2, 0) % (m - 1) + 1;
+            let turns = match (lw / g) >> shift {
+                0 if *lw != 0 => 1,
+                t => t,
+            };
+            (offset, skip, turns)
+        })
+        .collect()
+}
+
+/// mh's table of `m` slots (`ip_vs_mh_populate()`): rounds over the list, each server taking
+/// `turns` slots a round, each at its next free preferred position. Empty when every last
+/// weight is 0.
+pub fn mh_table(list: &[(DestId, u32)], m: u32) -> Vec<DestId> {
+    let setup = mh_setup(list, m);
+    if setup.is_empty() {
+        return Vec::new();
+    }
+    let m = m as usize;
+    let mut next: Vec<usize> = setup.iter().map(|s| s.0 as usize).collect();
+    let mut table: Vec<Option<DestId>> = vec![None; m];
+    let mut filled = 0;
+    while filled < m {
+        for (di, &(_, skip, turns)) in setup.iter().enumerate() {
+            for _ in 0..turns {
+                let mut c = next[di];
+                while table[c].is_some() {
+                    c += skip as usize;
+                    if c >= m {
+                        c -= m;
+                    }
+                }
+                next[di] = c;
+                table[c] = Some(list[di].0);
+                filled += 1;
+                if filled == m {
+                    break;
+                }
+            }
+            if filled == m {
+                break;
+            }
+        }
+    }
+    table.into_iter().map(|d| d.expect("filled")).collect()
+}
+
+/// An address as IPVS's hashes take it (host order, IPv6 folded).
+pub fn fold_addr(a: IpAddr) -> u32 {
+    lb_common::hash::fold(crate::engine::addr_words(a))
+}
+
 /// rr: the server after `cursor`, wrapping around and ending with the cursor itself.
 fn rr_next(list: &[Dest], cursor: Option<DestId>) -> Option<DestId> {
     let after = cursor
@@ -293,8 +440,12 @@ fn rr_next(list: &[Dest], cursor: Option<DestId>) -> Option<DestId> {
 /// kernel's rules: a list with new servers at the head, a cursor, and for wrr the current
 /// weight. Used as the reference the tables and the XDP program are tested against.
 pub mod model {
-    use super::{Dest, DestId, gcd};
-    use crate::config::Scheduler;
+    use std::{collections::HashMap, net::IpAddr};
+
+    use lb_common::hash::{self, MH_DEFAULT_SIZE, MH_KEY1};
+
+    use super::{Dest, DestId, dh_table, fold_addr, gcd, mh_table, sh_table};
+    use crate::config::{SchedFlags, Scheduler};
 
     #[derive(Clone, Debug)]
     pub struct Ipvs {
@@ -306,6 +457,10 @@ pub mod model {
         cw: i64,
         mw: i64,
         di: i64,
+        /// sh/mh flags.
+        pub flags: SchedFlags,
+        pub mh_size: u32,
+        last_weight: HashMap<DestId, u32>,
     }
 
     impl Ipvs {
@@ -318,6 +473,9 @@ pub mod model {
                 cw: 0,
                 mw: 0,
                 di: 1,
+                flags: SchedFlags::default(),
+                mh_size: MH_DEFAULT_SIZE,
+                last_weight: HashMap::new(),
             };
             s.recompute();
             s.cw = s.mw;
@@ -350,6 +508,7 @@ pub mod model {
 
         /// `ipvsadm -a`: the new server goes to the list head.
         pub fn add(&mut self, d: Dest) {
+            self.last_weight.insert(d.id, d.weight);
             self.list.insert(0, d);
             if let Some(c) = self.cl.as_mut() {
                 *c += 1;
@@ -374,14 +533,83 @@ pub mod model {
         pub fn edit(&mut self, id: DestId, weight: u32) {
             let d = self.list.iter_mut().find(|d| d.id == id).expect("present");
             d.weight = weight;
+            if weight > 0 {
+                self.last_weight.insert(id, weight);
+            }
             self.dest_changed();
         }
 
-        /// One scheduling decision.
+        /// One scheduling decision (rr, wrr).
         pub fn schedule(&mut self) -> Option<DestId> {
             match self.scheduler {
                 Scheduler::Wrr => self.wrr(),
                 _ => self.rr(),
+            }
+        }
+
+        /// One scheduling decision for a packet from `src:sport` to `dst`: the hashing
+        /// schedulers look at the packet, rr and wrr do not.
+        pub fn schedule_packet(&mut self, src: IpAddr, sport: u16, dst: IpAddr) -> Option<DestId> {
+            let weight = |list: &[Dest], id: DestId| {
+                list.iter()
+                    .find(|d| d.id == id)
+                    .map(|d| d.weight)
+                    .unwrap_or(0)
+            };
+            let port = if self.flags.port { sport } else { 0 };
+            match self.scheduler {
+                Scheduler::Sh => {
+                    // ip_vs_sh_schedule() / ip_vs_sh_get_fallback()
+                    let table = sh_table(&self.list);
+                    if table.is_empty() {
+                        return None;
+                    }
+                    let a = fold_addr(src);
+                    let h = hash::sh_bucket(a, port, 0);
+                    let d = table[h as usize];
+                    if weight(&self.list, d) > 0 {
+                        return Some(d);
+                    }
+                    if !self.flags.fallback {
+                        return None;
+                    }
+                    (0..256u32)
+                        .map(|i| table[hash::sh_bucket(a, port, (i + h) % 256) as usize])
+                        .find(|d| weight(&self.list, *d) > 0)
+                }
+                Scheduler::Dh => {
+                    let table = dh_table(&self.list);
+                    if table.is_empty() {
+                        return None;
+                    }
+                    let d = table[hash::dh_bucket(fold_addr(dst)) as usize];
+                    (weight(&self.list, d) > 0).then_some(d)
+                }
+                Scheduler::Mh => {
+                    let lw: Vec<(DestId, u32)> = self
+                        .list
+                        .iter()
+                        .map(|d| (d.id, self.last_weight.get(&d.id).copied().unwrap_or(0)))
+                        .collect();
+                    let table = mh_table(&lw, self.mh_size);
+                    if table.is_empty() {
+                        return None;
+                    }
+                    let m = self.mh_size;
+                    let a = fold_addr(src);
+                    let h = hash::mh_hash(a, port, MH_KEY1, 0) % m;
+                    let d = table[h as usize];
+                    if weight(&self.list, d) > 0 {
+                        return Some(d);
+                    }
+                    if !self.flags.fallback {
+                        return None;
+                    }
+                    (0..m)
+                        .map(|i| table[(hash::mh_hash(a, port, MH_KEY1, (i + h) % m) % m) as usize])
+                        .find(|d| weight(&self.list, *d) > 0)
+                }
+                _ => self.schedule(),
             }
         }
 
@@ -609,7 +837,7 @@ mod tests {
     fn rebinding_a_scheduler_starts_it_fresh() {
         let mut rr = Sequencer::new(Scheduler::Rr);
         rr.change(0, &[d(1, 4), d(2, 3), d(3, 2)]).unwrap();
-        let mut wrr = Sequencer::rebind(Scheduler::Wrr, rr.list());
+        let mut wrr = rr.rebind(Scheduler::Wrr, MH_DEFAULT_SIZE);
         let mut dp = Dataplane {
             table: wrr.change(5, &[d(1, 4), d(2, 3), d(3, 2)]).unwrap(),
             picks: 5,
@@ -618,6 +846,111 @@ mod tests {
         let got: String = (0..9).map(|_| name(dp.pick().unwrap())).collect();
         // list order C, B, A with weights 2, 3, 4: passes cw=4 {A}, 3 {B,A}, 2 {C,B,A}, 1 {C,B,A}
         assert_eq!(got, "ABACBACBA");
+    }
+
+    /// sh and dh bucket fills of `ipvs_model.py` (A, B, C in list order).
+    #[test]
+    fn sh_dh_fills_match_ipvs_reference() {
+        let count = |t: &[DestId], n: u8| t.iter().filter(|&&x| x == id(n)).count();
+        let t = sh_table(&[d(1, 4), d(2, 3), d(3, 2)]);
+        assert_eq!((count(&t, 1), count(&t, 2), count(&t, 3)), (116, 84, 56));
+        assert_eq!(
+            t[..9].iter().map(|&x| name(x)).collect::<String>(),
+            "AAAABBBCC"
+        );
+        let t = sh_table(&[d(1, 4), d(2, 0), d(3, 2)]);
+        assert_eq!((count(&t, 1), count(&t, 2), count(&t, 3)), (148, 36, 72));
+        let t = dh_table(&[d(1, 1), d(2, 1), d(3, 1)]);
+        assert_eq!((count(&t, 1), count(&t, 2), count(&t, 3)), (86, 85, 85));
+    }
+
+    /// mh offsets, skips, turns and slot counts of `ipvs_model.py` (192.168.1.12/.11/.10:80 in
+    /// list order).
+    #[test]
+    fn mh_tables_match_ipvs_reference() {
+        let ids: Vec<DestId> = [12u8, 11, 10]
+            .iter()
+            .map(|n| (IpAddr::from([192, 168, 1, *n]), 80))
+            .collect();
+        // (weights, (offset, skip, turns) per server, slots per server)
+        type Case = ([u32; 3], [(u32, u32, u32); 3], [usize; 3]);
+        let cases: &[Case] = &[
+            (
+                [1, 1, 1],
+                [(3773, 149, 1), (2340, 414, 1), (2186, 43, 1)],
+                [1365, 1364, 1364],
+            ),
+            (
+                [1, 2, 3],
+                [(3773, 149, 1), (2340, 414, 2), (2186, 43, 3)],
+                [683, 1364, 2046],
+            ),
+            (
+                [100, 200, 300],
+                [(3773, 149, 1), (2340, 414, 2), (2186, 43, 3)],
+                [683, 1364, 2046],
+            ),
+            (
+                [1, 1000, 1],
+                [(3773, 149, 1), (2340, 414, 62), (2186, 43, 1)],
+                [64, 3966, 63],
+            ),
+        ];
+        for (w, setup, slots) in cases {
+            let lw: Vec<(DestId, u32)> = ids.iter().copied().zip(w.iter().copied()).collect();
+            assert_eq!(mh_setup(&lw, 4093), setup.to_vec(), "{w:?}");
+            let t = mh_table(&lw, 4093);
+            assert_eq!(t.len(), 4093);
+            let got: Vec<usize> = ids
+                .iter()
+                .map(|i| t.iter().filter(|&&x| x == *i).count())
+                .collect();
+            assert_eq!(got, slots.to_vec(), "{w:?}");
+        }
+    }
+
+    /// Maglev's promise: removing (or adding) one of N equal servers moves at most 1/N + 2 %
+    /// of the keys (measured over the table, which is what keys hash into).
+    #[test]
+    fn mh_disruption_is_minimal() {
+        for (n, m) in [(3u8, 4093u32), (10, 4093), (25, 65521), (100, 131071)] {
+            let all: Vec<(DestId, u32)> = (1..=n).map(|i| (id(i), 1)).collect();
+            let t_all = mh_table(&all, m);
+            for removed in [0usize, (n / 2) as usize, n as usize - 1] {
+                let mut rest = all.clone();
+                rest.remove(removed);
+                let t_rest = mh_table(&rest, m);
+                let moved = t_all
+                    .iter()
+                    .zip(&t_rest)
+                    .filter(|(a, b)| a != b && **a != all[removed].0)
+                    .count() as f64
+                    / m as f64;
+                let changed =
+                    t_all.iter().zip(&t_rest).filter(|(a, b)| a != b).count() as f64 / m as f64;
+                let bound = 1.0 / n as f64 + 0.02;
+                assert!(
+                    changed <= bound,
+                    "n={n} m={m}: {changed:.4} of the keys moved (bound {bound:.4})"
+                );
+                assert!(
+                    moved <= 0.02,
+                    "n={n} m={m}: {moved:.4} of keys on kept servers moved"
+                );
+            }
+        }
+    }
+
+    /// mh with weights 0 keeps the slots (built from last_weight); a server added with weight
+    /// 0 gets none.
+    #[test]
+    fn mh_uses_last_weights() {
+        let mut seq = Sequencer::new(Scheduler::Mh);
+        let t1 = seq.change(0, &[d(1, 1), d(2, 1)]).unwrap();
+        let t2 = seq.change(0, &[d(1, 1), d(2, 0)]).unwrap();
+        assert_eq!(t1.slots, t2.slots, "quiescing moves no slots");
+        let t3 = seq.change(0, &[d(1, 1), d(2, 0), d(3, 0)]).unwrap();
+        assert!(!t3.slots.contains(&id(3)));
     }
 
     #[test]

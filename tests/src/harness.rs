@@ -51,7 +51,7 @@ impl Harness {
                 conn_table_size_v6: 4096,
                 max_services: 64,
                 max_backends: 256,
-                slot_table_size: 4096,
+                slot_table_size: 1 << 16,
             },
         )
     }

@@ -1012,3 +1012,135 @@ fn servers_behind_another_interface_are_reached_by_redirect() {
     const XDP_REDIRECT: u32 = 4;
     assert_eq!(out, (XDP_REDIRECT, true, vec![("redirect", 1)]));
 }
+
+/// sh, dh and mh: the XDP program and the IPVS model agree for every new flow, over random
+/// clients (IPv4 and IPv6), weight changes (0 included: quiesced servers stay in the hash
+/// tables), additions and removals, with and without the fallback and port flags.
+#[test]
+fn hashing_schedulers_match_the_ipvs_model() {
+    use xlb::config::SchedFlags;
+    for (sched, flags) in [
+        (Scheduler::Sh, ""),
+        (Scheduler::Sh, "\"sh-fallback\""),
+        (Scheduler::Sh, "\"sh-fallback\", \"sh-port\""),
+        (Scheduler::Dh, ""),
+        (Scheduler::Mh, ""),
+        (Scheduler::Mh, "\"mh-fallback\", \"mh-port\""),
+    ] {
+        for v6 in [false, true] {
+            let mut rng =
+                0x0bad_cafe_dead_beefu64 ^ (sched as u64) << 8 ^ flags.len() as u64 ^ v6 as u64;
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let server = |n: u8| -> IpAddr {
+                if v6 {
+                    ip(&format!("2001:db8:1::{n}"))
+                } else {
+                    ip(&format!("10.0.1.{n}"))
+                }
+            };
+            let vip = if v6 {
+                "[2001:db8::10]:80"
+            } else {
+                "10.0.0.10:80"
+            };
+            let render = |cfg: &[(u8, u32)]| -> String {
+                let mut s = format!(
+                    "[[services]]\nname = \"h\"\naddress = \"{vip}\"\nscheduler = \"{}\"\nflags = [{flags}]\n",
+                    sched.name()
+                );
+                for (n, w) in cfg {
+                    let a = server(*n);
+                    let a = if v6 {
+                        format!("[{a}]:80")
+                    } else {
+                        format!("{a}:80")
+                    };
+                    s += &format!("[[services.backends]]\naddress = \"{a}\"\nweight = {w}\n");
+                }
+                s
+            };
+            let mut cfg: Vec<(u8, u32)> = vec![(1, 1), (2, 2), (3, 1)];
+            let mut h = Harness::new(&render(&cfg));
+            let mut model = Ipvs::new(sched);
+            model.flags = SchedFlags {
+                fallback: flags.contains("fallback"),
+                port: flags.contains("port"),
+            };
+            for (n, w) in &cfg {
+                model.add(Dest {
+                    id: (server(*n), 80),
+                    weight: *w,
+                });
+            }
+            let all: Vec<IpAddr> = (1..=8).map(server).collect();
+            for step in 0..30 {
+                let mut target = cfg.clone();
+                match next(4) {
+                    0 if target.len() < 6 => {
+                        let n = 1 + next(8) as u8;
+                        if !target.iter().any(|t| t.0 == n) {
+                            target.push((n, next(4) as u32));
+                        }
+                    }
+                    1 if target.len() > 1 => {
+                        target.remove(next(target.len() as u64) as usize);
+                    }
+                    _ => {
+                        let i = next(target.len() as u64) as usize;
+                        target[i].1 = next(4) as u32;
+                    }
+                }
+                for m in model.list.clone() {
+                    if !target.iter().any(|t| server(t.0) == m.id.0) {
+                        model.remove(m.id);
+                    }
+                }
+                for m in model.list.clone() {
+                    if let Some(t) = target.iter().find(|t| server(t.0) == m.id.0)
+                        && t.1 != m.weight
+                    {
+                        model.edit(m.id, t.1);
+                    }
+                }
+                for t in &target {
+                    if !cfg.iter().any(|c| c.0 == t.0) {
+                        model.add(Dest {
+                            id: (server(t.0), 80),
+                            weight: t.1,
+                        });
+                    }
+                }
+                cfg = target;
+                h.apply(&render(&cfg));
+                for k in 0..25 {
+                    let sport = 1024 + next(60000) as u16;
+                    let client = if v6 {
+                        format!("2001:db8:9::{:x}:{:x}", next(65536), next(65536))
+                    } else {
+                        format!("192.168.{}.{}", next(256), next(256))
+                    };
+                    let (vaddr, _) = vip.rsplit_once(':').unwrap();
+                    let vaddr = vaddr.trim_matches(['[', ']']);
+                    let r = h.run(&Frame::tcp(&client, sport, vaddr, 80, SYN).build());
+                    let got = if r.action == XDP_TX {
+                        h.server_of(&r, &all)
+                    } else {
+                        None
+                    };
+                    let want = model
+                        .schedule_packet(ip(&client), sport, ip(vaddr))
+                        .map(|d| d.0);
+                    assert_eq!(
+                        got, want,
+                        "{sched:?} [{flags}] v6={v6} step {step} flow {k}: {cfg:?}"
+                    );
+                }
+            }
+        }
+    }
+}
