@@ -41,6 +41,9 @@ pub mod map_names {
     pub const SERVICE_FILTER: &str = "SERVICE_FILTER";
     pub const SERVICE_CACHE: &str = "SERVICE_CACHE";
     pub const CONFIG_GEN: &str = "CONFIG_GEN";
+    pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    pub const FLOW_POOL: &str = "FLOW_POOL";
+    pub const FLOW_QUOTA: &str = "FLOW_QUOTA";
 }
 
 /// The service prefilter: bit `bit(addr, port, proto)` of a bitmap is set for every virtual
@@ -64,6 +67,9 @@ pub mod filter {
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "xlb";
+/// The program that retires expired connections (run by the controller with
+/// `BPF_PROG_TEST_RUN`; it never sees a packet).
+pub const REAPER_NAME: &str = "xlb_reap";
 /// A pass-through XDP program shipped in the same object. On veth, frames sent with `XDP_TX` or
 /// `XDP_REDIRECT` are only delivered if the receiving peer runs an XDP program of its own.
 pub const PASS_PROGRAM_NAME: &str = "xlb_pass";
@@ -204,14 +210,7 @@ impl FlowKeyV6 {
 impl Flow {
     #[inline(always)]
     pub fn new(backend: u32, generation: u32, service_id: u32, last_seen: u32, state: u8) -> Self {
-        let w: [u32; 6] = [
-            backend,
-            generation,
-            service_id,
-            last_seen,
-            byte_word(state, 0),
-            0,
-        ];
+        let w: [u32; 6] = [backend, generation, service_id, last_seen, state as u32, 0];
         // SAFETY: as above.
         unsafe { core::mem::transmute(w) }
     }
@@ -345,11 +344,82 @@ pub struct Flow {
     pub service_id: u32,
     /// Last packet, in [`ticks`] of the kernel's coarse monotonic clock.
     pub last_seen: u32,
-    /// IPVS connection state ([`tcp::state`]), `tcp::state::UDP` for UDP.
-    pub state: u8,
-    /// `FLOW_F_*` flags.
-    pub flags: u8,
-    pub _pad: [u8; 6],
+    /// IPVS connection state ([`tcp::state`]) in the low byte; [`FLOW_DEAD`] once the entry
+    /// was retired. Changed only with compare-and-swap, so the per-server connection counts
+    /// follow every change exactly once.
+    pub status: u32,
+    pub _pad: u32,
+}
+
+/// `Flow::status`: the entry was retired (its connection is no longer counted); it is about
+/// to be deleted.
+pub const FLOW_DEAD: u32 = 1 << 31;
+
+impl Flow {
+    /// The IPVS connection state.
+    #[inline(always)]
+    pub fn state(&self) -> u8 {
+        self.status as u8
+    }
+}
+
+/// Connection counts of one real server (IPVS ActiveConn / InActConn), global across CPUs and
+/// updated atomically. One cache line each, so busy servers do not slow their neighbours.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCounts {
+    pub active: u64,
+    pub inactive: u64,
+    pub _reserved: [u64; 6],
+}
+
+impl ConnCounts {
+    /// Connections of the server, active or not.
+    pub fn total(&self) -> u64 {
+        self.active.wrapping_add(self.inactive)
+    }
+}
+
+/// How many connection-table entries may still be created (`FLOW_POOL`, one per table:
+/// index 0 IPv4, 1 IPv6). CPUs take entries in batches into their `FLOW_QUOTA`, so the shared
+/// counter is touched once per batch. The kernel map is created larger than the pool by
+/// [`flow_table_reserve`], so it never fills and the LRU never evicts a live connection (whose
+/// count would then never be decremented).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowPool {
+    /// Entries not yet handed to a CPU (signed: CPUs take a batch first and give back what
+    /// was not there).
+    pub free: i64,
+    /// Entries a CPU takes at once (1..=64, smaller for small tables so that CPUs holding
+    /// unused entries do not starve the others).
+    pub batch: i64,
+    pub _reserved: [u64; 6],
+}
+
+/// A CPU's entries taken from the pool and not used yet (per table).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowQuota {
+    pub left: [u64; 2],
+}
+
+/// The largest batch a CPU takes from the pool.
+pub const FLOW_POOL_BATCH: i64 = 64;
+
+/// The batch for a table of `capacity` connections on `ncpus` CPUs: at most 1/16 of the
+/// table sits unused in CPUs' hands.
+pub fn flow_pool_batch(capacity: u32, ncpus: u32) -> i64 {
+    (capacity as i64 / (16 * ncpus.max(1) as i64)).clamp(1, FLOW_POOL_BATCH)
+}
+
+/// Entries the kernel's LRU hash needs beyond the connections it holds so that it never
+/// evicts: a CPU refilling its private free list takes 128 entries (`LOCAL_FREE_TARGET` in
+/// `kernel/bpf/bpf_lru_list.c`) and evicts when the shared free list has fewer; each CPU's
+/// private list holds up to that many. One more list's worth covers the entry an insert takes
+/// before it finds its key present.
+pub fn flow_table_reserve(ncpus: u32) -> u32 {
+    128 * (ncpus + 2)
 }
 
 /// Per-service round-robin state, shared by all CPUs (atomic fetch-add). One cache line per
@@ -408,18 +478,33 @@ pub mod ticks {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Globals {
-    /// Idle timeout in [`ticks`] per [`tcp::state`] (index = state).
-    pub timeouts: [u32; tcp::state::COUNT],
+    /// Idle timeout in [`ticks`] per [`tcp::state`] (index = state; slots past
+    /// `tcp::state::COUNT` are unused). A power of two, so the program indexes it with a mask
+    /// the verifier follows.
+    pub timeouts: [u32; TIMEOUT_SLOTS],
     pub flags: u32,
 }
+
+/// Length of `Globals::timeouts`.
+pub const TIMEOUT_SLOTS: usize = 16;
 
 impl Globals {
     /// Settings with the given idle timeouts in seconds.
     pub fn with_timeouts(secs: [u32; tcp::state::COUNT]) -> Self {
-        Globals {
-            timeouts: secs.map(ticks::from_secs),
-            flags: 0,
-        }
+        Self::with_ticks(secs.map(ticks::from_secs))
+    }
+
+    /// Settings with the given idle timeouts in ticks.
+    pub fn with_ticks(t: [u32; tcp::state::COUNT]) -> Self {
+        let mut timeouts = [0; TIMEOUT_SLOTS];
+        timeouts[..tcp::state::COUNT].copy_from_slice(&t);
+        Globals { timeouts, flags: 0 }
+    }
+
+    /// The idle timeout of state `st`, in ticks.
+    #[inline(always)]
+    pub fn timeout(&self, st: u8) -> u32 {
+        self.timeouts[st as usize & (TIMEOUT_SLOTS - 1)]
     }
 }
 
@@ -458,6 +543,9 @@ mod pod {
     unsafe impl aya::Pod for Globals {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for ServiceCache {}
+    unsafe impl aya::Pod for ConnCounts {}
+    unsafe impl aya::Pod for FlowPool {}
+    unsafe impl aya::Pod for FlowQuota {}
 }
 
 #[cfg(test)]
@@ -479,11 +567,14 @@ mod layout_tests {
         assert_eq!(size_of::<BackendSlot>(), 8 + 2 * size_of::<Backend>());
         assert_eq!(size_of::<FlowKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowKeyV6>(), 16 + 16 + 2 + 2 + 1 + 3);
-        assert_eq!(size_of::<Flow>(), 4 * 4 + 1 + 1 + 6);
+        assert_eq!(size_of::<Flow>(), 6 * 4);
+        assert_eq!(size_of::<ConnCounts>(), 64);
+        assert_eq!(size_of::<FlowPool>(), 64);
+        assert_eq!(size_of::<FlowQuota>(), 16);
         assert_eq!(size_of::<SchedState>(), 64);
         assert_eq!(align_of::<SchedState>(), 64);
         assert_eq!(size_of::<Counters>(), 5 * 8);
-        assert_eq!(size_of::<Globals>(), 4 * tcp::state::COUNT + 4);
+        assert_eq!(size_of::<Globals>(), 4 * TIMEOUT_SLOTS + 4);
         assert_eq!(size_of::<Event>(), 8);
         assert_eq!(
             size_of::<ServiceCache>(),
@@ -541,9 +632,8 @@ mod layout_tests {
                 generation: 8,
                 service_id: 9,
                 last_seen: 10,
-                state: 3,
-                flags: 0,
-                _pad: [0; 6]
+                status: 3,
+                _pad: 0
             }
         );
     }

@@ -36,9 +36,12 @@ pub const DROP_BACKEND_GONE: u32 = 11;
 pub const DROP_INTERNAL: u32 = 12;
 /// The forwarding method is not implemented for this packet.
 pub const DROP_UNSUPPORTED: u32 = 13;
+/// A new connection found the connection table full (every entry belongs to a live
+/// connection): it is refused rather than evicting a live connection's entry.
+pub const DROP_FLOW_TABLE_FULL: u32 = 14;
 // --- forwarded ---
-pub const TX: u32 = 14;
-pub const REDIRECT: u32 = 15;
+pub const TX: u32 = 15;
+pub const REDIRECT: u32 = 16;
 
 /// Whether a verdict counter stands for `XDP_PASS`.
 #[inline(always)]
@@ -47,18 +50,20 @@ pub fn is_pass(r: u32) -> bool {
 }
 
 /// Number of verdict counters.
-pub const VERDICTS: u32 = 16;
+pub const VERDICTS: u32 = 17;
 
 // --- events (not verdicts) ---
 /// A new flow could not be inserted into the connection table; it was forwarded untracked.
-pub const EV_FLOW_INSERT_FAILED: u32 = 16;
+pub const EV_FLOW_INSERT_FAILED: u32 = 17;
 /// A SYN or UDP datagram found an expired or stale flow entry and was scheduled afresh.
-pub const EV_FLOW_RESCHEDULED: u32 = 17;
+pub const EV_FLOW_RESCHEDULED: u32 = 18;
 /// A new-flow event was lost because the controller's ring buffer was full.
-pub const EV_EVENT_LOST: u32 = 18;
+pub const EV_EVENT_LOST: u32 = 19;
+/// Entries the reaper retired because their connection had been idle past its timeout.
+pub const EV_FLOW_EXPIRED: u32 = 20;
 
 /// Size of the `REASONS` array.
-pub const COUNT: u32 = 19;
+pub const COUNT: u32 = 21;
 
 /// Metric/label names, indexed by counter.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -76,9 +81,11 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_backend_gone",
     "drop_internal",
     "drop_unsupported",
+    "drop_flow_table_full",
     "tx",
     "redirect",
     "flow_insert_failed",
     "flow_rescheduled",
     "event_lost",
+    "flow_expired",
 ];

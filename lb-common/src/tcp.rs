@@ -141,18 +141,36 @@ pub fn next_state(dir: Direction, current: u8, tcp_flags: u8) -> u8 {
     let Some(ev) = event(tcp_flags) else {
         return state::CLOSE;
     };
-    let col = if (current as usize) < 11 {
-        current as usize
-    } else {
-        0
-    };
+    // Masked first, so the verifier sees the index bounded whatever LLVM makes of the
+    // comparison; unknown states read column NONE (the padding repeats it).
+    let col = (current & 15) as usize;
+    let col = if col < 11 { col } else { 0 };
     let table = match dir {
-        Direction::InputOnly => &INPUT_ONLY,
-        Direction::Input => &INPUT,
-        Direction::Output => &OUTPUT,
+        Direction::InputOnly => &INPUT_ONLY_PADDED,
+        Direction::Input => &INPUT_PADDED,
+        Direction::Output => &OUTPUT_PADDED,
     };
     table[ev][col]
 }
+
+/// A transition table with rows padded to 16 columns (the padding repeats column NONE).
+const fn padded(t: [[u8; 11]; 4]) -> [[u8; 16]; 4] {
+    let mut out = [[0u8; 16]; 4];
+    let mut ev = 0;
+    while ev < 4 {
+        let mut col = 0;
+        while col < 16 {
+            out[ev][col] = if col < 11 { t[ev][col] } else { t[ev][0] };
+            col += 1;
+        }
+        ev += 1;
+    }
+    out
+}
+
+const INPUT_ONLY_PADDED: [[u8; 16]; 4] = padded(INPUT_ONLY);
+const INPUT_PADDED: [[u8; 16]; 4] = padded(INPUT);
+const OUTPUT_PADDED: [[u8; 16]; 4] = padded(OUTPUT);
 
 #[cfg(test)]
 mod tests {

@@ -5,12 +5,13 @@
 
 use aya_ebpf::maps::LruHashMap;
 use lb_common::{
-    BACKEND_F_AVAILABLE, Backend, FAMILY_V4, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP, Service,
-    reason,
+    BACKEND_F_AVAILABLE, Backend, FAMILY_V4, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP,
+    Service, reason,
     tcp::{self, Direction, state},
 };
 
 use crate::{
+    acct,
     maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS},
     parse::Pkt,
     sched, service, stats,
@@ -65,10 +66,11 @@ pub fn track(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     }
 }
 
+/// The idle timeout of state `st`, in ticks.
 #[inline(always)]
-fn timeout(st: u8) -> u32 {
+pub fn timeout(st: u8) -> u32 {
     match GLOBALS.get(0) {
-        Some(g) => g.timeouts.get(st as usize).copied().unwrap_or(0),
+        Some(g) => g.timeout(st),
         None => 0,
     }
 }
@@ -92,8 +94,13 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     }
 
     if let Some(entry) = K::table().get_ptr_mut(&key) {
+        let status_ptr = unsafe { &raw mut (*entry).status };
+        // One read: every decision below is about this status, and the swap that applies a
+        // change fails if another CPU (or the reaper) changed it meanwhile.
+        let status = unsafe { core::ptr::read_volatile(status_ptr) };
+        let st = status as u8;
         let flow = unsafe { &mut *entry };
-        let expired = now.wrapping_sub(flow.last_seen) > timeout(flow.state);
+        let expired = status & FLOW_DEAD != 0 || now.wrapping_sub(flow.last_seen) > timeout(st);
         let Some(slot) = BACKENDS.get(flow.backend) else {
             return Err(reason::DROP_INTERNAL);
         };
@@ -105,19 +112,20 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
             backend.flags & BACKEND_F_AVAILABLE != 0 && backend.generation == flow.generation;
         // A fresh SYN on a closed connection's tuple starts a new connection (IPVS
         // conn_reuse_mode 1).
-        let reused = plain_syn && (flow.state == state::TIME_WAIT || flow.state == state::CLOSE);
+        let reused = plain_syn && (st == state::TIME_WAIT || st == state::CLOSE);
         if !expired && alive && !reused {
             if pkt.ttl <= 1 {
                 return Err(reason::PASS_TTL_EXPIRED);
             }
             let next = if is_tcp {
-                tcp::next_state(Direction::InputOnly, flow.state, f)
+                tcp::next_state(Direction::InputOnly, st, f)
             } else {
                 state::UDP
             };
             // Write only on change: most packets leave the entry (and its cache line) clean.
-            if next != flow.state {
-                flow.state = next;
+            // Losing the swap means someone else changed the state first; theirs stands.
+            if next != st && acct::swap_status(status_ptr, status, next as u32) {
+                acct::moved(flow.backend, st, next);
             }
             if flow.last_seen != now {
                 flow.last_seen = now;
@@ -138,6 +146,12 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
             return Err(reason::PASS_TCP_NO_FLOW);
         }
         let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+        // The old connection ends here (unless the reaper got to it first, in which case it
+        // deletes the entry): its count goes, its entry returns to the pool.
+        if acct::retire(status_ptr, status, flow.backend) {
+            let _ = K::table().remove(&key);
+            acct::release_entry(pkt.family);
+        }
         stats::count(reason::EV_FLOW_RESCHEDULED);
         return schedule(&key, pkt, svc, now);
     }
@@ -148,14 +162,15 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     schedule(&key, pkt, svc, now)
 }
 
-/// `BPF_NOEXIST`: insert only if the key is absent.
+/// `BPF_NOEXIST`: insert only if the key is absent. Every insert uses it: overwriting an
+/// entry would lose its connection's count.
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
 /// The SYN of a new connection. `None` when the flow exists already, or when anything stands
-/// in the way (no service, no usable server, expiring TTL): the regular path then looks at
-/// the connection table first and decides, so a retransmitted SYN of an existing connection
-/// always follows it.
+/// in the way (no service, no usable server, expiring TTL, a full table): the regular path
+/// then looks at the connection table first and decides, so a retransmitted SYN of an
+/// existing connection always follows it.
 #[inline(always)]
 fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
     let svc = service::lookup(pkt)?;
@@ -163,26 +178,44 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
         return None;
     }
     let t = sched::peek(svc, pkt).ok()?;
+    if !acct::take_entry(pkt.family) {
+        return None;
+    }
     // A plain SYN in state NONE: the input-only table's answer, without the lookup.
     let initial = state::SYN_RECV;
     let flow = Flow::new(t.index, t.backend.generation, svc.id, now, initial);
-    match K::table().insert(key, &flow, BPF_NOEXIST) {
-        Err(e) if e == -EEXIST => return None,
-        Err(_) => stats::count(reason::EV_FLOW_INSERT_FAILED),
-        Ok(()) => {}
-    }
+    let recorded = match K::table().insert(key, &flow, BPF_NOEXIST) {
+        Ok(()) => true,
+        Err(e) => {
+            acct::untake_entry(pkt.family);
+            if e == -EEXIST {
+                return None;
+            }
+            stats::count(reason::EV_FLOW_INSERT_FAILED);
+            false
+        }
+    };
     let (index, backend) = match sched::confirm(svc, &t) {
         Ok(None) => (t.index, t.backend),
         Ok(Some((index, backend))) => {
-            // Lost the race for that pick: record the one this flow owns.
-            let flow = Flow::new(index, backend.generation, svc.id, now, initial);
-            let _ = K::table().insert(key, &flow, 0);
+            // Lost the race for that pick: record the one this flow owns. The entry is
+            // ours alone until the SYN is forwarded (a flow's packets arrive on one CPU), and
+            // it is counted only below, so rewriting it in place is safe.
+            if recorded && let Some(e) = K::table().get_ptr_mut(key) {
+                unsafe {
+                    (*e).backend = index;
+                    (*e).generation = backend.generation;
+                }
+            }
             (index, backend)
         }
         // The table changed under us and the number we own has no usable server: keep the
         // peeked one (recorded already) rather than drop a new connection.
         Err(_) => (t.index, t.backend),
     };
+    if recorded {
+        acct::created(index, initial);
+    }
     Some(Target {
         index,
         service_id: svc.id,
@@ -197,14 +230,29 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
     if pkt.ttl <= 1 {
         return Err(reason::PASS_TTL_EXPIRED);
     }
-    let (index, backend) = sched::pick(svc, pkt)?;
+    // Before the pick, so a refused connection does not advance the scheduler.
+    if !acct::take_entry(pkt.family) {
+        return Err(reason::DROP_FLOW_TABLE_FULL);
+    }
+    let (index, backend) = match sched::pick(svc, pkt) {
+        Ok(p) => p,
+        Err(why) => {
+            acct::untake_entry(pkt.family);
+            return Err(why);
+        }
+    };
     let initial = if pkt.proto == PROTO_TCP {
         tcp::next_state(Direction::InputOnly, state::NONE, pkt.tcp_flags)
     } else {
         state::UDP
     };
     let flow = Flow::new(index, backend.generation, svc.id, now, initial);
-    if K::table().insert(key, &flow, 0).is_err() {
+    if K::table().insert(key, &flow, BPF_NOEXIST).is_ok() {
+        acct::created(index, initial);
+    } else {
+        // Another CPU recorded this tuple meanwhile (or the table refused): this packet still
+        // goes to the server picked for it.
+        acct::untake_entry(pkt.family);
         stats::count(reason::EV_FLOW_INSERT_FAILED);
     }
     Ok(Target {

@@ -2,7 +2,8 @@
 //! schedule new flows, forward by direct routing, count everything.
 //!
 //! One concern per module: `parse` (headers), `filter` (is this possibly for a service),
-//! `flow` (connection table and states), `service` (finding the virtual service of a new
+//! `flow` (connection table and states), `acct` (connection counts and table admission),
+//! `reap` (expiry of idle connections), `service` (finding the virtual service of a new
 //! flow), `sched` (picking a real server), `dr` (the forwarding method), `stats` (per-CPU
 //! counters). All map layouts come from `lb-common`.
 #![no_std]
@@ -13,11 +14,13 @@
 // another stack slot before the helper call.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod acct;
 mod dr;
 mod filter;
 mod flow;
 mod maps;
 mod parse;
+mod reap;
 mod sched;
 mod service;
 mod stats;
@@ -32,6 +35,15 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     let (action, why) = process(&ctx);
     stats::count(why);
     action
+}
+
+/// Retires idle connections (see `reap`). Run by the controller with `BPF_PROG_TEST_RUN` on a
+/// dummy frame; never attached to an interface.
+#[xdp]
+pub fn xlb_reap(_ctx: XdpContext) -> u32 {
+    let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+    reap::reap(now);
+    xdp_action::XDP_PASS
 }
 
 /// Does nothing but `XDP_PASS`. Attached to the peer of a veth that xlb transmits on, it makes

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    BackendSlot, Counters, Flow, FlowKeyV4, FlowKeyV6, Globals, SchedState, Service, ServiceCache,
-    ServiceKeyV4, ServiceKeyV6, defaults, filter, reason,
+    BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, Globals,
+    SchedState, Service, ServiceCache, ServiceKeyV4, ServiceKeyV6, defaults, filter, reason,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -59,6 +59,16 @@ pub static FLOWS_V4: LruHashMap<FlowKeyV4, Flow> =
 #[map]
 pub static FLOWS_V6: LruHashMap<FlowKeyV6, Flow> =
     LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+
+/// Connection counts (ActiveConn / InActConn) by backend index, global, updated atomically.
+#[map]
+pub static BACKEND_CONNS: Array<ConnCounts> = Array::with_max_entries(defaults::MAX_BACKENDS, 0);
+
+/// Connection-table entries left to hand out (index 0 IPv4, 1 IPv6), and each CPU's share.
+#[map]
+pub static FLOW_POOL: Array<FlowPool> = Array::with_max_entries(2, 0);
+#[map]
+pub static FLOW_QUOTA: PerCpuArray<FlowQuota> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU traffic counters by service id and by backend index.
 #[map]

@@ -31,6 +31,9 @@ const NEIGH_REFRESH: Duration = Duration::from_secs(10);
 /// At most one resolution request per real server this often, however many packets find it
 /// unresolved.
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often idle connections are retired (IPVS's per-connection timers fire within a jiffy;
+/// counts here lag the timeout by at most this).
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long start-up waits for the kernel to resolve real servers before attaching.
 const NEIGH_STARTUP_WAIT: Duration = Duration::from_secs(2);
 
@@ -92,8 +95,18 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut reap = tokio::time::interval(REAP_INTERVAL);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = reap.tick() => {
+                let mut d = shared.lock().await;
+                let Daemon { dp, engine } = &mut *d;
+                if let Err(e) = dp.reap() {
+                    error!("expiring idle connections: {e:#}");
+                }
+                engine.expire_trash(dp);
+            }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             Some((addr, nh)) = updates.recv() => {

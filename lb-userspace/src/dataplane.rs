@@ -11,11 +11,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    Backend, BackendSlot, Counters, Flow, FlowKeyV4, FlowKeyV6, Globals, PASS_PROGRAM_NAME,
-    PROGRAM_NAME, SchedState, Service, ServiceKeyV4, ServiceKeyV6, map_names as names, reason,
+    Backend, BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota,
+    Globals, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME, SchedState, Service, ServiceKeyV4,
+    ServiceKeyV6, map_names as names, reason,
 };
 use tracing::{info, warn};
 
@@ -49,6 +50,9 @@ pub struct Dataplane {
     sched_state: Array<MapData, SchedState>,
     flows_v4: HashMap<MapData, FlowKeyV4, Flow>,
     flows_v6: HashMap<MapData, FlowKeyV6, Flow>,
+    backend_conns: Array<MapData, ConnCounts>,
+    flow_pool: Array<MapData, FlowPool>,
+    flow_quota: PerCpuArray<MapData, FlowQuota>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reasons: PerCpuArray<MapData, u64>,
@@ -79,10 +83,15 @@ impl Dataplane {
     /// attached yet.
     pub fn load(limits: Limits) -> Result<Self> {
         raise_memlock_limit();
+        let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
+        // The kernel tables are larger than the connections they may hold (see
+        // `flow_table_reserve`): the LRU must never evict a counted connection.
+        let reserve = lb_common::flow_table_reserve(ncpus as u32);
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(names::FLOWS_V4, limits.conn_table_size)
-            .map_max_entries(names::FLOWS_V6, limits.conn_table_size_v6)
+            .map_max_entries(names::FLOWS_V4, limits.conn_table_size + reserve)
+            .map_max_entries(names::FLOWS_V6, limits.conn_table_size_v6 + reserve)
+            .map_max_entries(names::BACKEND_CONNS, limits.max_backends)
             .map_max_entries(names::SERVICES_V4, limits.max_services)
             .map_max_entries(names::SERVICES_V6, limits.max_services)
             .map_max_entries(names::SCHED_STATE, limits.max_services)
@@ -93,7 +102,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(XDP_OBJECT)
             .context("loading the XDP object (are you root with CAP_BPF/CAP_NET_ADMIN?)")?;
-        for name in [PROGRAM_NAME, PASS_PROGRAM_NAME] {
+        for name in [PROGRAM_NAME, PASS_PROGRAM_NAME, REAPER_NAME] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
@@ -114,6 +123,9 @@ impl Dataplane {
             sched_state: take(&mut ebpf, names::SCHED_STATE)?,
             flows_v4: take(&mut ebpf, names::FLOWS_V4)?,
             flows_v6: take(&mut ebpf, names::FLOWS_V6)?,
+            backend_conns: take(&mut ebpf, names::BACKEND_CONNS)?,
+            flow_pool: take(&mut ebpf, names::FLOW_POOL)?,
+            flow_quota: take(&mut ebpf, names::FLOW_QUOTA)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             reasons: take(&mut ebpf, names::REASONS)?,
@@ -125,9 +137,22 @@ impl Dataplane {
             links: Vec::new(),
             last_flip: StdHashMap::new(),
             readers_done_since: Instant::now(),
-            ncpus: aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?,
+            ncpus,
         };
         dp.set_globals(&Globals::default())?;
+        for (i, capacity) in [limits.conn_table_size, limits.conn_table_size_v6]
+            .into_iter()
+            .enumerate()
+        {
+            let pool = FlowPool {
+                free: capacity as i64,
+                batch: lb_common::flow_pool_batch(capacity, ncpus as u32),
+                ..FlowPool::default()
+            };
+            dp.flow_pool
+                .set(i as u32, pool, 0)
+                .context("writing FLOW_POOL")?;
+        }
         Ok(dp)
     }
 
@@ -137,6 +162,43 @@ impl Dataplane {
             .program(PROGRAM_NAME)
             .and_then(|p| <&Xdp>::try_from(p).ok())
             .expect("loaded in Dataplane::load")
+    }
+
+    /// Retires the connections idle past their timeout (runs the reaper program once over
+    /// both connection tables).
+    pub fn reap(&self) -> Result<()> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(REAPER_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("loaded in Dataplane::load");
+        // The program ignores its frame; BPF_PROG_TEST_RUN wants at least an Ethernet header.
+        let frame = [0u8; 64];
+        prog.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            ..TestRunOptions::default()
+        })
+        .context("running the connection reaper")?;
+        Ok(())
+    }
+
+    /// ActiveConn / InActConn of the real server at `index`.
+    pub fn conn_counts(&self, index: u32) -> Result<ConnCounts> {
+        self.backend_conns
+            .get(&index, 0)
+            .with_context(|| format!("reading BACKEND_CONNS[{index}]"))
+    }
+
+    /// Connections that may still be created (IPv4, IPv6): the shared pool plus what CPUs
+    /// hold. Equals the configured capacity minus the connections in the tables.
+    pub fn flow_entries_free(&self) -> Result<[i64; 2]> {
+        let quota = self.flow_quota.get(&0, 0)?;
+        let mut free = [0i64; 2];
+        for (i, f) in free.iter_mut().enumerate() {
+            *f = self.flow_pool.get(&(i as u32), 0)?.free
+                + quota.iter().map(|q| q.left[i] as i64).sum::<i64>();
+        }
+        Ok(free)
     }
 
     /// The ring buffer the program writes events to (taken once, by the daemon).
@@ -388,6 +450,7 @@ impl Dataplane {
         add(names::SLOTS, raw_fd(&self.slots.map));
         add(names::SERVICE_FILTER, raw_fd(&self.filter.map));
         add(names::SCHED_STATE, raw_fd(&self.sched_state));
+        add(names::BACKEND_CONNS, raw_fd(&self.backend_conns));
         add(names::SERVICE_STATS, raw_fd(&self.service_stats));
         add(names::BACKEND_STATS, raw_fd(&self.backend_stats));
         out

@@ -303,8 +303,7 @@ impl Engine {
         let mut ops = Vec::new();
         let mut retire = Vec::new();
         let now = Instant::now();
-        next.trash.retain(|t| t.until > now);
-        for t in self.trash.iter().filter(|t| t.until <= now) {
+        for t in next.take_expired_trash(dp, now) {
             retire.push(Deferred::BackendIndex(t.index));
         }
 
@@ -415,6 +414,29 @@ impl Engine {
                 Deferred::BackendIndex(i) => self.backend_ids.release(i),
             }
         }
+    }
+
+    /// Removes from the trash the servers past their revival period that have no connection
+    /// left (as IPVS frees a trashed destination once nothing refers to it): their indexes
+    /// may be reused only then, because connection counts live at the index.
+    fn take_expired_trash(&mut self, dp: &Dataplane, now: Instant) -> Vec<Trashed> {
+        let (gone, kept): (Vec<Trashed>, Vec<Trashed>) = std::mem::take(&mut self.trash)
+            .into_iter()
+            .partition(|t| t.until <= now && dp.conn_counts(t.index).is_ok_and(|c| c.total() == 0));
+        self.trash = kept;
+        gone
+    }
+
+    /// Periodic housekeeping between configuration changes: frees trashed servers whose
+    /// connections are all gone, and what earlier changes retired.
+    pub fn expire_trash(&mut self, dp: &mut Dataplane) {
+        let now = Instant::now();
+        let gone = self.take_expired_trash(dp, now);
+        self.deferred.extend(
+            gone.into_iter()
+                .map(|t| (now, Deferred::BackendIndex(t.index))),
+        );
+        self.collect_deferred(dp);
     }
 
     /// Marks a removed real server unavailable and keeps it in the trash for revival.
@@ -653,49 +675,21 @@ impl Engine {
             .map(|b| b.config.addr)
     }
 
-    /// The table as `ipvsadm -L` shows it, with live counters. Connection counts come from a
-    /// walk of the connection tables (entries idle past their state's timeout are gone for
-    /// IPVS, so they are not counted).
+    /// The table as `ipvsadm -L` shows it, with live counters. Connection counts are the
+    /// data plane's (exact; idle connections leave them when the reaper retires them).
     pub fn view(&self, dp: &Dataplane) -> Result<Vec<ServiceView>> {
-        let now = monotonic_coarse_ticks();
-        let timeouts = Globals::with_timeouts(timeouts_secs(self.timeouts)).timeouts;
-        // backend index → (generation, active, inactive)
-        let mut conns: HashMap<u32, (u64, u64)> = HashMap::new();
-        let generation_of: HashMap<u32, u32> = self
-            .services
-            .values()
-            .flat_map(|s| s.backends.iter().map(|b| (b.index, b.generation)))
-            .collect();
-        let mut count = |f: &lb_common::Flow| {
-            let live = now.wrapping_sub(f.last_seen)
-                <= timeouts.get(f.state as usize).copied().unwrap_or(0);
-            if live && generation_of.get(&f.backend) == Some(&f.generation) {
-                let e = conns.entry(f.backend).or_default();
-                if tcp::is_active(f.state) {
-                    e.0 += 1;
-                } else {
-                    e.1 += 1;
-                }
-            }
-        };
-        for (_, f) in dp.flows_v4() {
-            count(&f);
-        }
-        for (_, f) in dp.flows_v6() {
-            count(&f);
-        }
         let mut out = Vec::new();
         for st in self.services.values() {
             let mut backends = Vec::new();
             for b in &st.backends {
-                let (a, i) = conns.get(&b.index).copied().unwrap_or((0, 0));
+                let conns = dp.conn_counts(b.index)?;
                 backends.push(BackendView {
                     addr: b.config.addr,
                     port: b.config.port,
                     forwarding: b.config.forwarding,
                     weight: b.config.weight,
-                    active_conns: a,
-                    inactive_conns: i,
+                    active_conns: conns.active,
+                    inactive_conns: conns.inactive,
                     stats: dp.backend_stats(b.index)?.into(),
                     mac: self
                         .next_hops

@@ -118,6 +118,64 @@ impl Harness {
             .find(|a| run.out[0..6] == backend_mac(*a))
     }
 
+    /// Runs the connection reaper once.
+    pub fn reap(&self) {
+        self.dp.reap().expect("reaper run");
+    }
+
+    /// Sets every state's idle timeout, in ticks (about 16.8 ms each), bypassing the
+    /// whole-seconds configuration so expiry tests run quickly.
+    pub fn set_timeout_ticks(&mut self, ticks: [u32; lb_common::tcp::state::COUNT]) {
+        self.dp
+            .set_globals(&lb_common::Globals::with_ticks(ticks))
+            .unwrap();
+    }
+
+    /// (ActiveConn, InActConn) of real server `addr` of service `key`.
+    pub fn conns(&self, key: &ServiceKey, addr: IpAddr) -> (u64, u64) {
+        let view = self.engine.view(&self.dp).unwrap();
+        let svc = view.iter().find(|s| s.key == *key).expect("service");
+        let b = svc
+            .backends
+            .iter()
+            .find(|b| b.addr == addr)
+            .expect("real server");
+        (b.active_conns, b.inactive_conns)
+    }
+
+    /// Checks the invariant behind ActiveConn/InActConn: the data plane's counts equal a count
+    /// of the live (not retired) entries of the connection tables, for every backend index.
+    pub fn assert_counts_match_tables(&self) {
+        use std::collections::HashMap;
+        let mut walked: HashMap<u32, (u64, u64)> = HashMap::new();
+        let flows = self
+            .dp
+            .flows_v4()
+            .into_iter()
+            .map(|(_, f)| f)
+            .chain(self.dp.flows_v6().into_iter().map(|(_, f)| f));
+        for f in flows {
+            if f.status & lb_common::FLOW_DEAD != 0 {
+                continue;
+            }
+            let e = walked.entry(f.backend).or_default();
+            if lb_common::tcp::is_active(f.state()) {
+                e.0 += 1;
+            } else {
+                e.1 += 1;
+            }
+        }
+        for index in 0..self.dp.limits.max_backends {
+            let c = self.dp.conn_counts(index).unwrap();
+            let want = walked.get(&index).copied().unwrap_or((0, 0));
+            assert_eq!(
+                (c.active, c.inactive),
+                want,
+                "backend index {index}: counts vs connection table"
+            );
+        }
+    }
+
     pub fn service_id(&self, key: &ServiceKey) -> u32 {
         self.engine.service_id(key).unwrap()
     }

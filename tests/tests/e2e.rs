@@ -182,6 +182,74 @@ fn long_lived_connection_keeps_its_real_server() {
     );
 }
 
+/// (ActiveConn, InActConn) summed over the real servers of an `xlb list -n` output.
+fn conn_totals(list: &str) -> (u64, u64) {
+    list.lines()
+        .filter(|l| l.starts_with("  -> ") && !l.contains("RemoteAddress"))
+        .map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            (c[4].parse::<u64>().unwrap(), c[5].parse::<u64>().unwrap())
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// Connection accounting with real TCP stacks: N open connections are N ActiveConn; once the
+/// clients close them they are InActConn (FIN_WAIT), and after the FIN timeout they are gone.
+#[test]
+fn connection_counts_follow_real_connections() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-acct", 3, &xlb).unwrap();
+    b.start_http().unwrap();
+    let backends: Vec<(String, u32)> = b.servers.iter().map(|s| (s.v4.to_string(), 1)).collect();
+    let cfg = b.config(&format!(
+        "{}\n[timeouts]\ntcp_fin = 1\n",
+        service("web", &format!("{}:80", b.vip4), "rr", &backends)
+    ));
+    b.start_xlb(&xlb, &cfg).unwrap();
+    let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
+    const N: usize = 7;
+    let (bin, socket) = (xlb.clone(), b.socket());
+    let list = move || {
+        run(&[
+            &bin.to_string_lossy(),
+            "list",
+            "-n",
+            "--socket",
+            &socket.to_string_lossy(),
+        ])
+        .unwrap()
+    };
+    let (open, closed) = in_netns(&b.cli, move || {
+        let mut conns: Vec<KeepAlive> = (0..N).map(|_| KeepAlive::connect(vip).unwrap()).collect();
+        for c in &mut conns {
+            c.get().unwrap();
+        }
+        let open = list();
+        drop(conns);
+        // The FINs reach the balancer within a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut closed = list();
+        while conn_totals(&closed) != (0, N as u64) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            closed = list();
+        }
+        (open, closed)
+    })
+    .unwrap();
+    assert_eq!(conn_totals(&open), (N as u64, 0), "{open}");
+    assert_eq!(conn_totals(&closed), (0, N as u64), "{closed}");
+    // tcp_fin = 1 s, the reaper runs every second: gone within a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = xlb_list(&b);
+    while conn_totals(&last) != (0, 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        last = xlb_list(&b);
+    }
+    assert_eq!(conn_totals(&last), (0, 0), "{last}");
+}
+
 /// The balancer's neighbour entries vanish (flushed, as after a link flap or garbage
 /// collection): forwarding goes on with the known MACs while the kernel re-resolves them.
 #[test]

@@ -950,7 +950,7 @@ fn flow_entry_tracks_ipvs_states() {
     let state_after = |flags: u8| -> u8 {
         h.run(&Frame::tcp("192.168.1.1", 999, "10.0.0.10", 80, flags).build());
         let f: Flow = h.dp.flow_v4(&k).expect("tracked");
-        f.state
+        f.state()
     };
     assert_eq!(state_after(SYN), state::SYN_RECV);
     assert_eq!(state_after(ACK), state::ESTABLISHED);

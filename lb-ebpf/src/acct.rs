@@ -1,0 +1,133 @@
+//! Connection accounting: the ActiveConn/InActConn counts of every real server, which the
+//! least-connection schedulers read and `ipvsadm -L` shows, and the admission of entries into
+//! the connection table.
+//!
+//! Counts are exact because every change of a flow entry's state is a compare-and-swap on
+//! `Flow::status`: whoever wins the swap applies the matching count change, exactly once
+//! (creation: +1; a change between active and inactive states: one of each; retirement: −1).
+//! Entries are retired by the reaper (idle past their timeout) or by a packet reusing an
+//! expired tuple. The LRU never evicts an entry behind our back, because the table never
+//! fills: entries are handed out from a pool sized below the table's capacity.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+
+use lb_common::{FAMILY_V4, FLOW_DEAD, FLOW_POOL_BATCH, tcp};
+
+use crate::maps::{BACKEND_CONNS, FLOW_POOL, FLOW_QUOTA};
+
+#[inline(always)]
+fn add(p: *mut u64, v: u64) {
+    // Relaxed: the result is not used, so LLVM's plain XADD is what we want here.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// Adds `delta` (+1 or −1) to the count of `state` (active or inactive) of `backend`.
+#[inline(always)]
+fn count(backend: u32, state: u8, delta: u64) {
+    if let Some(c) = BACKEND_CONNS.get_ptr_mut(backend) {
+        let p = if tcp::is_active(state) {
+            unsafe { &raw mut (*c).active }
+        } else {
+            unsafe { &raw mut (*c).inactive }
+        };
+        add(p, delta);
+    }
+}
+
+/// A connection in `state` was created on `backend`.
+#[inline(always)]
+pub fn created(backend: u32, state: u8) {
+    count(backend, state, 1);
+}
+
+/// A connection of `backend` went from `old` to `new`.
+#[inline(always)]
+pub fn moved(backend: u32, old: u8, new: u8) {
+    if tcp::is_active(old) != tcp::is_active(new) {
+        count(backend, old, u64::MAX);
+        count(backend, new, 1);
+    }
+}
+
+/// A connection of `backend` in `state` is gone.
+#[inline(always)]
+pub fn gone(backend: u32, state: u8) {
+    count(backend, state, u64::MAX);
+}
+
+/// Swaps a flow's status word from `old` to `new`; `true` if this caller made the change.
+#[inline(always)]
+pub fn swap_status(status: *mut u32, old: u32, new: u32) -> bool {
+    unsafe {
+        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            status, old, new,
+        )
+    }
+    .1
+}
+
+/// Retires an entry whose status read `observed`: on success the caller owns the retirement
+/// (the count is decremented here; the caller deletes the entry and returns it to the pool).
+#[inline(always)]
+pub fn retire(status: *mut u32, observed: u32, backend: u32) -> bool {
+    if observed & FLOW_DEAD != 0 || !swap_status(status, observed, observed | FLOW_DEAD) {
+        return false;
+    }
+    gone(backend, observed as u8);
+    true
+}
+
+#[inline(always)]
+fn pool_index(family: u8) -> usize {
+    if family == FAMILY_V4 { 0 } else { 1 }
+}
+
+/// Takes one connection-table entry for `family`; `false` when the table is full.
+#[inline(always)]
+#[allow(clippy::manual_clamp)] // clamp's argument check brings a panic path into the program
+pub fn take_entry(family: u8) -> bool {
+    let i = pool_index(family);
+    let Some(q) = FLOW_QUOTA.get_ptr_mut(0) else {
+        return false;
+    };
+    let left = unsafe { &mut (*q).left[i] };
+    if *left > 0 {
+        *left -= 1;
+        return true;
+    }
+    // Refill from the shared pool, a batch at a time (one contended atomic per batch).
+    let Some(pool) = FLOW_POOL.get_ptr_mut(i as u32) else {
+        return false;
+    };
+    let batch = unsafe { (*pool).batch }.min(FLOW_POOL_BATCH).max(1);
+    let free = unsafe { &raw mut (*pool).free } as *mut u64;
+    let before =
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(free, (-batch) as u64) }
+            as i64;
+    // Keep what was there (up to a batch) and give back the rest.
+    let got = before.min(batch).max(0);
+    if got < batch {
+        add(free, (batch - got) as u64);
+    }
+    if got == 0 {
+        return false;
+    }
+    *left = (got - 1) as u64;
+    true
+}
+
+/// Gives back an entry taken but not used (the insert found the key present).
+#[inline(always)]
+pub fn untake_entry(family: u8) {
+    if let Some(q) = FLOW_QUOTA.get_ptr_mut(0) {
+        unsafe { (*q).left[pool_index(family)] += 1 };
+    }
+}
+
+/// Returns the entry of a deleted flow to the shared pool.
+#[inline(always)]
+pub fn release_entry(family: u8) {
+    if let Some(pool) = FLOW_POOL.get_ptr_mut(pool_index(family) as u32) {
+        add(unsafe { &raw mut (*pool).free } as *mut u64, 1);
+    }
+}

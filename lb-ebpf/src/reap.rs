@@ -1,0 +1,85 @@
+//! The reaper: retires connections idle past their state's timeout, so their counts leave
+//! ActiveConn/InActConn and their entries return to the pool. IPVS arms a timer per
+//! connection; here the controller runs this program (`BPF_PROG_TEST_RUN`, about once a
+//! second), which walks both connection tables with `bpf_for_each_map_elem`.
+//!
+//! Retirement is the same compare-and-swap the packet path uses, so an entry is retired (and
+//! its count decremented) exactly once, whoever gets there first.
+
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::{bpf_for_each_map_elem, bpf_map_delete_elem};
+use lb_common::{FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, reason};
+
+use crate::{
+    acct, flow,
+    maps::{FLOWS_V4, FLOWS_V6, REASONS},
+};
+
+#[repr(C)]
+struct Walk {
+    now: u32,
+    family: u32,
+    expired: u64,
+}
+
+/// Walks both tables; returns the number of entries retired.
+#[inline(always)]
+pub fn reap(now: u32) -> u64 {
+    let mut walk = Walk {
+        now,
+        family: FAMILY_V4 as u32,
+        expired: 0,
+    };
+    unsafe {
+        bpf_for_each_map_elem(
+            &raw const FLOWS_V4 as *mut c_void,
+            visit as *mut c_void,
+            &raw mut walk as *mut c_void,
+            0,
+        );
+    }
+    walk.family = FAMILY_V6 as u32;
+    unsafe {
+        bpf_for_each_map_elem(
+            &raw const FLOWS_V6 as *mut c_void,
+            visit as *mut c_void,
+            &raw mut walk as *mut c_void,
+            0,
+        );
+    }
+    // Only the reaper writes this counter, so the per-CPU add cannot race with a packet.
+    if let Some(c) = REASONS.get_ptr_mut(reason::EV_FLOW_EXPIRED) {
+        unsafe { *c += walk.expired };
+    }
+    walk.expired
+}
+
+/// One entry: retire it if it expired. Always continues the walk (returns 0).
+#[inline(never)]
+extern "C" fn visit(
+    map: *mut c_void,
+    key: *mut c_void,
+    value: *mut c_void,
+    ctx: *mut c_void,
+) -> i64 {
+    let walk = unsafe { &mut *(ctx as *mut Walk) };
+    let flow = value as *mut Flow;
+    let status_ptr = unsafe { &raw mut (*flow).status };
+    let status = unsafe { core::ptr::read_volatile(status_ptr) };
+    if status & FLOW_DEAD != 0 {
+        // Being retired by a packet, which deletes it.
+        return 0;
+    }
+    let last_seen = unsafe { core::ptr::read_volatile(&raw const (*flow).last_seen) };
+    if walk.now.wrapping_sub(last_seen) <= flow::timeout(status as u8) {
+        return 0;
+    }
+    let backend = unsafe { (*flow).backend };
+    if acct::retire(status_ptr, status, backend) {
+        unsafe { bpf_map_delete_elem(map, key) };
+        acct::release_entry(walk.family as u8);
+        walk.expired += 1;
+    }
+    0
+}
