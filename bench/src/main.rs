@@ -15,7 +15,7 @@ use aya::{
     maps::{Array, HashMap, ProgramArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::reason;
+use lb_common::{Globals, reason, tcp};
 use serde::Serialize;
 use xlb::{
     config::{self, Limits},
@@ -38,7 +38,11 @@ const XDP_TX: u32 = 3;
 
 const ROUNDS: usize = 9;
 const HOT_REPEAT: u32 = 5_000_000;
-const NEW_FLOW_REPEAT: u32 = 500_000;
+/// New flows per measurement: at most an eighth of the table (which is half full of
+/// established connections, a quarter of the "many flows").
+fn new_flow_repeat() -> u32 {
+    500_000.min(conn_table() / 8)
+}
 /// Established flows the "many flows" case cycles over (`XLB_BENCH_SCALE=small`: 2^14,
 /// with a 2^16 table: a profiling mode where everything fits in the caches).
 fn many_flows() -> u32 {
@@ -217,9 +221,14 @@ fn main() -> Result<()> {
     let ack = hex(ACK_VIP);
     let nonvip = hex(SYN_NON_VIP);
 
+    // The baseline tables get the kernel capacity xlb's table gets (its configured capacity
+    // plus the reserve that keeps the LRU from evicting).
+    let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow::anyhow!("{m}: {e}"))? as u32;
+    let lru_capacity = conn_table() + lb_common::flow_table_reserve(ncpus);
     let mut base = EbpfLoader::new()
-        .map_max_entries("BASE_LRU", conn_table())
-        .map_max_entries("BASE_LRU2", conn_table())
+        .map_max_entries("BASE_LRU", lru_capacity)
+        .map_max_entries("BASE_LRU2", lru_capacity)
+        .map_max_entries("BASE_LRU_FULL", lru_capacity)
         .load(BENCH_OBJECT)
         .context("loading the baseline programs")?;
     for p in [
@@ -227,7 +236,9 @@ fn main() -> Result<()> {
         "base_parse_tx",
         "base_parse_hash_tx",
         "base_lru_insert",
+        "base_lru_insert_full",
         "base_lru_lookup_insert",
+        "base_lru_delete",
         "wrap",
     ] {
         let prog: &mut Xdp = base.program_mut(p).unwrap().try_into()?;
@@ -274,19 +285,43 @@ fn main() -> Result<()> {
         fresh: many_flows() as u64,
     };
 
-    // The hot flow exists; the connection table is full before the new-flow case.
+    // The hot flow exists. The tables are half full of established connections before the
+    // new-flow case (plus the "many flows" a quarter, plus the new flows of a measurement):
+    // xlb's table never evicts, so the steady state is a busy table with room.
     ensure!(
         b.measure("xlb", &syn, Method::Direct, 1)?.0 == XDP_TX,
         "SYN to the VIP not forwarded"
     );
-    eprintln!("filling the connection table ({} entries)...", conn_table());
-    let fill = conn_table() + conn_table() / 4;
+    let fill = conn_table() / 2;
+    eprintln!(
+        "filling the connection tables ({fill} of {} entries)...",
+        conn_table()
+    );
     let start = b.fresh;
     b.measure("xlb", &syn, Method::Fresh, fill)?;
+    b.fresh = start;
+    b.measure("xlb", &ack, Method::Fresh, fill)?;
     b.fresh = start;
     b.measure("base_lru_insert", &syn, Method::Fresh, fill)?;
     b.fresh = start;
     b.measure("base_lru_lookup_insert", &syn, Method::Fresh, fill)?;
+    ensure!(
+        b.dp.flow_entries_free()?[0] == (conn_table() - fill - 1) as i64,
+        "the fill did not create {fill} connections"
+    );
+    // Source addresses: [0, many) the "many flows", then the fill, then a window reused by
+    // every round (whatever it inserts is taken out again), then addresses used once (the
+    // evicting baseline must never see a key again).
+    let window = start + fill as u64;
+    let mut unique = window + conn_table() as u64 / 2;
+    b.fresh = unique;
+    b.measure(
+        "base_lru_insert_full",
+        &syn,
+        Method::Fresh,
+        lru_capacity + lru_capacity / 4,
+    )?;
+    unique = b.fresh;
 
     // Profiling aid: `XLB_BENCH_PROFILE=new|established` runs only that case for ~20 s (for
     // `perf record -e cpu-clock` with net.core.bpf_jit_kallsyms=1).
@@ -295,26 +330,36 @@ fn main() -> Result<()> {
         b.measure("xlb", &syn, Method::Direct, 1)?;
         while std::time::Instant::now() < until {
             match which.as_str() {
-                "new" => b.measure("xlb", &syn, Method::Fresh, 200_000)?,
-                _ => b.measure("xlb", &ack, Method::Shim { mask: 0 }, 5_000_000)?,
+                "new" => {
+                    b.measure("xlb", &syn, Method::Fresh, 200_000)?;
+                    b.retire_new_flows()?;
+                }
+                _ => {
+                    b.measure("xlb", &ack, Method::Shim { mask: 0 }, 5_000_000)?;
+                }
             };
             if b.fresh > 14_000_000 {
-                b.fresh = many_flows() as u64;
+                b.fresh = start + fill as u64;
             }
         }
         return Ok(());
     }
 
-    let names: [(&str, &str); 10] = [
+    let names: [(&str, &str); 12] = [
         ("XDP_DROP (harness floor)", "D"),
         ("parse + swap MACs + XDP_TX", "D"),
         ("parse + 1 hash lookup + XDP_TX", "D"),
-        ("bare LRU insert, new key, full table", "S+vary"),
-        ("LRU lookup (miss) + insert, full table", "S+vary"),
+        ("bare LRU insert, new key, table 3/4 full", "S+vary"),
+        ("LRU lookup (miss) + insert, table 3/4 full", "S+vary"),
         ("xlb: non-VIP packet → XDP_PASS", "D"),
         ("xlb: established flow, one hot flow", "S"),
         ("xlb: established flows, cycling over 1M", "S+vary"),
-        ("xlb: new flow every packet, table full", "S+vary"),
+        ("xlb: new flow every packet, table 3/4 full", "S+vary"),
+        ("bare LRU insert, new key, full table (evicts)", "S+vary"),
+        (
+            "xlb: new flow every packet, full table (recycles)",
+            "S+vary",
+        ),
         ("shim floor: S(drop)", "S"),
     ];
     let mut cases: Vec<Case> = names
@@ -326,6 +371,7 @@ fn main() -> Result<()> {
         })
         .collect();
 
+    let mut reaper_ns_per_entry: Vec<f64> = Vec::new();
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
         let d_drop = b.measure("base_drop", &syn, Method::Direct, HOT_REPEAT)?;
@@ -335,7 +381,7 @@ fn main() -> Result<()> {
             "base_drop",
             &syn,
             Method::Shim { mask: 0xff_ffff },
-            NEW_FLOW_REPEAT,
+            new_flow_repeat(),
         )?;
         let s_drop_many = b.measure(
             "base_drop",
@@ -360,11 +406,9 @@ fn main() -> Result<()> {
         let mut lru = Vec::new();
         let mut lru2 = Vec::new();
         let mut new = Vec::new();
+        let mut reaps = Vec::new();
         for half in 0..2 {
-            if (b.fresh..b.fresh + NEW_FLOW_REPEAT as u64).contains(&0xa8_0101) {
-                b.fresh = 0xa8_0102;
-            }
-            let start = b.fresh;
+            let start = window;
             let order: [u8; 3] = if (round + half) % 2 == 0 {
                 [0, 1, 2]
             } else {
@@ -372,29 +416,43 @@ fn main() -> Result<()> {
             };
             for which in order {
                 b.fresh = start;
-                match which {
-                    0 => lru.push(b.measure(
-                        "base_lru_insert",
-                        &syn,
-                        Method::Fresh,
-                        NEW_FLOW_REPEAT,
-                    )?),
-                    1 => lru2.push(b.measure(
-                        "base_lru_lookup_insert",
-                        &syn,
-                        Method::Fresh,
-                        NEW_FLOW_REPEAT,
-                    )?),
+                let measured = match which {
+                    0 => {
+                        lru.push(b.measure(
+                            "base_lru_insert",
+                            &syn,
+                            Method::Fresh,
+                            new_flow_repeat(),
+                        )?);
+                        "base"
+                    }
+                    1 => {
+                        lru2.push(b.measure(
+                            "base_lru_lookup_insert",
+                            &syn,
+                            Method::Fresh,
+                            new_flow_repeat(),
+                        )?);
+                        "base"
+                    }
                     _ => {
                         let before = b.snapshot()?;
-                        new.push(b.measure("xlb", &syn, Method::Fresh, NEW_FLOW_REPEAT)?);
+                        new.push(b.measure("xlb", &syn, Method::Fresh, new_flow_repeat())?);
                         b.expect(
                             &before,
-                            &[(reason::TX, NEW_FLOW_REPEAT as u64)],
-                            NEW_FLOW_REPEAT as u64,
+                            &[(reason::TX, new_flow_repeat() as u64)],
+                            new_flow_repeat() as u64,
                             "new flows",
                         )?;
+                        "xlb"
                     }
+                };
+                // Take the new entries back out, so every measurement sees the same table.
+                if measured == "xlb" {
+                    reaps.push(b.retire_new_flows()?);
+                } else {
+                    b.fresh = start;
+                    b.measure("base_lru_delete", &syn, Method::Fresh, new_flow_repeat())?;
                 }
             }
         }
@@ -402,6 +460,43 @@ fn main() -> Result<()> {
             lru.iter().chain(&lru2).all(|r| r.0 == XDP_TX),
             "LRU baselines",
         )?;
+
+        // A full table: xlb's is filled up with embryonic connections (unmeasured), then every
+        // new flow takes over the oldest one; the baseline's inserts evict.
+        b.fresh = window;
+        let room = b.dp.flow_entries_free()?[0];
+        ensure!(
+            room > 0,
+            "the table should have room before the full-table case"
+        );
+        b.measure("xlb", &syn, Method::Fresh, room as u32)?;
+        ensure!(b.dp.flow_entries_free()?[0] == 0, "the table did not fill");
+        let before = b.snapshot()?;
+        b.fresh = unique;
+        let new_full = b.measure("xlb", &syn, Method::Fresh, new_flow_repeat())?;
+        b.expect(
+            &before,
+            &[(reason::TX, new_flow_repeat() as u64)],
+            new_flow_repeat() as u64,
+            "new flows, full table",
+        )?;
+        let recycled = b.dp.reasons()?[reason::EV_FLOW_RECYCLED as usize]
+            - before.0[reason::EV_FLOW_RECYCLED as usize];
+        ensure!(
+            recycled == new_flow_repeat() as u64,
+            "new flows, full table: {recycled} recycled entries, expected {}",
+            new_flow_repeat()
+        );
+        reaps.push(b.retire_new_flows()?);
+        b.fresh = unique;
+        let lru_full = b.measure(
+            "base_lru_insert_full",
+            &syn,
+            Method::Fresh,
+            new_flow_repeat(),
+        )?;
+        check(lru_full.0 == XDP_TX, "evicting LRU baseline")?;
+        unique = b.fresh;
 
         let before = b.snapshot()?;
         let nonvip_r = b.measure("xlb", &nonvip, Method::Direct, HOT_REPEAT)?;
@@ -461,7 +556,7 @@ fn main() -> Result<()> {
             "1M established flows",
         )?;
 
-        let values: [Vec<f64>; 10] = [
+        let values: [Vec<f64>; 12] = [
             vec![d_drop.1],
             vec![parse_tx.1],
             vec![parse_hash.1],
@@ -471,14 +566,17 @@ fn main() -> Result<()> {
             vec![correct(hot.1, (s_drop.1 + s_drop_after.1) / 2.0)],
             vec![correct(many.1, s_drop_many.1)],
             new.iter().map(|r| correct(r.1, s_drop_vary.1)).collect(),
+            vec![correct(lru_full.1, s_drop_vary.1)],
+            vec![correct(new_full.1, s_drop_vary.1)],
             vec![s_drop.1],
         ];
         for (c, v) in cases.iter_mut().zip(values) {
             c.rounds.extend(v);
         }
+        reaper_ns_per_entry.extend(reaps);
     }
 
-    report(&cases, &b.dp)?;
+    report(&cases, &b.dp, &reaper_ns_per_entry)?;
     Ok(())
 }
 
@@ -490,6 +588,26 @@ fn check(ok: bool, what: &str) -> Result<()> {
 }
 
 impl Bench {
+    /// Retires the connections in SYN_RECV (the new flows of the last measurement) with the
+    /// reaper; returns the reaper's cost in ns per table entry walked.
+    fn retire_new_flows(&mut self) -> Result<f64> {
+        let mut t = tcp::DEFAULT_TIMEOUTS.map(lb_common::ticks::from_secs);
+        t[tcp::state::SYN_RECV as usize] = 0;
+        self.dp.set_globals(&Globals::with_ticks(t))?;
+        // Timeout 0 expires entries a tick (16.8 ms) old.
+        std::thread::sleep(Duration::from_millis(40));
+        let walked = self.dp.flows_in_table()?;
+        let t0 = std::time::Instant::now();
+        self.dp.reap()?;
+        let took = t0.elapsed();
+        self.dp.set_globals(&Globals::default())?;
+        ensure!(
+            self.dp.flow_entries_free()?[0] > 0,
+            "the reaper did not retire the new flows"
+        );
+        Ok(took.as_nanos() as f64 / walked.max(1) as f64)
+    }
+
     fn snapshot(&self) -> Result<(Vec<u64>, u64)> {
         Ok((
             self.dp.reasons()?,
@@ -532,7 +650,7 @@ impl Bench {
     }
 }
 
-fn report(cases: &[Case], dp: &Dataplane) -> Result<()> {
+fn report(cases: &[Case], dp: &Dataplane, reaper_ns_per_entry: &[f64]) -> Result<()> {
     let by = |n: &str| cases.iter().find(|c| c.name.starts_with(n)).unwrap();
     let drop = by("XDP_DROP");
     let parse_tx = by("parse + swap");
@@ -579,15 +697,33 @@ fn report(cases: &[Case], dp: &Dataplane) -> Result<()> {
         2.0,
     );
     line(
-        "new flow, full table / bare LRU insert",
-        ratio(new, lru),
+        "new flow, full table / bare insert, full LRU",
+        ratio(
+            by("xlb: new flow every packet, full"),
+            by("bare LRU insert, new key, full"),
+        ),
         1.1,
+    );
+    println!(
+        "  (for reference: new flow / bare LRU insert, both 3/4 full: {:.2})",
+        ratio(new, lru).0
     );
     println!(
         "  (for reference: new flow / LRU lookup+insert {:.2}; lookup+insert / insert {:.2})",
         ratio(new, by("LRU lookup")).0,
         ratio(by("LRU lookup"), lru).0
     );
+    let mut r = reaper_ns_per_entry.to_vec();
+    r.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    if !r.is_empty() {
+        println!(
+            "\nReaper (expiry walk over both tables): {:.1} ns per entry walked (median of {}, min {:.1}, max {:.1})",
+            r[r.len() / 2],
+            r.len(),
+            r[0],
+            r[r.len() - 1]
+        );
+    }
     println!("\nMemory (kernel memlock of the map / capacity):");
     for (name, bytes, entries) in dp.memory() {
         if entries > 0 {

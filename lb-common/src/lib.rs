@@ -44,6 +44,8 @@ pub mod map_names {
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
     pub const FLOW_POOL: &str = "FLOW_POOL";
     pub const FLOW_QUOTA: &str = "FLOW_QUOTA";
+    pub const RECENT_V4: &str = "RECENT_V4";
+    pub const RECENT_V6: &str = "RECENT_V6";
 }
 
 /// The service prefilter: bit `bit(addr, port, proto)` of a bitmap is set for every virtual
@@ -394,14 +396,49 @@ pub struct FlowPool {
     /// Entries a CPU takes at once (1..=64, smaller for small tables so that CPUs holding
     /// unused entries do not starve the others).
     pub batch: i64,
-    pub _reserved: [u64; 6],
+    /// Size of each CPU's ring of recently created connections (`RECENT_V4/V6`) minus one;
+    /// the size is a power of two.
+    pub recent_mask: u64,
+    pub _reserved: [u64; 5],
 }
 
-/// A CPU's entries taken from the pool and not used yet (per table).
+/// Per-CPU, per table (index 0 IPv4, 1 IPv6): entries taken from the pool and not used yet,
+/// and the cursors of the CPU's ring of recently created connections.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowQuota {
     pub left: [u64; 2],
+    /// Connections recorded in the ring so far (the next slot is `recent_next & mask`).
+    pub recent_next: [u64; 2],
+    /// The oldest ring position not yet examined for recycling.
+    pub recent_evict: [u64; 2],
+}
+
+/// Size of each CPU's ring of recently created connections: about its share of the table,
+/// a power of two between 1024 and 2^20.
+pub fn recent_ring_size(capacity: u32, ncpus: u32) -> u32 {
+    (capacity / ncpus.max(1))
+        .next_power_of_two()
+        .clamp(1024, 1 << 20)
+}
+
+/// Candidates a new connection examines in its CPU's ring when the table is full.
+pub const RECYCLE_TRIES: u32 = 8;
+
+/// A full table recycles a UDP connection only once it has been idle this long (ticks, 1 s):
+/// a busy UDP flow keeps its server.
+pub const RECYCLE_UDP_IDLE: u32 = 60;
+
+/// Whether a connection in state `st`, idle for `idle` ticks, may give its entry to a new
+/// connection when the table is full (as conntrack's early drop does): never an established
+/// TCP connection; embryonic and closing ones (a SYN flood's included) first in, first out.
+#[inline(always)]
+pub fn recyclable(st: u8, idle: u32) -> bool {
+    match st {
+        tcp::state::ESTABLISHED => false,
+        tcp::state::UDP => idle >= RECYCLE_UDP_IDLE,
+        _ => true,
+    }
 }
 
 /// The largest batch a CPU takes from the pool.
@@ -570,7 +607,7 @@ mod layout_tests {
         assert_eq!(size_of::<Flow>(), 6 * 4);
         assert_eq!(size_of::<ConnCounts>(), 64);
         assert_eq!(size_of::<FlowPool>(), 64);
-        assert_eq!(size_of::<FlowQuota>(), 16);
+        assert_eq!(size_of::<FlowQuota>(), 48);
         assert_eq!(size_of::<SchedState>(), 64);
         assert_eq!(align_of::<SchedState>(), 64);
         assert_eq!(size_of::<Counters>(), 5 * 8);

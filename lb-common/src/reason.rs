@@ -36,8 +36,9 @@ pub const DROP_BACKEND_GONE: u32 = 11;
 pub const DROP_INTERNAL: u32 = 12;
 /// The forwarding method is not implemented for this packet.
 pub const DROP_UNSUPPORTED: u32 = 13;
-/// A new connection found the connection table full (every entry belongs to a live
-/// connection): it is refused rather than evicting a live connection's entry.
+/// A new connection found the connection table full and no entry it may take over (the oldest
+/// connections its CPU created are established): it is refused rather than evicting a live
+/// connection. (Services with sh, dh or mh forward it untracked instead.)
 pub const DROP_FLOW_TABLE_FULL: u32 = 14;
 // --- forwarded ---
 pub const TX: u32 = 15;
@@ -61,9 +62,16 @@ pub const EV_FLOW_RESCHEDULED: u32 = 18;
 pub const EV_EVENT_LOST: u32 = 19;
 /// Entries the reaper retired because their connection had been idle past its timeout.
 pub const EV_FLOW_EXPIRED: u32 = 20;
+/// A new connection found the table full and took the entry of the oldest connection that
+/// was not established (see `lb_common::recyclable`).
+pub const EV_FLOW_RECYCLED: u32 = 21;
+/// A packet of a service with a deterministic scheduler (sh, dh, mh) was forwarded by hash
+/// without a connection entry (table full, or a mid-connection packet with no entry: the
+/// hash gives the same server).
+pub const EV_FLOW_UNTRACKED: u32 = 22;
 
 /// Size of the `REASONS` array.
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 23;
 
 /// Metric/label names, indexed by counter.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -88,4 +96,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "flow_rescheduled",
     "event_lost",
     "flow_expired",
+    "flow_recycled",
+    "flow_untracked",
 ];

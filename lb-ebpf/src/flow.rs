@@ -3,16 +3,16 @@
 //! table) so idle timeouts are the IPVS ones. Packets that open a connection are matched to
 //! their virtual service here and handed to the scheduler.
 
-use aya_ebpf::maps::LruHashMap;
+use aya_ebpf::maps::{LruHashMap, PerCpuArray};
 use lb_common::{
-    BACKEND_F_AVAILABLE, Backend, FAMILY_V4, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP,
-    Service, reason,
+    BACKEND_F_AVAILABLE, Backend, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6,
+    PROTO_TCP, Service, reason,
     tcp::{self, Direction, state},
 };
 
 use crate::{
-    acct,
-    maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS},
+    acct, admit,
+    maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS, RECENT_V4, RECENT_V6},
     parse::Pkt,
     sched, service, stats,
 };
@@ -27,12 +27,20 @@ pub struct Target {
     pub new_conn: bool,
 }
 
-trait FlowKey: Sized + 'static {
+pub trait FlowKey: Sized + 'static {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    const FAMILY: u8;
+    /// The table's index in per-family arrays (0 IPv4, 1 IPv6).
+    const INDEX: usize;
     fn from_pkt(pkt: &Pkt) -> Self;
     fn table() -> &'static LruHashMap<Self, Flow>;
+    /// This family's rings of recently created connections.
+    fn recent() -> &'static PerCpuArray<Self>;
 }
 
 impl FlowKey for FlowKeyV4 {
+    const FAMILY: u8 = FAMILY_V4;
+    const INDEX: usize = 0;
     #[inline(always)]
     fn from_pkt(pkt: &Pkt) -> Self {
         FlowKeyV4::new(pkt.src[0], pkt.dst[0], pkt.sport, pkt.dport, pkt.proto)
@@ -41,9 +49,15 @@ impl FlowKey for FlowKeyV4 {
     fn table() -> &'static LruHashMap<Self, Flow> {
         &FLOWS_V4
     }
+    #[inline(always)]
+    fn recent() -> &'static PerCpuArray<Self> {
+        &RECENT_V4
+    }
 }
 
 impl FlowKey for FlowKeyV6 {
+    const FAMILY: u8 = FAMILY_V6;
+    const INDEX: usize = 1;
     #[inline(always)]
     fn from_pkt(pkt: &Pkt) -> Self {
         FlowKeyV6::new(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto)
@@ -51,6 +65,10 @@ impl FlowKey for FlowKeyV6 {
     #[inline(always)]
     fn table() -> &'static LruHashMap<Self, Flow> {
         &FLOWS_V6
+    }
+    #[inline(always)]
+    fn recent() -> &'static PerCpuArray<Self> {
+        &RECENT_V6
     }
 }
 
@@ -126,6 +144,10 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
             // Losing the swap means someone else changed the state first; theirs stands.
             if next != st && acct::swap_status(status_ptr, status, next as u32) {
                 acct::moved(flow.backend, st, next);
+                if tcp::is_active(st) && !tcp::is_active(next) {
+                    // Closing: its entry may now go to a new connection if the table fills.
+                    admit::record(&key);
+                }
             }
             if flow.last_seen != now {
                 flow.last_seen = now;
@@ -142,10 +164,10 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
             // its connections, a SYN on the same tuple included, until the entry expires.
             return Err(reason::DROP_BACKEND_GONE);
         }
-        if !may_create {
-            return Err(reason::PASS_TCP_NO_FLOW);
-        }
         let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+        if !may_create {
+            return untracked(pkt, svc);
+        }
         // The old connection ends here (unless the reaper got to it first, in which case it
         // deletes the entry): its count goes, its entry returns to the pool.
         if acct::retire(status_ptr, status, flow.backend) {
@@ -157,9 +179,31 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     }
     let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
     if !may_create {
-        return Err(reason::PASS_TCP_NO_FLOW);
+        return untracked(pkt, svc);
     }
     schedule(&key, pkt, svc, now)
+}
+
+/// A packet that cannot open a connection and has none (IPVS hands it to the local stack).
+/// For sh, dh and mh the hash names the server the connection was on (unless the table of
+/// servers changed), so the packet goes there: connections survive a full table, a restart of
+/// the balancer or a failover to another one.
+#[inline(always)]
+fn untracked(pkt: &Pkt, svc: &Service) -> Result<Target, u32> {
+    if !sched::deterministic(svc) {
+        return Err(reason::PASS_TCP_NO_FLOW);
+    }
+    if pkt.ttl <= 1 {
+        return Err(reason::PASS_TTL_EXPIRED);
+    }
+    let (index, backend) = sched::pick(svc, pkt)?;
+    stats::count(reason::EV_FLOW_UNTRACKED);
+    Ok(Target {
+        index,
+        service_id: svc.id,
+        backend,
+        new_conn: false,
+    })
 }
 
 /// `BPF_NOEXIST`: insert only if the key is absent. Every insert uses it: overwriting an
@@ -178,7 +222,8 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
         return None;
     }
     let t = sched::peek(svc, pkt).ok()?;
-    if !acct::take_entry(pkt.family) {
+    // A full table is the regular path's business (it may recycle an entry).
+    if !acct::take_entry(K::FAMILY) {
         return None;
     }
     // A plain SYN in state NONE: the input-only table's answer, without the lookup.
@@ -187,7 +232,7 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
     let recorded = match K::table().insert(key, &flow, BPF_NOEXIST) {
         Ok(()) => true,
         Err(e) => {
-            acct::untake_entry(pkt.family);
+            acct::untake_entry(K::FAMILY);
             if e == -EEXIST {
                 return None;
             }
@@ -215,6 +260,7 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
     };
     if recorded {
         acct::created(index, initial);
+        admit::record(key);
     }
     Some(Target {
         index,
@@ -231,29 +277,38 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
         return Err(reason::PASS_TTL_EXPIRED);
     }
     // Before the pick, so a refused connection does not advance the scheduler.
-    if !acct::take_entry(pkt.family) {
+    let tracked = admit::take::<K>(now);
+    if !tracked && !sched::deterministic(svc) {
         return Err(reason::DROP_FLOW_TABLE_FULL);
     }
     let (index, backend) = match sched::pick(svc, pkt) {
         Ok(p) => p,
         Err(why) => {
-            acct::untake_entry(pkt.family);
+            if tracked {
+                acct::untake_entry(K::FAMILY);
+            }
             return Err(why);
         }
     };
-    let initial = if pkt.proto == PROTO_TCP {
-        tcp::next_state(Direction::InputOnly, state::NONE, pkt.tcp_flags)
+    if !tracked {
+        // sh, dh, mh: the hash keeps the connection on its server without an entry.
+        stats::count(reason::EV_FLOW_UNTRACKED);
     } else {
-        state::UDP
-    };
-    let flow = Flow::new(index, backend.generation, svc.id, now, initial);
-    if K::table().insert(key, &flow, BPF_NOEXIST).is_ok() {
-        acct::created(index, initial);
-    } else {
-        // Another CPU recorded this tuple meanwhile (or the table refused): this packet still
-        // goes to the server picked for it.
-        acct::untake_entry(pkt.family);
-        stats::count(reason::EV_FLOW_INSERT_FAILED);
+        let initial = if pkt.proto == PROTO_TCP {
+            tcp::next_state(Direction::InputOnly, state::NONE, pkt.tcp_flags)
+        } else {
+            state::UDP
+        };
+        let flow = Flow::new(index, backend.generation, svc.id, now, initial);
+        if K::table().insert(key, &flow, BPF_NOEXIST).is_ok() {
+            acct::created(index, initial);
+            admit::record(key);
+        } else {
+            // Another CPU recorded this tuple meanwhile (or the table refused): this packet
+            // still goes to the server picked for it.
+            acct::untake_entry(K::FAMILY);
+            stats::count(reason::EV_FLOW_INSERT_FAILED);
+        }
     }
     Ok(Target {
         index,

@@ -2,10 +2,10 @@
 //! schedule new flows, forward by direct routing, count everything.
 //!
 //! One concern per module: `parse` (headers), `filter` (is this possibly for a service),
-//! `flow` (connection table and states), `acct` (connection counts and table admission),
-//! `reap` (expiry of idle connections), `service` (finding the virtual service of a new
-//! flow), `sched` (picking a real server), `dr` (the forwarding method), `stats` (per-CPU
-//! counters). All map layouts come from `lb-common`.
+//! `flow` (connection table and states), `acct` (connection counts), `admit` (table
+//! admission), `reap` (expiry of idle connections), `service` (finding the virtual service of
+//! a new flow), `sched` (picking a real server), `dr` (the forwarding method), `stats`
+//! (per-CPU counters). All map layouts come from `lb-common`.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -15,6 +15,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod acct;
+mod admit;
 mod dr;
 mod filter;
 mod flow;

@@ -70,6 +70,13 @@ pub static FLOW_POOL: Array<FlowPool> = Array::with_max_entries(2, 0);
 #[map]
 pub static FLOW_QUOTA: PerCpuArray<FlowQuota> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's ring of the connections it created, oldest first: where a new connection looks
+/// for an entry to take over when the table is full.
+#[map]
+pub static RECENT_V4: PerCpuArray<FlowKeyV4> = PerCpuArray::with_max_entries(1024, 0);
+#[map]
+pub static RECENT_V6: PerCpuArray<FlowKeyV6> = PerCpuArray::with_max_entries(1024, 0);
+
 /// Per-CPU traffic counters by service id and by backend index.
 #[map]
 pub static SERVICE_STATS: PerCpuArray<Counters> =

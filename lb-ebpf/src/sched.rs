@@ -176,6 +176,13 @@ fn usable(be: &Backend) -> bool {
     be.weight > 0
 }
 
+/// Whether the service's scheduler decides from the packet alone (sh, dh, mh): the same
+/// packet always gets the same server while the table stays the same.
+#[inline(always)]
+pub fn deterministic(svc: &Service) -> bool {
+    matches!(svc.scheduler, sched::SH | sched::DH | sched::MH)
+}
+
 /// Picks the real server for a new flow: (backend index, backend), or the reason counter.
 #[inline(always)]
 pub fn pick(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {

@@ -53,6 +53,9 @@ pub struct Dataplane {
     backend_conns: Array<MapData, ConnCounts>,
     flow_pool: Array<MapData, FlowPool>,
     flow_quota: PerCpuArray<MapData, FlowQuota>,
+    /// Held for their memory figures only: the program alone uses them.
+    recent_v4: PerCpuArray<MapData, FlowKeyV4>,
+    recent_v6: PerCpuArray<MapData, FlowKeyV6>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reasons: PerCpuArray<MapData, u64>,
@@ -92,6 +95,14 @@ impl Dataplane {
             .map_max_entries(names::FLOWS_V4, limits.conn_table_size + reserve)
             .map_max_entries(names::FLOWS_V6, limits.conn_table_size_v6 + reserve)
             .map_max_entries(names::BACKEND_CONNS, limits.max_backends)
+            .map_max_entries(
+                names::RECENT_V4,
+                lb_common::recent_ring_size(limits.conn_table_size, ncpus as u32),
+            )
+            .map_max_entries(
+                names::RECENT_V6,
+                lb_common::recent_ring_size(limits.conn_table_size_v6, ncpus as u32),
+            )
             .map_max_entries(names::SERVICES_V4, limits.max_services)
             .map_max_entries(names::SERVICES_V6, limits.max_services)
             .map_max_entries(names::SCHED_STATE, limits.max_services)
@@ -126,6 +137,8 @@ impl Dataplane {
             backend_conns: take(&mut ebpf, names::BACKEND_CONNS)?,
             flow_pool: take(&mut ebpf, names::FLOW_POOL)?,
             flow_quota: take(&mut ebpf, names::FLOW_QUOTA)?,
+            recent_v4: take(&mut ebpf, names::RECENT_V4)?,
+            recent_v6: take(&mut ebpf, names::RECENT_V6)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             reasons: take(&mut ebpf, names::REASONS)?,
@@ -147,6 +160,7 @@ impl Dataplane {
             let pool = FlowPool {
                 free: capacity as i64,
                 batch: lb_common::flow_pool_batch(capacity, ncpus as u32),
+                recent_mask: lb_common::recent_ring_size(capacity, ncpus as u32) as u64 - 1,
                 ..FlowPool::default()
             };
             dp.flow_pool
@@ -199,6 +213,13 @@ impl Dataplane {
                 + quota.iter().map(|q| q.left[i] as i64).sum::<i64>();
         }
         Ok(free)
+    }
+
+    /// Connections in the tables (both families): capacity minus what may still be created.
+    pub fn flows_in_table(&self) -> Result<u64> {
+        let free = self.flow_entries_free()?;
+        Ok((self.limits.conn_table_size as i64 - free[0]).max(0) as u64
+            + (self.limits.conn_table_size_v6 as i64 - free[1]).max(0) as u64)
     }
 
     /// The ring buffer the program writes events to (taken once, by the daemon).
@@ -451,6 +472,8 @@ impl Dataplane {
         add(names::SERVICE_FILTER, raw_fd(&self.filter.map));
         add(names::SCHED_STATE, raw_fd(&self.sched_state));
         add(names::BACKEND_CONNS, raw_fd(&self.backend_conns));
+        add(names::RECENT_V4, raw_fd(&self.recent_v4));
+        add(names::RECENT_V6, raw_fd(&self.recent_v6));
         add(names::SERVICE_STATS, raw_fd(&self.service_stats));
         add(names::BACKEND_STATS, raw_fd(&self.backend_stats));
         out

@@ -162,11 +162,12 @@ fn the_reaper_expires_idle_connections() {
     assert_eq!(delta(&before, &h.counters()), vec![("pass_tcp_no_flow", 1)]);
 }
 
-/// A full connection table refuses new connections rather than evicting live ones, so a
-/// flood of new tuples ten times its size leaves every established connection on its server
-/// (and every count exact). Once connections end and expire, new ones are admitted again.
+/// A full connection table never displaces an established connection: with nothing else to
+/// take over it refuses new connections, so a flood of new tuples ten times its size leaves
+/// every established connection on its server (and every count exact). Closed and embryonic
+/// connections give their entries to new ones, oldest first.
 #[test]
-fn a_full_table_refuses_new_connections_and_keeps_established_ones() {
+fn a_full_table_keeps_established_connections() {
     pin_to_cpu(0);
     let limits = Limits {
         conn_table_size: 64,
@@ -175,7 +176,7 @@ fn a_full_table_refuses_new_connections_and_keeps_established_ones() {
         max_backends: 16,
         slot_table_size: 1024,
     };
-    let mut h = Harness::with_limits(TWO_RR, limits);
+    let h = Harness::with_limits(TWO_RR, limits);
     let servers = [ip("10.0.1.1"), ip("10.0.1.2")];
     let mut owner = Vec::new();
     for port in 0..64u16 {
@@ -212,16 +213,12 @@ fn a_full_table_refuses_new_connections_and_keeps_established_ones() {
     assert_eq!(h.conns(&web, servers[1]), (32, 0));
     h.assert_counts_match_tables();
 
-    // Half the connections are reset; once they expire, as many new ones get in, and rr
-    // continues where it stopped.
-    let mut t = all_timeouts(1_000_000);
-    t[state::CLOSE as usize] = 2;
-    h.set_timeout_ticks(t);
+    // Half the connections are reset: their entries may be taken over at once (no need to
+    // wait for the reaper), and rr continues where it stopped.
     for port in 0..32u16 {
         h.run(&tcp("192.168.3.1", 3000 + port, RST));
     }
-    std::thread::sleep(Duration::from_millis(100));
-    h.reap();
+    let before = h.counters();
     for port in 0..32u16 {
         let r = h.run(&tcp("192.168.4.1", 4000 + port, SYN));
         assert_eq!(
@@ -230,7 +227,39 @@ fn a_full_table_refuses_new_connections_and_keeps_established_ones() {
             "new connection {port}"
         );
     }
-    assert_eq!(h.run(&tcp("192.168.4.1", 5000, SYN)).action, XDP_DROP);
+    assert_eq!(
+        delta(&before, &h.counters()),
+        vec![("tx", 32), ("flow_recycled", 32)]
+    );
+    h.assert_counts_match_tables();
+
+    // A SYN flood now: it cycles through the embryonic entries (the 32 new connections, then
+    // its own), so new connections keep getting in - a client that completes its handshake
+    // promptly is established and stays - while the 32 established connections are untouched.
+    let before = h.counters();
+    for i in 0..640u32 {
+        let client = format!("172.17.{}.{}", i / 250, i % 250 + 1);
+        assert_eq!(h.run(&tcp(&client, 40000, SYN)).action, XDP_TX);
+        if i == 300 {
+            h.run(&tcp("192.168.6.1", 6000, SYN));
+            h.run(&tcp("192.168.6.1", 6000, ACK));
+        }
+    }
+    assert_eq!(
+        delta(&before, &h.counters()),
+        vec![("tx", 642), ("flow_recycled", 641)]
+    );
+    for port in 32..64u16 {
+        let r = h.run(&tcp("192.168.3.1", 3000 + port, ACK | PSH));
+        assert_eq!(
+            h.server_of(&r, &servers),
+            Some(owner[port as usize]),
+            "established connection {port} after the flood"
+        );
+    }
+    let late = h.run(&tcp("192.168.6.1", 6000, ACK | PSH));
+    assert_eq!(late.action, XDP_TX, "the connection made during the flood");
+    assert_eq!(h.dp.flows_v4().len(), 64);
     h.assert_counts_match_tables();
 }
 
@@ -294,4 +323,51 @@ fn counts_never_drift_under_concurrency() {
     );
     let c = h.counters();
     assert_eq!(c[reason::DROP_INTERNAL as usize], 0);
+}
+
+/// With mh (likewise sh, dh) a full table does not refuse anyone: connections it cannot
+/// record are forwarded by hash, and so are their later packets, which find no entry - the
+/// hash names the same server. A flood ten times the table's size moves no established
+/// connection.
+#[test]
+fn a_full_table_forwards_hashed_services_untracked() {
+    pin_to_cpu(0);
+    let limits = Limits {
+        conn_table_size: 64,
+        conn_table_size_v6: 64,
+        max_services: 8,
+        max_backends: 16,
+        slot_table_size: 8192,
+    };
+    let mh = TWO_RR.replace("scheduler = \"rr\"", "scheduler = \"mh\"");
+    let h = Harness::with_limits(&mh, limits);
+    let servers = [ip("10.0.1.1"), ip("10.0.1.2")];
+    let mut owner = Vec::new();
+    for port in 0..64u16 {
+        let r = h.run(&tcp("192.168.3.1", 3000 + port, SYN));
+        owner.push(h.server_of(&r, &servers).unwrap());
+        h.run(&tcp("192.168.3.1", 3000 + port, ACK));
+    }
+    let before = h.counters();
+    for i in 0..640u32 {
+        let client = format!("172.16.{}.{}", i / 250, i % 250 + 1);
+        let syn = h.run(&tcp(&client, 40000, SYN));
+        assert_eq!(syn.action, XDP_TX);
+        // The handshake's ACK, without an entry, follows the SYN.
+        let ack = h.run(&tcp(&client, 40000, ACK));
+        assert_eq!(h.server_of(&ack, &servers), h.server_of(&syn, &servers));
+    }
+    assert_eq!(
+        delta(&before, &h.counters()),
+        vec![("tx", 1280), ("flow_untracked", 1280)]
+    );
+    for (port, server) in owner.iter().enumerate() {
+        let r = h.run(&tcp("192.168.3.1", 3000 + port as u16, ACK | PSH));
+        assert_eq!(
+            h.server_of(&r, &servers),
+            Some(*server),
+            "connection {port}"
+        );
+    }
+    h.assert_counts_match_tables();
 }

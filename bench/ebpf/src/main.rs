@@ -41,6 +41,9 @@ static BASE_FLOWS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(1024, 0);
 static BASE_LRU: LruHashMap<FlowKeyV4, Flow> = LruHashMap::with_max_entries(1 << 20, 0);
 #[map]
 static BASE_LRU2: LruHashMap<FlowKeyV4, Flow> = LruHashMap::with_max_entries(1 << 20, 0);
+/// Kept full: every insert evicts.
+#[map]
+static BASE_LRU_FULL: LruHashMap<FlowKeyV4, Flow> = LruHashMap::with_max_entries(1 << 20, 0);
 
 struct Parsed {
     saddr: u32,
@@ -115,18 +118,30 @@ pub fn base_parse_hash_tx(ctx: XdpContext) -> u32 {
 }
 
 /// (iv) (ii) plus the insert of the packet's 5-tuple into an LRU map shaped like xlb's
-/// connection table: the kernel's cost that a new flow cannot avoid.
+/// connection table, with the same capacity and occupancy: the kernel's cost that a new flow
+/// cannot avoid.
 #[xdp]
 pub fn base_lru_insert(ctx: XdpContext) -> u32 {
-    let Some(p) = parse(&ctx) else {
+    insert_into(&ctx, &BASE_LRU)
+}
+
+/// (iv) into a full table: every insert evicts the least recently used entry.
+#[xdp]
+pub fn base_lru_insert_full(ctx: XdpContext) -> u32 {
+    insert_into(&ctx, &BASE_LRU_FULL)
+}
+
+#[inline(always)]
+fn insert_into(ctx: &XdpContext, map: &LruHashMap<FlowKeyV4, Flow>) -> u32 {
+    let Some(p) = parse(ctx) else {
         return xdp_action::XDP_PASS;
     };
     let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
     let v = Flow::new(1, 1, 0, 0, 3);
-    if BASE_LRU.insert(&key, &v, 0).is_err() {
+    if map.insert(&key, &v, 0).is_err() {
         return xdp_action::XDP_DROP;
     }
-    swap_macs(&ctx);
+    swap_macs(ctx);
     xdp_action::XDP_TX
 }
 
@@ -147,6 +162,19 @@ pub fn base_lru_lookup_insert(ctx: XdpContext) -> u32 {
     }
     swap_macs(&ctx);
     xdp_action::XDP_TX
+}
+
+/// Not measured: removes the packet's 5-tuple from both baseline tables, so the bench can take
+/// back what a measurement inserted and the tables stay at the same occupancy as xlb's.
+#[xdp]
+pub fn base_lru_delete(ctx: XdpContext) -> u32 {
+    let Some(p) = parse(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    let _ = BASE_LRU.remove(&key);
+    let _ = BASE_LRU2.remove(&key);
+    xdp_action::XDP_DROP
 }
 
 /// The shim: restores the original frame (and optionally varies the source address), then
