@@ -99,12 +99,69 @@ pub mod sched {
     pub const DH: u8 = 4;
     /// Maglev hashing: a prime-sized table, by client address (and port with [`F_PORT`]).
     pub const MH: u8 = 5;
+    /// The least-connection family: the slot table holds the servers with weight > 0 in IPVS
+    /// list order, and a new flow goes to the best one by the scheduler's rule ([`least`]).
+    pub const LC: u8 = 6;
+    pub const WLC: u8 = 7;
+    pub const SED: u8 = 8;
+    pub const NQ: u8 = 9;
+    pub const FO: u8 = 10;
+    pub const OVF: u8 = 11;
 
     /// `Service::flags`: when the hashed server cannot take the flow, look further
     /// (ipvsadm `sh-fallback` / `mh-fallback`).
     pub const F_FALLBACK: u8 = 1;
     /// `Service::flags`: hash the client's port too (`sh-port` / `mh-port`).
     pub const F_PORT: u8 = 2;
+
+    /// The selection rules of IPVS's least-connection family, for one server at a time in
+    /// list order (the data plane's scan; the controller's reference model is written
+    /// independently, from the kernel's loops).
+    pub mod least {
+        use super::{FO, LC, NQ, OVF, SED, WLC};
+
+        /// A server as these schedulers see it.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct Load {
+            pub weight: u64,
+            pub active: u64,
+            pub inactive: u64,
+        }
+
+        impl Load {
+            /// `ip_vs_dest_conn_overhead()` (Linux 6.12): active × 256 + all connections.
+            #[inline(always)]
+            pub fn overhead(&self) -> u64 {
+                (self.active << 8) + self.active + self.inactive
+            }
+        }
+
+        /// Whether the scheduler may choose this server at all (the caller has checked the
+        /// overload flag): weight 0 never; ovf not once its active count exceeds its weight.
+        #[inline(always)]
+        pub fn eligible(sched: u8, d: &Load) -> bool {
+            d.weight > 0 && (sched != OVF || d.active <= d.weight)
+        }
+
+        /// nq returns the first idle server (no active connection) at once.
+        #[inline(always)]
+        pub fn takes_at_once(sched: u8, d: &Load) -> bool {
+            sched == NQ && d.active == 0
+        }
+
+        /// Whether `d`, later in list order, replaces `best`: strictly better only, so ties
+        /// go to the earlier server. Ratios are compared by cross-multiplication as IPVS does.
+        #[inline(always)]
+        pub fn replaces(sched: u8, best: &Load, d: &Load) -> bool {
+            match sched {
+                LC => d.overhead() < best.overhead(),
+                WLC => best.overhead() * d.weight > d.overhead() * best.weight,
+                SED | NQ => (best.active + 1) * d.weight > (d.active + 1) * best.weight,
+                FO | OVF => d.weight > best.weight,
+                _ => false,
+            }
+        }
+    }
 }
 
 /// Forwarding methods, as stored in [`Backend::forward`].
@@ -283,6 +340,31 @@ pub struct Backend {
     /// Weight (0 = quiesced: no new flows). The hashing schedulers keep quiesced servers in
     /// their tables and check this when they land on one.
     pub weight: u32,
+    /// Connection thresholds (ipvsadm `-x` / `-y`); 0 = none. See [`ConnCounts::overloaded`].
+    pub upper_threshold: u32,
+    pub lower_threshold: u32,
+}
+
+impl Backend {
+    /// IPVS `__ip_vs_dest_update_overload()`: whether a server with `total` connections is
+    /// overloaded, given whether it was (hysteresis between the two thresholds; the lower one
+    /// defaults to 3/4 of the upper).
+    #[inline(always)]
+    pub fn overloaded(&self, total: u64, was: bool) -> bool {
+        let u = self.upper_threshold as u64;
+        if u == 0 {
+            return false;
+        }
+        if total >= u {
+            return true;
+        }
+        let l = if self.lower_threshold != 0 {
+            self.lower_threshold as u64
+        } else {
+            u - u / 4
+        };
+        was && total >= l
+    }
 }
 
 /// The entry can take packets (not deleted).
@@ -372,7 +454,10 @@ impl Flow {
 pub struct ConnCounts {
     pub active: u64,
     pub inactive: u64,
-    pub _reserved: [u64; 6],
+    /// Non-zero while the server is overloaded (IPVS `IP_VS_DEST_F_OVERLOAD`): its
+    /// connections reached its upper threshold and have not yet fallen below the lower one.
+    pub overloaded: u64,
+    pub _reserved: [u64; 5],
 }
 
 impl ConnCounts {
@@ -599,7 +684,7 @@ mod layout_tests {
         assert_eq!(size_of::<Service>(), 4 * 4 + 1 + 1 + 6);
         assert_eq!(
             size_of::<Backend>(),
-            16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4
+            16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4 * 3
         );
         assert_eq!(size_of::<BackendSlot>(), 8 + 2 * size_of::<Backend>());
         assert_eq!(size_of::<FlowKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);

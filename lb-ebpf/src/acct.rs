@@ -13,7 +13,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use lb_common::{FAMILY_V4, FLOW_DEAD, FLOW_POOL_BATCH, tcp};
 
-use crate::maps::{BACKEND_CONNS, FLOW_POOL, FLOW_QUOTA};
+use crate::maps::{BACKEND_CONNS, BACKENDS, FLOW_POOL, FLOW_QUOTA};
 
 #[inline(always)]
 fn add(p: *mut u64, v: u64) {
@@ -38,6 +38,7 @@ fn count(backend: u32, state: u8, delta: u64) {
 #[inline(always)]
 pub fn created(backend: u32, state: u8) {
     count(backend, state, 1);
+    update_overload(backend);
 }
 
 /// A connection of `backend` went from `old` to `new`.
@@ -53,6 +54,33 @@ pub fn moved(backend: u32, old: u8, new: u8) {
 #[inline(always)]
 pub fn gone(backend: u32, state: u8) {
     count(backend, state, u64::MAX);
+    update_overload(backend);
+}
+
+/// Sets or clears the server's overload flag from its thresholds and connection count, as
+/// IPVS does when it binds and unbinds connections.
+#[inline(always)]
+fn update_overload(backend: u32) {
+    let (Some(c), Some(slot)) = (BACKEND_CONNS.get_ptr_mut(backend), BACKENDS.get(backend)) else {
+        return;
+    };
+    let be = slot.current();
+    if be.upper_threshold == 0 {
+        // The common case: one load, no write.
+        if unsafe { core::ptr::read_volatile(&raw const (*c).overloaded) } != 0 {
+            unsafe { core::ptr::write_volatile(&raw mut (*c).overloaded, 0) };
+        }
+        return;
+    }
+    unsafe {
+        let total = core::ptr::read_volatile(&raw const (*c).active)
+            .wrapping_add(core::ptr::read_volatile(&raw const (*c).inactive));
+        let was = core::ptr::read_volatile(&raw const (*c).overloaded) != 0;
+        let now = be.overloaded(total, was);
+        if now != was {
+            core::ptr::write_volatile(&raw mut (*c).overloaded, now as u64);
+        }
+    }
 }
 
 /// Swaps a flow's status word from `old` to `new`; `true` if this caller made the change.

@@ -4,8 +4,9 @@
 //! One concern per module: `parse` (headers), `filter` (is this possibly for a service),
 //! `flow` (connection table and states), `acct` (connection counts), `admit` (table
 //! admission), `reap` (expiry of idle connections), `service` (finding the virtual service of
-//! a new flow), `sched` (picking a real server), `dr` (the forwarding method), `stats`
-//! (per-CPU counters). All map layouts come from `lb-common`.
+//! a new flow), `sched` (picking a real server; `least` for the least-connection family),
+//! `dr` (the forwarding method), `stats` (per-CPU counters). All map layouts come from
+//! `lb-common`.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -19,6 +20,7 @@ mod admit;
 mod dr;
 mod filter;
 mod flow;
+mod least;
 mod maps;
 mod parse;
 mod reap;

@@ -61,8 +61,11 @@ pub static FLOWS_V6: LruHashMap<FlowKeyV6, Flow> =
     LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
 
 /// Connection counts (ActiveConn / InActConn) by backend index, global, updated atomically.
+/// Mapped by the controller, which reads the counts and re-evaluates the overload flag when
+/// thresholds change.
 #[map]
-pub static BACKEND_CONNS: Array<ConnCounts> = Array::with_max_entries(defaults::MAX_BACKENDS, 0);
+pub static BACKEND_CONNS: Array<ConnCounts> =
+    Array::with_max_entries(defaults::MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// Connection-table entries left to hand out (index 0 IPv4, 1 IPv6), and each CPU's share.
 #[map]

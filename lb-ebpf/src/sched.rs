@@ -20,7 +20,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, SCHED_STATE, SLOTS},
+    least,
+    maps::{BACKEND_CONNS, BACKENDS, SCHED_STATE, SLOTS},
     parse::Pkt,
 };
 
@@ -69,7 +70,10 @@ impl Probe {
             return 1;
         };
         let be = be.current();
-        if be.flags & BACKEND_F_AVAILABLE != 0 && be.service_id == self.service_id && usable(be) {
+        if be.flags & BACKEND_F_AVAILABLE != 0
+            && be.service_id == self.service_id
+            && usable(index, be)
+        {
             self.index = index;
             self.found = 1;
             return 1;
@@ -170,10 +174,20 @@ fn server(svc: &Service, n: u64) -> Result<(u32, &'static Backend), u32> {
     slot_backend(svc, (n.wrapping_add(svc.sched_offset as u64) % len) as u32)
 }
 
-/// Whether a server the hash landed on may take a new flow (IPVS `is_unavailable()`).
+/// Whether a server the hash landed on may take a new flow (IPVS `is_unavailable()`):
+/// weight > 0 and not overloaded.
 #[inline(always)]
-fn usable(be: &Backend) -> bool {
-    be.weight > 0
+fn usable(index: u32, be: &Backend) -> bool {
+    be.weight > 0 && !overloaded(index)
+}
+
+/// The server's connections reached its upper threshold (see `acct`).
+#[inline(always)]
+fn overloaded(index: u32) -> bool {
+    match BACKEND_CONNS.get_ptr(index) {
+        Some(c) => unsafe { core::ptr::read_volatile(&raw const (*c).overloaded) != 0 },
+        None => true,
+    }
 }
 
 /// Whether the service's scheduler decides from the packet alone (sh, dh, mh): the same
@@ -190,13 +204,74 @@ pub fn pick(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
         sched::SH => sh(svc, pkt),
         sched::DH => dh(svc, pkt),
         sched::MH => mh(svc, pkt),
-        _ => server(svc, claim(counter(svc)?)),
+        sched::RR | sched::WRR => rotate(svc),
+        _ => least::pick(svc),
+    }
+}
+
+/// rr, wrr: the next number's server; an overloaded one is passed over (IPVS's cursor moves
+/// on to the next server), at most once round the table. (When all are overloaded, IPVS's
+/// wrr also moves its current weight during the failed scan; xlb's position stays.)
+#[inline(always)]
+fn rotate(svc: &Service) -> Result<(u32, &'static Backend), u32> {
+    let picks = counter(svc)?;
+    let (index, be) = server(svc, claim(picks))?;
+    if !overloaded(index) {
+        return Ok((index, be));
+    }
+    let mut walk = Rotate {
+        svc: svc as *const Service,
+        picks,
+        index: 0,
+        found: 0,
+    };
+    // len numbers in all: when every server is overloaded the counter has gone once round
+    // the table and the rr cursor is where it was, as IPVS leaves it.
+    unsafe {
+        aya_ebpf::helpers::bpf_loop(
+            svc.slots_len.saturating_sub(1),
+            rotate_step as *mut core::ffi::c_void,
+            &raw mut walk as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    if walk.found == 0 {
+        return Err(reason::PASS_NO_BACKEND);
+    }
+    let be = BACKENDS
+        .get(walk.index)
+        .ok_or(reason::DROP_INTERNAL)?
+        .current();
+    Ok((walk.index, be))
+}
+
+#[repr(C)]
+struct Rotate {
+    svc: *const Service,
+    picks: *mut u64,
+    index: u32,
+    found: u32,
+}
+
+/// Claims the next number; 1 (stop) once its server is not overloaded.
+#[inline(never)]
+extern "C" fn rotate_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let w = unsafe { &mut *(ctx as *mut Rotate) };
+    let svc = unsafe { &*w.svc };
+    match server(svc, claim(w.picks)) {
+        Ok((index, _)) if !overloaded(index) => {
+            w.index = index;
+            w.found = 1;
+            1
+        }
+        Ok(_) => 0,
+        Err(_) => 1,
     }
 }
 
 /// A pick that is only claimed once the caller knows the flow is new.
 pub struct Tentative {
-    /// The rr/wrr counter value looked at; `None` for the hashing schedulers, whose picks
+    /// The rr/wrr counter value looked at; `None` for the other schedulers, whose picks
     /// consume nothing.
     n: Option<u64>,
     pub index: u32,
@@ -207,20 +282,24 @@ pub struct Tentative {
 #[inline(always)]
 pub fn peek(svc: &Service, pkt: &Pkt) -> Result<Tentative, u32> {
     match svc.scheduler {
-        sched::SH | sched::DH | sched::MH => {
-            let (index, backend) = pick(svc, pkt)?;
+        sched::RR | sched::WRR => {
+            let picks = counter(svc)?;
+            let n = unsafe { core::ptr::read_volatile(picks) };
+            let (index, backend) = server(svc, n)?;
+            if overloaded(index) {
+                // The regular path walks past it.
+                return Err(reason::PASS_NO_BACKEND);
+            }
             Ok(Tentative {
-                n: None,
+                n: Some(n),
                 index,
                 backend,
             })
         }
         _ => {
-            let picks = counter(svc)?;
-            let n = unsafe { core::ptr::read_volatile(picks) };
-            let (index, backend) = server(svc, n)?;
+            let (index, backend) = pick(svc, pkt)?;
             Ok(Tentative {
-                n: Some(n),
+                n: None,
                 index,
                 backend,
             })
@@ -264,7 +343,7 @@ fn sh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
     let port = hashed_port(svc, pkt);
     let h = hash::sh_bucket(addr, port, 0);
     let (index, be) = slot_backend(svc, h)?;
-    if usable(be) {
+    if usable(index, be) {
         return Ok((index, be));
     }
     if svc.flags & F_FALLBACK == 0 {
@@ -280,7 +359,7 @@ fn dh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
         return Err(reason::PASS_NO_BACKEND);
     }
     let (index, be) = slot_backend(svc, hash::dh_bucket(hash::fold(pkt.dst)))?;
-    if usable(be) {
+    if usable(index, be) {
         Ok((index, be))
     } else {
         Err(reason::PASS_NO_BACKEND)
@@ -298,7 +377,7 @@ fn mh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
     let port = hashed_port(svc, pkt);
     let h = hash::mh_hash(addr, port, MH_KEY1, 0) % m;
     let (index, be) = slot_backend(svc, h)?;
-    if usable(be) {
+    if usable(index, be) {
         return Ok((index, be));
     }
     if svc.flags & F_FALLBACK == 0 {

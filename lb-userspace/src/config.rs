@@ -113,10 +113,7 @@ impl Scheduler {
     }
     /// Whether the data plane implements it.
     pub fn supported(self) -> bool {
-        matches!(
-            self,
-            Scheduler::Rr | Scheduler::Wrr | Scheduler::Sh | Scheduler::Dh | Scheduler::Mh
-        )
+        !matches!(self, Scheduler::Lblc | Scheduler::Lblcr | Scheduler::Twos)
     }
     /// The data plane's code for it.
     pub fn code(self) -> u8 {
@@ -126,8 +123,27 @@ impl Scheduler {
             Scheduler::Sh => s::SH,
             Scheduler::Dh => s::DH,
             Scheduler::Mh => s::MH,
+            Scheduler::Lc => s::LC,
+            Scheduler::Wlc => s::WLC,
+            Scheduler::Sed => s::SED,
+            Scheduler::Nq => s::NQ,
+            Scheduler::Fo => s::FO,
+            Scheduler::Ovf => s::OVF,
             _ => s::RR,
         }
+    }
+    /// Whether new flows go to the best server by connection counts (the slot table is
+    /// the list of servers, scanned per new flow).
+    pub fn scans(self) -> bool {
+        matches!(
+            self,
+            Scheduler::Lc
+                | Scheduler::Wlc
+                | Scheduler::Sed
+                | Scheduler::Nq
+                | Scheduler::Fo
+                | Scheduler::Ovf
+        )
     }
 }
 
@@ -266,6 +282,13 @@ pub struct BackendConfig {
     pub port: u16,
     pub weight: u32,
     pub forwarding: Forwarding,
+    /// Connection thresholds (ipvsadm `-x` / `-y`, keepalived `uthreshold` / `lthreshold`):
+    /// at `upper_threshold` connections the server takes no new ones until it is below
+    /// `lower_threshold` (default 3/4 of the upper). 0 = no limit.
+    #[serde(default)]
+    pub upper_threshold: u32,
+    #[serde(default)]
+    pub lower_threshold: u32,
 }
 
 /// IPVS idle timeouts (`ipvsadm --set tcp tcpfin udp`).
@@ -415,6 +438,8 @@ struct FileBackend {
     address: Spanned<String>,
     weight: Option<Spanned<i64>>,
     forwarding: Option<Spanned<String>>,
+    upper_threshold: Option<Spanned<i64>>,
+    lower_threshold: Option<Spanned<i64>>,
 }
 
 /// Byte offset → line/column.
@@ -699,7 +724,7 @@ fn service(
         return Err(loc.err(
             sched_span,
             format!(
-                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr, sh, dh, mh)",
+                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr, lc, wlc, sed, nq, fo, ovf, sh, dh, mh)",
                 if s.scheduler.is_none() {
                     " (the default)"
                 } else {
@@ -775,6 +800,30 @@ fn service(
                 ));
             }
         };
+        let threshold = |t: &Option<Spanned<i64>>, name: &str| match t {
+            None => Ok(0),
+            Some(v) if (0..=i32::MAX as i64).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
+            Some(v) => Err(loc.err(
+                v.span(),
+                format!(
+                    "{name} must be between 0 and {}, not {}",
+                    i32::MAX,
+                    v.get_ref()
+                ),
+            )),
+        };
+        let upper_threshold = threshold(&b.upper_threshold, "upper_threshold")?;
+        let lower_threshold = threshold(&b.lower_threshold, "lower_threshold")?;
+        if let Some(l) = &b.lower_threshold
+            && lower_threshold > upper_threshold
+        {
+            return Err(loc.err(
+                l.span(),
+                format!(
+                    "lower_threshold ({lower_threshold}) must not exceed upper_threshold ({upper_threshold}; 0 = none)"
+                ),
+            ));
+        }
         let bfwd = parse_forwarding(loc, &b.forwarding)?.unwrap_or(forwarding);
         if bfwd == Forwarding::Dr && bport != port {
             return Err(loc.err(
@@ -804,6 +853,8 @@ fn service(
             port: bport,
             weight,
             forwarding: bfwd,
+            upper_threshold,
+            lower_threshold,
         });
     }
     Ok((
@@ -900,7 +951,9 @@ weight = 1
                 addr: "192.168.56.11".parse().unwrap(),
                 port: 80,
                 weight: 1,
-                forwarding: Forwarding::Dr
+                forwarding: Forwarding::Dr,
+                upper_threshold: 0,
+                lower_threshold: 0,
             }]
         );
     }
@@ -965,9 +1018,19 @@ address = "[2001:db8::12]:443"
                 "unknown scheduler \"fast\"",
             ),
             (
-                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n",
-                4,
-                "scheduler wlc (the default) is not supported yet",
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"lblc\"\n",
+                6,
+                "scheduler lblc is not supported yet",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n[[services.backends]]\naddress = \"10.0.0.2\"\nupper_threshold = 5\nlower_threshold = 7\n",
+                9,
+                "lower_threshold (7) must not exceed upper_threshold (5",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n[[services.backends]]\naddress = \"10.0.0.2\"\nupper_threshold = -1\n",
+                8,
+                "upper_threshold must be between 0 and 2147483647, not -1",
             ),
             (
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"sh\"\nflags = [\"mh-port\"]\n",

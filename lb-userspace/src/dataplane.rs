@@ -50,7 +50,7 @@ pub struct Dataplane {
     sched_state: Array<MapData, SchedState>,
     flows_v4: HashMap<MapData, FlowKeyV4, Flow>,
     flows_v6: HashMap<MapData, FlowKeyV6, Flow>,
-    backend_conns: Array<MapData, ConnCounts>,
+    backend_conns: Mmapped<ConnCounts>,
     flow_pool: Array<MapData, FlowPool>,
     flow_quota: PerCpuArray<MapData, FlowQuota>,
     /// Held for their memory figures only: the program alone uses them.
@@ -124,6 +124,7 @@ impl Dataplane {
         let slots_map: Array<MapData, u32> = take(&mut ebpf, names::SLOTS)?;
         let filter_map: Array<MapData, u64> = take(&mut ebpf, names::SERVICE_FILTER)?;
         let gen_map: Array<MapData, u64> = take(&mut ebpf, names::CONFIG_GEN)?;
+        let conns_map: Array<MapData, ConnCounts> = take(&mut ebpf, names::BACKEND_CONNS)?;
         let mut dp = Dataplane {
             services_v4: take(&mut ebpf, names::SERVICES_V4)?,
             services_v6: take(&mut ebpf, names::SERVICES_V6)?,
@@ -134,7 +135,7 @@ impl Dataplane {
             sched_state: take(&mut ebpf, names::SCHED_STATE)?,
             flows_v4: take(&mut ebpf, names::FLOWS_V4)?,
             flows_v6: take(&mut ebpf, names::FLOWS_V6)?,
-            backend_conns: take(&mut ebpf, names::BACKEND_CONNS)?,
+            backend_conns: Mmapped::map(conns_map, limits.max_backends)?,
             flow_pool: take(&mut ebpf, names::FLOW_POOL)?,
             flow_quota: take(&mut ebpf, names::FLOW_QUOTA)?,
             recent_v4: take(&mut ebpf, names::RECENT_V4)?,
@@ -196,11 +197,30 @@ impl Dataplane {
         Ok(())
     }
 
-    /// ActiveConn / InActConn of the real server at `index`.
+    /// ActiveConn / InActConn (and the overload flag) of the real server at `index`.
     pub fn conn_counts(&self, index: u32) -> Result<ConnCounts> {
         self.backend_conns
-            .get(&index, 0)
-            .with_context(|| format!("reading BACKEND_CONNS[{index}]"))
+            .read(index)
+            .ok_or_else(|| anyhow!("backend index {index} beyond BACKEND_CONNS"))
+    }
+
+    /// Re-evaluates the server's overload flag after its thresholds changed (IPVS does so when
+    /// a destination is edited); the data plane keeps it current as connections come and go.
+    pub fn refresh_overload(&mut self, index: u32, backend: &Backend) -> Result<()> {
+        let p = self
+            .backend_conns
+            .ptr_at(index)
+            .ok_or_else(|| anyhow!("backend index {index} beyond BACKEND_CONNS"))?;
+        // SAFETY: in bounds of the mapping; single aligned word accesses, as the program's.
+        unsafe {
+            let c = std::ptr::read_volatile(p);
+            let was = c.overloaded != 0;
+            let now = backend.overloaded(c.total(), was);
+            if now != was {
+                std::ptr::write_volatile(&raw mut (*p).overloaded, now as u64);
+            }
+        }
+        Ok(())
     }
 
     /// Connections that may still be created (IPv4, IPv6): the shared pool plus what CPUs
@@ -471,7 +491,7 @@ impl Dataplane {
         add(names::SLOTS, raw_fd(&self.slots.map));
         add(names::SERVICE_FILTER, raw_fd(&self.filter.map));
         add(names::SCHED_STATE, raw_fd(&self.sched_state));
-        add(names::BACKEND_CONNS, raw_fd(&self.backend_conns));
+        add(names::BACKEND_CONNS, raw_fd(&self.backend_conns.map));
         add(names::RECENT_V4, raw_fd(&self.recent_v4));
         add(names::RECENT_V6, raw_fd(&self.recent_v6));
         add(names::SERVICE_STATS, raw_fd(&self.service_stats));
@@ -557,6 +577,11 @@ impl<V: aya::Pod> Mmapped<V> {
         // Visible before whatever the caller publishes next (a service that points here).
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    fn ptr_at(&self, index: u32) -> Option<*mut V> {
+        (index < self.entries)
+            .then(|| unsafe { self.ptr.add(index as usize * Self::STRIDE) as *mut V })
     }
 
     fn read(&self, index: u32) -> Option<V> {

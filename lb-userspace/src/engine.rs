@@ -383,6 +383,13 @@ impl Engine {
         let at = Instant::now();
         next.deferred.extend(retire.into_iter().map(|d| (at, d)));
         *self = next;
+        // Thresholds may have changed: the overload flags follow (as on an IPVS edit).
+        for st in self.services.values() {
+            for b in &st.backends {
+                let entry = self.backend_entry_for(b, st.id);
+                dp.refresh_overload(b.index, &entry)?;
+            }
+        }
         Ok(())
     }
 
@@ -616,6 +623,8 @@ impl Engine {
             service_id,
             generation: b.generation,
             weight: b.config.weight,
+            upper_threshold: b.config.upper_threshold,
+            lower_threshold: b.config.lower_threshold,
             ..Backend::default()
         };
         if let Some(nh) = self.next_hops.get(&b.config.addr) {

@@ -440,7 +440,10 @@ fn rr_next(list: &[Dest], cursor: Option<DestId>) -> Option<DestId> {
 /// kernel's rules: a list with new servers at the head, a cursor, and for wrr the current
 /// weight. Used as the reference the tables and the XDP program are tested against.
 pub mod model {
-    use std::{collections::HashMap, net::IpAddr};
+    use std::{
+        collections::{HashMap, HashSet},
+        net::IpAddr,
+    };
 
     use lb_common::hash::{self, MH_DEFAULT_SIZE, MH_KEY1};
 
@@ -461,6 +464,12 @@ pub mod model {
         pub flags: SchedFlags,
         pub mh_size: u32,
         last_weight: HashMap<DestId, u32>,
+        /// (activeconns, inactconns) per server, kept across removal and re-adding (IPVS's
+        /// trash keeps a deleted server's counters while its connections live).
+        conns: HashMap<DestId, (u64, u64)>,
+        /// (u_threshold, l_threshold) per server.
+        thresholds: HashMap<DestId, (u32, u32)>,
+        overloaded: HashSet<DestId>,
     }
 
     impl Ipvs {
@@ -476,6 +485,9 @@ pub mod model {
                 flags: SchedFlags::default(),
                 mh_size: MH_DEFAULT_SIZE,
                 last_weight: HashMap::new(),
+                conns: HashMap::new(),
+                thresholds: HashMap::new(),
+                overloaded: HashSet::new(),
             };
             s.recompute();
             s.cw = s.mw;
@@ -539,22 +551,169 @@ pub mod model {
             self.dest_changed();
         }
 
-        /// One scheduling decision (rr, wrr).
+        /// One scheduling decision (rr, wrr and the least-connection family).
         pub fn schedule(&mut self) -> Option<DestId> {
             match self.scheduler {
                 Scheduler::Wrr => self.wrr(),
+                Scheduler::Lc => self.lc(),
+                Scheduler::Wlc => self.wlc(|a, i| a * 256 + (a + i)),
+                Scheduler::Sed => self.wlc(|a, _| a + 1),
+                Scheduler::Nq => self.nq(),
+                Scheduler::Fo => self.fo(false),
+                Scheduler::Ovf => self.fo(true),
                 _ => self.rr(),
             }
+        }
+
+        // ---- connection counts and thresholds (ip_vs_conn.c bind/unbind) ----
+
+        /// (ActiveConn, InActConn) of a server.
+        pub fn counts(&self, id: DestId) -> (u64, u64) {
+            self.conns.get(&id).copied().unwrap_or((0, 0))
+        }
+
+        fn total(&self, id: DestId) -> u64 {
+            let (a, i) = self.counts(id);
+            a + i
+        }
+
+        /// `ipvsadm -e -x u -y l`: the flag is re-evaluated (`__ip_vs_dest_update_overload`).
+        pub fn set_thresholds(&mut self, id: DestId, upper: u32, lower: u32) {
+            self.thresholds.insert(id, (upper, lower));
+            self.update_overload(id);
+        }
+
+        /// Set at `total >= u`, cleared below the lower value (`l`, or `u - u/4`), unchanged
+        /// in between; no upper threshold clears it.
+        fn update_overload(&mut self, id: DestId) {
+            let (u, l) = self.thresholds.get(&id).copied().unwrap_or((0, 0));
+            let total = self.total(id);
+            if u == 0 {
+                self.overloaded.remove(&id);
+            } else if total >= u as u64 {
+                self.overloaded.insert(id);
+            } else {
+                let l_val = if l != 0 { l } else { u - u / 4 };
+                if total < l_val as u64 {
+                    self.overloaded.remove(&id);
+                }
+            }
+        }
+
+        pub fn is_overloaded(&self, id: DestId) -> bool {
+            self.overloaded.contains(&id)
+        }
+
+        /// A new TCP connection bound to `id` (its SYN makes it active at once).
+        pub fn bind(&mut self, id: DestId) {
+            self.conns.entry(id).or_default().0 += 1;
+            self.update_overload(id);
+        }
+
+        /// An active connection of `id` became inactive (FIN, RST).
+        pub fn deactivate(&mut self, id: DestId) {
+            let c = self.conns.entry(id).or_default();
+            c.0 -= 1;
+            c.1 += 1;
+        }
+
+        /// A connection of `id` expired.
+        pub fn unbind(&mut self, id: DestId, active: bool) {
+            let c = self.conns.entry(id).or_default();
+            if active {
+                c.0 -= 1;
+            } else {
+                c.1 -= 1;
+            }
+            self.update_overload(id);
+        }
+
+        fn eligible(&self, d: &Dest) -> bool {
+            d.weight > 0 && !self.is_overloaded(d.id)
+        }
+
+        /// `ip_vs_lc_schedule()`: minimum overhead, ties to the earlier server.
+        fn lc(&self) -> Option<DestId> {
+            let mut least: Option<(DestId, u64)> = None;
+            for d in &self.list {
+                if !self.eligible(d) {
+                    continue;
+                }
+                let (a, i) = self.counts(d.id);
+                let doh = a * 256 + (a + i);
+                if least.is_none_or(|(_, loh)| doh < loh) {
+                    least = Some((d.id, doh));
+                }
+            }
+            least.map(|l| l.0)
+        }
+
+        /// `ip_vs_wlc_schedule()` (and sed's, with its own cost): the first eligible server,
+        /// then any later one whose cost/weight is strictly lower, by cross-multiplication.
+        fn wlc(&self, cost: impl Fn(u64, u64) -> u64) -> Option<DestId> {
+            let first = self.list.iter().position(|d| self.eligible(d))?;
+            let mut least = self.list[first];
+            let (a, i) = self.counts(least.id);
+            let mut loh = cost(a, i);
+            for d in &self.list[first + 1..] {
+                if self.is_overloaded(d.id) {
+                    continue;
+                }
+                let (a, i) = self.counts(d.id);
+                let doh = cost(a, i);
+                if loh * d.weight as u64 > doh * least.weight as u64 {
+                    least = *d;
+                    loh = doh;
+                }
+            }
+            Some(least.id)
+        }
+
+        /// `ip_vs_nq_schedule()`: the first idle server at once, else sed's choice.
+        fn nq(&self) -> Option<DestId> {
+            let mut least: Option<(Dest, u64)> = None;
+            for d in &self.list {
+                if !self.eligible(d) {
+                    continue;
+                }
+                let (a, _) = self.counts(d.id);
+                let doh = a + 1;
+                if a == 0 {
+                    return Some(d.id);
+                }
+                if least.is_none_or(|(l, loh)| loh * d.weight as u64 > doh * l.weight as u64) {
+                    least = Some((*d, doh));
+                }
+            }
+            least.map(|l| l.0.id)
+        }
+
+        /// `ip_vs_fo_schedule()`: the highest weight, ties to the earlier server; `ovf` also
+        /// skips servers whose active connections exceed their weight.
+        fn fo(&self, overflow: bool) -> Option<DestId> {
+            let mut best: Option<Dest> = None;
+            for d in &self.list {
+                if !self.eligible(d) {
+                    continue;
+                }
+                if overflow && self.counts(d.id).0 > d.weight as u64 {
+                    continue;
+                }
+                if best.is_none_or(|b| d.weight > b.weight) {
+                    best = Some(*d);
+                }
+            }
+            best.map(|b| b.id)
         }
 
         /// One scheduling decision for a packet from `src:sport` to `dst`: the hashing
         /// schedulers look at the packet, rr and wrr do not.
         pub fn schedule_packet(&mut self, src: IpAddr, sport: u16, dst: IpAddr) -> Option<DestId> {
-            let weight = |list: &[Dest], id: DestId| {
+            // IPVS is_unavailable(): weight 0 or overloaded.
+            let usable = |list: &[Dest], id: DestId| {
                 list.iter()
                     .find(|d| d.id == id)
-                    .map(|d| d.weight)
-                    .unwrap_or(0)
+                    .is_some_and(|d| d.weight > 0 && !self.overloaded.contains(&id))
             };
             let port = if self.flags.port { sport } else { 0 };
             match self.scheduler {
@@ -567,7 +726,7 @@ pub mod model {
                     let a = fold_addr(src);
                     let h = hash::sh_bucket(a, port, 0);
                     let d = table[h as usize];
-                    if weight(&self.list, d) > 0 {
+                    if usable(&self.list, d) {
                         return Some(d);
                     }
                     if !self.flags.fallback {
@@ -575,7 +734,7 @@ pub mod model {
                     }
                     (0..256u32)
                         .map(|i| table[hash::sh_bucket(a, port, (i + h) % 256) as usize])
-                        .find(|d| weight(&self.list, *d) > 0)
+                        .find(|d| usable(&self.list, *d))
                 }
                 Scheduler::Dh => {
                     let table = dh_table(&self.list);
@@ -583,7 +742,7 @@ pub mod model {
                         return None;
                     }
                     let d = table[hash::dh_bucket(fold_addr(dst)) as usize];
-                    (weight(&self.list, d) > 0).then_some(d)
+                    (usable(&self.list, d)).then_some(d)
                 }
                 Scheduler::Mh => {
                     let lw: Vec<(DestId, u32)> = self
@@ -599,7 +758,7 @@ pub mod model {
                     let a = fold_addr(src);
                     let h = hash::mh_hash(a, port, MH_KEY1, 0) % m;
                     let d = table[h as usize];
-                    if weight(&self.list, d) > 0 {
+                    if usable(&self.list, d) {
                         return Some(d);
                     }
                     if !self.flags.fallback {
@@ -607,7 +766,7 @@ pub mod model {
                     }
                     (0..m)
                         .map(|i| table[(hash::mh_hash(a, port, MH_KEY1, (i + h) % m) % m) as usize])
-                        .find(|d| weight(&self.list, *d) > 0)
+                        .find(|d| usable(&self.list, *d))
                 }
                 _ => self.schedule(),
             }
@@ -619,7 +778,7 @@ pub mod model {
             // Forward from after the cursor to the end, then from the head to the cursor.
             for k in 0..n {
                 let i = (start + k) % n;
-                if self.list[i].weight > 0 {
+                if self.eligible(&self.list[i]) {
                     self.cl = Some(i);
                     return Some(self.list[i].id);
                 }
@@ -645,7 +804,7 @@ pub mod model {
                     }
                     continue;
                 }
-                if self.list[i].weight as i64 >= self.cw {
+                if self.list[i].weight as i64 >= self.cw && !self.is_overloaded(self.list[i].id) {
                     self.cl = Some(i);
                     return Some(self.list[i].id);
                 }
