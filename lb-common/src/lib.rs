@@ -113,6 +113,8 @@ pub mod sched {
     pub const F_FALLBACK: u8 = 1;
     /// `Service::flags`: hash the client's port too (`sh-port` / `mh-port`).
     pub const F_PORT: u8 = 2;
+    /// `Service::flags`: no connection entries (sh, dh, mh only): every packet is hashed.
+    pub const F_STATELESS: u8 = 4;
 
     /// The selection rules of IPVS's least-connection family, for one server at a time in
     /// list order (the data plane's scan; the controller's reference model is written
@@ -604,8 +606,12 @@ pub struct Globals {
     /// `tcp::state::COUNT` are unused). A power of two, so the program indexes it with a mask
     /// the verifier follows.
     pub timeouts: [u32; TIMEOUT_SLOTS],
+    /// `GLOBAL_F_*` flags.
     pub flags: u32,
 }
+
+/// `Globals::flags`: IPVS `expire_nodest_conn=1`.
+pub const GLOBAL_F_EXPIRE_NODEST: u32 = 1;
 
 /// Length of `Globals::timeouts`.
 pub const TIMEOUT_SLOTS: usize = 16;

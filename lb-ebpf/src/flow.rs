@@ -7,6 +7,7 @@ use aya_ebpf::maps::{LruHashMap, PerCpuArray};
 use lb_common::{
     BACKEND_F_AVAILABLE, Backend, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6,
     PROTO_TCP, Service, reason,
+    sched::F_STATELESS,
     tcp::{self, Direction, state},
 };
 
@@ -82,6 +83,14 @@ pub fn track(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     } else {
         track_in::<FlowKeyV6>(pkt, now)
     }
+}
+
+/// IPVS `expire_nodest_conn` is set.
+#[inline(always)]
+fn expire_nodest() -> bool {
+    GLOBALS
+        .get(0)
+        .is_some_and(|g| g.flags & lb_common::GLOBAL_F_EXPIRE_NODEST != 0)
 }
 
 /// The idle timeout of state `st`, in ticks.
@@ -162,7 +171,21 @@ fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
         if !expired && !alive && !reused {
             // The real server was removed: IPVS (expire_nodest_conn=0) drops the packets of
             // its connections, a SYN on the same tuple included, until the entry expires.
-            return Err(reason::DROP_BACKEND_GONE);
+            if !expire_nodest() {
+                return Err(reason::DROP_BACKEND_GONE);
+            }
+            // expire_nodest_conn=1: the connection ends here; a packet that may open one is
+            // scheduled afresh, any other is dropped.
+            if acct::retire(status_ptr, status, flow.backend) {
+                let _ = K::table().remove(&key);
+                acct::release_entry(K::FAMILY);
+            }
+            if !may_create {
+                return Err(reason::DROP_BACKEND_GONE);
+            }
+            let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+            stats::count(reason::EV_FLOW_RESCHEDULED);
+            return schedule(&key, pkt, svc, now);
         }
         let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
         if !may_create {
@@ -197,7 +220,9 @@ fn untracked(pkt: &Pkt, svc: &Service) -> Result<Target, u32> {
         return Err(reason::PASS_TTL_EXPIRED);
     }
     let (index, backend) = sched::pick(svc, pkt)?;
-    stats::count(reason::EV_FLOW_UNTRACKED);
+    if svc.flags & F_STATELESS == 0 {
+        stats::count(reason::EV_FLOW_UNTRACKED);
+    }
     Ok(Target {
         index,
         service_id: svc.id,
@@ -220,6 +245,16 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
     let svc = service::lookup(pkt)?;
     if pkt.ttl <= 1 {
         return None;
+    }
+    if svc.flags & F_STATELESS != 0 {
+        // No entry to insert: the hash is the connection table.
+        let (index, backend) = sched::pick(svc, pkt).ok()?;
+        return Some(Target {
+            index,
+            service_id: svc.id,
+            backend,
+            new_conn: true,
+        });
     }
     let t = sched::peek(svc, pkt).ok()?;
     // A full table is the regular path's business (it may recycle an entry).
@@ -277,7 +312,7 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
         return Err(reason::PASS_TTL_EXPIRED);
     }
     // Before the pick, so a refused connection does not advance the scheduler.
-    let tracked = admit::take::<K>(now);
+    let tracked = svc.flags & F_STATELESS == 0 && admit::take::<K>(now);
     if !tracked && !sched::deterministic(svc) {
         return Err(reason::DROP_FLOW_TABLE_FULL);
     }
@@ -292,7 +327,9 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
     };
     if !tracked {
         // sh, dh, mh: the hash keeps the connection on its server without an entry.
-        stats::count(reason::EV_FLOW_UNTRACKED);
+        if svc.flags & F_STATELESS == 0 {
+            stats::count(reason::EV_FLOW_UNTRACKED);
+        }
     } else {
         let initial = if pkt.proto == PROTO_TCP {
             tcp::next_state(Direction::InputOnly, state::NONE, pkt.tcp_flags)

@@ -13,6 +13,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_mh_size() -> u32 {
     lb_common::hash::MH_DEFAULT_SIZE
 }
@@ -270,6 +274,10 @@ pub struct ServiceConfig {
     /// Slots of the mh table (a prime of IPVS's list; default 4093).
     #[serde(default = "default_mh_size")]
     pub mh_table_size: u32,
+    /// Record connections (default). sh, dh and mh may do without: every packet is hashed
+    /// to its server and no connection-table insert is paid for new flows.
+    #[serde(default = "default_true")]
+    pub conntrack: bool,
     pub forwarding: Forwarding,
     /// In the order they were added (configuration order).
     pub backends: Vec<BackendConfig>,
@@ -336,6 +344,10 @@ pub struct DataplaneConfig {
     pub interfaces: Vec<Located<String>>,
     pub xdp_mode: XdpModeSetting,
     pub limits: Limits,
+    /// IPVS `expire_nodest_conn`: a packet of a connection whose real server was removed
+    /// ends that connection and is scheduled afresh if it may open one (default: dropped
+    /// until the connection expires, as IPVS).
+    pub expire_nodest_conn: bool,
 }
 
 /// Capacities of the BPF maps.
@@ -396,6 +408,8 @@ struct FileDataplane {
     max_services: Option<Spanned<u32>>,
     max_backends: Option<Spanned<u32>>,
     slot_table_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    expire_nodest_conn: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -428,6 +442,8 @@ struct FileService {
     flags: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     mh_table_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    conntrack: Option<Spanned<bool>>,
     #[serde(default)]
     backends: Vec<Spanned<FileBackend>>,
 }
@@ -628,6 +644,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             interfaces,
             xdp_mode: dp.xdp_mode,
             limits,
+            expire_nodest_conn: dp.expire_nodest_conn,
         },
         socket: file
             .control
@@ -779,6 +796,21 @@ fn service(
         }
         Some(m) => *m.get_ref(),
     };
+    let conntrack = match &s.conntrack {
+        Some(c)
+            if !*c.get_ref()
+                && !matches!(scheduler, Scheduler::Sh | Scheduler::Dh | Scheduler::Mh) =>
+        {
+            return Err(loc.err(
+                c.span(),
+                format!(
+                    "conntrack = false needs a scheduler that finds a flow's server from its packets (sh, dh or mh), not {scheduler}"
+                ),
+            ));
+        }
+        Some(c) => *c.get_ref(),
+        None => true,
+    };
     let forwarding = parse_forwarding(loc, &s.forwarding)?.unwrap_or(Forwarding::Dr);
 
     let mut backends = Vec::new();
@@ -868,6 +900,7 @@ fn service(
             scheduler,
             sched_flags,
             mh_table_size,
+            conntrack,
             forwarding,
             backends,
         },
@@ -1016,6 +1049,11 @@ address = "[2001:db8::12]:443"
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"fast\"\n",
                 6,
                 "unknown scheduler \"fast\"",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\nconntrack = false\n",
+                7,
+                "conntrack = false needs a scheduler that finds a flow's server from its packets (sh, dh or mh), not rr",
             ),
             (
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"lblc\"\n",

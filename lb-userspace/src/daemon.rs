@@ -58,6 +58,7 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
     }
     let mut engine = Engine::new(&dp);
     engine.set_timeouts(&mut dp, config.timeouts)?;
+    engine.set_expire_nodest_conn(&mut dp, config.dataplane.expire_nodest_conn)?;
 
     let addrs = backend_addrs(&config);
     let (watcher, mut updates) = neigh::spawn_watcher(addrs.clone(), NEIGH_REFRESH)?;

@@ -233,6 +233,7 @@ pub struct Engine {
     deferred: Vec<(Instant, Deferred)>,
     next_hops: HashMap<IpAddr, NextHop>,
     timeouts: Timeouts,
+    expire_nodest_conn: bool,
     /// The prefilter bitmap as installed.
     filter: Vec<u64>,
 }
@@ -279,6 +280,7 @@ impl Engine {
             deferred: Vec::new(),
             next_hops: HashMap::new(),
             timeouts: Timeouts::default(),
+            expire_nodest_conn: false,
             filter: vec![0; lb_common::filter::WORDS as usize],
         }
     }
@@ -290,9 +292,22 @@ impl Engine {
 
     /// Sets the idle timeouts (`ipvsadm --set`).
     pub fn set_timeouts(&mut self, dp: &mut Dataplane, t: Timeouts) -> Result<()> {
-        dp.set_globals(&Globals::with_timeouts(timeouts_secs(t)))?;
         self.timeouts = t;
-        Ok(())
+        self.write_globals(dp)
+    }
+
+    /// IPVS `expire_nodest_conn`.
+    pub fn set_expire_nodest_conn(&mut self, dp: &mut Dataplane, on: bool) -> Result<()> {
+        self.expire_nodest_conn = on;
+        self.write_globals(dp)
+    }
+
+    fn write_globals(&self, dp: &mut Dataplane) -> Result<()> {
+        let mut g = Globals::with_timeouts(timeouts_secs(self.timeouts));
+        if self.expire_nodest_conn {
+            g.flags |= lb_common::GLOBAL_F_EXPIRE_NODEST;
+        }
+        dp.set_globals(&g)
     }
 
     /// Makes the data plane serve exactly `desired`. Validates and computes everything first;
@@ -403,6 +418,7 @@ impl Engine {
             deferred: self.deferred.clone(),
             next_hops: self.next_hops.clone(),
             timeouts: self.timeouts,
+            expire_nodest_conn: self.expire_nodest_conn,
             filter: self.filter.clone(),
         }
     }
@@ -600,7 +616,12 @@ impl Engine {
                 slots_len: st.table.slots.len() as u32,
                 sched_offset: st.table.offset,
                 scheduler: want.scheduler.code(),
-                flags: want.sched_flags.bits(),
+                flags: want.sched_flags.bits()
+                    | if want.conntrack {
+                        0
+                    } else {
+                        lb_common::sched::F_STATELESS
+                    },
                 _pad: [0; 6],
             },
             PendingSched {

@@ -1144,3 +1144,86 @@ fn hashing_schedulers_match_the_ipvs_model() {
         }
     }
 }
+
+/// `conntrack = false` (sh, dh, mh): no connection entry at all; every packet is hashed to
+/// the same server, and a SYN still counts as a new connection.
+#[test]
+fn stateless_hashing_services_record_no_flows() {
+    let cfg = THREE_RR.replace(
+        "scheduler = \"rr\"",
+        "scheduler = \"mh\"\nconntrack = false",
+    );
+    let h = Harness::new(&cfg);
+    let servers: Vec<IpAddr> = ["10.0.1.1", "10.0.1.2", "10.0.1.3"].map(ip).to_vec();
+    let before = h.counters();
+    let mut seen = Vec::new();
+    for port in 0..32u16 {
+        let syn = h.run(&Frame::tcp("192.168.9.1", 7000 + port, "10.0.0.10", 80, SYN).build());
+        let s = h.server_of(&syn, &servers).expect("forwarded");
+        assert_eq!(
+            syn.out,
+            expected_dr(
+                &Frame::tcp("192.168.9.1", 7000 + port, "10.0.0.10", 80, SYN).build(),
+                backend_mac(s),
+                LB_MAC
+            )
+        );
+        let ack = h.run(&Frame::tcp("192.168.9.1", 7000 + port, "10.0.0.10", 80, ACK).build());
+        assert_eq!(h.server_of(&ack, &servers), Some(s));
+        seen.push(s);
+    }
+    assert_eq!(delta(&before, &h.counters()), vec![("tx", 64)]);
+    assert!(h.dp.flows_v4().is_empty(), "no connection entries");
+    // mh hashes the address only by default: one client, one server.
+    assert!(seen.iter().all(|s| *s == seen[0]));
+    let id = h.service_id(&key("10.0.0.10:80"));
+    assert_eq!(h.dp.service_stats(id).unwrap().conns, 32);
+}
+
+/// `expire_nodest_conn`: the first packet of a removed server's connection ends it; a
+/// datagram (or SYN) is scheduled afresh at once, a mid-connection segment is dropped and the
+/// connection is gone.
+#[test]
+fn expire_nodest_conn_ends_connections_of_removed_servers() {
+    let two = "[[services]]\nname = \"dns\"\naddress = \"10.0.0.10:53\"\nprotocol = \"udp\"\nscheduler = \"rr\"\n[[services.backends]]\naddress = \"10.0.1.1\"\n[[services.backends]]\naddress = \"10.0.1.2\"\n[[services]]\nname = \"web\"\naddress = \"10.0.0.10:80\"\nscheduler = \"rr\"\n[[services.backends]]\naddress = \"10.0.1.1:80\"\n[[services.backends]]\naddress = \"10.0.1.2:80\"\n";
+    let mut h = Harness::new(two);
+    h.engine.set_expire_nodest_conn(&mut h.dp, true).unwrap();
+    let servers: Vec<IpAddr> = ["10.0.1.1", "10.0.1.2"].map(ip).to_vec();
+    let q = Frame::udp("192.168.9.9", 5000, "10.0.0.10", 53).build();
+    let udp_first = h.server_of(&h.run(&q), &servers).unwrap();
+    let syn = Frame::tcp("192.168.9.9", 5001, "10.0.0.10", 80, SYN).build();
+    let ack = Frame::tcp("192.168.9.9", 5001, "10.0.0.10", 80, ACK).build();
+    let tcp_first = h.server_of(&h.run(&syn), &servers).unwrap();
+    h.run(&ack);
+    // Remove the servers the two flows are on (when both are the same one, one removal).
+    let keep = |first: IpAddr| *servers.iter().find(|s| **s != first).unwrap();
+    let mut cfg = two.to_string();
+    for gone in [udp_first, tcp_first] {
+        cfg = cfg
+            .replace(
+                &format!("[[services.backends]]\naddress = \"{gone}\"\n"),
+                "",
+            )
+            .replace(
+                &format!("[[services.backends]]\naddress = \"{gone}:80\"\n"),
+                "",
+            );
+    }
+    h.apply(&cfg);
+    let before = h.counters();
+    if cfg.contains(&format!("\"{}\"", keep(udp_first))) {
+        assert_dr(&h, &q, &keep(udp_first).to_string());
+        assert_eq!(
+            delta(&before, &h.counters()),
+            vec![("tx", 1), ("flow_rescheduled", 1)]
+        );
+    }
+    let before = h.counters();
+    assert_eq!(h.run(&ack).action, XDP_DROP);
+    assert_eq!(
+        delta(&before, &h.counters()),
+        vec![("drop_backend_gone", 1)]
+    );
+    assert_pass(&h, &ack, reason::PASS_TCP_NO_FLOW);
+    h.assert_counts_match_tables();
+}
