@@ -107,6 +107,8 @@ pub mod sched {
     pub const NQ: u8 = 9;
     pub const FO: u8 = 10;
     pub const OVF: u8 = 11;
+    /// Power of two choices: two servers drawn at random by weight, the less loaded wins.
+    pub const TWOS: u8 = 12;
 
     /// `Service::flags`: when the hashed server cannot take the flow, look further
     /// (ipvsadm `sh-fallback` / `mh-fallback`).
@@ -149,6 +151,12 @@ pub mod sched {
         #[inline(always)]
         pub fn takes_at_once(sched: u8, d: &Load) -> bool {
             sched == NQ && d.active == 0
+        }
+
+        /// twos: whether the second draw beats the first (`ip_vs_twos_schedule()`).
+        #[inline(always)]
+        pub fn second_wins(first: &Load, second: &Load) -> bool {
+            second.weight * first.overhead() > first.weight * second.overhead()
         }
 
         /// Whether `d`, later in list order, replaces `best`: strictly better only, so ties

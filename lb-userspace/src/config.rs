@@ -117,7 +117,7 @@ impl Scheduler {
     }
     /// Whether the data plane implements it.
     pub fn supported(self) -> bool {
-        !matches!(self, Scheduler::Lblc | Scheduler::Lblcr | Scheduler::Twos)
+        !matches!(self, Scheduler::Lblc | Scheduler::Lblcr)
     }
     /// The data plane's code for it.
     pub fn code(self) -> u8 {
@@ -133,6 +133,7 @@ impl Scheduler {
             Scheduler::Nq => s::NQ,
             Scheduler::Fo => s::FO,
             Scheduler::Ovf => s::OVF,
+            Scheduler::Twos => s::TWOS,
             _ => s::RR,
         }
     }
@@ -147,6 +148,7 @@ impl Scheduler {
                 | Scheduler::Nq
                 | Scheduler::Fo
                 | Scheduler::Ovf
+                | Scheduler::Twos
         )
     }
 }
@@ -741,7 +743,7 @@ fn service(
         return Err(loc.err(
             sched_span,
             format!(
-                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr, lc, wlc, sed, nq, fo, ovf, sh, dh, mh)",
+                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr, lc, wlc, sed, nq, fo, ovf, twos, sh, dh, mh)",
                 if s.scheduler.is_none() {
                     " (the default)"
                 } else {

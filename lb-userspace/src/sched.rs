@@ -470,6 +470,8 @@ pub mod model {
         /// (u_threshold, l_threshold) per server.
         thresholds: HashMap<DestId, (u32, u32)>,
         overloaded: HashSet<DestId>,
+        /// twos' random numbers.
+        rng: u64,
     }
 
     impl Ipvs {
@@ -488,6 +490,7 @@ pub mod model {
                 conns: HashMap::new(),
                 thresholds: HashMap::new(),
                 overloaded: HashSet::new(),
+                rng: 0x9e37_79b9_7f4a_7c15,
             };
             s.recompute();
             s.cw = s.mw;
@@ -561,8 +564,65 @@ pub mod model {
                 Scheduler::Nq => self.nq(),
                 Scheduler::Fo => self.fo(false),
                 Scheduler::Ovf => self.fo(true),
+                Scheduler::Twos => self.twos(),
                 _ => self.rr(),
             }
+        }
+
+        /// twos: the probability that each server gets the next new connection.
+        /// `ip_vs_twos_schedule()` draws two numbers uniformly in [0, total weight] and walks
+        /// the eligible servers subtracting weights (so the first server gets one extra
+        /// chance); the second draw wins if its overhead per weight is strictly lower.
+        pub fn twos_probabilities(&self) -> Vec<(DestId, f64)> {
+            let el: Vec<Dest> = self
+                .list
+                .iter()
+                .filter(|d| self.eligible(d))
+                .copied()
+                .collect();
+            let total: u64 = el.iter().map(|d| d.weight as u64).sum();
+            let mut out: Vec<(DestId, f64)> = el.iter().map(|d| (d.id, 0.0)).collect();
+            if total == 0 {
+                return out;
+            }
+            let p: Vec<f64> = el
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    (d.weight as f64 + if i == 0 { 1.0 } else { 0.0 }) / (total + 1) as f64
+                })
+                .collect();
+            let oh = |d: &Dest| {
+                let (a, i) = self.counts(d.id);
+                a * 256 + (a + i)
+            };
+            for (i, c1) in el.iter().enumerate() {
+                for (j, c2) in el.iter().enumerate() {
+                    let win = if c2.weight as u64 * oh(c1) > c1.weight as u64 * oh(c2) {
+                        j
+                    } else {
+                        i
+                    };
+                    out[win].1 += p[i] * p[j];
+                }
+            }
+            out
+        }
+
+        /// One twos decision with the model's own random numbers.
+        fn twos(&mut self) -> Option<DestId> {
+            let probs = self.twos_probabilities();
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let mut x = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+            for (d, p) in &probs {
+                if x < *p {
+                    return Some(*d);
+                }
+                x -= p;
+            }
+            probs.last().map(|p| p.0)
         }
 
         // ---- connection counts and thresholds (ip_vs_conn.c bind/unbind) ----

@@ -326,3 +326,62 @@ fn overhead_counts_total_connections_as_linux_does() {
     assert_eq!(h.conns(&svc, b), (0, 256));
     assert_eq!(h.server_of(&h.run(&tcp(30001, SYN)), &all), Some(b));
 }
+
+/// twos is random by design: over thousands of new connections (whose counts shift the odds
+/// as they accumulate and close), each server's share must match the model's exact
+/// probabilities, summed connection by connection, within 5 standard deviations.
+#[test]
+fn twos_matches_the_model_in_distribution() {
+    let cfg = [(1u8, 1u32), (2, 2), (3, 3)];
+    let mut text = "[[services]]\nname = \"m\"\naddress = \"10.0.0.10:80\"\nscheduler = \"twos\"\n"
+        .to_string();
+    let mut model = Ipvs::new(Scheduler::Twos);
+    for (n, w) in cfg {
+        text += &format!("[[services.backends]]\naddress = \"10.0.1.{n}\"\nweight = {w}\n");
+        model.add(Dest {
+            id: id(n),
+            weight: w,
+        });
+    }
+    let h = Harness::new(&text);
+    let all: Vec<IpAddr> = (1..=3).map(server).collect();
+    let mut expected = [0f64; 4];
+    let mut variance = [0f64; 4];
+    let mut observed = [0u32; 4];
+    let mut rng = Rng(0x7e05_1234_abcd_0001);
+    for k in 0..3000u16 {
+        for (d, p) in model.twos_probabilities() {
+            let n = match d.0 {
+                IpAddr::V4(a) => a.octets()[3] as usize,
+                _ => unreachable!(),
+            };
+            expected[n] += p;
+            variance[n] += p * (1.0 - p);
+        }
+        let port = 10000 + k;
+        let got = h
+            .server_of(&h.run(&tcp(port, SYN)), &all)
+            .expect("forwarded");
+        h.run(&tcp(port, ACK));
+        let n = match got {
+            IpAddr::V4(a) => a.octets()[3] as usize,
+            _ => unreachable!(),
+        };
+        observed[n] += 1;
+        model.bind(id(n as u8));
+        // Half the connections close soon, so the overheads differ from the weights.
+        if rng.next(2) == 0 {
+            h.run(&tcp(port, FIN | ACK));
+            model.deactivate(id(n as u8));
+        }
+    }
+    for n in 1..=3 {
+        let tolerance = 5.0 * variance[n].sqrt();
+        assert!(
+            (observed[n] as f64 - expected[n]).abs() <= tolerance,
+            "server {n}: observed {}, expected {:.1} ± {tolerance:.1} (all: {observed:?} vs {expected:?})",
+            observed[n],
+            expected[n]
+        );
+    }
+}
