@@ -11,7 +11,7 @@ use std::{
 
 use xlb_tests::{
     require_root,
-    testbed::{DrBench, KeepAlive, http_get, in_netns, run},
+    testbed::{DrBench, KeepAlive, http_get, http_get_from, in_netns, run},
 };
 
 /// The benches share two CPUs; one at a time keeps timings sane.
@@ -248,6 +248,117 @@ fn connection_counts_follow_real_connections() {
         last = xlb_list(&b);
     }
     assert_eq!(conn_totals(&last), (0, 0), "{last}");
+}
+
+/// (ActiveConn, InActConn) of one real server in an `xlb list -n` output.
+fn conns_of(list: &str, addr: std::net::Ipv4Addr) -> (u64, u64) {
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(&format!("  -> {addr}:80 ")))
+        .unwrap_or_else(|| panic!("no line for {addr} in\n{list}"));
+    let c: Vec<&str> = line.split_whitespace().collect();
+    (c[4].parse().unwrap(), c[5].parse().unwrap())
+}
+
+/// lc and wlc with real connections: long-lived connections keep their servers busy, so once
+/// the connections on one server end, new connections go there until the load evens out.
+#[test]
+fn least_connection_follows_long_lived_connections() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for sched in ["lc", "wlc"] {
+        let (b, xlb) = start_v4(&format!("xte2e-{sched}"), sched, &[1, 1, 1]);
+        let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
+        let be1 = b.servers[0].v4;
+        let (bin, socket) = (xlb.clone(), b.socket());
+        let list = move || {
+            run(&[
+                &bin.to_string_lossy(),
+                "list",
+                "-n",
+                "--socket",
+                &socket.to_string_lossy(),
+            ])
+            .unwrap()
+        };
+        let (first, next, during) = in_netns(&b.cli, move || {
+            // Six long-lived connections: two per server, in IPVS list order (be3 first).
+            let mut conns: Vec<(String, KeepAlive)> = (0..6)
+                .map(|_| {
+                    let mut c = KeepAlive::connect(vip).unwrap();
+                    (c.get().unwrap(), c)
+                })
+                .collect();
+            let first: Vec<String> = conns.iter().map(|c| c.0.clone()).collect();
+            // The two on be1 end.
+            conns.retain(|c| c.0 != "be1");
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            while conns_of(&list(), be1) != (0, 2) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // be1: 2 inactive (overhead 2); be2, be3: 2 active each (overhead 514).
+            let next: Vec<String> = (0..10).map(|_| http_get(vip).unwrap()).collect();
+            let during = list();
+            drop(conns);
+            (first, next, during)
+        })
+        .unwrap();
+        assert_eq!(
+            first,
+            ["be3", "be2", "be1", "be3", "be2", "be1"],
+            "{sched}: equal load, list order"
+        );
+        assert!(
+            next.iter().all(|s| s == "be1"),
+            "{sched}: new connections avoid the busy servers: {next:?}\n{during}"
+        );
+        assert_eq!(conns_of(&during, be1), (0, 12), "{sched}:\n{during}");
+        for s in &b.servers[1..] {
+            assert_eq!(conns_of(&during, s.v4), (2, 0), "{sched}:\n{during}");
+        }
+    }
+}
+
+/// sh: every connection of a client address goes to the same real server; different
+/// addresses spread over the servers.
+#[test]
+fn source_hashing_keeps_each_client_on_one_server() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (b, _) = start_v4("xte2e-sh", "sh", &[1, 1, 1]);
+    let clients: Vec<IpAddr> = (31..39)
+        .map(|i| IpAddr::V4(std::net::Ipv4Addr::new(10, 100, 0, i)))
+        .collect();
+    for c in &clients {
+        run(&[
+            "ip",
+            "-n",
+            &b.cli,
+            "addr",
+            "add",
+            &format!("{c}/24"),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    }
+    let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
+    let cs = clients.clone();
+    let answers: Vec<Vec<String>> = in_netns(&b.cli, move || {
+        cs.iter()
+            .map(|c| {
+                (0..5)
+                    .map(|_| http_get_from(*c, vip).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    })
+    .unwrap();
+    for (c, a) in clients.iter().zip(&answers) {
+        assert!(a.iter().all(|s| *s == a[0]), "client {c}: {a:?}");
+    }
+    let distinct: std::collections::HashSet<&String> = answers.iter().map(|a| &a[0]).collect();
+    assert!(distinct.len() >= 2, "8 clients on one server: {answers:?}");
 }
 
 /// The balancer's neighbour entries vanish (flushed, as after a link flap or garbage

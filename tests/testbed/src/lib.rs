@@ -439,7 +439,43 @@ http {{
 
 /// One HTTP/1.1 GET of `/` with `Connection: close` on a new connection; returns the body.
 pub fn http_get(addr: SocketAddr) -> Result<String> {
-    let mut s = connect(addr)?;
+    get_and_close(connect(addr)?)
+}
+
+/// As [`http_get`], from source address `src` (one of the caller's addresses).
+pub fn http_get_from(src: IpAddr, addr: SocketAddr) -> Result<String> {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // A blocking connect gives up after the send timeout.
+    setsockopt(
+        &fd,
+        sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(3, 0),
+    )?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(src, 0)),
+    )
+    .with_context(|| format!("binding to {src}"))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .with_context(|| format!("connecting from {src} to {addr}"))?;
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    get_and_close(s)
+}
+
+fn get_and_close(mut s: TcpStream) -> Result<String> {
     write!(
         s,
         "GET / HTTP/1.1\r\nHost: xlb\r\nConnection: close\r\n\r\n"
