@@ -7,6 +7,8 @@
 //! their figure is `S(prog) − S(drop) + D(drop)`, i.e. the shim's own cost is removed. Every
 //! run checks, from the programs' own counters, that each iteration took the intended path.
 
+mod schedulers;
+
 use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -255,8 +257,8 @@ fn main() -> Result<()> {
         conn_table_size: conn_table(),
         conn_table_size_v6: 1024,
         max_services: 64,
-        max_backends: 256,
-        slot_table_size: 4096,
+        max_backends: 16384,
+        slot_table_size: 1 << 20,
     };
     let mut dp = Dataplane::load(limits)?;
     let mut engine = Engine::new(&dp);
@@ -275,6 +277,7 @@ fn main() -> Result<()> {
             }),
         )?;
     }
+    text += &schedulers::services(&mut engine, &mut dp)?;
     let services = config::parse(std::path::Path::new("bench.toml"), &text)?.services;
     engine.apply(&mut dp, &services)?;
     let service_id = engine.service_id(&services[0].key).unwrap();
@@ -372,6 +375,7 @@ fn main() -> Result<()> {
         .collect();
 
     let mut reaper_ns_per_entry: Vec<f64> = Vec::new();
+    let mut sched_cases = schedulers::new_cases();
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
         let d_drop = b.measure("base_drop", &syn, Method::Direct, HOT_REPEAT)?;
@@ -471,6 +475,13 @@ fn main() -> Result<()> {
         );
         b.measure("xlb", &syn, Method::Fresh, room as u32)?;
         ensure!(b.dp.flow_entries_free()?[0] == 0, "the table did not fill");
+        // Warm-up: the ring of recent connections still starts with the established ones
+        // of the fill and those the reaper took out since the last full-table run; the first
+        // recycling new flows skip past them (8 established or 1024 gone ones each).
+        b.fresh = unique;
+        let warm = lb_common::recent_ring_size(conn_table(), ncpus) / 4 + 4096;
+        b.measure("xlb", &syn, Method::Fresh, warm)?;
+        unique = b.fresh;
         let before = b.snapshot()?;
         b.fresh = unique;
         let new_full = b.measure("xlb", &syn, Method::Fresh, new_flow_repeat())?;
@@ -574,9 +585,32 @@ fn main() -> Result<()> {
             c.rounds.extend(v);
         }
         reaper_ns_per_entry.extend(reaps);
+        schedulers::round(
+            &mut b,
+            &mut sched_cases,
+            &schedulers::RoundInput {
+                window,
+                syn: &syn,
+                ack: &ack,
+                floor_vary: s_drop_vary.1,
+                floor_hot: s_drop.1,
+                drop: d_drop.1,
+            },
+        )?;
     }
 
     report(&cases, &b.dp, &reaper_ns_per_entry)?;
+    let parse_hash = cases
+        .iter()
+        .find(|c| c.name.starts_with("parse + 1 hash"))
+        .unwrap()
+        .median();
+    schedulers::report(&sched_cases, parse_hash);
+    let json = serde_json::to_string_pretty(&sched_cases)?;
+    let out =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-schedulers.json");
+    std::fs::write(&out, json)?;
+    println!("\nraw rounds: {}", out.display());
     Ok(())
 }
 

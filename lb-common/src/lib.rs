@@ -517,8 +517,10 @@ pub fn recent_ring_size(capacity: u32, ncpus: u32) -> u32 {
         .clamp(1024, 1 << 20)
 }
 
-/// Candidates a new connection examines in its CPU's ring when the table is full.
+/// Live candidates a new connection examines in its CPU's ring when the table is full.
 pub const RECYCLE_TRIES: u32 = 8;
+/// Ring slots it looks at in all (slots of connections that are gone already are skipped).
+pub const RECYCLE_SCAN: u32 = 1024;
 
 /// A full table recycles a UDP connection only once it has been idle this long (ticks, 1 s):
 /// a busy UDP flow keeps its server.

@@ -9,7 +9,9 @@
 //! ring when it is created and again when it starts closing. A candidate found established
 //! leaves the ring (it comes back when it closes); a busy UDP one goes to the back.
 
-use lb_common::{FLOW_DEAD, RECYCLE_TRIES, reason, tcp::state};
+use core::ffi::c_void;
+
+use lb_common::{FLOW_DEAD, RECYCLE_SCAN, RECYCLE_TRIES, reason, tcp::state};
 
 use crate::{
     acct,
@@ -52,8 +54,11 @@ fn copy_words<K>(dst: *mut K, src: &K) {
     }
 }
 
-/// Frees one entry by retiring the oldest recyclable connection in this CPU's ring (looking
-/// at up to `RECYCLE_TRIES` of them); `true` if an entry went back to the pool.
+/// Frees one entry by retiring the oldest recyclable connection in this CPU's ring; `true` if
+/// an entry went back to the pool. Looks at up to `RECYCLE_TRIES` live candidates that cannot
+/// be recycled (established ones, busy UDP flows) and up to `RECYCLE_SCAN` ring slots in all:
+/// slots of connections that already expired cost a lookup miss each, and after a mass expiry
+/// there may be many of them before the next live candidate.
 #[inline(always)]
 fn recycle<K: FlowKey>(now: u32) -> bool {
     let i = K::INDEX;
@@ -70,42 +75,75 @@ fn recycle<K: FlowKey>(now: u32) -> bool {
     if next.wrapping_sub(pos) > mask + 1 {
         pos = next.wrapping_sub(mask + 1);
     }
-    let mut freed = false;
-    for _ in 0..RECYCLE_TRIES {
-        if pos == next {
-            break;
-        }
-        let Some(slot) = K::recent().get_ptr((pos & mask) as u32) else {
-            break;
-        };
-        pos = pos.wrapping_add(1);
-        let key = unsafe { &*slot };
-        let Some(entry) = K::table().get_ptr_mut(key) else {
-            continue;
-        };
-        let status_ptr = unsafe { &raw mut (*entry).status };
-        let status = unsafe { core::ptr::read_volatile(status_ptr) };
-        if status & FLOW_DEAD != 0 {
-            continue;
-        }
-        let st = status as u8;
-        let idle = now.wrapping_sub(unsafe { (*entry).last_seen });
-        if !lb_common::recyclable(st, idle) {
-            if st == state::UDP {
-                // Busy now, maybe idle later: back of the queue (the slot just read is free,
-                // so the ring has room; this walk stops before it gets there).
-                record(key);
-            }
-            continue;
-        }
-        if acct::retire(status_ptr, status, unsafe { (*entry).backend }) {
-            let _ = K::table().remove(key);
-            acct::release_entry(K::FAMILY);
-            stats::count(reason::EV_FLOW_RECYCLED);
-            freed = true;
-            break;
-        }
+    let mut walk = Walk {
+        now,
+        live_left: RECYCLE_TRIES,
+        pos,
+        next,
+        mask,
+        freed: 0,
+        _pad: 0,
+    };
+    unsafe {
+        aya_ebpf::helpers::bpf_loop(
+            RECYCLE_SCAN,
+            step::<K> as *mut c_void,
+            &raw mut walk as *mut c_void,
+            0,
+        )
+    };
+    unsafe { (*q).recent_evict[i] = walk.pos };
+    walk.freed != 0
+}
+
+#[repr(C)]
+struct Walk {
+    now: u32,
+    live_left: u32,
+    pos: u64,
+    next: u64,
+    mask: u64,
+    freed: u32,
+    _pad: u32,
+}
+
+/// One ring slot; 1 stops the walk.
+#[inline(never)]
+extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
+    let w = unsafe { &mut *(ctx as *mut Walk) };
+    if w.pos == w.next || w.live_left == 0 {
+        return 1;
     }
-    unsafe { (*q).recent_evict[i] = pos };
-    freed
+    let Some(slot) = K::recent().get_ptr((w.pos & w.mask) as u32) else {
+        return 1;
+    };
+    w.pos = w.pos.wrapping_add(1);
+    let key = unsafe { &*slot };
+    let Some(entry) = K::table().get_ptr_mut(key) else {
+        return 0;
+    };
+    let status_ptr = unsafe { &raw mut (*entry).status };
+    let status = unsafe { core::ptr::read_volatile(status_ptr) };
+    if status & FLOW_DEAD != 0 {
+        return 0;
+    }
+    let st = status as u8;
+    let idle = w.now.wrapping_sub(unsafe { (*entry).last_seen });
+    if !lb_common::recyclable(st, idle) {
+        w.live_left -= 1;
+        if st == state::UDP {
+            // Busy now, maybe idle later: back of the queue (the slot just read is free, so
+            // the ring has room; this walk stops before it gets there).
+            record(key);
+        }
+        return 0;
+    }
+    if acct::retire(status_ptr, status, unsafe { (*entry).backend }) {
+        let _ = K::table().remove(key);
+        acct::release_entry(K::FAMILY);
+        stats::count(reason::EV_FLOW_RECYCLED);
+        w.freed = 1;
+        return 1;
+    }
+    0
 }
