@@ -259,6 +259,7 @@ fn main() -> Result<()> {
         max_services: 64,
         max_backends: 16384,
         slot_table_size: 1 << 20,
+        ..Limits::default()
     };
     let mut dp = Dataplane::load(limits)?;
     let mut engine = Engine::new(&dp);

@@ -46,6 +46,14 @@ pub mod map_names {
     pub const FLOW_QUOTA: &str = "FLOW_QUOTA";
     pub const RECENT_V4: &str = "RECENT_V4";
     pub const RECENT_V6: &str = "RECENT_V6";
+    pub const TEMPLATES_V4: &str = "TEMPLATES_V4";
+    pub const TEMPLATES_V6: &str = "TEMPLATES_V6";
+    pub const WIDE_V4: &str = "WIDE_V4";
+    pub const WIDE_V6: &str = "WIDE_V6";
+    pub const PREFIX_V4: &str = "PREFIX_V4";
+    pub const PREFIX_V6: &str = "PREFIX_V6";
+    pub const NEW_FLOW: &str = "NEW_FLOW";
+    pub const HANDOFF: &str = "HANDOFF";
 }
 
 /// The service prefilter: bit `bit(addr, port, proto)` of a bitmap is set for every virtual
@@ -67,8 +75,173 @@ pub mod filter {
     }
 }
 
+/// Persistence (IPVS templates): a client network stays on one real server across
+/// connections while its template lives.
+pub mod persist {
+    use crate::ticks;
+
+    /// A template whose last controlled connection ends after its timeout ran out lives this
+    /// much longer (IPVS re-arms such a template for 60 s).
+    pub const REARM: u32 = ticks::from_secs(60);
+
+    /// The network-order mask of word `i` (0..4) of an address whose first `prefix` bits
+    /// count. IPv4 uses word 0 only.
+    #[inline(always)]
+    pub fn mask_word(prefix: u32, i: u32) -> u32 {
+        let start = i * 32;
+        let bits = prefix.saturating_sub(start);
+        let host = if bits >= 32 {
+            u32::MAX
+        } else if bits == 0 {
+            0
+        } else {
+            !(u32::MAX >> bits)
+        };
+        host.to_be()
+    }
+}
+
+/// Template key: one template per (service, client network). Keying by service rather than
+/// by port makes persistence span every port a multi-port service covers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TemplateKeyV4 {
+    pub service_id: u32,
+    /// Client address & netmask, network byte order.
+    pub net: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TemplateKeyV6 {
+    pub service_id: u32,
+    pub net: [u32; 4],
+}
+
+/// A persistence template (IPVS template connection).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Template {
+    /// Index in `BACKENDS` and its generation when the template was made.
+    pub backend: u32,
+    pub generation: u32,
+    /// Last new connection that used the template, in [`ticks`].
+    pub last_used: u32,
+    /// The service's persistence timeout, in ticks.
+    pub timeout: u32,
+    /// Connections the template controls (updated atomically); it does not expire while any
+    /// is alive.
+    pub controlled: u32,
+    pub _pad: u32,
+}
+
+impl Template {
+    #[inline(always)]
+    pub fn expired(&self, controlled: u32, now: u32) -> bool {
+        controlled == 0 && now.wrapping_sub(self.last_used) > self.timeout
+    }
+}
+
+/// Services wider than one (address, port): port ranges, all ports (port 0), destination
+/// prefixes. Exact (address, port) services live in the hash maps; the rest in two LPM tries,
+/// whose keys put the part that is an exact match first:
+/// - `WIDE_*`: protocol, address, port — one address (or prefix) with a port range or all
+///   ports; a range is split into aligned power-of-two blocks;
+/// - `PREFIX_*`: protocol, port, address — a destination prefix on given ports.
+///
+/// A packet that no exact service takes looks in both; the longer destination prefix wins
+/// (`Service::match_bits`), and on a tie the exact port of a `PREFIX_*` entry.
+pub mod wide {
+    /// Key data (after the LPM prefix length) of `WIDE_V4`: proto, address, port, padding.
+    pub const V4_LEN: usize = 8;
+    /// `WIDE_V6`/`PREFIX_V6`: proto, 16 + 2 bytes, padding.
+    pub const V6_LEN: usize = 20;
+
+    /// Filter flag word index: the bitmap's words are followed by this one.
+    pub const FLAGS_WORD: u32 = crate::filter::WORDS;
+    /// Flags: some `WIDE_*` entry has one whole address (check bit(addr, 0, proto)).
+    pub const F_ADDR_WIDE: u64 = 1;
+    /// Some `PREFIX_*` entry exists (check bit(0, port, proto)).
+    pub const F_PREFIX_PORT: u64 = 2;
+    /// Some `WIDE_*` entry covers a prefix with every port for TCP (every TCP packet must
+    /// be looked up), resp. UDP.
+    pub const F_ANY_TCP: u64 = 4;
+    pub const F_ANY_UDP: u64 = 8;
+
+    /// `WIDE_V4` key data.
+    #[inline(always)]
+    pub fn v4_addr_port(proto: u8, addr: u32, port: u16) -> [u8; V4_LEN] {
+        let a = addr.to_ne_bytes();
+        let p = port.to_ne_bytes();
+        [proto, a[0], a[1], a[2], a[3], p[0], p[1], 0]
+    }
+
+    /// `PREFIX_V4` key data.
+    #[inline(always)]
+    pub fn v4_port_addr(proto: u8, port: u16, addr: u32) -> [u8; V4_LEN] {
+        let a = addr.to_ne_bytes();
+        let p = port.to_ne_bytes();
+        [proto, p[0], p[1], a[0], a[1], a[2], a[3], 0]
+    }
+
+    /// `WIDE_V6` key data.
+    #[inline(always)]
+    pub fn v6_addr_port(proto: u8, addr: [u32; 4], port: u16) -> [u8; V6_LEN] {
+        let mut k = [0u8; V6_LEN];
+        k[0] = proto;
+        put_addr(&mut k, 1, addr);
+        let p = port.to_ne_bytes();
+        k[17] = p[0];
+        k[18] = p[1];
+        k
+    }
+
+    /// `PREFIX_V6` key data.
+    #[inline(always)]
+    pub fn v6_port_addr(proto: u8, port: u16, addr: [u32; 4]) -> [u8; V6_LEN] {
+        let mut k = [0u8; V6_LEN];
+        k[0] = proto;
+        let p = port.to_ne_bytes();
+        k[1] = p[0];
+        k[2] = p[1];
+        put_addr(&mut k, 3, addr);
+        k
+    }
+
+    #[inline(always)]
+    fn put_addr(k: &mut [u8; V6_LEN], at: usize, addr: [u32; 4]) {
+        let mut i = 0;
+        while i < 4 {
+            let w = addr[i].to_ne_bytes();
+            k[at + 4 * i] = w[0];
+            k[at + 4 * i + 1] = w[1];
+            k[at + 4 * i + 2] = w[2];
+            k[at + 4 * i + 3] = w[3];
+            i += 1;
+        }
+    }
+}
+
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "xlb";
+/// The new-flow programs (service lookup, persistence, scheduling, recording), reached by
+/// tail calls through the `NEW_FLOW` program array: a SYN goes to `xlb_syn_*` (which inserts
+/// its flow directly and hands anything unusual on to `xlb_new_*`), any other packet without
+/// a live flow entry to `xlb_new_*`. Separate programs per family and per path keep each
+/// within the verifier's budget, and established packets never pay for the code.
+pub const NEW_FLOW_PROGRAMS: [(u32, &str); 4] = [
+    (NEW_FLOW_V4, "xlb_new_v4"),
+    (NEW_FLOW_V6, "xlb_new_v6"),
+    (NEW_FLOW_V4 + NEW_FLOW_SYN, "xlb_syn_v4"),
+    (NEW_FLOW_V6 + NEW_FLOW_SYN, "xlb_syn_v6"),
+];
+pub const NEW_FLOW_V4: u32 = 0;
+pub const NEW_FLOW_V6: u32 = 1;
+/// Added to the family's index: the SYN program.
+pub const NEW_FLOW_SYN: u32 = 2;
+/// `HANDOFF` value telling the new-flow program the flow has no usable entry (the main
+/// program looked it up already); 0 means it did not look.
+pub const HANDOFF_NO_ENTRY: u32 = 1;
 /// The program that retires expired connections (run by the controller with
 /// `BPF_PROG_TEST_RUN`; it never sees a packet).
 pub const REAPER_NAME: &str = "xlb_reap";
@@ -84,6 +257,10 @@ pub mod defaults {
     pub const MAX_BACKENDS: u32 = 1 << 16;
     pub const SLOT_TABLE_SIZE: u32 = 1 << 20;
     pub const TX_PORTS: u32 = 256;
+    /// Persistence templates per family.
+    pub const TEMPLATES: u32 = 1 << 16;
+    /// Entries of each wide-service trie (port-range blocks, prefixes).
+    pub const WIDE_ENTRIES: u32 = 1 << 14;
     pub const EVENTS_BYTES: u32 = 1 << 14;
 }
 
@@ -279,7 +456,27 @@ impl FlowKeyV6 {
 impl Flow {
     #[inline(always)]
     pub fn new(backend: u32, generation: u32, service_id: u32, last_seen: u32, state: u8) -> Self {
-        let w: [u32; 6] = [backend, generation, service_id, last_seen, state as u32, 0];
+        Self::controlled(backend, generation, service_id, last_seen, state, 0)
+    }
+
+    /// A flow controlled by a persistence template (`template`: see [`Flow::template`]).
+    #[inline(always)]
+    pub fn controlled(
+        backend: u32,
+        generation: u32,
+        service_id: u32,
+        last_seen: u32,
+        state: u8,
+        template: u32,
+    ) -> Self {
+        let w: [u32; 6] = [
+            backend,
+            generation,
+            service_id,
+            last_seen,
+            state as u32,
+            template,
+        ];
         // SAFETY: as above.
         unsafe { core::mem::transmute(w) }
     }
@@ -299,11 +496,17 @@ pub struct Service {
     /// Added to the shared pick counter before indexing the slot table, so that a new table
     /// continues the scheduler's sequence where IPVS would (see the controller's scheduler code).
     pub sched_offset: u32,
+    /// Persistence timeout in [`ticks`]; 0: the service is not persistent.
+    pub persist_timeout: u32,
     /// One of [`sched`].
     pub scheduler: u8,
     /// `SERVICE_F_*` flags.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// Persistence granularity: the client address prefix length (IPv4 0..=32, IPv6 0..=128).
+    pub persist_prefix: u8,
+    /// Destination prefix length this entry matches (32/128 for one address): among wide
+    /// matches the longer prefix wins ([`wide`]).
+    pub match_bits: u8,
 }
 
 /// A CPU's copy of the service it looked up last (`SERVICE_CACHE`, per CPU): new flows to
@@ -442,7 +645,10 @@ pub struct Flow {
     /// was retired. Changed only with compare-and-swap, so the per-server connection counts
     /// follow every change exactly once.
     pub status: u32,
-    pub _pad: u32,
+    /// 0, or the connection is controlled by a persistence template: the service's client
+    /// prefix length + 1, so the template's key can be rebuilt from the flow's key when the
+    /// connection ends (see [`persist`]).
+    pub template: u32,
 }
 
 /// `Flow::status`: the entry was retired (its connection is no longer counted); it is about
@@ -603,7 +809,7 @@ pub mod ticks {
     }
 
     /// A duration in seconds as ticks, rounded up (a timeout never ends early).
-    pub fn from_secs(s: u32) -> u32 {
+    pub const fn from_secs(s: u32) -> u32 {
         ((s as u64 * 1_000_000_000).div_ceil(1 << SHIFT)) as u32
     }
 }
@@ -676,6 +882,9 @@ mod pod {
     unsafe impl aya::Pod for FlowKeyV4 {}
     unsafe impl aya::Pod for FlowKeyV6 {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for TemplateKeyV4 {}
+    unsafe impl aya::Pod for TemplateKeyV6 {}
+    unsafe impl aya::Pod for Template {}
     unsafe impl aya::Pod for SchedState {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Globals {}
@@ -697,7 +906,10 @@ mod layout_tests {
     fn sizes_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKeyV4>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ServiceKeyV6>(), 16 + 2 + 1 + 1);
-        assert_eq!(size_of::<Service>(), 4 * 4 + 1 + 1 + 6);
+        assert_eq!(size_of::<Service>(), 5 * 4 + 4);
+        assert_eq!(size_of::<TemplateKeyV4>(), 8);
+        assert_eq!(size_of::<TemplateKeyV6>(), 20);
+        assert_eq!(size_of::<Template>(), 24);
         assert_eq!(
             size_of::<Backend>(),
             16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4 * 3
@@ -771,7 +983,7 @@ mod layout_tests {
                 service_id: 9,
                 last_seen: 10,
                 status: 3,
-                _pad: 0
+                template: 0
             }
         );
     }

@@ -24,7 +24,7 @@ use crate::{
 /// there is none to be had.
 #[inline(always)]
 pub fn take<K: FlowKey>(now: u32) -> bool {
-    acct::take_entry(K::FAMILY) || (recycle::<K>(now) && acct::take_entry(K::FAMILY))
+    acct::take_entry(K::FAMILY) || (recycle::<K>(now) != 0 && acct::take_entry(K::FAMILY))
 }
 
 /// Records a connection this CPU just created in its ring.
@@ -59,14 +59,17 @@ fn copy_words<K>(dst: *mut K, src: &K) {
 /// be recycled (established ones, busy UDP flows) and up to `RECYCLE_SCAN` ring slots in all:
 /// slots of connections that already expired cost a lookup miss each, and after a mass expiry
 /// there may be many of them before the next live candidate.
-#[inline(always)]
-fn recycle<K: FlowKey>(now: u32) -> bool {
+///
+/// A function of its own answering with a plain number (1 freed, 0 not): the verifier walks
+/// on from one state after it (see `sched::pick_index`).
+#[inline(never)]
+fn recycle<K: FlowKey>(now: u32) -> u64 {
     let i = K::INDEX;
     let Some(q) = FLOW_QUOTA.get_ptr_mut(0) else {
-        return false;
+        return 0;
     };
     let Some(pool) = FLOW_POOL.get(i as u32) else {
-        return false;
+        return 0;
     };
     let mask = pool.recent_mask;
     let next = unsafe { (*q).recent_next[i] };
@@ -93,7 +96,7 @@ fn recycle<K: FlowKey>(now: u32) -> bool {
         )
     };
     unsafe { (*q).recent_evict[i] = walk.pos };
-    walk.freed != 0
+    (walk.freed != 0) as u64
 }
 
 #[repr(C)]
@@ -139,6 +142,7 @@ extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
         return 0;
     }
     if acct::retire(status_ptr, status, unsafe { (*entry).backend }) {
+        crate::persist::retired(key, unsafe { &*entry }, w.now);
         let _ = K::table().remove(key);
         acct::release_entry(K::FAMILY);
         stats::count(reason::EV_FLOW_RECYCLED);

@@ -2,15 +2,40 @@
 //! protocol), set by the controller for every virtual service. Packets whose bit is clear are
 //! not for a service and go to the kernel after one array read, without a hash lookup; packets
 //! of established flows then go straight to the connection table.
+//!
+//! Wide services (port ranges, all ports, destination prefixes) set the bit of (address, 0)
+//! or (0, port) instead, and a flag word says which of those further bits to try, so a
+//! configuration without wide services pays nothing for them.
 
-use lb_common::filter;
+use lb_common::{PROTO_TCP, filter, wide};
 
 use crate::{maps::SERVICE_FILTER, parse::Pkt};
 
 #[inline(always)]
 pub fn may_match(pkt: &Pkt) -> bool {
     let addr = pkt.dst[0] ^ pkt.dst[1] ^ pkt.dst[2] ^ pkt.dst[3];
-    let bit = filter::bit(addr, pkt.dport, pkt.proto);
+    if is_set(filter::bit(addr, pkt.dport, pkt.proto)) {
+        return true;
+    }
+    let flags = match SERVICE_FILTER.get(filter::WORDS) {
+        Some(f) => *f,
+        None => return true,
+    };
+    if flags == 0 {
+        return false;
+    }
+    let any = if pkt.proto == PROTO_TCP {
+        wide::F_ANY_TCP
+    } else {
+        wide::F_ANY_UDP
+    };
+    flags & any != 0
+        || (flags & wide::F_ADDR_WIDE != 0 && is_set(filter::bit(addr, 0, pkt.proto)))
+        || (flags & wide::F_PREFIX_PORT != 0 && is_set(filter::bit(0, pkt.dport, pkt.proto)))
+}
+
+#[inline(always)]
+fn is_set(bit: u32) -> bool {
     match SERVICE_FILTER.get(bit / 64) {
         Some(w) => *w & (1u64 << (bit % 64)) != 0,
         // Cannot happen (the index is masked); be safe and look further.

@@ -15,7 +15,7 @@ use crate::{
     acct, admit,
     maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS, RECENT_V4, RECENT_V6},
     parse::Pkt,
-    sched, service, stats,
+    persist, sched, service, stats,
 };
 
 /// The real server a packet goes to (a reference into `BACKENDS`, never a copy: large
@@ -28,7 +28,7 @@ pub struct Target {
     pub new_conn: bool,
 }
 
-pub trait FlowKey: Sized + 'static {
+pub trait FlowKey: persist::Templated {
     /// `FAMILY_V4` or `FAMILY_V6`.
     const FAMILY: u8;
     /// The table's index in per-family arrays (0 IPv4, 1 IPv6).
@@ -73,15 +73,80 @@ impl FlowKey for FlowKeyV6 {
     }
 }
 
-/// Finds the flow of `pkt` or, for a packet that may open one, schedules it; `Err` carries the
-/// reason counter. An established flow needs no service lookup: its entry names the service
-/// and the real server.
+/// `established`'s "not mine" answers (never reason counters): a SYN goes to the SYN program.
+/// A plain `Result` rather than an enum around one: LLVM packs such an enum's tag into the
+/// pointer's register, which the verifier rejects.
+pub const TO_SYN: u32 = u32::MAX;
+/// ... a flow without a usable entry (looked up already) to the new-flow program.
+pub const TO_NEW_FLOW_NO_ENTRY: u32 = u32::MAX - 1;
+
+/// The main program's part: an established flow's packet follows its entry. Everything else
+/// (a SYN, a flow without a live entry) goes to the new-flow program (`TO_NEW_FLOW*`).
 #[inline(always)]
-pub fn track(pkt: &Pkt, now: u32) -> Result<Target, u32> {
+pub fn established(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     if pkt.family == FAMILY_V4 {
-        track_in::<FlowKeyV4>(pkt, now)
+        established_in::<FlowKeyV4>(pkt, now)
     } else {
-        track_in::<FlowKeyV6>(pkt, now)
+        established_in::<FlowKeyV6>(pkt, now)
+    }
+}
+
+#[inline(always)]
+fn established_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
+    let class = Class::of(pkt);
+    // A SYN almost always opens a connection: the new-flow program inserts it directly.
+    if class.plain_syn {
+        return Err(TO_SYN);
+    }
+    match on_entry(&K::from_pkt(pkt), pkt, now, &class) {
+        Some(r) => r,
+        None => Err(TO_NEW_FLOW_NO_ENTRY),
+    }
+}
+
+/// The new-flow program's part, for one family: a packet that may open a connection, or one
+/// without a live entry. `no_entry`: the main program found no usable entry.
+#[inline(always)]
+pub fn new_flow<K: FlowKey>(pkt: &Pkt, now: u32, no_entry: bool) -> Result<Target, u32> {
+    let key = K::from_pkt(pkt);
+    let class = Class::of(pkt);
+    if !no_entry && let Some(r) = on_entry(&key, pkt, now, &class) {
+        return r;
+    }
+    let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+    schedule(&key, pkt, svc, now, class.may_create)
+}
+
+/// The SYN program's part: insert the flow directly (one hash-table walk instead of a lookup
+/// and then an insert). The pick is claimed only if the insert shows the flow is new; `None`
+/// hands the packet to the new-flow program (a retransmitted SYN finds its entry there, like
+/// any other packet).
+#[inline(always)]
+pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
+    syn_fast_path(&K::from_pkt(pkt), pkt, now)
+}
+
+/// What the TCP flags (or UDP) allow a packet to do.
+struct Class {
+    is_tcp: bool,
+    /// IPVS creates connections from UDP datagrams and from TCP SYNs without RST.
+    may_create: bool,
+    /// SYN alone (not SYN-ACK, RST or FIN).
+    plain_syn: bool,
+}
+
+impl Class {
+    #[inline(always)]
+    fn of(pkt: &Pkt) -> Self {
+        let is_tcp = pkt.proto == PROTO_TCP;
+        let f = pkt.tcp_flags;
+        Class {
+            is_tcp,
+            may_create: !is_tcp || (f & tcp::flags::SYN != 0 && f & tcp::flags::RST == 0),
+            plain_syn: is_tcp
+                && f & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST | tcp::flags::FIN)
+                    == tcp::flags::SYN,
+        }
     }
 }
 
@@ -102,133 +167,100 @@ pub fn timeout(st: u8) -> u32 {
     }
 }
 
+/// The packet's connection-table entry decides: `Some` when it does (an established flow, or
+/// a drop), `None` when the flow has no usable entry - none, or one that ended here (counted
+/// as rescheduled when the packet may open a connection) - and needs the scheduler.
 #[inline(always)]
-fn track_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
-    let key = K::from_pkt(pkt);
-    let is_tcp = pkt.proto == PROTO_TCP;
+fn on_entry<K: FlowKey>(
+    key: &K,
+    pkt: &Pkt,
+    now: u32,
+    class: &Class,
+) -> Option<Result<Target, u32>> {
+    let is_tcp = class.is_tcp;
+    let may_create = class.may_create;
+    let plain_syn = class.plain_syn;
     let f = pkt.tcp_flags;
-    // IPVS creates connections from UDP datagrams and from TCP SYNs without RST.
-    let may_create = !is_tcp || (f & tcp::flags::SYN != 0 && f & tcp::flags::RST == 0);
-    let plain_syn = is_tcp
-        && f & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST | tcp::flags::FIN)
-            == tcp::flags::SYN;
-
-    // A SYN almost always opens a new connection: insert it directly (one hash-table walk
-    // instead of a lookup and then an insert). The pick is claimed only if the insert shows
-    // the flow is new; a retransmitted SYN finds its entry below, like any other packet.
-    if plain_syn && let Some(t) = syn_fast_path(&key, pkt, now) {
-        return Ok(t);
-    }
-
-    if let Some(entry) = K::table().get_ptr_mut(&key) {
-        let status_ptr = unsafe { &raw mut (*entry).status };
-        // One read: every decision below is about this status, and the swap that applies a
-        // change fails if another CPU (or the reaper) changed it meanwhile.
-        let status = unsafe { core::ptr::read_volatile(status_ptr) };
-        let st = status as u8;
-        let flow = unsafe { &mut *entry };
-        let expired = status & FLOW_DEAD != 0 || now.wrapping_sub(flow.last_seen) > timeout(st);
-        let Some(slot) = BACKENDS.get(flow.backend) else {
-            return Err(reason::DROP_INTERNAL);
+    let entry = K::table().get_ptr_mut(key)?;
+    let status_ptr = unsafe { &raw mut (*entry).status };
+    // One read: every decision below is about this status, and the swap that applies a
+    // change fails if another CPU (or the reaper) changed it meanwhile.
+    let status = unsafe { core::ptr::read_volatile(status_ptr) };
+    let st = status as u8;
+    let flow = unsafe { &mut *entry };
+    let expired = status & FLOW_DEAD != 0 || now.wrapping_sub(flow.last_seen) > timeout(st);
+    let Some(slot) = BACKENDS.get(flow.backend) else {
+        return Some(Err(reason::DROP_INTERNAL));
+    };
+    let backend = slot.current();
+    // The generation names the real server; the service it belongs to now is the
+    // backend entry's (a server revived from the trash after its service was re-created
+    // keeps its flows, as in IPVS).
+    let alive = backend.flags & BACKEND_F_AVAILABLE != 0 && backend.generation == flow.generation;
+    // A fresh SYN on a closed connection's tuple starts a new connection (IPVS
+    // conn_reuse_mode 1).
+    let reused = plain_syn && (st == state::TIME_WAIT || st == state::CLOSE);
+    if !expired && alive && !reused {
+        if pkt.ttl <= 1 {
+            return Some(Err(reason::PASS_TTL_EXPIRED));
+        }
+        let next = if is_tcp {
+            tcp::next_state(Direction::InputOnly, st, f)
+        } else {
+            state::UDP
         };
-        let backend = slot.current();
-        // The generation names the real server; the service it belongs to now is the
-        // backend entry's (a server revived from the trash after its service was re-created
-        // keeps its flows, as in IPVS).
-        let alive =
-            backend.flags & BACKEND_F_AVAILABLE != 0 && backend.generation == flow.generation;
-        // A fresh SYN on a closed connection's tuple starts a new connection (IPVS
-        // conn_reuse_mode 1).
-        let reused = plain_syn && (st == state::TIME_WAIT || st == state::CLOSE);
-        if !expired && alive && !reused {
-            if pkt.ttl <= 1 {
-                return Err(reason::PASS_TTL_EXPIRED);
+        // Write only on change: most packets leave the entry (and its cache line) clean.
+        // Losing the swap means someone else changed the state first; theirs stands.
+        if next != st && acct::swap_status(status_ptr, status, next as u32) {
+            acct::moved(flow.backend, st, next);
+            if tcp::is_active(st) && !tcp::is_active(next) {
+                // Closing: its entry may now go to a new connection if the table fills.
+                admit::record(key);
             }
-            let next = if is_tcp {
-                tcp::next_state(Direction::InputOnly, st, f)
-            } else {
-                state::UDP
-            };
-            // Write only on change: most packets leave the entry (and its cache line) clean.
-            // Losing the swap means someone else changed the state first; theirs stands.
-            if next != st && acct::swap_status(status_ptr, status, next as u32) {
-                acct::moved(flow.backend, st, next);
-                if tcp::is_active(st) && !tcp::is_active(next) {
-                    // Closing: its entry may now go to a new connection if the table fills.
-                    admit::record(&key);
-                }
-            }
-            if flow.last_seen != now {
-                flow.last_seen = now;
-            }
-            return Ok(Target {
-                index: flow.backend,
-                service_id: backend.service_id,
-                backend,
-                new_conn: false,
-            });
         }
-        if !expired && !alive && !reused {
-            // The real server was removed: IPVS (expire_nodest_conn=0) drops the packets of
-            // its connections, a SYN on the same tuple included, until the entry expires.
-            if !expire_nodest() {
-                return Err(reason::DROP_BACKEND_GONE);
-            }
-            // expire_nodest_conn=1: the connection ends here; a packet that may open one is
-            // scheduled afresh, any other is dropped.
-            if acct::retire(status_ptr, status, flow.backend) {
-                let _ = K::table().remove(&key);
-                acct::release_entry(K::FAMILY);
-            }
-            if !may_create {
-                return Err(reason::DROP_BACKEND_GONE);
-            }
-            let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
-            stats::count(reason::EV_FLOW_RESCHEDULED);
-            return schedule(&key, pkt, svc, now);
+        if flow.last_seen != now {
+            flow.last_seen = now;
         }
-        let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
+        return Some(Ok(Target {
+            index: flow.backend,
+            service_id: backend.service_id,
+            backend,
+            new_conn: false,
+        }));
+    }
+    if !expired && !alive && !reused {
+        // The real server was removed: IPVS (expire_nodest_conn=0) drops the packets of
+        // its connections, a SYN on the same tuple included, until the entry expires.
+        if !expire_nodest() {
+            return Some(Err(reason::DROP_BACKEND_GONE));
+        }
+        // expire_nodest_conn=1: the connection ends here; a packet that may open one is
+        // scheduled afresh (below), any other is dropped.
         if !may_create {
-            return untracked(pkt, svc);
+            end_entry(key, status_ptr, status, flow, now);
+            return Some(Err(reason::DROP_BACKEND_GONE));
         }
-        // The old connection ends here (unless the reaper got to it first, in which case it
-        // deletes the entry): its count goes, its entry returns to the pool.
-        if acct::retire(status_ptr, status, flow.backend) {
-            let _ = K::table().remove(&key);
-            acct::release_entry(pkt.family);
-        }
-        stats::count(reason::EV_FLOW_RESCHEDULED);
-        return schedule(&key, pkt, svc, now);
+    } else if !may_create {
+        // An expired or closed entry, and a packet that cannot open a connection: it
+        // keeps its entry (the reaper retires it) and is handled as one without.
+        return None;
     }
-    let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
-    if !may_create {
-        return untracked(pkt, svc);
-    }
-    schedule(&key, pkt, svc, now)
+    // The old connection ends here (unless the reaper got to it first, in which case it
+    // deletes the entry): its count goes, its entry returns to the pool. One call site
+    // for the scheduling keeps the program small for the verifier.
+    end_entry(key, status_ptr, status, flow, now);
+    stats::count(reason::EV_FLOW_RESCHEDULED);
+    None
 }
 
-/// A packet that cannot open a connection and has none (IPVS hands it to the local stack).
-/// For sh, dh and mh the hash names the server the connection was on (unless the table of
-/// servers changed), so the packet goes there: connections survive a full table, a restart of
-/// the balancer or a failover to another one.
+/// Retires a connection-table entry whose connection ended, unless someone else did first.
 #[inline(always)]
-fn untracked(pkt: &Pkt, svc: &Service) -> Result<Target, u32> {
-    if !sched::deterministic(svc) {
-        return Err(reason::PASS_TCP_NO_FLOW);
+fn end_entry<K: FlowKey>(key: &K, status_ptr: *mut u32, status: u32, flow: &Flow, now: u32) {
+    if acct::retire(status_ptr, status, flow.backend) {
+        persist::retired(key, flow, now);
+        let _ = K::table().remove(key);
+        acct::release_entry(K::FAMILY);
     }
-    if pkt.ttl <= 1 {
-        return Err(reason::PASS_TTL_EXPIRED);
-    }
-    let (index, backend) = sched::pick(svc, pkt)?;
-    if svc.flags & F_STATELESS == 0 {
-        stats::count(reason::EV_FLOW_UNTRACKED);
-    }
-    Ok(Target {
-        index,
-        service_id: svc.id,
-        backend,
-        new_conn: false,
-    })
 }
 
 /// `BPF_NOEXIST`: insert only if the key is absent. Every insert uses it: overwriting an
@@ -255,6 +287,10 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
             backend,
             new_conn: true,
         });
+    }
+    if svc.persist_timeout != 0 {
+        // Templates come first: the regular path.
+        return None;
     }
     let t = sched::peek(svc, pkt).ok()?;
     // A full table is the regular path's business (it may recycle an entry).
@@ -305,26 +341,63 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
     })
 }
 
-/// A new connection: pick a real server and record the flow.
+/// A new connection: pick a real server and record the flow. Or (`create` false) a packet
+/// that cannot open a connection and has none (IPVS hands it to the local stack): for sh, dh
+/// and mh the hash names the server the connection was on (unless the table of servers
+/// changed), so the packet goes there - connections survive a full table, a restart of the
+/// balancer or a failover to another one. One function for both, so the program holds one
+/// copy of the schedulers.
 #[inline(always)]
-fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<Target, u32> {
+fn schedule<K: FlowKey>(
+    key: &K,
+    pkt: &Pkt,
+    svc: &Service,
+    now: u32,
+    create: bool,
+) -> Result<Target, u32> {
+    if !create && !sched::deterministic(svc) {
+        return Err(reason::PASS_TCP_NO_FLOW);
+    }
     if pkt.ttl <= 1 {
         return Err(reason::PASS_TTL_EXPIRED);
     }
     // Before the pick, so a refused connection does not advance the scheduler.
-    let tracked = svc.flags & F_STATELESS == 0 && admit::take::<K>(now);
+    let tracked = create && svc.flags & F_STATELESS == 0 && admit::take::<K>(now);
     if !tracked && !sched::deterministic(svc) {
         return Err(reason::DROP_FLOW_TABLE_FULL);
     }
-    let (index, backend) = match sched::pick(svc, pkt) {
-        Ok(p) => p,
-        Err(why) => {
-            if tracked {
-                acct::untake_entry(K::FAMILY);
+    // Persistence: a live template of the client's network decides; otherwise the
+    // scheduler does, and a template records its choice. Only the index is carried on (one
+    // state for the verifier whichever way it was found); the server is read once, after.
+    let persistent = svc.persist_timeout != 0;
+    let templated = if persistent {
+        persist::lookup(key, svc, now, tracked)
+    } else {
+        u64::MAX
+    };
+    let index = if templated != u64::MAX {
+        templated as u32
+    } else {
+        match sched::pick_only(svc, pkt) {
+            Ok(index) => index,
+            Err(why) => {
+                if tracked {
+                    acct::untake_entry(K::FAMILY);
+                }
+                return Err(why);
             }
-            return Err(why);
         }
     };
+    let Some(slot) = BACKENDS.get(index) else {
+        if tracked {
+            acct::untake_entry(K::FAMILY);
+        }
+        return Err(reason::DROP_INTERNAL);
+    };
+    let backend = slot.current();
+    if persistent && create && templated == u64::MAX {
+        persist::create(key, svc, now, index, backend.generation, tracked);
+    }
     if !tracked {
         // sh, dh, mh: the hash keeps the connection on its server without an entry.
         if svc.flags & F_STATELESS == 0 {
@@ -336,7 +409,8 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
         } else {
             state::UDP
         };
-        let flow = Flow::new(index, backend.generation, svc.id, now, initial);
+        let template = if persistent { persist::marker(svc) } else { 0 };
+        let flow = Flow::controlled(index, backend.generation, svc.id, now, initial, template);
         if K::table().insert(key, &flow, BPF_NOEXIST).is_ok() {
             acct::created(index, initial);
             admit::record(key);
@@ -344,6 +418,9 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
             // Another CPU recorded this tuple meanwhile (or the table refused): this packet
             // still goes to the server picked for it.
             acct::untake_entry(K::FAMILY);
+            if persistent {
+                persist::uncontrol(key, svc, now);
+            }
             stats::count(reason::EV_FLOW_INSERT_FAILED);
         }
     }
@@ -351,6 +428,6 @@ fn schedule<K: FlowKey>(key: &K, pkt: &Pkt, svc: &Service, now: u32) -> Result<T
         index,
         service_id: svc.id,
         backend,
-        new_conn: true,
+        new_conn: create,
     })
 }

@@ -3,8 +3,9 @@
 //!
 //! One concern per module: `parse` (headers), `filter` (is this possibly for a service),
 //! `flow` (connection table and states), `acct` (connection counts), `admit` (table
-//! admission), `reap` (expiry of idle connections), `service` (finding the virtual service of
-//! a new flow), `sched` (picking a real server; `least` for the least-connection family),
+//! admission), `persist` (persistence templates), `reap` (expiry of idle connections and
+//! templates), `service` (finding the virtual service of a new flow), `sched` (picking a real
+//! server; `least` for the least-connection family),
 //! `dr` (the forwarding method), `stats` (per-CPU counters). All map layouts come from
 //! `lb-common`.
 #![no_std]
@@ -23,6 +24,7 @@ mod flow;
 mod least;
 mod maps;
 mod parse;
+mod persist;
 mod reap;
 mod sched;
 mod service;
@@ -31,11 +33,47 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
-use lb_common::reason;
+use lb_common::{
+    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_SYN, NEW_FLOW_V4, NEW_FLOW_V6,
+    reason,
+};
+use maps::{HANDOFF, NEW_FLOW};
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     let (action, why) = process(&ctx);
+    stats::count(why);
+    action
+}
+
+/// Packets of IPv4 flows without a live entry (`flow::new_flow`), tail-called by `xlb`.
+#[xdp]
+pub fn xlb_new_v4(ctx: XdpContext) -> u32 {
+    let (action, why) = process_new::<FlowKeyV4>(&ctx);
+    stats::count(why);
+    action
+}
+
+/// Packets of IPv6 flows without a live entry, tail-called by `xlb`.
+#[xdp]
+pub fn xlb_new_v6(ctx: XdpContext) -> u32 {
+    let (action, why) = process_new::<FlowKeyV6>(&ctx);
+    stats::count(why);
+    action
+}
+
+/// IPv4 SYNs (`flow::syn_fast_path`), tail-called by `xlb`.
+#[xdp]
+pub fn xlb_syn_v4(ctx: XdpContext) -> u32 {
+    let (action, why) = process_syn::<FlowKeyV4>(&ctx);
+    stats::count(why);
+    action
+}
+
+/// IPv6 SYNs, tail-called by `xlb`.
+#[xdp]
+pub fn xlb_syn_v6(ctx: XdpContext) -> u32 {
+    let (action, why) = process_syn::<FlowKeyV6>(&ctx);
     stats::count(why);
     action
 }
@@ -67,7 +105,71 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
         return (xdp_action::XDP_PASS, reason::PASS_NO_SERVICE);
     }
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
-    let target = match flow::track(&pkt, now) {
+    match flow::established(&pkt, now) {
+        Err(flow::TO_SYN) => hand_off(ctx, &pkt, NEW_FLOW_SYN, 0),
+        Err(flow::TO_NEW_FLOW_NO_ENTRY) => hand_off(ctx, &pkt, 0, HANDOFF_NO_ENTRY),
+        result => finish(ctx, &pkt, result),
+    }
+}
+
+/// Tail-calls the new-flow program `kind` (0 or `NEW_FLOW_SYN`) of the packet's family.
+#[inline(always)]
+fn hand_off(ctx: &XdpContext, pkt: &parse::Pkt, kind: u32, handoff: u32) -> (u32, u32) {
+    if let Some(h) = HANDOFF.get_ptr_mut(0) {
+        unsafe { *h = handoff };
+    }
+    let family = if pkt.family == FAMILY_V4 {
+        NEW_FLOW_V4
+    } else {
+        NEW_FLOW_V6
+    };
+    unsafe { NEW_FLOW.tail_call(ctx, family + kind) };
+    // Only if the controller did not install the new-flow programs.
+    (xdp_action::XDP_DROP, reason::DROP_INTERNAL)
+}
+
+/// Parses a packet handed to a new-flow program again: cheaper than passing the parse
+/// through a map, and only new flows pay.
+#[inline(always)]
+fn reparse<K: flow::FlowKey>(ctx: &XdpContext) -> Result<parse::Pkt, (u32, u32)> {
+    let pkt = parse::parse(ctx).map_err(|why| (xdp_action::XDP_PASS, why))?;
+    if pkt.family != K::FAMILY {
+        return Err((xdp_action::XDP_DROP, reason::DROP_INTERNAL));
+    }
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn process_new<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
+    let pkt = match reparse::<K>(ctx) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
+    };
+    let no_entry = HANDOFF.get(0).is_some_and(|h| *h == HANDOFF_NO_ENTRY);
+    let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+    let result = flow::new_flow::<K>(&pkt, now, no_entry);
+    finish(ctx, &pkt, result)
+}
+
+#[inline(always)]
+fn process_syn<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
+    let pkt = match reparse::<K>(ctx) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
+    };
+    let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+    match flow::syn::<K>(&pkt, now) {
+        Some(target) => finish(ctx, &pkt, Ok(target)),
+        // Anything unusual (a retransmitted SYN, a full table, persistence...): the
+        // new-flow program looks at the table and decides.
+        None => hand_off(ctx, &pkt, 0, 0),
+    }
+}
+
+/// Forwards the packet to its target, or turns the reason into a verdict.
+#[inline(always)]
+fn finish(ctx: &XdpContext, pkt: &parse::Pkt, result: Result<flow::Target, u32>) -> (u32, u32) {
+    let target = match result {
         Ok(t) => t,
         Err(why) => {
             let action = if reason::is_pass(why) {
@@ -78,7 +180,7 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
             return (action, why);
         }
     };
-    let (action, why) = dr::forward(ctx, &pkt, target.index, target.backend);
+    let (action, why) = dr::forward(ctx, pkt, target.index, target.backend);
     if why == reason::TX || why == reason::REDIRECT {
         stats::forwarded(target.service_id, target.index, pkt.l3_len, target.new_conn);
     } else if target.new_conn {

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, Globals,
-    SchedState, Service, ServiceCache, ServiceKeyV4, ServiceKeyV6, defaults, filter, reason,
+    SchedState, Service, ServiceCache, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4,
+    TemplateKeyV6, defaults, filter, reason, wide,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -27,9 +28,32 @@ pub static SERVICES_V4: HashMap<ServiceKeyV4, Service> =
 pub static SERVICES_V6: HashMap<ServiceKeyV6, Service> =
     HashMap::with_max_entries(defaults::MAX_SERVICES, BPF_F_NO_PREALLOC);
 
-/// Prefilter bitmap (`lb_common::filter`).
+/// Services wider than one (address, port) (`lb_common::wide`).
 #[map]
-pub static SERVICE_FILTER: Array<u64> = Array::with_max_entries(filter::WORDS, BPF_F_MMAPABLE);
+pub static WIDE_V4: LpmTrie<[u8; wide::V4_LEN], Service> =
+    LpmTrie::with_max_entries(defaults::WIDE_ENTRIES, 0);
+#[map]
+pub static WIDE_V6: LpmTrie<[u8; wide::V6_LEN], Service> =
+    LpmTrie::with_max_entries(defaults::WIDE_ENTRIES, 0);
+#[map]
+pub static PREFIX_V4: LpmTrie<[u8; wide::V4_LEN], Service> =
+    LpmTrie::with_max_entries(defaults::WIDE_ENTRIES, 0);
+#[map]
+pub static PREFIX_V6: LpmTrie<[u8; wide::V6_LEN], Service> =
+    LpmTrie::with_max_entries(defaults::WIDE_ENTRIES, 0);
+
+/// Prefilter bitmap (`lb_common::filter`), then one word of `wide::F_*` flags.
+#[map]
+pub static SERVICE_FILTER: Array<u64> = Array::with_max_entries(filter::WORDS + 1, BPF_F_MMAPABLE);
+
+/// Persistence templates (`lb_common::persist`). An evicted template only ends a client's
+/// persistence early; nothing is counted from them.
+#[map]
+pub static TEMPLATES_V4: LruHashMap<TemplateKeyV4, Template> =
+    LruHashMap::with_max_entries(defaults::TEMPLATES, 0);
+#[map]
+pub static TEMPLATES_V6: LruHashMap<TemplateKeyV6, Template> =
+    LruHashMap::with_max_entries(defaults::TEMPLATES, 0);
 
 /// Per-CPU copy of the last service looked up (`lb_common::ServiceCache`).
 #[map]
@@ -103,3 +127,13 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(defaults::EVENTS_BYTES, 0);
 /// Egress interfaces for `XDP_REDIRECT`, keyed by ifindex.
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(defaults::TX_PORTS, 0);
+
+/// The new-flow programs, by family (`lb_common::NEW_FLOW_V4` / `NEW_FLOW_V6`).
+#[map]
+pub static NEW_FLOW: ProgramArray =
+    ProgramArray::with_max_entries(lb_common::NEW_FLOW_PROGRAMS.len() as u32, 0);
+
+/// What the main program tells the new-flow program it tail-calls (`lb_common::HANDOFF_*`).
+/// Per CPU: a tail call runs on the CPU that made it, before any other packet.
+#[map]
+pub static HANDOFF: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -9,11 +9,12 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_for_each_map_elem, bpf_map_delete_elem};
-use lb_common::{FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, reason};
+use lb_common::{FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, Template, reason};
 
 use crate::{
     acct, flow,
-    maps::{FLOWS_V4, FLOWS_V6, REASONS},
+    maps::{FLOWS_V4, FLOWS_V6, REASONS, TEMPLATES_V4, TEMPLATES_V6},
+    persist,
 };
 
 #[repr(C)]
@@ -48,6 +49,19 @@ pub fn reap(now: u32) -> u64 {
             0,
         );
     }
+    for templates in [
+        &raw const TEMPLATES_V4 as *mut c_void,
+        &raw const TEMPLATES_V6 as *mut c_void,
+    ] {
+        unsafe {
+            bpf_for_each_map_elem(
+                templates,
+                visit_template as *mut c_void,
+                &raw mut walk as *mut c_void,
+                0,
+            );
+        }
+    }
     // Only the reaper writes this counter, so the per-CPU add cannot race with a packet.
     if let Some(c) = REASONS.get_ptr_mut(reason::EV_FLOW_EXPIRED) {
         unsafe { *c += walk.expired };
@@ -77,9 +91,33 @@ extern "C" fn visit(
     }
     let backend = unsafe { (*flow).backend };
     if acct::retire(status_ptr, status, backend) {
+        let flow = unsafe { &*flow };
+        if walk.family == FAMILY_V4 as u32 {
+            persist::retired(unsafe { &*(key as *const FlowKeyV4) }, flow, walk.now);
+        } else {
+            persist::retired(unsafe { &*(key as *const FlowKeyV6) }, flow, walk.now);
+        }
         unsafe { bpf_map_delete_elem(map, key) };
         acct::release_entry(walk.family as u8);
         walk.expired += 1;
+    }
+    0
+}
+
+/// One persistence template: delete it once it expired (no controlled connection left and
+/// its timeout past).
+#[inline(never)]
+extern "C" fn visit_template(
+    map: *mut c_void,
+    key: *mut c_void,
+    value: *mut c_void,
+    ctx: *mut c_void,
+) -> i64 {
+    let walk = unsafe { &*(ctx as *const Walk) };
+    let t = value as *const Template;
+    let controlled = unsafe { core::ptr::read_volatile(&raw const (*t).controlled) };
+    if unsafe { (*t).expired(controlled, walk.now) } {
+        unsafe { bpf_map_delete_elem(map, key) };
     }
     0
 }

@@ -200,12 +200,37 @@ pub fn deterministic(svc: &Service) -> bool {
 /// Picks the real server for a new flow: (backend index, backend), or the reason counter.
 #[inline(always)]
 pub fn pick(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
-    match svc.scheduler {
+    let index = pick_only(svc, pkt)?;
+    let be = BACKENDS.get(index).ok_or(reason::DROP_INTERNAL)?.current();
+    Ok((index, be))
+}
+
+/// Picks the backend index for a new flow, or the reason counter.
+#[inline(always)]
+pub fn pick_only(svc: &Service, pkt: &Pkt) -> Result<u32, u32> {
+    let picked = pick_index(svc, pkt);
+    if picked >> 32 != 0 {
+        return Err(picked as u32);
+    }
+    Ok(picked as u32)
+}
+
+/// The schedulers proper, as a function of its own that answers with a plain number (the
+/// backend index, or `1 << 32 | reason`): the verifier then continues after the call from
+/// one state whichever scheduler ran, instead of walking the rest of the program once per
+/// scheduler (which exhausts its budget).
+#[inline(never)]
+fn pick_index(svc: &Service, pkt: &Pkt) -> u64 {
+    let picked = match svc.scheduler {
         sched::SH => sh(svc, pkt),
         sched::DH => dh(svc, pkt),
         sched::MH => mh(svc, pkt),
         sched::RR | sched::WRR => rotate(svc),
         _ => least::pick(svc),
+    };
+    match picked {
+        Ok((index, _)) => index as u64,
+        Err(why) => 1 << 32 | why as u64,
     }
 }
 

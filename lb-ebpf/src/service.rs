@@ -3,10 +3,14 @@
 //! generation: a burst of new connections to one VIP - the common case, and the SYN-flood case
 //! - costs two compares instead of a hash lookup.
 
-use lb_common::{FAMILY_V4, Service, ServiceKeyV4, ServiceKeyV6};
+use aya_ebpf::maps::lpm_trie::Key;
+use lb_common::{FAMILY_V4, Service, ServiceKeyV4, ServiceKeyV6, filter, wide};
 
 use crate::{
-    maps::{CONFIG_GEN, SERVICE_CACHE, SERVICES_V4, SERVICES_V6},
+    maps::{
+        CONFIG_GEN, PREFIX_V4, PREFIX_V6, SERVICE_CACHE, SERVICE_FILTER, SERVICES_V4, SERVICES_V6,
+        WIDE_V4, WIDE_V6,
+    },
     parse::Pkt,
 };
 
@@ -67,11 +71,53 @@ fn key_words(pkt: &Pkt) -> [u32; 5] {
 
 #[inline(always)]
 fn in_map(pkt: &Pkt) -> Option<&'static Service> {
-    if pkt.family == FAMILY_V4 {
+    let exact = if pkt.family == FAMILY_V4 {
         let key = ServiceKeyV4::new(pkt.dst[0], pkt.dport, pkt.proto);
         unsafe { SERVICES_V4.get(&key) }
     } else {
         let key = ServiceKeyV6::new(pkt.dst, pkt.dport, pkt.proto);
         unsafe { SERVICES_V6.get(&key) }
+    };
+    if exact.is_some() {
+        return exact;
+    }
+    in_wide(pkt)
+}
+
+/// The wide services (`lb_common::wide`): the longer destination prefix wins, then the
+/// exact port.
+#[inline(never)]
+fn in_wide(pkt: &Pkt) -> Option<&'static Service> {
+    let flags = *SERVICE_FILTER.get(filter::WORDS)?;
+    if flags == 0 {
+        return None;
+    }
+    let (by_addr, by_port) = if pkt.family == FAMILY_V4 {
+        (
+            WIDE_V4.get(Key::new(
+                64,
+                wide::v4_addr_port(pkt.proto, pkt.dst[0], pkt.dport),
+            )),
+            PREFIX_V4.get(Key::new(
+                64,
+                wide::v4_port_addr(pkt.proto, pkt.dport, pkt.dst[0]),
+            )),
+        )
+    } else {
+        (
+            WIDE_V6.get(Key::new(
+                160,
+                wide::v6_addr_port(pkt.proto, pkt.dst, pkt.dport),
+            )),
+            PREFIX_V6.get(Key::new(
+                160,
+                wide::v6_port_addr(pkt.proto, pkt.dport, pkt.dst),
+            )),
+        )
+    };
+    match (by_addr, by_port) {
+        (Some(a), Some(p)) => Some(if a.match_bits > p.match_bits { a } else { p }),
+        (a, None) => a,
+        (None, p) => p,
     }
 }

@@ -210,24 +210,120 @@ pub enum XdpModeSetting {
     Generic,
 }
 
-/// Identity of a virtual service: (address, port, protocol).
+/// Identity of a virtual service: (address or destination prefix, port, protocol). A
+/// service covering several ports is named by its first one (0: all ports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ServiceKey {
     pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// Destination prefix length: 32 (IPv4) or 128 (IPv6) for one address.
+    #[serde(default = "full_prefix_marker")]
+    pub prefix: u8,
+}
+
+/// Serde default for `ServiceKey::prefix` in messages that predate it: "one address" is
+/// recognised by [`ServiceKey::is_host`] for either family.
+fn full_prefix_marker() -> u8 {
+    128
+}
+
+impl ServiceKey {
+    /// One address and port.
+    pub fn new(addr: IpAddr, port: u16, protocol: Protocol) -> Self {
+        ServiceKey {
+            addr,
+            port,
+            protocol,
+            prefix: host_bits(addr),
+        }
+    }
+
+    /// The key names one address (not a wider prefix).
+    pub fn is_host(&self) -> bool {
+        self.prefix >= host_bits(self.addr)
+    }
+}
+
+/// Prefix length of one address of `a`'s family.
+pub fn host_bits(a: IpAddr) -> u8 {
+    if a.is_ipv4() { 32 } else { 128 }
 }
 
 impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}",
-            self.protocol.label(),
-            SocketAddr::new(self.addr, self.port)
-        )
+        if self.is_host() {
+            write!(
+                f,
+                "{} {}",
+                self.protocol.label(),
+                SocketAddr::new(self.addr, self.port)
+            )
+        } else {
+            write!(
+                f,
+                "{} {}/{} port {}",
+                self.protocol.label(),
+                self.addr,
+                self.prefix,
+                self.port
+            )
+        }
     }
 }
+
+/// An inclusive range of destination ports; `0..=65535` is "all ports" (IPVS port 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub const ALL: PortRange = PortRange {
+        first: 0,
+        last: u16::MAX,
+    };
+    pub fn one(p: u16) -> Self {
+        PortRange { first: p, last: p }
+    }
+    /// Ports in the range (never empty: `first <= last`).
+    pub fn port_count(self) -> u32 {
+        self.last as u32 - self.first as u32 + 1
+    }
+    pub fn overlaps(self, o: PortRange) -> bool {
+        self.first <= o.last && o.first <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == PortRange::ALL {
+            write!(f, "all ports")
+        } else if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// Persistence (ipvsadm `-p` / `-M`, keepalived `persistence_timeout` /
+/// `persistence_granularity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Persistence {
+    /// Seconds a client network's template lives after its last new connection.
+    pub timeout: u32,
+    /// Client address prefix length that forms a network (IPv4 netmask as a length).
+    pub prefix: u8,
+}
+
+/// ipvsadm's timeout for `-p` without a value (`IPVS_SVC_PERSISTENT_TIMEOUT`).
+pub const DEFAULT_PERSISTENCE_TIMEOUT: u32 = 360;
+/// The longest persistence timeout IPVS accepts (31 days).
+pub const MAX_PERSISTENCE_TIMEOUT: u32 = 2_678_400;
+/// A prefix service's port ranges become one entry per port, at most this many.
+pub const MAX_PREFIX_PORTS: u32 = 1024;
 
 /// Scheduler flags (ipvsadm `-b`): `sh-fallback`/`mh-fallback`, `sh-port`/`mh-port`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,6 +365,12 @@ impl SchedFlags {
 pub struct ServiceConfig {
     pub name: String,
     pub key: ServiceKey,
+    /// The destination ports the service covers, sorted and disjoint (one entry for a
+    /// plain `address:port`; [`PortRange::ALL`] for port 0).
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
+    #[serde(default)]
+    pub persistence: Option<Persistence>,
     pub scheduler: Scheduler,
     /// `sh`/`mh` flags.
     #[serde(default)]
@@ -360,6 +462,13 @@ pub struct Limits {
     pub max_services: u32,
     pub max_backends: u32,
     pub slot_table_size: u32,
+    /// Persistence templates per address family.
+    #[serde(default = "default_templates")]
+    pub persistence_table_size: u32,
+}
+
+fn default_templates() -> u32 {
+    lb_common::defaults::TEMPLATES
 }
 
 impl Default for Limits {
@@ -371,6 +480,7 @@ impl Default for Limits {
             max_services: d::MAX_SERVICES,
             max_backends: d::MAX_BACKENDS,
             slot_table_size: d::SLOT_TABLE_SIZE,
+            persistence_table_size: d::TEMPLATES,
         }
     }
 }
@@ -410,6 +520,7 @@ struct FileDataplane {
     max_services: Option<Spanned<u32>>,
     max_backends: Option<Spanned<u32>>,
     slot_table_size: Option<Spanned<u32>>,
+    persistence_table_size: Option<Spanned<u32>>,
     #[serde(default)]
     expire_nodest_conn: bool,
 }
@@ -446,8 +557,28 @@ struct FileService {
     mh_table_size: Option<Spanned<u32>>,
     #[serde(default)]
     conntrack: Option<Spanned<bool>>,
+    /// Ports when `address` has none: numbers, "first-last" ranges, 0 = all ports.
+    #[serde(default)]
+    ports: Option<Spanned<Vec<Spanned<FilePort>>>>,
+    #[serde(default)]
+    persistence: Option<Spanned<FilePersistence>>,
     #[serde(default)]
     backends: Vec<Spanned<FileBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FilePort {
+    Number(i64),
+    Range(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePersistence {
+    timeout: Option<Spanned<i64>>,
+    /// IPv4: a netmask ("255.255.255.0") or a prefix length; IPv6: a prefix length.
+    netmask: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -573,6 +704,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     if let Some(n) = size(&dp.slot_table_size, 1, 1 << 28, "slot_table_size")? {
         limits.slot_table_size = n;
     }
+    if let Some(n) = size(
+        &dp.persistence_table_size,
+        64,
+        1 << 26,
+        "persistence_table_size",
+    )? {
+        limits.persistence_table_size = n;
+    }
 
     let mut timeouts = Timeouts::default();
     if let Some(t) = file.timeouts {
@@ -613,6 +752,28 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         if !keys.insert(svc.key) {
             return Err(loc.err(addr_span, format!("service {} is defined twice", svc.key)));
+        }
+        // The same destination and protocol: port sets must not overlap (which service
+        // would a packet belong to?). Different prefixes may: the longer one wins.
+        if let Some((other, r)) = services.iter().find_map(|o: &ServiceConfig| {
+            let same = o.key.addr == svc.key.addr
+                && o.key.prefix == svc.key.prefix
+                && o.key.protocol == svc.key.protocol;
+            if !same {
+                return None;
+            }
+            svc.ports
+                .iter()
+                .find(|a| o.ports.iter().any(|b| a.overlaps(*b)))
+                .map(|r| (o, *r))
+        }) {
+            return Err(loc.err(
+                addr_span,
+                format!(
+                    "ports {r} of service \"{}\" are covered by service \"{}\" too",
+                    svc.name, other.name
+                ),
+            ));
         }
         services.push(svc);
     }
@@ -678,6 +839,187 @@ fn parse_endpoint(s: &str, default_port: Option<u16>) -> Result<(IpAddr, u16), S
     ))
 }
 
+/// A service address: "ip:port", "[v6]:port", "ip", "ip/prefix" (port: `None` if absent).
+fn parse_service_address(s: &str) -> Result<(IpAddr, u8, Option<u16>), String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        check_unicast(sa.ip())?;
+        return Ok((sa.ip(), host_bits(sa.ip()), Some(sa.port())));
+    }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        check_unicast(ip)?;
+        return Ok((ip, host_bits(ip), None));
+    }
+    if let Some((a, len)) = s.split_once('/')
+        && let Ok(ip) = a.parse::<IpAddr>()
+    {
+        let max = host_bits(ip);
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("\"{s}\": the prefix length must be 0 to {max}"))?;
+        if mask_addr(ip, len) != ip {
+            return Err(format!(
+                "\"{s}\" has host bits set: the network is {}/{len}",
+                mask_addr(ip, len)
+            ));
+        }
+        if len == max {
+            check_unicast(ip)?;
+        }
+        return Ok((ip, len, None));
+    }
+    Err(format!(
+        "\"{s}\" is not an address with a port (e.g. 192.168.56.10:80 or [2001:db8::10]:80), an address or a prefix (0.0.0.0/0)"
+    ))
+}
+
+/// `a` with all but its first `len` bits cleared.
+pub fn mask_addr(a: IpAddr, len: u8) -> IpAddr {
+    match a {
+        IpAddr::V4(v) => {
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len as u32)
+            };
+            IpAddr::V4((u32::from(v) & m).into())
+        }
+        IpAddr::V6(v) => {
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len as u32)
+            };
+            IpAddr::V6((u128::from(v) & m).into())
+        }
+    }
+}
+
+/// `ports = [80, 443, "8000-8100"]`: sorted, adjacent ranges merged; 0 must stand alone.
+fn parse_ports(
+    loc: &Locator<'_>,
+    p: &Spanned<Vec<Spanned<FilePort>>>,
+) -> Result<Vec<PortRange>, ConfigError> {
+    if p.get_ref().is_empty() {
+        return Err(loc.err(p.span(), "ports must not be empty"));
+    }
+    let mut v = Vec::new();
+    for item in p.get_ref() {
+        let bad = |m: String| loc.err(item.span(), m);
+        let r = match item.get_ref() {
+            FilePort::Number(n) if (0..=65535).contains(n) => PortRange::one(*n as u16),
+            FilePort::Number(n) => return Err(bad(format!("port {n} is not between 0 and 65535"))),
+            FilePort::Range(text) => {
+                let parsed = text.split_once('-').and_then(|(a, b)| {
+                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+                });
+                match parsed {
+                    Some((a, b)) if a >= 1 && a <= b => PortRange { first: a, last: b },
+                    _ => {
+                        return Err(bad(format!(
+                            "\"{text}\" is not a port range \"first-last\" with 1 <= first <= last <= 65535"
+                        )));
+                    }
+                }
+            }
+        };
+        if r == PortRange::one(0) {
+            if p.get_ref().len() > 1 {
+                return Err(bad(
+                    "port 0 means all ports and cannot be combined with others".into(),
+                ));
+            }
+            return Ok(vec![PortRange::ALL]);
+        }
+        v.push((r, item.span()));
+    }
+    v.sort_by_key(|(r, _)| *r);
+    let mut out: Vec<PortRange> = Vec::new();
+    for (r, span) in v {
+        if let Some(last) = out.last_mut() {
+            if last.overlaps(r) {
+                return Err(loc.err(span, format!("ports {r} are listed twice")));
+            }
+            if last.last as u32 + 1 == r.first as u32 {
+                last.last = r.last;
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn parse_persistence(
+    loc: &Locator<'_>,
+    p: &Spanned<FilePersistence>,
+    addr: IpAddr,
+) -> Result<Persistence, ConfigError> {
+    let timeout = match &p.get_ref().timeout {
+        None => DEFAULT_PERSISTENCE_TIMEOUT,
+        Some(t) if (1..=MAX_PERSISTENCE_TIMEOUT as i64).contains(t.get_ref()) => {
+            *t.get_ref() as u32
+        }
+        Some(t) => {
+            return Err(loc.err(
+                t.span(),
+                format!(
+                    "persistence timeout must be 1 to {MAX_PERSISTENCE_TIMEOUT} seconds, not {}",
+                    t.get_ref()
+                ),
+            ));
+        }
+    };
+    let max = host_bits(addr);
+    let prefix = match &p.get_ref().netmask {
+        None => max,
+        Some(m) => {
+            let err = |msg: String| loc.err(m.span(), msg);
+            match m.get_ref() {
+                toml::Value::Integer(n) if (1..=max as i64).contains(n) => *n as u8,
+                toml::Value::Integer(n) => {
+                    return Err(err(format!(
+                        "persistence netmask as a prefix length must be 1 to {max}, not {n}"
+                    )));
+                }
+                toml::Value::String(text) if addr.is_ipv4() => {
+                    let mask: std::net::Ipv4Addr = text.parse().map_err(|_| {
+                        err(format!("\"{text}\" is not a netmask like 255.255.255.0"))
+                    })?;
+                    let bits = u32::from(mask);
+                    if bits.leading_ones() + bits.trailing_zeros() != 32 || bits == 0 {
+                        return Err(err(format!(
+                            "netmask {text} is not contiguous ones followed by zeros"
+                        )));
+                    }
+                    bits.leading_ones() as u8
+                }
+                toml::Value::String(text) => {
+                    let n: u8 = text
+                        .trim_start_matches('/')
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=128).contains(n))
+                        .ok_or_else(|| {
+                            err(format!(
+                                "an IPv6 service's persistence netmask is a prefix length 1 to 128, not \"{text}\""
+                            ))
+                        })?;
+                    n
+                }
+                _ => {
+                    return Err(err(
+                        "persistence netmask is a netmask string or a prefix length".into(),
+                    ));
+                }
+            }
+        }
+    };
+    Ok(Persistence { timeout, prefix })
+}
+
 fn example(ip: IpAddr) -> String {
     SocketAddr::new(ip, 80).to_string()
 }
@@ -704,15 +1046,51 @@ fn service(
         return Err(loc.err(name_span, "service name must not be empty"));
     }
     let addr_span = s.address.span();
-    let (addr, port) =
-        parse_endpoint(s.address.get_ref(), None).map_err(|m| loc.err(addr_span.clone(), m))?;
-    check_unicast(addr).map_err(|m| loc.err(addr_span.clone(), m))?;
-    if port == 0 {
-        return Err(loc.err(
-            addr_span,
-            "port 0 (all ports of the address) is not supported yet; give the service's port",
-        ));
+    let (addr, prefix, addr_port) =
+        parse_service_address(s.address.get_ref()).map_err(|m| loc.err(addr_span.clone(), m))?;
+    let ports = match (&s.ports, addr_port) {
+        (Some(p), Some(_)) => {
+            return Err(loc.err(
+                p.span(),
+                "the address already has a port: give either address = \"ip:port\" or ports = [...]",
+            ));
+        }
+        (Some(p), None) => parse_ports(loc, p)?,
+        (None, Some(0)) => vec![PortRange::ALL],
+        (None, Some(p)) => vec![PortRange::one(p)],
+        (None, None) => {
+            return Err(loc.err(
+                addr_span,
+                format!(
+                    "\"{}\" has no port: write {} or add ports = [80, 443, \"8000-8100\"] (0 = all ports)",
+                    s.address.get_ref(),
+                    example(addr)
+                ),
+            ));
+        }
+    };
+    let host = prefix == host_bits(addr);
+    if !host {
+        let expanded: u32 = ports
+            .iter()
+            .filter(|r| **r != PortRange::ALL)
+            .map(|r| r.port_count())
+            .sum();
+        if expanded > MAX_PREFIX_PORTS {
+            return Err(loc.err(
+                addr_span,
+                format!(
+                    "a prefix service covers at most {MAX_PREFIX_PORTS} single ports ({expanded} given); use port 0 for all ports"
+                ),
+            ));
+        }
     }
+    let port = if ports[0] == PortRange::ALL {
+        0
+    } else {
+        ports[0].first
+    };
+    let multi_port = ports.len() > 1 || ports[0].first != ports[0].last;
     let protocol = match &s.protocol {
         None => Protocol::Tcp,
         Some(p) => match p.get_ref().as_str() {
@@ -813,6 +1191,16 @@ fn service(
         Some(c) => *c.get_ref(),
         None => true,
     };
+    let persistence = match &s.persistence {
+        None => None,
+        Some(p) => Some(parse_persistence(loc, p, addr)?),
+    };
+    if persistence.is_some() && !conntrack {
+        return Err(loc.err(
+            s.persistence.as_ref().unwrap().span(),
+            "persistence needs the connection table (conntrack = false cannot be persistent)",
+        ));
+    }
     let forwarding = parse_forwarding(loc, &s.forwarding)?.unwrap_or(Forwarding::Dr);
 
     let mut backends = Vec::new();
@@ -821,7 +1209,9 @@ fn service(
         let bspan = b.span();
         let b = b.into_inner();
         let aspan = b.address.span();
-        let (baddr, bport) = parse_endpoint(b.address.get_ref(), Some(port))
+        // Servers of a multi-port service take each packet's own port (IPVS port 0).
+        let default_port = if multi_port { 0 } else { port };
+        let (baddr, bport) = parse_endpoint(b.address.get_ref(), Some(default_port))
             .map_err(|m| loc.err(aspan.clone(), m))?;
         check_unicast(baddr).map_err(|m| loc.err(aspan.clone(), m))?;
         let weight = match &b.weight {
@@ -859,7 +1249,15 @@ fn service(
             ));
         }
         let bfwd = parse_forwarding(loc, &b.forwarding)?.unwrap_or(forwarding);
-        if bfwd == Forwarding::Dr && bport != port {
+        if bfwd == Forwarding::Dr && bport != default_port {
+            if multi_port {
+                return Err(loc.err(
+                    aspan,
+                    format!(
+                        "direct routing keeps each packet's port: give the real servers of a multi-port service no port (not {bport})"
+                    ),
+                ));
+            }
             return Err(loc.err(
                 aspan,
                 format!(
@@ -898,7 +1296,10 @@ fn service(
                 addr,
                 port,
                 protocol,
+                prefix,
             },
+            ports,
+            persistence,
             scheduler,
             sched_flags,
             mh_table_size,

@@ -10,17 +10,23 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    maps::{
+        Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray, RingBuf,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
     Backend, BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota,
     Globals, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME, SchedState, Service, ServiceKeyV4,
-    ServiceKeyV6, map_names as names, reason,
+    ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, map_names as names, reason, wide,
 };
 use tracing::{info, warn};
 
-use crate::config::{Limits, XdpModeSetting};
+use crate::{
+    config::{Limits, XdpModeSetting},
+    matching::MatchEntry,
+};
 
 /// The XDP object, built from `lb-ebpf` by this crate's build script.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb.bpf.o"));
@@ -40,9 +46,18 @@ pub struct Attachment {
 
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// Holds the new-flow programs the main program tail-calls (kept open with the object).
+    #[allow(dead_code)]
+    new_flow: ProgramArray<MapData>,
     pub limits: Limits,
     services_v4: HashMap<MapData, ServiceKeyV4, Service>,
     services_v6: HashMap<MapData, ServiceKeyV6, Service>,
+    wide_v4: LpmTrie<MapData, [u8; wide::V4_LEN], Service>,
+    wide_v6: LpmTrie<MapData, [u8; wide::V6_LEN], Service>,
+    prefix_v4: LpmTrie<MapData, [u8; wide::V4_LEN], Service>,
+    prefix_v6: LpmTrie<MapData, [u8; wide::V6_LEN], Service>,
+    templates_v4: HashMap<MapData, TemplateKeyV4, Template>,
+    templates_v6: HashMap<MapData, TemplateKeyV6, Template>,
     backends: Array<MapData, BackendSlot>,
     slots: Mmapped<u32>,
     filter: Mmapped<u64>,
@@ -109,17 +124,40 @@ impl Dataplane {
             .map_max_entries(names::SERVICE_STATS, limits.max_services)
             .map_max_entries(names::BACKENDS, limits.max_backends)
             .map_max_entries(names::BACKEND_STATS, limits.max_backends)
-            .map_max_entries(names::SLOTS, limits.slot_table_size);
+            .map_max_entries(names::SLOTS, limits.slot_table_size)
+            .map_max_entries(names::TEMPLATES_V4, limits.persistence_table_size)
+            .map_max_entries(names::TEMPLATES_V6, limits.persistence_table_size);
         let mut ebpf = loader
             .load(XDP_OBJECT)
             .context("loading the XDP object (are you root with CAP_BPF/CAP_NET_ADMIN?)")?;
-        for name in [PROGRAM_NAME, PASS_PROGRAM_NAME, REAPER_NAME] {
+        let names_to_load = [PROGRAM_NAME, PASS_PROGRAM_NAME, REAPER_NAME]
+            .into_iter()
+            .chain(lb_common::NEW_FLOW_PROGRAMS.iter().map(|(_, n)| *n));
+        for name in names_to_load {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("the kernel rejected the XDP program {name}"))?;
+            if let Ok(info) = prog.info() {
+                tracing::debug!(
+                    program = name,
+                    verified_insns = info.verified_instruction_count(),
+                    "program verified"
+                );
+            }
+        }
+        // The main program tail-calls these for new flows.
+        let mut new_flow: ProgramArray<MapData> = take(&mut ebpf, names::NEW_FLOW)?;
+        for (index, name) in lb_common::NEW_FLOW_PROGRAMS {
+            let prog: &Xdp = ebpf
+                .program(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
+                .try_into()?;
+            new_flow
+                .set(index, prog.fd()?, 0)
+                .with_context(|| format!("installing {name} in {}", names::NEW_FLOW))?;
         }
         let slots_map: Array<MapData, u32> = take(&mut ebpf, names::SLOTS)?;
         let filter_map: Array<MapData, u64> = take(&mut ebpf, names::SERVICE_FILTER)?;
@@ -128,9 +166,15 @@ impl Dataplane {
         let mut dp = Dataplane {
             services_v4: take(&mut ebpf, names::SERVICES_V4)?,
             services_v6: take(&mut ebpf, names::SERVICES_V6)?,
+            wide_v4: take(&mut ebpf, names::WIDE_V4)?,
+            wide_v6: take(&mut ebpf, names::WIDE_V6)?,
+            prefix_v4: take(&mut ebpf, names::PREFIX_V4)?,
+            prefix_v6: take(&mut ebpf, names::PREFIX_V6)?,
+            templates_v4: take(&mut ebpf, names::TEMPLATES_V4)?,
+            templates_v6: take(&mut ebpf, names::TEMPLATES_V6)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
             slots: Mmapped::map(slots_map, limits.slot_table_size)?,
-            filter: Mmapped::map(filter_map, lb_common::filter::WORDS)?,
+            filter: Mmapped::map(filter_map, lb_common::filter::WORDS + 1)?,
             config_gen: Mmapped::map(gen_map, 1)?,
             sched_state: take(&mut ebpf, names::SCHED_STATE)?,
             flows_v4: take(&mut ebpf, names::FLOWS_V4)?,
@@ -146,6 +190,7 @@ impl Dataplane {
             globals: take(&mut ebpf, names::GLOBALS)?,
             tx_ports: take(&mut ebpf, names::TX_PORTS)?,
             events: Some(take(&mut ebpf, names::EVENTS)?),
+            new_flow,
             ebpf,
             limits,
             links: Vec::new(),
@@ -169,6 +214,18 @@ impl Dataplane {
                 .context("writing FLOW_POOL")?;
         }
         Ok(dp)
+    }
+
+    /// Instructions the verifier walked through for each program of the object (its budget
+    /// is one million per program).
+    pub fn verified_instructions(&self) -> Vec<(String, Option<u32>)> {
+        self.ebpf
+            .programs()
+            .map(|(name, p)| {
+                let count = p.info().ok().and_then(|i| i.verified_instruction_count());
+                (name.to_string(), count)
+            })
+            .collect()
     }
 
     /// The balancer program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
@@ -297,6 +354,100 @@ impl Dataplane {
     }
 
     // ---- services ----
+
+    /// Writes one match entry of a service (`crate::matching`).
+    pub fn put_entry(&mut self, e: &MatchEntry, v: &Service) -> Result<()> {
+        match e {
+            MatchEntry::ExactV4(k) => self.put_service_v4(k, v),
+            MatchEntry::ExactV6(k) => self.put_service_v6(k, v),
+            MatchEntry::WideV4(len, d) => self
+                .wide_v4
+                .insert(&LpmKey::new(*len, *d), v, 0)
+                .context("updating WIDE_V4"),
+            MatchEntry::WideV6(len, d) => self
+                .wide_v6
+                .insert(&LpmKey::new(*len, *d), v, 0)
+                .context("updating WIDE_V6"),
+            MatchEntry::PrefixV4(len, d) => self
+                .prefix_v4
+                .insert(&LpmKey::new(*len, *d), v, 0)
+                .context("updating PREFIX_V4"),
+            MatchEntry::PrefixV6(len, d) => self
+                .prefix_v6
+                .insert(&LpmKey::new(*len, *d), v, 0)
+                .context("updating PREFIX_V6"),
+        }
+    }
+
+    /// Deletes one match entry.
+    pub fn remove_entry(&mut self, e: &MatchEntry) -> Result<()> {
+        match e {
+            MatchEntry::ExactV4(k) => self.remove_service_v4(k),
+            MatchEntry::ExactV6(k) => self.remove_service_v6(k),
+            MatchEntry::WideV4(len, d) => self
+                .wide_v4
+                .remove(&LpmKey::new(*len, *d))
+                .context("deleting from WIDE_V4"),
+            MatchEntry::WideV6(len, d) => self
+                .wide_v6
+                .remove(&LpmKey::new(*len, *d))
+                .context("deleting from WIDE_V6"),
+            MatchEntry::PrefixV4(len, d) => self
+                .prefix_v4
+                .remove(&LpmKey::new(*len, *d))
+                .context("deleting from PREFIX_V4"),
+            MatchEntry::PrefixV6(len, d) => self
+                .prefix_v6
+                .remove(&LpmKey::new(*len, *d))
+                .context("deleting from PREFIX_V6"),
+        }
+    }
+
+    /// Live persistence templates: (service id, client network, template).
+    pub fn templates(&self) -> Vec<(u32, std::net::IpAddr, Template)> {
+        let mut out: Vec<_> = self
+            .templates_v4
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, t)| (k.service_id, std::net::IpAddr::from(k.net.to_ne_bytes()), t))
+            .collect();
+        out.extend(
+            self.templates_v6
+                .iter()
+                .filter_map(|r| r.ok())
+                .map(|(k, t)| {
+                    let mut o = [0u8; 16];
+                    for (i, w) in k.net.iter().enumerate() {
+                        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+                    }
+                    (k.service_id, std::net::IpAddr::from(o), t)
+                }),
+        );
+        out
+    }
+
+    /// Deletes the templates of a service id about to be reused.
+    pub fn purge_templates(&mut self, service_id: u32) -> Result<()> {
+        let v4: Vec<TemplateKeyV4> = self
+            .templates_v4
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.service_id == service_id)
+            .collect();
+        for k in v4 {
+            let _ = self.templates_v4.remove(&k);
+        }
+        let v6: Vec<TemplateKeyV6> = self
+            .templates_v6
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.service_id == service_id)
+            .collect();
+        for k in v6 {
+            let _ = self.templates_v6.remove(&k);
+        }
+        Ok(())
+    }
 
     pub fn put_service_v4(&mut self, k: &ServiceKeyV4, v: &Service) -> Result<()> {
         self.services_v4
@@ -487,6 +638,12 @@ impl Dataplane {
         add(names::FLOWS_V6, raw_fd(&self.flows_v6));
         add(names::SERVICES_V4, raw_fd(&self.services_v4));
         add(names::SERVICES_V6, raw_fd(&self.services_v6));
+        add(names::WIDE_V4, raw_fd(&self.wide_v4));
+        add(names::WIDE_V6, raw_fd(&self.wide_v6));
+        add(names::PREFIX_V4, raw_fd(&self.prefix_v4));
+        add(names::PREFIX_V6, raw_fd(&self.prefix_v6));
+        add(names::TEMPLATES_V4, raw_fd(&self.templates_v4));
+        add(names::TEMPLATES_V6, raw_fd(&self.templates_v6));
         add(names::BACKENDS, raw_fd(&self.backends));
         add(names::SLOTS, raw_fd(&self.slots.map));
         add(names::SERVICE_FILTER, raw_fd(&self.filter.map));

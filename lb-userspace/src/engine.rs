@@ -23,13 +23,14 @@ use std::{
 use anyhow::{Context, Result, bail};
 use lb_common::{
     BACKEND_F_AVAILABLE, BACKEND_F_NEIGH_VALID, Backend, FAMILY_V4, FAMILY_V6, Globals, Service,
-    ServiceKeyV4, ServiceKeyV6, tcp,
+    tcp,
 };
 use serde::Serialize;
 
 use crate::{
     config::{BackendConfig, Forwarding, Scheduler, ServiceConfig, ServiceKey, Timeouts},
     dataplane::Dataplane,
+    matching::{self, MatchEntry},
     sched::{Dest, DestId, Sequencer, Table},
 };
 
@@ -96,8 +97,9 @@ enum Op {
     FilterUnion(Vec<u64>),
     /// The service entry; its scheduler offset is computed when it is written (see
     /// [`PendingSched`]).
-    PutService(ServiceKey, Service, PendingSched),
-    RemoveService(ServiceKey),
+    PutService(ServiceKey, Vec<MatchEntry>, Service, Box<PendingSched>),
+    /// Match entries of removed services, or that a service no longer covers.
+    RemoveEntries(Vec<MatchEntry>),
     /// The prefilter once old services are gone.
     FilterFinal(Vec<u64>),
 }
@@ -238,21 +240,6 @@ pub struct Engine {
     filter: Vec<u64>,
 }
 
-/// The prefilter bitmap for a set of services.
-fn filter_words(services: &[ServiceConfig]) -> Vec<u64> {
-    let mut w = vec![0u64; lb_common::filter::WORDS as usize];
-    for s in services {
-        let a = addr_words(s.key.addr);
-        let bit = lb_common::filter::bit(
-            a[0] ^ a[1] ^ a[2] ^ a[3],
-            s.key.port.to_be(),
-            s.key.protocol.number(),
-        );
-        w[(bit / 64) as usize] |= 1 << (bit % 64);
-    }
-    w
-}
-
 /// The clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`), in ticks.
 pub fn monotonic_coarse_ticks() -> u32 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
@@ -281,7 +268,7 @@ impl Engine {
             next_hops: HashMap::new(),
             timeouts: Timeouts::default(),
             expire_nodest_conn: false,
-            filter: vec![0; lb_common::filter::WORDS as usize],
+            filter: vec![0; lb_common::filter::WORDS as usize + 1],
         }
     }
 
@@ -326,7 +313,7 @@ impl Engine {
         for (key, old) in &self.services {
             if !desired.iter().any(|d| d.key == *key) {
                 let st = next.services.remove(key).expect("cloned");
-                ops.push(Op::RemoveService(*key));
+                ops.push(Op::RemoveEntries(matching::entries(&old.config)));
                 for b in &st.backends {
                     next.retire_backend(&mut ops, *key, st.id, b, now);
                 }
@@ -343,7 +330,7 @@ impl Engine {
         }
 
         // The prefilter never misses a service: new bits before the switch, stale ones after.
-        let filter = filter_words(desired);
+        let filter = matching::filter_words(desired);
         if filter != self.filter {
             let union: Vec<u64> = filter
                 .iter()
@@ -362,7 +349,7 @@ impl Engine {
             Op::WriteSlots(..) => 2,
             Op::FilterUnion(_) => 3,
             Op::PutService(..) => 4,
-            Op::RemoveService(_) => 5,
+            Op::RemoveEntries(_) => 5,
             Op::FilterFinal(_) => 6,
             // Backends retired by this change: only once nothing new can reach them.
             Op::WriteBackend(..) => 7,
@@ -377,12 +364,14 @@ impl Engine {
                 bumped = true;
             }
             match op {
-                Op::PutService(key, mut svc, p) => {
+                Op::PutService(key, entries, mut svc, p) => {
                     let picks = if p.fresh { 0 } else { dp.picks(svc.id)? };
                     let mut seq = p.before;
                     let table = seq.change(picks, &p.targets)?;
                     svc.sched_offset = table.offset;
-                    write_service(dp, &key, &svc)?;
+                    for e in &entries {
+                        dp.put_entry(e, &svc)?;
+                    }
                     if let Some(st) = next.services.get_mut(&key) {
                         debug_assert_eq!(st.table.slots, table.slots);
                         st.seq = seq;
@@ -433,7 +422,13 @@ impl Engine {
         for (_, d) in std::mem::take(&mut self.deferred) {
             match d {
                 Deferred::Region(r) => self.regions.release(r),
-                Deferred::ServiceId(id) => self.service_ids.release(id),
+                Deferred::ServiceId(id) => {
+                    // Templates name their service by id: none may outlive it.
+                    if let Err(e) = dp.purge_templates(id) {
+                        tracing::warn!("purging the templates of service id {id}: {e:#}");
+                    }
+                    self.service_ids.release(id)
+                }
                 Deferred::BackendIndex(i) => self.backend_ids.release(i),
             }
         }
@@ -606,10 +601,21 @@ impl Engine {
             }
         }
         st.table = table;
+        let entries = matching::entries(want);
+        if !fresh {
+            let stale: Vec<MatchEntry> = matching::entries(&st.config)
+                .into_iter()
+                .filter(|e| !entries.contains(e))
+                .collect();
+            if !stale.is_empty() {
+                ops.push(Op::RemoveEntries(stale));
+            }
+        }
         st.config = want.clone();
         let region = st.region.unwrap_or(Region { start: 0, len: 0 });
         ops.push(Op::PutService(
             key,
+            entries,
             Service {
                 id: st.id,
                 slots_base: region.start,
@@ -622,13 +628,17 @@ impl Engine {
                     } else {
                         lb_common::sched::F_STATELESS
                     },
-                _pad: [0; 6],
+                persist_timeout: want
+                    .persistence
+                    .map_or(0, |p| lb_common::ticks::from_secs(p.timeout)),
+                persist_prefix: want.persistence.map_or(0, |p| p.prefix),
+                match_bits: want.key.prefix,
             },
-            PendingSched {
+            Box::new(PendingSched {
                 before,
                 targets,
                 fresh,
-            },
+            }),
         ));
         self.services.insert(key, st);
         Ok(())
@@ -766,42 +776,9 @@ fn execute(dp: &mut Dataplane, op: Op) -> Result<()> {
         Op::ResetBackendStats(i) => dp.reset_backend_stats(i),
         Op::WriteBackend(i, b) => dp.write_backend(i, &b),
         Op::WriteSlots(base, v) => dp.write_slots(base, &v),
-        Op::PutService(k, v, _) => write_service(dp, &k, &v),
-        Op::RemoveService(k) => match service_key(&k) {
-            Keyed::V4(k4) => dp.remove_service_v4(&k4),
-            Keyed::V6(k6) => dp.remove_service_v6(&k6),
-        },
+        Op::PutService(_, entries, v, _) => entries.iter().try_for_each(|e| dp.put_entry(e, &v)),
+        Op::RemoveEntries(entries) => entries.iter().try_for_each(|e| dp.remove_entry(e)),
         Op::FilterUnion(w) | Op::FilterFinal(w) => dp.write_filter(&w),
-    }
-}
-
-fn write_service(dp: &mut Dataplane, k: &ServiceKey, v: &Service) -> Result<()> {
-    match service_key(k) {
-        Keyed::V4(k4) => dp.put_service_v4(&k4, v),
-        Keyed::V6(k6) => dp.put_service_v6(&k6, v),
-    }
-}
-
-pub enum Keyed {
-    V4(ServiceKeyV4),
-    V6(ServiceKeyV6),
-}
-
-/// The map key of a service.
-pub fn service_key(k: &ServiceKey) -> Keyed {
-    match k.addr {
-        IpAddr::V4(a) => Keyed::V4(ServiceKeyV4 {
-            addr: u32::from_ne_bytes(a.octets()),
-            port: k.port.to_be(),
-            proto: k.protocol.number(),
-            _pad: 0,
-        }),
-        IpAddr::V6(a) => Keyed::V6(ServiceKeyV6 {
-            addr: addr_words(IpAddr::V6(a)),
-            port: k.port.to_be(),
-            proto: k.protocol.number(),
-            _pad: 0,
-        }),
     }
 }
 

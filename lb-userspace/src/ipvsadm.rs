@@ -203,11 +203,7 @@ mod tests {
     fn svc(addr: &str, port: u16, sched: Scheduler, backends: Vec<BackendView>) -> ServiceView {
         ServiceView {
             name: "x".into(),
-            key: ServiceKey {
-                addr: addr.parse().unwrap(),
-                port,
-                protocol: Protocol::Tcp,
-            },
+            key: ServiceKey::new(addr.parse().unwrap(), port, Protocol::Tcp),
             scheduler: sched,
             sched_flags: Default::default(),
             id: 0,

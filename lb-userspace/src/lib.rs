@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod engine;
 pub mod ipvsadm;
+pub mod matching;
 pub mod neigh;
 pub mod sched;

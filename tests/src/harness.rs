@@ -52,6 +52,7 @@ impl Harness {
                 max_services: 64,
                 max_backends: 256,
                 slot_table_size: 1 << 16,
+                ..Limits::default()
             },
         )
     }

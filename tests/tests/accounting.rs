@@ -50,11 +50,7 @@ fn key(s: &str) -> ServiceKey {
         None => (Protocol::Tcp, s),
     };
     let sa: std::net::SocketAddr = addr.parse().unwrap();
-    ServiceKey {
-        addr: sa.ip(),
-        port: sa.port(),
-        protocol,
-    }
+    ServiceKey::new(sa.ip(), sa.port(), protocol)
 }
 
 fn tcp(client: &str, port: u16, flags: u8) -> Vec<u8> {
@@ -175,6 +171,7 @@ fn a_full_table_keeps_established_connections() {
         max_services: 8,
         max_backends: 16,
         slot_table_size: 1024,
+        ..Limits::default()
     };
     let h = Harness::with_limits(TWO_RR, limits);
     let servers = [ip("10.0.1.1"), ip("10.0.1.2")];
@@ -338,6 +335,7 @@ fn a_full_table_forwards_hashed_services_untracked() {
         max_services: 8,
         max_backends: 16,
         slot_table_size: 8192,
+        ..Limits::default()
     };
     let mh = TWO_RR.replace("scheduler = \"rr\"", "scheduler = \"mh\"");
     let h = Harness::with_limits(&mh, limits);

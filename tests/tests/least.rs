@@ -79,11 +79,7 @@ fn tcp(port: u16, flags: u8) -> Vec<u8> {
 /// Plays one scheduler for `steps` steps.
 fn play(sched: Scheduler, seed: u64, steps: usize, thresholds: bool) {
     let mut rng = Rng(seed);
-    let svc = ServiceKey {
-        addr: ip("10.0.0.10"),
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
+    let svc = ServiceKey::new(ip("10.0.0.10"), 80, Protocol::Tcp);
     let rand_rs = |rng: &mut Rng, n: u8| {
         let upper = if thresholds {
             [0, 0, 2, 3, 5][rng.next(5) as usize]
@@ -308,11 +304,7 @@ fn overhead_counts_total_connections_as_linux_does() {
     };
     let (a, b) = (server(1), server(2));
     let all = [a, b];
-    let svc = ServiceKey {
-        addr: ip("10.0.0.10"),
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
+    let svc = ServiceKey::new(ip("10.0.0.10"), 80, Protocol::Tcp);
     let mut h = Harness::new(&render(0, 1));
     for port in 0..256 {
         let r = h.run(&tcp(20000 + port, SYN));

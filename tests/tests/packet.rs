@@ -78,6 +78,20 @@ fn assert_pass(h: &Harness, frame: &[u8], why: u32) {
     );
 }
 
+/// Every program must stay well inside the verifier's one-million-instruction budget: the
+/// next features grow it, and a program at the edge fails to load on the next kernel.
+#[test]
+fn every_program_fits_the_verifier_budget_with_headroom() {
+    let h = Harness::new(WEB);
+    let counts = h.dp.verified_instructions();
+    eprintln!("verified instructions: {counts:?}");
+    assert!(counts.len() >= 7, "{counts:?}");
+    for (name, count) in counts {
+        let count = count.expect("the kernel reports verified_insns");
+        assert!(count < 600_000, "{name}: {count} instructions verified");
+    }
+}
+
 #[test]
 fn ipv4_tcp_flow_is_forwarded_exactly_and_sticks() {
     let h = Harness::new(WEB);
@@ -454,11 +468,7 @@ fn segments_of_unknown_tcp_flows_go_to_the_kernel() {
 
 fn key(svc: &str) -> ServiceKey {
     let sa: std::net::SocketAddr = svc.parse().unwrap();
-    ServiceKey {
-        addr: sa.ip(),
-        port: sa.port(),
-        protocol: Protocol::Tcp,
-    }
+    ServiceKey::new(sa.ip(), sa.port(), Protocol::Tcp)
 }
 
 /// New connections follow IPVS rr: list order is the reverse of the configuration order.
@@ -872,11 +882,7 @@ fn unresolved_next_hop_is_counted_and_reported() {
     let item = events.next().expect("an event");
     let ev: lb_common::Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const _) };
     assert_eq!(ev.kind, lb_common::EVENT_NEIGH_MISSING);
-    let dns = ServiceKey {
-        addr: ip("10.0.0.10"),
-        port: 53,
-        protocol: Protocol::Udp,
-    };
+    let dns = ServiceKey::new(ip("10.0.0.10"), 53, Protocol::Udp);
     assert_eq!(
         Some(ev.backend),
         h.engine.backend_index(&dns, ip("10.0.1.3"), 53)
