@@ -753,8 +753,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         if !keys.insert(svc.key) {
             return Err(loc.err(addr_span, format!("service {} is defined twice", svc.key)));
         }
-        // The same destination and protocol: port sets must not overlap (which service
-        // would a packet belong to?). Different prefixes may: the longer one wins.
+        // The same destination and protocol: port sets may only overlap where one side is
+        // more specific - an exact port over a range over all ports (IPVS's VIP:port over
+        // VIP:0) - and the more specific one wins; otherwise, which service would a packet
+        // belong to? Different prefixes may overlap: the longer one wins.
+        let host = svc.key.is_host();
+        let rank = |r: PortRange| {
+            if r == PortRange::ALL {
+                2
+            } else if host && r.first != r.last {
+                1
+            } else {
+                // A prefix service's ports are all matched one by one.
+                0
+            }
+        };
+        let ambiguous = |a: PortRange, b: PortRange| a.overlaps(b) && rank(a) == rank(b);
         if let Some((other, r)) = services.iter().find_map(|o: &ServiceConfig| {
             let same = o.key.addr == svc.key.addr
                 && o.key.prefix == svc.key.prefix
@@ -764,7 +778,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             }
             svc.ports
                 .iter()
-                .find(|a| o.ports.iter().any(|b| a.overlaps(*b)))
+                .find(|a| o.ports.iter().any(|b| ambiguous(**a, *b)))
                 .map(|r| (o, *r))
         }) {
             return Err(loc.err(
@@ -1548,5 +1562,198 @@ address = "[2001:db8::12]:443"
                 udp: 30
             }
         );
+    }
+
+    fn one_service(body: &str) -> Result<ServiceConfig, ConfigError> {
+        let backend = if body.contains("2001:") {
+            "2001:db8:1::1"
+        } else {
+            "10.0.1.1"
+        };
+        let text = format!(
+            "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"s\"\n{body}\n[[services.backends]]\naddress = \"{backend}\"\n"
+        );
+        p(&text).map(|mut c| c.services.remove(0))
+    }
+
+    fn err(body: &str) -> String {
+        match one_service(body) {
+            Ok(s) => panic!("accepted: {s:?}"),
+            Err(e) => e.message,
+        }
+    }
+
+    #[test]
+    fn ports_lists_ranges_and_all_ports() {
+        let s =
+            one_service("address = \"10.0.0.10\"\nports = [443, 80, \"8000-8100\", 8101]").unwrap();
+        assert_eq!(
+            s.ports,
+            vec![
+                PortRange::one(80),
+                PortRange::one(443),
+                PortRange {
+                    first: 8000,
+                    last: 8101
+                }
+            ],
+            "sorted, adjacent ranges merged"
+        );
+        assert_eq!(s.key.port, 80, "named by its first port");
+        assert_eq!(
+            s.backends[0].port, 0,
+            "multi-port backends keep the client's port"
+        );
+        let all = one_service("address = \"10.0.0.10:0\"").unwrap();
+        assert_eq!(all.ports, vec![PortRange::ALL]);
+        assert_eq!(all.key.port, 0);
+        let all = one_service("address = \"10.0.0.10\"\nports = [0]").unwrap();
+        assert_eq!(all.ports, vec![PortRange::ALL]);
+    }
+
+    #[test]
+    fn bad_ports_are_named() {
+        assert!(err("address = \"10.0.0.10\"").contains("has no port"));
+        assert!(err("address = \"10.0.0.10:80\"\nports = [443]").contains("already has a port"));
+        assert!(err("address = \"10.0.0.10\"\nports = []").contains("must not be empty"));
+        assert!(err("address = \"10.0.0.10\"\nports = [0, 80]").contains("port 0 means all"));
+        assert!(err("address = \"10.0.0.10\"\nports = [80, \"70-90\"]").contains("twice"));
+        let m = err("address = \"10.0.0.10\"\nports = [\"90-80\"]");
+        assert!(m.contains("90-80"), "{m}");
+        let m = err("address = \"10.0.0.10\"\nports = [70000]");
+        assert!(m.contains("70000"), "{m}");
+    }
+
+    #[test]
+    fn prefix_services() {
+        let s = one_service("address = \"0.0.0.0/0\"\nports = [80]\nscheduler = \"dh\"").unwrap();
+        assert_eq!(s.key.prefix, 0);
+        assert!(!s.key.is_host());
+        let s = one_service("address = \"198.51.100.0/24\"\nports = [80, 443]").unwrap();
+        assert_eq!(s.key.prefix, 24);
+        let s = one_service("address = \"2001:db8::/32\"\nports = [0]").unwrap();
+        assert_eq!(s.key.prefix, 32);
+        let m = err("address = \"198.51.100.1/24\"\nports = [80]");
+        assert!(m.contains("host bits"), "{m}");
+        let m = err("address = \"10.0.0.0/8\"\nports = [\"1-2000\"]");
+        assert!(m.contains("at most"), "{m}");
+        let m = err("address = \"10.0.0.0/33\"\nports = [80]");
+        assert!(m.contains("33"), "{m}");
+    }
+
+    #[test]
+    fn persistence_netmasks_and_timeouts() {
+        let s = one_service(
+            "address = \"10.0.0.10:80\"\npersistence = { timeout = 300, netmask = \"255.255.255.0\" }",
+        )
+        .unwrap();
+        assert_eq!(
+            s.persistence,
+            Some(Persistence {
+                timeout: 300,
+                prefix: 24
+            })
+        );
+        let s = one_service("address = \"10.0.0.10:80\"\npersistence = {}").unwrap();
+        assert_eq!(
+            s.persistence,
+            Some(Persistence {
+                timeout: DEFAULT_PERSISTENCE_TIMEOUT,
+                prefix: 32
+            }),
+            "IPVS defaults: 360 s, one client address"
+        );
+        let s = one_service(
+            "address = \"[2001:db8::10]:80\"\npersistence = { timeout = 60, netmask = 64 }",
+        )
+        .unwrap();
+        assert_eq!(s.persistence.unwrap().prefix, 64);
+        assert!(
+            err("address = \"10.0.0.10:80\"\npersistence = { netmask = \"255.0.255.0\" }")
+                .contains("contiguous")
+        );
+        assert!(
+            err("address = \"10.0.0.10:80\"\npersistence = { timeout = 0 }").contains("timeout")
+        );
+        assert!(
+            err("address = \"10.0.0.10:80\"\npersistence = { timeout = 99999999 }")
+                .contains("timeout")
+        );
+        assert!(
+            err("address = \"[2001:db8::10]:80\"\npersistence = { netmask = \"255.255.255.0\" }")
+                .contains("IPv6")
+        );
+        assert!(
+            err("address = \"10.0.0.10:80\"\nconntrack = false\nscheduler = \"sh\"\npersistence = {}")
+                .contains("connection table")
+        );
+    }
+
+    #[test]
+    fn overlapping_port_sets_on_one_address_are_rejected() {
+        let e = p(r#"
+[dataplane]
+interfaces = ["eth0"]
+[[services]]
+name = "a"
+address = "10.0.0.10"
+ports = [80, "400-450"]
+[[services.backends]]
+address = "10.0.1.1"
+[[services]]
+name = "b"
+address = "10.0.0.10"
+ports = ["440-500"]
+[[services.backends]]
+address = "10.0.1.2"
+"#)
+        .unwrap_err();
+        assert!(
+            e.message.contains("440-500") && e.message.contains("\"a\""),
+            "{}",
+            e.message
+        );
+        // Disjoint sets, another protocol, a wider prefix, or an exact port inside a range
+        // or all ports are fine (the exact one wins).
+        p(r#"
+[dataplane]
+interfaces = ["eth0"]
+[[services]]
+name = "a"
+address = "10.0.0.10"
+ports = [80, 443]
+[[services.backends]]
+address = "10.0.1.1"
+[[services]]
+name = "b"
+address = "10.0.0.10"
+ports = [0]
+protocol = "udp"
+[[services.backends]]
+address = "10.0.1.2"
+[[services]]
+name = "c"
+address = "10.0.0.0/24"
+ports = [80]
+[[services.backends]]
+address = "10.0.1.3"
+[[services]]
+name = "d"
+address = "10.0.0.10:0"
+[[services.backends]]
+address = "10.0.1.4"
+[[services]]
+name = "e"
+address = "10.0.0.10"
+ports = ["1000-2000"]
+[[services.backends]]
+address = "10.0.1.5"
+[[services]]
+name = "f"
+address = "10.0.0.10:1500"
+[[services.backends]]
+address = "10.0.1.6:1500"
+"#)
+        .unwrap();
     }
 }
