@@ -361,6 +361,134 @@ fn source_hashing_keeps_each_client_on_one_server() {
     assert!(distinct.len() >= 2, "8 clients on one server: {answers:?}");
 }
 
+/// Persistence (netmask /29): every connection from one client network lands on one real
+/// server, though rr alone would spread them; another network gets rr's next server.
+#[test]
+fn persistence_keeps_a_client_network_on_one_server() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-pers", 3, &xlb).unwrap();
+    b.start_http().unwrap();
+    let mut svc = service(
+        "web",
+        &format!("{}:80", b.vip4),
+        "rr",
+        &b.servers
+            .iter()
+            .map(|s| (s.v4.to_string(), 1))
+            .collect::<Vec<_>>(),
+    );
+    svc = svc.replacen(
+        "scheduler = \"rr\"\n",
+        "scheduler = \"rr\"\npersistence = { timeout = 300, netmask = \"255.255.255.248\" }\n",
+        1,
+    );
+    b.start_xlb(&xlb, &b.config(&svc)).unwrap();
+    // Two client networks: 10.100.0.32/29 and 10.100.0.40/29.
+    let nets: [&[u8]; 2] = [&[33, 34, 35], &[41, 42]];
+    for a in nets.iter().flat_map(|n| n.iter()) {
+        run(&[
+            "ip",
+            "-n",
+            &b.cli,
+            "addr",
+            "add",
+            &format!("10.100.0.{a}/24"),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    }
+    let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
+    let answers: Vec<Vec<String>> = in_netns(&b.cli, move || {
+        nets.iter()
+            .map(|net| {
+                let mut got = Vec::new();
+                for _ in 0..3 {
+                    for a in net.iter() {
+                        let src = IpAddr::V4(std::net::Ipv4Addr::new(10, 100, 0, *a));
+                        got.push(http_get_from(src, vip).unwrap());
+                    }
+                }
+                got
+            })
+            .collect()
+    })
+    .unwrap();
+    for (net, a) in nets.iter().zip(&answers) {
+        assert!(a.iter().all(|s| *s == a[0]), "network of {net:?}: {a:?}");
+    }
+    assert_ne!(
+        answers[0][0], answers[1][0],
+        "rr gives the second network another server"
+    );
+}
+
+/// One service over ports 80 and 8080 with persistence: a client's connections to either
+/// port go to the same real server; a port outside the set is not balanced.
+#[test]
+fn a_multi_port_service_keeps_a_client_on_one_server_across_ports() {
+    require_root();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xte2e-mport", 3, &xlb).unwrap();
+    b.start_http().unwrap();
+    let mut svc = format!(
+        "[[services]]\nname = \"shop\"\naddress = \"{}\"\nports = [80, 8080]\nscheduler = \"rr\"\npersistence = {{ timeout = 300 }}\n",
+        b.vip4
+    );
+    for s in &b.servers {
+        svc += &format!("[[services.backends]]\naddress = \"{}\"\n", s.v4);
+    }
+    b.start_xlb(&xlb, &b.config(&svc)).unwrap();
+    run(&[
+        "ip",
+        "-n",
+        &b.cli,
+        "addr",
+        "add",
+        "10.100.0.51/24",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let vip = b.vip4;
+    let (first, second, other_port) = in_netns(&b.cli, move || {
+        let get = |src: u8, port: u16| {
+            http_get_from(
+                IpAddr::V4(std::net::Ipv4Addr::new(10, 100, 0, src)),
+                SocketAddr::new(IpAddr::V4(vip), port),
+            )
+        };
+        let first: Vec<String> = [80, 8080, 80, 8080, 8080]
+            .iter()
+            .map(|p| get(1, *p).unwrap())
+            .collect();
+        let second: Vec<String> = [8080, 80, 8080]
+            .iter()
+            .map(|p| get(51, *p).unwrap())
+            .collect();
+        (first, second, get(1, 8443))
+    })
+    .unwrap();
+    assert!(first.iter().all(|s| *s == first[0]), "{first:?}");
+    assert!(second.iter().all(|s| *s == second[0]), "{second:?}");
+    assert_ne!(
+        first[0], second[0],
+        "rr: the second client gets another server"
+    );
+    assert!(
+        other_port.is_err(),
+        "port 8443 is not the service's: the balancer's own stack refuses it, got {other_port:?}"
+    );
+    let list = xlb_list(&b);
+    assert!(
+        list.contains("shop") || list.contains(&b.vip4.to_string()),
+        "{list}"
+    );
+}
+
 /// The balancer's neighbour entries vanish (flushed, as after a link flap or garbage
 /// collection): forwarding goes on with the known MACs while the kernel re-resolves them.
 #[test]

@@ -320,7 +320,8 @@ impl DrBench {
         })
     }
 
-    /// Starts nginx on every real server, answering `GET /` with the server's name.
+    /// Starts nginx on every real server, answering `GET /` with the server's name on ports
+    /// 80, 8080 and 8443 (multi-port services use the others).
     pub fn start_http(&mut self) -> Result<()> {
         for s in self.servers.clone() {
             let dir = self.bench.dir.join(format!("nginx-{}", s.name));
@@ -344,6 +345,8 @@ http {{
     server {{
         listen 80 reuseport;
         listen [::]:80 reuseport;
+        listen 8080 reuseport;
+        listen 8443 reuseport;
         location / {{ default_type text/plain; return 200 "{name}\n"; }}
     }}
 }}
