@@ -221,6 +221,11 @@ pub struct ServiceView {
     pub scheduler: Scheduler,
     #[serde(default)]
     pub sched_flags: crate::config::SchedFlags,
+    /// The destination ports covered (one entry for a single port).
+    #[serde(default)]
+    pub ports: Vec<crate::config::PortRange>,
+    #[serde(default)]
+    pub persistence: Option<crate::config::Persistence>,
     pub id: u32,
     pub stats: CountersView,
     pub backends: Vec<BackendView>,
@@ -743,6 +748,8 @@ impl Engine {
                 key: st.config.key,
                 scheduler: st.config.scheduler,
                 sched_flags: st.config.sched_flags,
+                ports: st.config.ports.clone(),
+                persistence: st.config.persistence,
                 id: st.id,
                 stats: dp.service_stats(st.id)?.into(),
                 backends,

@@ -5,6 +5,7 @@ use std::{cmp::Ordering, fmt::Write, net::IpAddr};
 
 use crate::{
     api::ServicesResponse,
+    config::PortRange,
     engine::{BackendView, ServiceView},
 };
 
@@ -49,6 +50,19 @@ pub fn list(resp: &ServicesResponse, opts: ListOptions) -> String {
             let flags = s.sched_flags.names(s.scheduler);
             if !flags.is_empty() {
                 let _ = write!(out, " ({flags})");
+            }
+            if let Some(p) = s.persistence {
+                let _ = write!(out, " persistent {}", p.timeout);
+                match s.key.addr {
+                    IpAddr::V4(_) if p.prefix < 32 => {
+                        let mask = u32::MAX.checked_shl(32 - p.prefix as u32).unwrap_or(0);
+                        let _ = write!(out, " mask {}", std::net::Ipv4Addr::from(mask));
+                    }
+                    IpAddr::V6(_) if p.prefix < 128 => {
+                        let _ = write!(out, " mask {}", p.prefix);
+                    }
+                    _ => {}
+                }
             }
             out.push('\n');
         }
@@ -104,13 +118,45 @@ pub fn largenum(i: u64, exact: bool) -> String {
     }
 }
 
-/// `"%-4s %s"` of protocol and address:port; IPv4 names are cut at 33 characters.
+/// `"%-4s %s"` of protocol and address:port; IPv4 names are cut at 33 characters. Services
+/// wider than one address and port (IPVS would need a firewall mark for them) show their
+/// prefix and port set instead: `TCP  0.0.0.0/0:80,443`, `TCP  10.0.0.1:8000-8100`.
 fn service_name(s: &ServiceView) -> String {
-    let mut n = format!(
-        "{:<4} {}",
-        s.key.protocol.label(),
-        addr_port(s.key.addr, s.key.port)
-    );
+    let single = s.ports.len() <= 1
+        && s.ports
+            .first()
+            .is_none_or(|r| r.first == r.last || *r == PortRange::ALL);
+    let mut n = if s.key.is_host() && single {
+        format!(
+            "{:<4} {}",
+            s.key.protocol.label(),
+            addr_port(s.key.addr, s.key.port)
+        )
+    } else {
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|r| {
+                if *r == PortRange::ALL {
+                    "0".to_string()
+                } else {
+                    r.to_string()
+                }
+            })
+            .collect();
+        let addr = if s.key.is_host() {
+            match s.key.addr {
+                IpAddr::V4(a) => a.to_string(),
+                IpAddr::V6(a) => format!("[{a}]"),
+            }
+        } else {
+            match s.key.addr {
+                IpAddr::V4(a) => format!("{a}/{}", s.key.prefix),
+                IpAddr::V6(a) => format!("[{a}/{}]", s.key.prefix),
+            }
+        };
+        format!("{:<4} {addr}:{}", s.key.protocol.label(), ports.join(","))
+    };
     if s.key.addr.is_ipv4() {
         n.truncate(33);
     }
@@ -182,7 +228,7 @@ fn merge_sort<T: Copy>(v: &mut [T], cmp: &dyn Fn(&T, &T) -> Ordering) {
 mod tests {
     use super::*;
     use crate::{
-        config::{Forwarding, Protocol, Scheduler, ServiceKey},
+        config::{Forwarding, Persistence, Protocol, Scheduler, ServiceKey},
         engine::CountersView,
     };
 
@@ -206,6 +252,8 @@ mod tests {
             key: ServiceKey::new(addr.parse().unwrap(), port, Protocol::Tcp),
             scheduler: sched,
             sched_flags: Default::default(),
+            ports: vec![PortRange::one(port)],
+            persistence: None,
             id: 0,
             stats: CountersView::default(),
             backends,
@@ -246,6 +294,51 @@ mod tests {
             "  -> [2001:db8::10]:80            Route   1      1          0         \n",
         );
         assert_eq!(list(&resp, ListOptions::default()), want);
+    }
+
+    #[test]
+    fn persistence_and_wide_services_are_listed() {
+        let mut a = svc("10.0.0.1", 443, Scheduler::Sh, vec![]);
+        a.persistence = Some(Persistence {
+            timeout: 360,
+            prefix: 24,
+        });
+        let mut b = svc("10.0.0.2", 80, Scheduler::Wrr, vec![]);
+        b.persistence = Some(Persistence {
+            timeout: 300,
+            prefix: 32,
+        });
+        b.ports = vec![
+            PortRange::one(80),
+            PortRange::one(443),
+            PortRange {
+                first: 8000,
+                last: 8100,
+            },
+        ];
+        let mut c = svc("0.0.0.0", 80, Scheduler::Dh, vec![]);
+        c.key.prefix = 0;
+        let mut d = svc("2001:db8::1", 0, Scheduler::Rr, vec![]);
+        d.ports = vec![PortRange::ALL];
+        d.persistence = Some(Persistence {
+            timeout: 60,
+            prefix: 64,
+        });
+        let resp = ServicesResponse {
+            conn_table_size: 4096,
+            services: vec![a, b, c, d],
+        };
+        let got = list(&resp, ListOptions::default());
+        let lines: Vec<&str> = got.lines().skip(3).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "TCP  0.0.0.0/0:80 dh",
+                "TCP  10.0.0.1:443 sh persistent 360 mask 255.255.255.0",
+                "TCP  10.0.0.2:80,443,8000-8100 wrr persistent 300",
+                "TCP  [2001:db8::1]:0 rr persistent 60 mask 64",
+            ]
+        );
     }
 
     #[test]
