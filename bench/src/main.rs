@@ -175,8 +175,10 @@ impl Bench {
                 }
                 let start = self.fresh;
                 self.fresh += repeat as u64;
-                ensure!(self.fresh < 1 << 24, "out of fresh source addresses");
-                self.arm_shim(xlb, target, pkt, 0xff_ffff, start)?;
+                // 192.0.0.0 | counter: unique up to 2^30 (the base's bits are above them). A
+                // full-scale run uses ~20M addresses.
+                ensure!(self.fresh < 1 << 30, "out of fresh source addresses");
+                self.arm_shim(xlb, target, pkt, (1 << 30) - 1, start)?;
                 run(self.prog("wrap"), pkt, repeat)?
             }
         };
