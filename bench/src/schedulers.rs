@@ -27,7 +27,8 @@ pub struct Spec {
 pub fn specs() -> Vec<Spec> {
     let mut v = Vec::new();
     let names = [
-        "rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf", "twos", "sh", "dh", "mh",
+        "rr", "wrr", "lc", "wlc", "sed", "nq", "fo", "ovf", "twos", "sh", "dh", "mh", "lblc",
+        "lblcr",
     ];
     for (i, s) in names.iter().enumerate() {
         v.push(Spec {
@@ -223,7 +224,7 @@ pub fn report(cases: &[SchedCase], parse_hash: f64) {
     for c in &cases[1..] {
         let target = match c.label.as_str() {
             "wrr" | "sh" | "dh" | "mh" => 1.2,
-            "lc" | "wlc" | "sed" | "nq" | "fo" | "ovf" | "twos" => 2.0,
+            "lc" | "wlc" | "sed" | "nq" | "fo" | "ovf" | "twos" | "lblc" | "lblcr" => 2.0,
             _ => continue,
         };
         let r = ratio_to(&c.new, &rr.new);

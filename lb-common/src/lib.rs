@@ -53,6 +53,8 @@ pub mod map_names {
     pub const PREFIX_V4: &str = "PREFIX_V4";
     pub const PREFIX_V6: &str = "PREFIX_V6";
     pub const NEW_FLOW: &str = "NEW_FLOW";
+    pub const LOCALITY_V4: &str = "LOCALITY_V4";
+    pub const LOCALITY_V6: &str = "LOCALITY_V6";
     pub const HANDOFF: &str = "HANDOFF";
 }
 
@@ -140,6 +142,52 @@ impl Template {
     pub fn expired(&self, controlled: u32, now: u32) -> bool {
         controlled == 0 && now.wrapping_sub(self.last_used) > self.timeout
     }
+}
+
+/// The destination caches of lblc and lblcr (IPVS's `ip_vs_lblc_entry` / `ip_vs_lblcr_entry`):
+/// per (service, destination address), the server (lblc) or set of servers (lblcr) that
+/// destination's connections go to.
+pub mod locality {
+    use crate::ticks;
+
+    /// lblcr's set holds at most this many servers (IPVS's is unbounded; a set only grows
+    /// when all its members are overloaded). Inserting into a full set drops its oldest
+    /// member.
+    pub const SET: usize = 8;
+    /// `lblc_expiration` / `lblcr_expiration` (24 h, IPVS's default): an entry unused this
+    /// long is stale (lblc, lblcr), and an lblcr set unchanged this long sheds its most loaded
+    /// member.
+    pub const EXPIRATION: u32 = ticks::from_secs(24 * 3600);
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalityKeyV4 {
+    pub service_id: u32,
+    /// Destination address, network byte order.
+    pub addr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalityKeyV6 {
+    pub service_id: u32,
+    pub addr: [u32; 4],
+}
+
+/// One destination's cache entry. lblc uses one member.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Locality {
+    /// Backend indexes, newest first, and the generations they were recorded with (a server
+    /// deleted since no longer counts as a member).
+    pub members: [u32; locality::SET],
+    pub generations: [u32; locality::SET],
+    pub len: u32,
+    /// Last use and last change of the set, in [`ticks`].
+    pub last_use: u32,
+    pub last_mod: u32,
+    pub _pad: u32,
 }
 
 /// Services wider than one (address, port): port ranges, all ports (port 0), destination
@@ -259,6 +307,8 @@ pub mod defaults {
     pub const TX_PORTS: u32 = 256;
     /// Persistence templates per family.
     pub const TEMPLATES: u32 = 1 << 16;
+    /// lblc/lblcr destination-cache entries per family.
+    pub const LOCALITY: u32 = 1 << 16;
     /// Entries of each wide-service trie (port-range blocks, prefixes).
     pub const WIDE_ENTRIES: u32 = 1 << 14;
     pub const EVENTS_BYTES: u32 = 1 << 14;
@@ -286,6 +336,10 @@ pub mod sched {
     pub const OVF: u8 = 11;
     /// Power of two choices: two servers drawn at random by weight, the less loaded wins.
     pub const TWOS: u8 = 12;
+    /// Locality-based least connection (with replication): a destination keeps its server
+    /// (set of servers) unless overloaded; otherwise wlc picks ([`crate::locality`]).
+    pub const LBLC: u8 = 13;
+    pub const LBLCR: u8 = 14;
 
     /// `Service::flags`: when the hashed server cannot take the flow, look further
     /// (ipvsadm `sh-fallback` / `mh-fallback`).
@@ -885,6 +939,9 @@ mod pod {
     unsafe impl aya::Pod for TemplateKeyV4 {}
     unsafe impl aya::Pod for TemplateKeyV6 {}
     unsafe impl aya::Pod for Template {}
+    unsafe impl aya::Pod for LocalityKeyV4 {}
+    unsafe impl aya::Pod for LocalityKeyV6 {}
+    unsafe impl aya::Pod for Locality {}
     unsafe impl aya::Pod for SchedState {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Globals {}
@@ -910,6 +967,9 @@ mod layout_tests {
         assert_eq!(size_of::<TemplateKeyV4>(), 8);
         assert_eq!(size_of::<TemplateKeyV6>(), 20);
         assert_eq!(size_of::<Template>(), 24);
+        assert_eq!(size_of::<LocalityKeyV4>(), 8);
+        assert_eq!(size_of::<LocalityKeyV6>(), 20);
+        assert_eq!(size_of::<Locality>(), 2 * 4 * locality::SET + 4 * 4);
         assert_eq!(
             size_of::<Backend>(),
             16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4 * 3

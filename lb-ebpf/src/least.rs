@@ -19,6 +19,7 @@ use lb_common::{
 use crate::maps::{BACKEND_CONNS, BACKENDS, SLOTS};
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Scan {
     slots_base: u32,
     service_id: u32,
@@ -35,20 +36,22 @@ pub fn pick(svc: &Service) -> Result<(u32, &'static Backend), u32> {
     if svc.scheduler == sched::TWOS {
         return twos(svc);
     }
-    let mut scan = Scan {
-        slots_base: svc.slots_base,
-        service_id: svc.id,
-        sched: svc.scheduler as u32,
-        found: 0,
-        best_index: 0,
-        _pad: 0,
-        best: Load::default(),
-    };
+    scan(svc, svc.scheduler)
+}
+
+/// The best server by `sched`'s rule (lblc and lblcr fall back to wlc's).
+#[inline(always)]
+pub fn scan(svc: &Service, sched: u8) -> Result<(u32, &'static Backend), u32> {
+    let mut slot = core::mem::MaybeUninit::<Scan>::uninit();
+    let scan = crate::zeroed(&mut slot);
+    scan.slots_base = svc.slots_base;
+    scan.service_id = svc.id;
+    scan.sched = sched as u32;
     unsafe {
         aya_ebpf::helpers::bpf_loop(
             svc.slots_len,
             step as *mut c_void,
-            &raw mut scan as *mut c_void,
+            scan as *mut Scan as *mut c_void,
             0,
         )
     };
@@ -60,6 +63,81 @@ pub fn pick(svc: &Service) -> Result<(u32, &'static Backend), u32> {
         .ok_or(reason::DROP_INTERNAL)?
         .current();
     Ok((scan.best_index, be))
+}
+
+/// Whether some server of `svc` has fewer than half as many active connections as its weight
+/// (the second half of lblc's `is_overloaded()`; the overload flag does not matter here).
+#[inline(always)]
+pub fn any_underloaded(svc: &Service) -> bool {
+    let mut u = Underloaded {
+        slots_base: svc.slots_base,
+        found: 0,
+    };
+    unsafe {
+        aya_ebpf::helpers::bpf_loop(
+            svc.slots_len,
+            underloaded_step as *mut c_void,
+            &raw mut u as *mut c_void,
+            0,
+        )
+    };
+    u.found != 0
+}
+
+#[repr(C)]
+struct Underloaded {
+    slots_base: u32,
+    found: u32,
+}
+
+#[inline(never)]
+extern "C" fn underloaded_step(i: u64, ctx: *mut c_void) -> i64 {
+    let u = unsafe { &mut *(ctx as *mut Underloaded) };
+    let Some(index) = SLOTS.get(u.slots_base.wrapping_add(i as u32)) else {
+        return 1;
+    };
+    let index = *index;
+    let Some(be) = BACKENDS.get(index) else {
+        return 1;
+    };
+    let weight = be.current().weight as u64;
+    let Some(c) = BACKEND_CONNS.get_ptr(index) else {
+        return 1;
+    };
+    let active = unsafe { core::ptr::read_volatile(&raw const (*c).active) };
+    if active * 2 < weight {
+        u.found = 1;
+        return 1;
+    }
+    0
+}
+
+/// Active connections of server `index`.
+#[inline(always)]
+pub fn active(index: u32) -> u64 {
+    match BACKEND_CONNS.get_ptr(index) {
+        Some(c) => unsafe { core::ptr::read_volatile(&raw const (*c).active) },
+        None => 0,
+    }
+}
+
+/// The load of server `index` whatever its overload flag (lblcr's set maximum).
+#[inline(always)]
+pub fn raw_load(index: u32, be: &Backend) -> Load {
+    match BACKEND_CONNS.get_ptr(index) {
+        Some(c) => unsafe {
+            Load {
+                weight: be.weight as u64,
+                active: core::ptr::read_volatile(&raw const (*c).active),
+                inactive: core::ptr::read_volatile(&raw const (*c).inactive),
+            }
+        },
+        None => Load {
+            weight: be.weight as u64,
+            active: 0,
+            inactive: 0,
+        },
+    }
 }
 
 /// The load of server `index` if it can take a new flow at all (available, in this service,
@@ -114,6 +192,7 @@ extern "C" fn step(i: u64, ctx: *mut c_void) -> i64 {
 
 /// twos' two walks over the servers: the sum of the eligible weights, then the two draws.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Draw {
     slots_base: u32,
     service_id: u32,
@@ -131,18 +210,13 @@ struct Draw {
 /// weight wins.
 #[inline(always)]
 fn twos(svc: &Service) -> Result<(u32, &'static Backend), u32> {
-    let mut d = Draw {
-        slots_base: svc.slots_base,
-        service_id: svc.id,
-        r: [0; 2],
-        total: 0,
-        index: [0; 2],
-        found: [0; 2],
-        load: [Load::default(); 2],
-    };
+    let mut slot = core::mem::MaybeUninit::<Draw>::uninit();
+    let d = crate::zeroed(&mut slot);
+    d.slots_base = svc.slots_base;
+    d.service_id = svc.id;
     let n = svc.slots_len;
     unsafe {
-        aya_ebpf::helpers::bpf_loop(n, sum_step as *mut c_void, &raw mut d as *mut c_void, 0)
+        aya_ebpf::helpers::bpf_loop(n, sum_step as *mut c_void, d as *mut Draw as *mut c_void, 0)
     };
     if d.total == 0 {
         return Err(reason::PASS_NO_BACKEND);
@@ -156,7 +230,12 @@ fn twos(svc: &Service) -> Result<(u32, &'static Backend), u32> {
         (unsafe { bpf_get_prandom_u32() } as u64 % bound) as i64,
     ];
     unsafe {
-        aya_ebpf::helpers::bpf_loop(n, draw_step as *mut c_void, &raw mut d as *mut c_void, 0)
+        aya_ebpf::helpers::bpf_loop(
+            n,
+            draw_step as *mut c_void,
+            d as *mut Draw as *mut c_void,
+            0,
+        )
     };
     if d.found[0] == 0 || d.found[1] == 0 {
         // The servers changed between the walks.

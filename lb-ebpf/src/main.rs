@@ -5,7 +5,7 @@
 //! `flow` (connection table and states), `acct` (connection counts), `admit` (table
 //! admission), `persist` (persistence templates), `reap` (expiry of idle connections and
 //! templates), `service` (finding the virtual service of a new flow), `sched` (picking a real
-//! server; `least` for the least-connection family),
+//! server; `least` for the least-connection family, `locality` for lblc/lblcr),
 //! `dr` (the forwarding method), `stats` (per-CPU counters). All map layouts come from
 //! `lb-common`.
 #![no_std]
@@ -22,6 +22,7 @@ mod dr;
 mod filter;
 mod flow;
 mod least;
+mod locality;
 mod maps;
 mod parse;
 mod persist;
@@ -187,6 +188,20 @@ fn finish(ctx: &XdpContext, pkt: &parse::Pkt, result: Result<flow::Target, u32>)
         stats::new_conn(target.service_id, target.index);
     }
     (action, why)
+}
+
+/// Zeroes `slot` (plain words only) word by word with volatile stores and returns it: a
+/// struct literal with zeroed fields becomes a call to a `memset` subprogram (whose byte loop
+/// the verifier walks iteration by iteration), and returning a value would copy it with
+/// `memcpy`; this builds it in place.
+#[inline(always)]
+pub fn zeroed<T: Copy>(slot: &mut core::mem::MaybeUninit<T>) -> &mut T {
+    let p = slot.as_mut_ptr() as *mut u32;
+    for i in 0..core::mem::size_of::<T>() / 4 {
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+    }
+    // SAFETY: every word was written; `T` is plain words.
+    unsafe { slot.assume_init_mut() }
 }
 
 #[cfg(not(test))]

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, Globals,
-    SchedState, Service, ServiceCache, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4,
-    TemplateKeyV6, defaults, filter, reason, wide,
+    Locality, LocalityKeyV4, LocalityKeyV6, SchedState, Service, ServiceCache, ServiceKeyV4,
+    ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, defaults, filter, reason, wide,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -54,6 +54,15 @@ pub static TEMPLATES_V4: LruHashMap<TemplateKeyV4, Template> =
 #[map]
 pub static TEMPLATES_V6: LruHashMap<TemplateKeyV6, Template> =
     LruHashMap::with_max_entries(defaults::TEMPLATES, 0);
+
+/// lblc/lblcr destination caches (`lb_common::locality`). An evicted entry only makes its
+/// destination start afresh, as IPVS's expiry does.
+#[map]
+pub static LOCALITY_V4: LruHashMap<LocalityKeyV4, Locality> =
+    LruHashMap::with_max_entries(defaults::LOCALITY, 0);
+#[map]
+pub static LOCALITY_V6: LruHashMap<LocalityKeyV6, Locality> =
+    LruHashMap::with_max_entries(defaults::LOCALITY, 0);
 
 /// Per-CPU copy of the last service looked up (`lb_common::ServiceCache`).
 #[map]

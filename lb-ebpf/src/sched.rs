@@ -221,6 +221,12 @@ pub fn pick_only(svc: &Service, pkt: &Pkt) -> Result<u32, u32> {
 /// scheduler (which exhausts its budget).
 #[inline(never)]
 fn pick_index(svc: &Service, pkt: &Pkt) -> u64 {
+    if matches!(svc.scheduler, sched::LBLC | sched::LBLCR) {
+        return match crate::locality::pick(svc, pkt) {
+            Ok(index) => index as u64,
+            Err(why) => 1 << 32 | why as u64,
+        };
+    }
     let picked = match svc.scheduler {
         sched::SH => sh(svc, pkt),
         sched::DH => dh(svc, pkt),

@@ -14,44 +14,42 @@ use crate::{
     parse::Pkt,
 };
 
-/// The virtual service for (destination, port, protocol).
+/// The virtual service for (destination, port, protocol). Always answered from this CPU's
+/// cached copy (filled on a miss): one kind of pointer for the verifier whatever map the
+/// service came from, so the code after the lookup is walked once, not once per map.
 #[inline(always)]
 pub fn lookup(pkt: &Pkt) -> Option<&'static Service> {
     let words = key_words(pkt);
-    let generation = match CONFIG_GEN.get_ptr(0) {
-        Some(g) => unsafe { core::ptr::read_volatile(g) },
-        None => return in_map(pkt),
-    };
+    let generation = unsafe { core::ptr::read_volatile(CONFIG_GEN.get_ptr(0)?) };
     let cache = SERVICE_CACHE.get_ptr_mut(0)?;
     let c = unsafe { &mut *cache };
     // Word by word: an array comparison compiles to a call to a `memcmp` subprogram.
     let k = &c.key;
-    if c.generation == generation
+    let hit = c.generation == generation
         && c.family == pkt.family
         && k[0] == words[0]
         && k[1] == words[1]
         && k[2] == words[2]
         && k[3] == words[3]
-        && k[4] == words[4]
-    {
-        return Some(unsafe { &(*cache).service });
-    }
-    let svc = in_map(pkt)?;
-    // Word by word again: a struct or array copy becomes a call to a `memmove` subprogram.
-    unsafe {
-        let dst = &raw mut c.key as *mut u32;
-        for (i, w) in words.iter().enumerate() {
-            core::ptr::write_volatile(dst.add(i), *w);
+        && k[4] == words[4];
+    if !hit {
+        let svc = in_map(pkt)?;
+        // Word by word again: a struct or array copy becomes a call to a `memmove` subprogram.
+        unsafe {
+            let dst = &raw mut c.key as *mut u32;
+            for (i, w) in words.iter().enumerate() {
+                core::ptr::write_volatile(dst.add(i), *w);
+            }
+            let src = svc as *const Service as *const u32;
+            let dst = &raw mut c.service as *mut u32;
+            for i in 0..core::mem::size_of::<Service>() / 4 {
+                core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i)));
+            }
         }
-        let src = svc as *const Service as *const u32;
-        let dst = &raw mut c.service as *mut u32;
-        for i in 0..core::mem::size_of::<Service>() / 4 {
-            core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i)));
-        }
+        c.family = pkt.family;
+        c.generation = generation;
     }
-    c.family = pkt.family;
-    c.generation = generation;
-    Some(svc)
+    Some(unsafe { &(*cache).service })
 }
 
 /// The key as five words, laid out as `ServiceKeyV4` (first two) or `ServiceKeyV6`.

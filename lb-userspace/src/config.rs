@@ -115,9 +115,9 @@ impl Scheduler {
             Scheduler::Twos => "twos",
         }
     }
-    /// Whether the data plane implements it.
+    /// Whether the data plane implements it (all of IPVS's do).
     pub fn supported(self) -> bool {
-        !matches!(self, Scheduler::Lblc | Scheduler::Lblcr)
+        true
     }
     /// The data plane's code for it.
     pub fn code(self) -> u8 {
@@ -134,6 +134,8 @@ impl Scheduler {
             Scheduler::Fo => s::FO,
             Scheduler::Ovf => s::OVF,
             Scheduler::Twos => s::TWOS,
+            Scheduler::Lblc => s::LBLC,
+            Scheduler::Lblcr => s::LBLCR,
             _ => s::RR,
         }
     }
@@ -149,6 +151,8 @@ impl Scheduler {
                 | Scheduler::Fo
                 | Scheduler::Ovf
                 | Scheduler::Twos
+                | Scheduler::Lblc
+                | Scheduler::Lblcr
         )
     }
 }
@@ -465,6 +469,13 @@ pub struct Limits {
     /// Persistence templates per address family.
     #[serde(default = "default_templates")]
     pub persistence_table_size: u32,
+    /// lblc/lblcr destination-cache entries per address family.
+    #[serde(default = "default_locality")]
+    pub locality_table_size: u32,
+}
+
+fn default_locality() -> u32 {
+    lb_common::defaults::LOCALITY
 }
 
 fn default_templates() -> u32 {
@@ -481,6 +492,7 @@ impl Default for Limits {
             max_backends: d::MAX_BACKENDS,
             slot_table_size: d::SLOT_TABLE_SIZE,
             persistence_table_size: d::TEMPLATES,
+            locality_table_size: d::LOCALITY,
         }
     }
 }
@@ -521,6 +533,7 @@ struct FileDataplane {
     max_backends: Option<Spanned<u32>>,
     slot_table_size: Option<Spanned<u32>>,
     persistence_table_size: Option<Spanned<u32>>,
+    locality_table_size: Option<Spanned<u32>>,
     #[serde(default)]
     expire_nodest_conn: bool,
 }
@@ -711,6 +724,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         "persistence_table_size",
     )? {
         limits.persistence_table_size = n;
+    }
+    if let Some(n) = size(&dp.locality_table_size, 64, 1 << 26, "locality_table_size")? {
+        limits.locality_table_size = n;
     }
 
     let mut timeouts = Timeouts::default();
@@ -1135,7 +1151,7 @@ fn service(
         return Err(loc.err(
             sched_span,
             format!(
-                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr, lc, wlc, sed, nq, fo, ovf, twos, sh, dh, mh)",
+                "scheduler {scheduler}{} is not supported yet (supported: rr, wrr, lc, wlc, sed, nq, fo, ovf, twos, sh, dh, mh, lblc, lblcr)",
                 if s.scheduler.is_none() {
                     " (the default)"
                 } else {
@@ -1471,11 +1487,6 @@ address = "[2001:db8::12]:443"
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\nconntrack = false\n",
                 7,
                 "conntrack = false needs a scheduler that finds a flow's server from its packets (sh, dh or mh), not rr",
-            ),
-            (
-                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"lblc\"\n",
-                6,
-                "scheduler lblc is not supported yet",
             ),
             (
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n[[services.backends]]\naddress = \"10.0.0.2\"\nupper_threshold = 5\nlower_threshold = 7\n",

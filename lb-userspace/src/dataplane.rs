@@ -18,8 +18,9 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota,
-    Globals, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME, SchedState, Service, ServiceKeyV4,
-    ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, map_names as names, reason, wide,
+    Globals, Locality, LocalityKeyV4, LocalityKeyV6, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME,
+    SchedState, Service, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6,
+    map_names as names, reason, wide,
 };
 use tracing::{info, warn};
 
@@ -56,6 +57,8 @@ pub struct Dataplane {
     wide_v6: LpmTrie<MapData, [u8; wide::V6_LEN], Service>,
     prefix_v4: LpmTrie<MapData, [u8; wide::V4_LEN], Service>,
     prefix_v6: LpmTrie<MapData, [u8; wide::V6_LEN], Service>,
+    locality_v4: HashMap<MapData, LocalityKeyV4, Locality>,
+    locality_v6: HashMap<MapData, LocalityKeyV6, Locality>,
     templates_v4: HashMap<MapData, TemplateKeyV4, Template>,
     templates_v6: HashMap<MapData, TemplateKeyV6, Template>,
     backends: Array<MapData, BackendSlot>,
@@ -126,7 +129,9 @@ impl Dataplane {
             .map_max_entries(names::BACKEND_STATS, limits.max_backends)
             .map_max_entries(names::SLOTS, limits.slot_table_size)
             .map_max_entries(names::TEMPLATES_V4, limits.persistence_table_size)
-            .map_max_entries(names::TEMPLATES_V6, limits.persistence_table_size);
+            .map_max_entries(names::TEMPLATES_V6, limits.persistence_table_size)
+            .map_max_entries(names::LOCALITY_V4, limits.locality_table_size)
+            .map_max_entries(names::LOCALITY_V6, limits.locality_table_size);
         let mut ebpf = loader
             .load(XDP_OBJECT)
             .context("loading the XDP object (are you root with CAP_BPF/CAP_NET_ADMIN?)")?;
@@ -170,6 +175,8 @@ impl Dataplane {
             wide_v6: take(&mut ebpf, names::WIDE_V6)?,
             prefix_v4: take(&mut ebpf, names::PREFIX_V4)?,
             prefix_v6: take(&mut ebpf, names::PREFIX_V6)?,
+            locality_v4: take(&mut ebpf, names::LOCALITY_V4)?,
+            locality_v6: take(&mut ebpf, names::LOCALITY_V6)?,
             templates_v4: take(&mut ebpf, names::TEMPLATES_V4)?,
             templates_v6: take(&mut ebpf, names::TEMPLATES_V6)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
@@ -446,7 +453,57 @@ impl Dataplane {
         for k in v6 {
             let _ = self.templates_v6.remove(&k);
         }
+        // lblc/lblcr destination caches name their service by id too.
+        let v4: Vec<LocalityKeyV4> = self
+            .locality_v4
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.service_id == service_id)
+            .collect();
+        for k in v4 {
+            let _ = self.locality_v4.remove(&k);
+        }
+        let v6: Vec<LocalityKeyV6> = self
+            .locality_v6
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.service_id == service_id)
+            .collect();
+        for k in v6 {
+            let _ = self.locality_v6.remove(&k);
+        }
         Ok(())
+    }
+
+    /// The lblc/lblcr destination caches: (service id, destination, members' backend
+    /// indexes, newest first).
+    pub fn locality(&self) -> Vec<(u32, std::net::IpAddr, Vec<u32>)> {
+        let members = |l: &Locality| l.members[..(l.len as usize).min(l.members.len())].to_vec();
+        let mut out: Vec<_> = self
+            .locality_v4
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, l)| {
+                (
+                    k.service_id,
+                    std::net::IpAddr::from(k.addr.to_ne_bytes()),
+                    members(&l),
+                )
+            })
+            .collect();
+        out.extend(
+            self.locality_v6
+                .iter()
+                .filter_map(|r| r.ok())
+                .map(|(k, l)| {
+                    let mut o = [0u8; 16];
+                    for (i, w) in k.addr.iter().enumerate() {
+                        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                    }
+                    (k.service_id, std::net::IpAddr::from(o), members(&l))
+                }),
+        );
+        out
     }
 
     pub fn put_service_v4(&mut self, k: &ServiceKeyV4, v: &Service) -> Result<()> {
@@ -643,6 +700,8 @@ impl Dataplane {
         add(names::PREFIX_V4, raw_fd(&self.prefix_v4));
         add(names::PREFIX_V6, raw_fd(&self.prefix_v6));
         add(names::TEMPLATES_V4, raw_fd(&self.templates_v4));
+        add(names::LOCALITY_V4, raw_fd(&self.locality_v4));
+        add(names::LOCALITY_V6, raw_fd(&self.locality_v6));
         add(names::TEMPLATES_V6, raw_fd(&self.templates_v6));
         add(names::BACKENDS, raw_fd(&self.backends));
         add(names::SLOTS, raw_fd(&self.slots.map));
@@ -882,10 +941,13 @@ mod tests {
     }
 
     /// The packet path must not call the compiler's memcpy/memmove/memset/memcmp: they become
-    /// BPF subprograms with byte loops (a struct copy cost a third of the program's time once).
-    /// Reads the relocations of the `xdp` section of the embedded object.
+    /// BPF subprograms with byte loops (a struct copy cost a third of the program's time once,
+    /// and a zeroing `memset` in a scheduler blew the verifier's budget). Reads the
+    /// relocations of the `xdp` section and of `.text` (the functions the programs call),
+    /// except those inside the builtins themselves.
     #[test]
     fn packet_path_calls_no_mem_builtins() {
+        const BUILTINS: [&str; 5] = ["memcpy", "memmove", "memset", "memcmp", "bcmp"];
         let b = XDP_OBJECT;
         assert_eq!(&b[..4], b"\x7fELF");
         let shoff = u64le(b, 0x28) as usize;
@@ -895,34 +957,53 @@ mod tests {
         let sh = |i: usize| shoff + i * shentsize;
         let shstr = u64le(b, sh(shstrndx) + 0x18) as usize;
         let name_of = |i: usize| cstr(b, shstr + u32le(b, sh(i)));
-        let mut checked = 0;
+        let mut checked = [0; 2];
         for i in 0..shnum {
-            let typ = u32le(b, sh(i) + 4);
-            // SHT_REL relocating the xdp section
-            if typ != 9 || name_of(u32le(b, sh(i) + 0x2c)) != "xdp" {
+            // SHT_REL relocating the xdp or .text section
+            if u32le(b, sh(i) + 4) != 9 {
                 continue;
             }
+            let target = u32le(b, sh(i) + 0x2c);
+            let which = match name_of(target) {
+                "xdp" => 0,
+                ".text" => 1,
+                _ => continue,
+            };
             let (off, size) = (
                 u64le(b, sh(i) + 0x18) as usize,
                 u64le(b, sh(i) + 0x20) as usize,
             );
             let symtab = u32le(b, sh(i) + 0x28);
-            let (symoff, strtab) = (
+            let (symoff, symsize, strtab) = (
                 u64le(b, sh(symtab) + 0x18) as usize,
+                u64le(b, sh(symtab) + 0x20) as usize,
                 u32le(b, sh(symtab) + 0x28),
             );
             let stroff = u64le(b, sh(strtab) + 0x18) as usize;
+            // The builtins' own code in the relocated section (they may call each other).
+            let own: Vec<(u64, u64)> = (symoff..symoff + symsize)
+                .step_by(24)
+                .filter(|&s| {
+                    u16le(b, s + 6) == target && BUILTINS.contains(&cstr(b, stroff + u32le(b, s)))
+                })
+                .map(|s| (u64le(b, s + 8), u64le(b, s + 16)))
+                .collect();
             for r in (off..off + size).step_by(16) {
+                let at = u64le(b, r);
+                if own.iter().any(|(v, n)| (*v..v + n).contains(&at)) {
+                    continue;
+                }
                 let sym = (u64le(b, r + 8) >> 32) as usize;
                 let name = cstr(b, stroff + u32le(b, symoff + sym * 24));
                 assert!(
-                    !["memcpy", "memmove", "memset", "memcmp", "bcmp"].contains(&name),
-                    "the XDP program calls {name} (relocation at {:#x})",
-                    u64le(b, r)
+                    !BUILTINS.contains(&name),
+                    "the XDP object calls {name} from {} (relocation at {at:#x})",
+                    name_of(target)
                 );
-                checked += 1;
+                checked[which] += 1;
             }
         }
-        assert!(checked > 0, "no relocations of the xdp section found");
+        assert!(checked[0] > 0, "no relocations of the xdp section found");
+        assert!(checked[1] > 0, "no relocations of the .text section found");
     }
 }

@@ -428,7 +428,8 @@ impl Engine {
             match d {
                 Deferred::Region(r) => self.regions.release(r),
                 Deferred::ServiceId(id) => {
-                    // Templates name their service by id: none may outlive it.
+                    // Templates and lblc/lblcr cache entries name their service by id: none
+                    // may outlive it.
                     if let Err(e) = dp.purge_templates(id) {
                         tracing::warn!("purging the templates of service id {id}: {e:#}");
                     }

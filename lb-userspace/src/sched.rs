@@ -472,6 +472,9 @@ pub mod model {
         overloaded: HashSet<DestId>,
         /// twos' random numbers.
         rng: u64,
+        /// lblc/lblcr: each destination's server (set of servers), newest first. Expiry (24 h
+        /// unused, or unchanged for lblcr's shedding) is not modelled.
+        pub locality: HashMap<IpAddr, Vec<DestId>>,
     }
 
     impl Ipvs {
@@ -491,6 +494,7 @@ pub mod model {
                 thresholds: HashMap::new(),
                 overloaded: HashSet::new(),
                 rng: 0x9e37_79b9_7f4a_7c15,
+                locality: HashMap::new(),
             };
             s.recompute();
             s.cw = s.mw;
@@ -828,8 +832,85 @@ pub mod model {
                         .map(|i| table[(hash::mh_hash(a, port, MH_KEY1, (i + h) % m) % m) as usize])
                         .find(|d| usable(&self.list, *d))
                 }
+                Scheduler::Lblc => self.lblc(dst),
+                Scheduler::Lblcr => self.lblcr(dst),
                 _ => self.schedule(),
             }
+        }
+
+        /// `is_overloaded()` of ip_vs_lblc.c / ip_vs_lblcr.c: more active connections than
+        /// its weight while some server of the service has fewer than half its weight.
+        fn lblc_overloaded(&self, d: &Dest) -> bool {
+            self.counts(d.id).0 > d.weight as u64
+                && self
+                    .list
+                    .iter()
+                    .any(|x| self.counts(x.id).0 * 2 < x.weight as u64)
+        }
+
+        fn current_wlc(&self) -> Option<DestId> {
+            self.wlc(|a, i| a * 256 + (a + i))
+        }
+
+        /// `ip_vs_lblc_schedule()`.
+        fn lblc(&mut self, dst: IpAddr) -> Option<DestId> {
+            let cached = self
+                .locality
+                .get(&dst)
+                .and_then(|set| set.first())
+                .and_then(|id| self.list.iter().find(|d| d.id == *id));
+            if let Some(d) = cached
+                && d.weight > 0
+                && !self.lblc_overloaded(d)
+            {
+                return Some(d.id);
+            }
+            let d = self.current_wlc()?;
+            self.locality.insert(dst, vec![d]);
+            Some(d)
+        }
+
+        /// `ip_vs_lblcr_schedule()` (without the 24 h shedding).
+        fn lblcr(&mut self, dst: IpAddr) -> Option<DestId> {
+            let Some(set) = self.locality.get(&dst).cloned() else {
+                let d = self.current_wlc()?;
+                self.locality.insert(dst, vec![d]);
+                return Some(d);
+            };
+            // ip_vs_dest_set_min(): members still in the service, not flagged overloaded;
+            // the first weighted one, then strictly lower overhead per weight.
+            let oh = |d: &Dest| {
+                let (a, i) = self.counts(d.id);
+                a * 256 + (a + i)
+            };
+            let mut least: Option<Dest> = None;
+            for id in &set {
+                let Some(d) = self.list.iter().find(|d| d.id == *id) else {
+                    continue;
+                };
+                if self.is_overloaded(d.id) {
+                    continue;
+                }
+                match least {
+                    None if d.weight > 0 => least = Some(*d),
+                    Some(l) if oh(&l) * d.weight as u64 > oh(d) * l.weight as u64 => {
+                        least = Some(*d)
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(l) = least
+                && !self.lblc_overloaded(&l)
+            {
+                return Some(l.id);
+            }
+            let d = self.current_wlc()?;
+            let set = self.locality.get_mut(&dst).expect("present");
+            if !set.contains(&d) {
+                set.insert(0, d);
+                set.truncate(lb_common::locality::SET);
+            }
+            Some(d)
         }
 
         fn rr(&mut self) -> Option<DestId> {

@@ -33,9 +33,33 @@ struct Rs {
     lower: u32,
 }
 
+/// lblc and lblcr decide by destination: their service is a transparent-cache one, every
+/// destination on port 80.
+fn locality(sched: Scheduler) -> bool {
+    matches!(sched, Scheduler::Lblc | Scheduler::Lblcr)
+}
+
+fn service_key(sched: Scheduler) -> ServiceKey {
+    if locality(sched) {
+        ServiceKey {
+            addr: ip("0.0.0.0"),
+            port: 80,
+            protocol: Protocol::Tcp,
+            prefix: 0,
+        }
+    } else {
+        ServiceKey::new(ip("10.0.0.10"), 80, Protocol::Tcp)
+    }
+}
+
 fn render(sched: Scheduler, cfg: &[Rs]) -> String {
+    let address = if locality(sched) {
+        "address = \"0.0.0.0/0\"\nports = [80]"
+    } else {
+        "address = \"10.0.0.10:80\""
+    };
     let mut s = format!(
-        "[[services]]\nname = \"m\"\naddress = \"10.0.0.10:80\"\nscheduler = \"{}\"\n",
+        "[[services]]\nname = \"m\"\n{address}\nscheduler = \"{}\"\n",
         sched.name()
     );
     for r in cfg {
@@ -58,6 +82,7 @@ enum ConnState {
 
 struct Conn {
     port: u16,
+    dst: &'static str,
     dest: DestId,
     state: ConnState,
 }
@@ -72,14 +97,33 @@ impl Rng {
     }
 }
 
-fn tcp(port: u16, flags: u8) -> Vec<u8> {
-    Frame::tcp("192.168.3.1", port, "10.0.0.10", 80, flags).build()
+const CLIENT: &str = "192.168.3.1";
+
+fn tcp(port: u16, dst: &str, flags: u8) -> Vec<u8> {
+    Frame::tcp(CLIENT, port, dst, 80, flags).build()
+}
+
+/// The destinations new connections go to: the VIP, or for lblc/lblcr a few addresses
+/// behind the transparent cache.
+fn destinations(sched: Scheduler) -> &'static [&'static str] {
+    if locality(sched) {
+        &[
+            "198.51.100.1",
+            "198.51.100.2",
+            "198.51.100.3",
+            "203.0.113.9",
+            "192.0.2.77",
+        ]
+    } else {
+        &["10.0.0.10"]
+    }
 }
 
 /// Plays one scheduler for `steps` steps.
 fn play(sched: Scheduler, seed: u64, steps: usize, thresholds: bool) {
     let mut rng = Rng(seed);
-    let svc = ServiceKey::new(ip("10.0.0.10"), 80, Protocol::Tcp);
+    let svc = service_key(sched);
+    let dsts = destinations(sched);
     let rand_rs = |rng: &mut Rng, n: u8| {
         let upper = if thresholds {
             [0, 0, 2, 3, 5][rng.next(5) as usize]
@@ -175,20 +219,22 @@ fn play(sched: Scheduler, seed: u64, steps: usize, thresholds: bool) {
             match rng.next(5) {
                 0 | 1 => {
                     port += 1;
-                    let r = h.run(&tcp(port, SYN));
+                    let dst = dsts[rng.next(dsts.len() as u64) as usize];
+                    let r = h.run(&tcp(port, dst, SYN));
                     let got = if r.action == XDP_TX {
                         h.server_of(&r, &all)
                     } else {
                         None
                     };
-                    let want = model.schedule();
-                    assert_eq!(got, want.map(|d| d.0), "{}", ctx(&cfg));
+                    let want = model.schedule_packet(ip(CLIENT), port, ip(dst));
+                    assert_eq!(got, want.map(|d| d.0), "to {dst}: {}", ctx(&cfg));
                     if let Some(d) = want {
                         // Established at once (a reset in SYN_RECV leaves IPVS's state as is).
-                        assert_eq!(h.run(&tcp(port, ACK)).action, XDP_TX);
+                        assert_eq!(h.run(&tcp(port, dst, ACK)).action, XDP_TX);
                         model.bind(d);
                         conns.push(Conn {
                             port,
+                            dst,
                             dest: d,
                             state: ConnState::Active,
                         });
@@ -203,7 +249,10 @@ fn play(sched: Scheduler, seed: u64, steps: usize, thresholds: bool) {
                         })
                         .collect();
                     if let Some(&i) = open.get(rng.next(open.len().max(1) as u64) as usize) {
-                        assert_eq!(h.run(&tcp(conns[i].port, FIN | ACK)).action, XDP_TX);
+                        assert_eq!(
+                            h.run(&tcp(conns[i].port, conns[i].dst, FIN | ACK)).action,
+                            XDP_TX
+                        );
                         model.deactivate(conns[i].dest);
                         conns[i].state = ConnState::Closing;
                     }
@@ -216,7 +265,7 @@ fn play(sched: Scheduler, seed: u64, steps: usize, thresholds: bool) {
                         })
                         .collect();
                     if let Some(&i) = live.get(rng.next(live.len().max(1) as u64) as usize) {
-                        assert_eq!(h.run(&tcp(conns[i].port, RST)).action, XDP_TX);
+                        assert_eq!(h.run(&tcp(conns[i].port, conns[i].dst, RST)).action, XDP_TX);
                         if conns[i].state == ConnState::Active {
                             model.deactivate(conns[i].dest);
                         }
@@ -260,10 +309,65 @@ fn play(sched: Scheduler, seed: u64, steps: usize, thresholds: bool) {
         }
     }
     h.assert_counts_match_tables();
+    if locality(sched) {
+        // The destination caches hold what the model's hold (members of servers still
+        // configured, newest first).
+        let by_index: std::collections::HashMap<u32, IpAddr> = cfg
+            .iter()
+            .map(|r| {
+                (
+                    h.engine.backend_index(&svc, server(r.n), 80).unwrap(),
+                    server(r.n),
+                )
+            })
+            .collect();
+        let mut got: Vec<(IpAddr, Vec<IpAddr>)> =
+            h.dp.locality()
+                .into_iter()
+                .map(|(_, dst, members)| {
+                    (
+                        dst,
+                        members
+                            .iter()
+                            .filter_map(|i| by_index.get(i).copied())
+                            .collect(),
+                    )
+                })
+                .collect();
+        got.sort();
+        let configured: Vec<IpAddr> = cfg.iter().map(|r| server(r.n)).collect();
+        let mut want: Vec<(IpAddr, Vec<IpAddr>)> = model
+            .locality
+            .iter()
+            .map(|(dst, set)| {
+                let members = set.iter().map(|d| d.0).filter(|a| configured.contains(a));
+                (*dst, members.collect())
+            })
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "{sched:?} destination caches");
+        assert!(want.len() >= 3, "{sched:?}: {want:?}");
+        if sched == Scheduler::Lblcr {
+            assert!(
+                want.iter().any(|(_, m)| m.len() > 1),
+                "lblcr never grew a set: {want:?}"
+            );
+        }
+    }
     assert!(
         chosen >= steps / 4,
         "{sched:?}: only {chosen} connections scheduled"
     );
+}
+
+/// lblc and lblcr: each destination keeps its server (set) until lblc's overload rule sends
+/// it elsewhere; every choice is the model's.
+#[test]
+fn locality_schedulers_match_the_ipvs_model() {
+    play(Scheduler::Lblc, 0x1b1c_0001, 300, true);
+    play(Scheduler::Lblcr, 0x1b1c_0002, 300, true);
+    play(Scheduler::Lblc, 0x1b1c_0003, 300, false);
+    play(Scheduler::Lblcr, 0x1b1c_0004, 300, false);
 }
 
 #[test]
@@ -307,16 +411,22 @@ fn overhead_counts_total_connections_as_linux_does() {
     let svc = ServiceKey::new(ip("10.0.0.10"), 80, Protocol::Tcp);
     let mut h = Harness::new(&render(0, 1));
     for port in 0..256 {
-        let r = h.run(&tcp(20000 + port, SYN));
+        let r = h.run(&tcp(20000 + port, "10.0.0.10", SYN));
         assert_eq!(h.server_of(&r, &all), Some(b));
-        h.run(&tcp(20000 + port, FIN | ACK));
+        h.run(&tcp(20000 + port, "10.0.0.10", FIN | ACK));
     }
     h.apply(&render(1, 0));
-    assert_eq!(h.server_of(&h.run(&tcp(30000, SYN)), &all), Some(a));
+    assert_eq!(
+        h.server_of(&h.run(&tcp(30000, "10.0.0.10", SYN)), &all),
+        Some(a)
+    );
     h.apply(&render(1, 1));
     assert_eq!(h.conns(&svc, a), (1, 0));
     assert_eq!(h.conns(&svc, b), (0, 256));
-    assert_eq!(h.server_of(&h.run(&tcp(30001, SYN)), &all), Some(b));
+    assert_eq!(
+        h.server_of(&h.run(&tcp(30001, "10.0.0.10", SYN)), &all),
+        Some(b)
+    );
 }
 
 /// twos is random by design: over thousands of new connections (whose counts shift the odds
@@ -352,9 +462,9 @@ fn twos_matches_the_model_in_distribution() {
         }
         let port = 10000 + k;
         let got = h
-            .server_of(&h.run(&tcp(port, SYN)), &all)
+            .server_of(&h.run(&tcp(port, "10.0.0.10", SYN)), &all)
             .expect("forwarded");
-        h.run(&tcp(port, ACK));
+        h.run(&tcp(port, "10.0.0.10", ACK));
         let n = match got {
             IpAddr::V4(a) => a.octets()[3] as usize,
             _ => unreachable!(),
@@ -363,7 +473,7 @@ fn twos_matches_the_model_in_distribution() {
         model.bind(id(n as u8));
         // Half the connections close soon, so the overheads differ from the weights.
         if rng.next(2) == 0 {
-            h.run(&tcp(port, FIN | ACK));
+            h.run(&tcp(port, "10.0.0.10", FIN | ACK));
             model.deactivate(id(n as u8));
         }
     }
