@@ -88,6 +88,8 @@ fn try_build(root: &Path, crates: &[EbpfCrate<'_>], extra_watch: &[&str]) -> Res
             "--cfg=bpf_target_arch=\"x86_64\"",
             "-Cdebuginfo=2",
             "-Clink-arg=--btf",
+            // Global BPF functions (verified once, on their own): see `lb-ebpf`'s `xlb_pick`.
+            "-Clink-arg=--export=xlb_pick",
             // BPF ISA v3: atomic fetch-and-add (shared round-robin counters), 32-bit jumps.
             "-Ctarget-cpu=v3",
         ];

@@ -55,6 +55,7 @@ pub mod map_names {
     pub const NEW_FLOW: &str = "NEW_FLOW";
     pub const LOCALITY_V4: &str = "LOCALITY_V4";
     pub const LOCALITY_V6: &str = "LOCALITY_V6";
+    pub const GROUPS: &str = "GROUPS";
     pub const HANDOFF: &str = "HANDOFF";
 }
 
@@ -142,6 +143,35 @@ impl Template {
     pub fn expired(&self, controlled: u32, now: u32) -> bool {
         controlled == 0 && now.wrapping_sub(self.last_used) > self.timeout
     }
+}
+
+/// Scanning by groups: a least-connection service with many servers (more than
+/// [`group::MIN_SLOTS`]) has its slot table cut into groups of [`group::SIZE`] slots. Each
+/// group keeps its best server (by the service's rule, as a scan of the group alone finds it)
+/// and a dirty flag, set whenever a member's connection count changes. A new flow rescans
+/// only the dirty groups (clearing the flag first, so a change during the rescan leaves it
+/// set) and then compares the groups' bests in order: the same choice as one scan of all
+/// servers, at a cost of (groups + 64 × dirty groups) instead of the number of servers.
+pub mod group {
+    /// Slots per group (a power of two); group `g` of the `SLOTS` array covers slots
+    /// `[g·SIZE, (g+1)·SIZE)` (grouped services' tables start on a group boundary).
+    pub const SIZE: u32 = 64;
+    pub const SHIFT: u32 = 6;
+    /// Services with more slots than this scan by groups.
+    pub const MIN_SLOTS: u32 = 256;
+    /// A pick rescans at most this many dirty groups one by one; with more, it rescans them
+    /// all. A power of two (indexes are masked for the verifier).
+    pub const MAX_DIRTY: usize = 8;
+}
+
+/// One scan group's state (`GROUPS`, indexed by slot index >> `group::SHIFT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupState {
+    /// Non-zero when a member's count changed since `best` was computed.
+    pub dirty: u32,
+    /// The group's best slot (offset in the service's table) plus one; 0 = none eligible.
+    pub best: u32,
 }
 
 /// The destination caches of lblc and lblcr (IPVS's `ip_vs_lblc_entry` / `ip_vs_lblcr_entry`):
@@ -592,7 +622,9 @@ pub struct Backend {
     pub forward: u8,
     /// `BACKEND_F_*` flags.
     pub flags: u8,
-    pub _pad0: [u8; 3],
+    /// The scan group of the server's slot plus one, 24 bits little-endian; 0 when its
+    /// service does not scan by groups (see [`group`]).
+    pub group: [u8; 3],
     /// The service this entry belongs to.
     pub service_id: u32,
     /// Bumped whenever the id is given to a different real server; flows remember it, so a flow
@@ -613,6 +645,18 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The index in `GROUPS` of the server's scan group, if its service has groups.
+    #[inline(always)]
+    pub fn group_index(&self) -> Option<u32> {
+        let g = u32::from_le_bytes([self.group[0], self.group[1], self.group[2], 0]);
+        g.checked_sub(1)
+    }
+
+    pub fn set_group_index(&mut self, g: Option<u32>) {
+        let v = g.map_or(0, |g| g + 1).to_le_bytes();
+        self.group = [v[0], v[1], v[2]];
+    }
+
     /// IPVS `__ip_vs_dest_update_overload()`: whether a server with `total` connections is
     /// overloaded, given whether it was (hysteresis between the two thresholds; the lower one
     /// defaults to 3/4 of the upper).
@@ -942,6 +986,7 @@ mod pod {
     unsafe impl aya::Pod for LocalityKeyV4 {}
     unsafe impl aya::Pod for LocalityKeyV6 {}
     unsafe impl aya::Pod for Locality {}
+    unsafe impl aya::Pod for GroupState {}
     unsafe impl aya::Pod for SchedState {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Globals {}

@@ -13,7 +13,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use lb_common::{FAMILY_V4, FLOW_DEAD, FLOW_POOL_BATCH, tcp};
 
-use crate::maps::{BACKEND_CONNS, BACKENDS, FLOW_POOL, FLOW_QUOTA};
+use crate::maps::{BACKEND_CONNS, BACKENDS, FLOW_POOL, FLOW_QUOTA, GROUPS};
 
 #[inline(always)]
 fn add(p: *mut u64, v: u64) {
@@ -31,6 +31,26 @@ fn count(backend: u32, state: u8, delta: u64) {
             unsafe { &raw mut (*c).inactive }
         };
         add(p, delta);
+    }
+    touch_group(backend);
+}
+
+/// Marks the scan group of `backend` dirty (after its count changed; see
+/// `lb_common::group`). Written only when clean: most changes find it dirty already.
+#[inline(always)]
+fn touch_group(backend: u32) {
+    let Some(g) = BACKENDS
+        .get(backend)
+        .and_then(|s| s.current().group_index())
+    else {
+        return;
+    };
+    if let Some(st) = GROUPS.get_ptr_mut(g) {
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*st).dirty) == 0 {
+                core::ptr::write_volatile(&raw mut (*st).dirty, 1);
+            }
+        }
     }
 }
 
@@ -69,6 +89,7 @@ fn update_overload(backend: u32) {
         // The common case: one load, no write.
         if unsafe { core::ptr::read_volatile(&raw const (*c).overloaded) } != 0 {
             unsafe { core::ptr::write_volatile(&raw mut (*c).overloaded, 0) };
+            touch_group(backend);
         }
         return;
     }
@@ -79,6 +100,7 @@ fn update_overload(backend: u32) {
         let now = be.overloaded(total, was);
         if now != was {
             core::ptr::write_volatile(&raw mut (*c).overloaded, now as u64);
+            touch_group(backend);
         }
     }
 }

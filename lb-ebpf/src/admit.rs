@@ -16,7 +16,7 @@ use lb_common::{FLOW_DEAD, RECYCLE_SCAN, RECYCLE_TRIES, reason, tcp::state};
 use crate::{
     acct,
     flow::FlowKey,
-    maps::{FLOW_POOL, FLOW_QUOTA},
+    maps::{FLOW_POOL, FLOW_QUOTA, RECYCLE_WALK},
     stats,
 };
 
@@ -78,20 +78,26 @@ fn recycle<K: FlowKey>(now: u32) -> u64 {
     if next.wrapping_sub(pos) > mask + 1 {
         pos = next.wrapping_sub(mask + 1);
     }
-    let mut walk = Walk {
-        now,
-        live_left: RECYCLE_TRIES,
-        pos,
-        next,
-        mask,
-        freed: 0,
-        _pad: 0,
+    // The walk's state lives in a per-CPU map, the callback gets a pointer to it: the frames
+    // from the program down to the callback must fit the verifier's 512 bytes of stack.
+    let Some(walk) = RECYCLE_WALK.get_ptr_mut(0) else {
+        return 0;
+    };
+    let walk = unsafe { &mut *walk };
+    walk.now = now;
+    walk.live_left = RECYCLE_TRIES;
+    walk.pos = pos;
+    walk.next = next;
+    walk.mask = mask;
+    walk.freed = 0;
+    let mut ctx = WalkRef {
+        w: walk as *mut Walk,
     };
     unsafe {
         aya_ebpf::helpers::bpf_loop(
             RECYCLE_SCAN,
             step::<K> as *mut c_void,
-            &raw mut walk as *mut c_void,
+            &raw mut ctx as *mut c_void,
             0,
         )
     };
@@ -100,7 +106,12 @@ fn recycle<K: FlowKey>(now: u32) -> u64 {
 }
 
 #[repr(C)]
-struct Walk {
+struct WalkRef {
+    w: *mut Walk,
+}
+
+#[repr(C)]
+pub struct Walk {
     now: u32,
     live_left: u32,
     pos: u64,
@@ -113,7 +124,7 @@ struct Walk {
 /// One ring slot; 1 stops the walk.
 #[inline(never)]
 extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
-    let w = unsafe { &mut *(ctx as *mut Walk) };
+    let w = unsafe { &mut *(*(ctx as *mut WalkRef)).w };
     if w.pos == w.next || w.live_left == 0 {
         return 1;
     }

@@ -7,20 +7,17 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use lb_common::{
-    BACKEND_F_AVAILABLE, Backend, Service, reason,
-    sched::{
-        self,
-        least::{self, Load},
-    },
+    BACKEND_F_AVAILABLE, Backend, Service, group, reason,
+    sched::least::{self, Load},
 };
 
-use crate::maps::{BACKEND_CONNS, BACKENDS, SLOTS};
+use crate::maps::{BACKEND_CONNS, BACKENDS, DRAW_SCRATCH, GROUP_SCAN, GROUPS, SCAN_SCRATCH, SLOTS};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Scan {
+pub struct Scan {
     slots_base: u32,
     service_id: u32,
     sched: u32,
@@ -30,28 +27,39 @@ struct Scan {
     best: Load,
 }
 
-/// The best server of `svc` for a new flow, or no usable server.
-#[inline(always)]
-pub fn pick(svc: &Service) -> Result<(u32, &'static Backend), u32> {
-    if svc.scheduler == sched::TWOS {
-        return twos(svc);
-    }
-    scan(svc, svc.scheduler)
-}
-
-/// The best server by `sched`'s rule (lblc and lblcr fall back to wlc's).
+/// The best server by `sched`'s rule (lblc and lblcr fall back to wlc's): by groups for a
+/// service with many servers (`lb_common::group`), else one scan of all.
 #[inline(always)]
 pub fn scan(svc: &Service, sched: u8) -> Result<(u32, &'static Backend), u32> {
-    let mut slot = core::mem::MaybeUninit::<Scan>::uninit();
-    let scan = crate::zeroed(&mut slot);
+    if svc.slots_len > group::MIN_SLOTS
+        && svc.slots_base & (group::SIZE - 1) == 0
+        && let Some(found) = grouped(svc, sched)
+    {
+        let index = found?;
+        let be = BACKENDS.get(index).ok_or(reason::DROP_INTERNAL)?.current();
+        return Ok((index, be));
+    }
+    linear(svc, sched)
+}
+
+/// One scan of all servers.
+#[inline(always)]
+fn linear(svc: &Service, sched: u8) -> Result<(u32, &'static Backend), u32> {
+    // State in a per-CPU map, a pointer to it on the stack (see `Ref`).
+    let scan = unsafe { &mut *SCAN_SCRATCH.get_ptr_mut(0).ok_or(reason::DROP_INTERNAL)? };
     scan.slots_base = svc.slots_base;
     scan.service_id = svc.id;
     scan.sched = sched as u32;
+    scan.found = 0;
+    scan.best_index = 0;
+    let mut ctx = Ref {
+        p: scan as *mut Scan,
+    };
     unsafe {
         aya_ebpf::helpers::bpf_loop(
             svc.slots_len,
             step as *mut c_void,
-            scan as *mut Scan as *mut c_void,
+            &raw mut ctx as *mut c_void,
             0,
         )
     };
@@ -164,7 +172,7 @@ pub fn load(index: u32, service_id: u32) -> Option<Load> {
 /// One server of the scan; 1 stops the loop.
 #[inline(never)]
 extern "C" fn step(i: u64, ctx: *mut c_void) -> i64 {
-    let s = unsafe { &mut *(ctx as *mut Scan) };
+    let s = unsafe { &mut *(*(ctx as *mut Ref<Scan>)).p };
     let Some(index) = SLOTS.get(s.slots_base.wrapping_add(i as u32)) else {
         return 1;
     };
@@ -172,28 +180,221 @@ extern "C" fn step(i: u64, ctx: *mut c_void) -> i64 {
     let Some(d) = load(index, s.service_id) else {
         return 0;
     };
+    consider(s, index, d) as i64
+}
+
+/// Offers server `index` with load `d` to the scan: `true` when the scan may stop (nq found
+/// an idle server).
+#[inline(always)]
+fn consider(s: &mut Scan, index: u32, d: Load) -> bool {
     let sched = s.sched as u8;
     if !least::eligible(sched, &d) {
-        return 0;
+        return false;
     }
     if least::takes_at_once(sched, &d) {
         s.best = d;
         s.best_index = index;
         s.found = 1;
-        return 1;
+        return true;
     }
     if s.found == 0 || least::replaces(sched, &s.best, &d) {
         s.best = d;
         s.best_index = index;
         s.found = 1;
     }
+    false
+}
+
+/// The grouped scan (`lb_common::group`). `None` when the groups' state is unusable (a
+/// group's best no longer eligible: a change the controller has not marked yet); the caller
+/// then scans everything.
+#[inline(always)]
+fn grouped(svc: &Service, sched: u8) -> Option<Result<u32, u32>> {
+    // The walk's state lives in a per-CPU map, not on the stack: the call chain down to the
+    // callbacks must stay within the verifier's 512 bytes of stack.
+    let w = unsafe { &mut *GROUP_SCAN.get_ptr_mut(0)? };
+    w.slots_base = svc.slots_base;
+    w.slots_len = svc.slots_len;
+    w.first_group = svc.slots_base >> group::SHIFT;
+    w.groups = svc.slots_len.div_ceil(group::SIZE);
+    w.all = 0;
+    w.dirty_len = 0;
+    w.stale = 0;
+    w.group_done = 0;
+    w.scan.slots_base = svc.slots_base;
+    w.scan.service_id = svc.id;
+    w.scan.sched = sched as u32;
+    w.scan.found = 0;
+    let mut walk = GroupWalk {
+        w: w as *mut Groups,
+    };
+    let ctx = &raw mut walk as *mut c_void;
+    // Which groups changed (their flags are cleared here, before their rescan).
+    unsafe { bpf_loop(w.groups, collect_step as *mut c_void, ctx, 0) };
+    let rescan = if w.all != 0 {
+        w.groups * group::SIZE
+    } else {
+        w.dirty_len * group::SIZE
+    };
+    unsafe { bpf_loop(rescan, rescan_step as *mut c_void, ctx, 0) };
+    // The groups' bests, in order.
+    w.scan.found = 0;
+    unsafe { bpf_loop(w.groups, combine_step as *mut c_void, ctx, 0) };
+    if w.stale != 0 {
+        return None;
+    }
+    Some(if w.scan.found != 0 {
+        Ok(w.scan.best_index)
+    } else {
+        Err(reason::PASS_NO_BACKEND)
+    })
+}
+
+/// The callbacks' context: where the walk's state is.
+#[repr(C)]
+struct GroupWalk {
+    w: *mut Groups,
+}
+
+/// A `bpf_loop` context that only points at the walk's state, which lives in a per-CPU map:
+/// the frames from the program down to a callback must fit the verifier's 512 bytes of
+/// stack, and the schedulers' states are large.
+#[repr(C)]
+struct Ref<T> {
+    p: *mut T,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Groups {
+    slots_base: u32,
+    slots_len: u32,
+    first_group: u32,
+    groups: u32,
+    /// More dirty groups than `dirty` holds: rescan all.
+    all: u32,
+    dirty_len: u32,
+    dirty: [u32; group::MAX_DIRTY],
+    stale: u32,
+    /// The group being rescanned has its final best (nq found an idle server).
+    group_done: u32,
+    /// The scan state of the group being rescanned, then of the final comparison (one
+    /// field for both keeps the stack small).
+    scan: Scan,
+}
+
+/// `n` masked into `Groups::dirty`'s range for the verifier, which does not carry a
+/// comparison made before over to the index. Read through a volatile load: LLVM would
+/// otherwise drop the mask, knowing the comparison.
+#[inline(always)]
+fn masked_dirty_index(n: usize) -> usize {
+    unsafe { core::ptr::read_volatile(&n) & (group::MAX_DIRTY - 1) }
+}
+
+/// Group `g` of the service: collects it if dirty (clearing the flag).
+#[inline(never)]
+extern "C" fn collect_step(g: u64, ctx: *mut c_void) -> i64 {
+    let w = unsafe { &mut *(*(ctx as *mut GroupWalk)).w };
+    let Some(st) = GROUPS.get_ptr_mut(w.first_group.wrapping_add(g as u32)) else {
+        return 1;
+    };
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*st).dirty) == 0 {
+            return 0;
+        }
+        core::ptr::write_volatile(&raw mut (*st).dirty, 0);
+    }
+    let n = w.dirty_len as usize;
+    if n < group::MAX_DIRTY {
+        w.dirty[masked_dirty_index(n)] = g as u32;
+        w.dirty_len += 1;
+    } else {
+        // Too many: every group is rescanned (clear the remaining flags as we go).
+        w.all = 1;
+    }
     0
+}
+
+/// Slot `i` of the rescan: group `i / SIZE` of the list (all groups, or the dirty ones).
+#[inline(never)]
+extern "C" fn rescan_step(i: u64, ctx: *mut c_void) -> i64 {
+    let w = unsafe { &mut *(*(ctx as *mut GroupWalk)).w };
+    let nth = i >> group::SHIFT;
+    let g = if w.all != 0 {
+        nth as u32
+    } else if nth < group::MAX_DIRTY as u64 {
+        w.dirty[masked_dirty_index(nth as usize)]
+    } else {
+        return 1;
+    };
+    let at = (i as u32) & (group::SIZE - 1);
+    if at == 0 {
+        w.group_done = 0;
+        w.scan.found = 0;
+        if w.all != 0
+            && let Some(st) = GROUPS.get_ptr_mut(w.first_group.wrapping_add(g))
+        {
+            // Rescanning everything: this group's flag is cleared too.
+            unsafe { core::ptr::write_volatile(&raw mut (*st).dirty, 0) };
+        }
+    }
+    let pos = (g << group::SHIFT) | at;
+    if pos < w.slots_len
+        && w.group_done == 0
+        && let Some(index) = SLOTS.get(w.slots_base.wrapping_add(pos))
+    {
+        let index = *index;
+        if let Some(d) = load(index, w.scan.service_id)
+            && consider(&mut w.scan, pos, d)
+        {
+            // nq's idle server: the rest of the group cannot beat it.
+            w.group_done = 1;
+        }
+    }
+    if at == group::SIZE - 1 || pos + 1 >= w.slots_len {
+        let best = if w.scan.found != 0 {
+            w.scan.best_index + 1
+        } else {
+            0
+        };
+        if let Some(st) = GROUPS.get_ptr_mut(w.first_group.wrapping_add(g)) {
+            unsafe { core::ptr::write_volatile(&raw mut (*st).best, best) };
+        }
+    }
+    0
+}
+
+/// Group `g`'s best offered to the final comparison.
+#[inline(never)]
+extern "C" fn combine_step(g: u64, ctx: *mut c_void) -> i64 {
+    let w = unsafe { &mut *(*(ctx as *mut GroupWalk)).w };
+    let Some(st) = GROUPS.get(w.first_group.wrapping_add(g as u32)) else {
+        return 1;
+    };
+    let best = unsafe { core::ptr::read_volatile(&st.best) };
+    if best == 0 {
+        return 0;
+    }
+    let Some(index) = SLOTS.get(w.slots_base.wrapping_add(best - 1)) else {
+        w.stale = 1;
+        return 1;
+    };
+    let index = *index;
+    let Some(d) = load(index, w.scan.service_id) else {
+        w.stale = 1;
+        return 1;
+    };
+    if !least::eligible(w.scan.sched as u8, &d) {
+        w.stale = 1;
+        return 1;
+    }
+    consider(&mut w.scan, index, d) as i64
 }
 
 /// twos' two walks over the servers: the sum of the eligible weights, then the two draws.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Draw {
+pub struct Draw {
     slots_base: u32,
     service_id: u32,
     /// Remaining weight of each draw (signed, as IPVS's `int`); the walk stops when both
@@ -209,15 +410,16 @@ struct Draw {
 /// eligible server gets one extra chance, as in IPVS), the one with the lower overhead per
 /// weight wins.
 #[inline(always)]
-fn twos(svc: &Service) -> Result<(u32, &'static Backend), u32> {
-    let mut slot = core::mem::MaybeUninit::<Draw>::uninit();
-    let d = crate::zeroed(&mut slot);
+pub fn twos(svc: &Service) -> Result<(u32, &'static Backend), u32> {
+    let d = unsafe { &mut *DRAW_SCRATCH.get_ptr_mut(0).ok_or(reason::DROP_INTERNAL)? };
     d.slots_base = svc.slots_base;
     d.service_id = svc.id;
+    d.total = 0;
+    d.found = [0; 2];
+    let mut ctx = Ref { p: d as *mut Draw };
+    let ctx = &raw mut ctx as *mut c_void;
     let n = svc.slots_len;
-    unsafe {
-        aya_ebpf::helpers::bpf_loop(n, sum_step as *mut c_void, d as *mut Draw as *mut c_void, 0)
-    };
+    unsafe { aya_ebpf::helpers::bpf_loop(n, sum_step as *mut c_void, ctx, 0) };
     if d.total == 0 {
         return Err(reason::PASS_NO_BACKEND);
     }
@@ -229,14 +431,7 @@ fn twos(svc: &Service) -> Result<(u32, &'static Backend), u32> {
         (unsafe { bpf_get_prandom_u32() } as u64 % bound) as i64,
         (unsafe { bpf_get_prandom_u32() } as u64 % bound) as i64,
     ];
-    unsafe {
-        aya_ebpf::helpers::bpf_loop(
-            n,
-            draw_step as *mut c_void,
-            d as *mut Draw as *mut c_void,
-            0,
-        )
-    };
+    unsafe { aya_ebpf::helpers::bpf_loop(n, draw_step as *mut c_void, ctx, 0) };
     if d.found[0] == 0 || d.found[1] == 0 {
         // The servers changed between the walks.
         return Err(reason::PASS_NO_BACKEND);
@@ -259,7 +454,7 @@ fn draw_load(d: &Draw, i: u64) -> Option<(u32, Load)> {
 
 #[inline(never)]
 extern "C" fn sum_step(i: u64, ctx: *mut c_void) -> i64 {
-    let d = unsafe { &mut *(ctx as *mut Draw) };
+    let d = unsafe { &mut *(*(ctx as *mut Ref<Draw>)).p };
     if let Some((_, l)) = draw_load(d, i) {
         d.total += l.weight;
     }
@@ -268,7 +463,7 @@ extern "C" fn sum_step(i: u64, ctx: *mut c_void) -> i64 {
 
 #[inline(never)]
 extern "C" fn draw_step(i: u64, ctx: *mut c_void) -> i64 {
-    let d = unsafe { &mut *(ctx as *mut Draw) };
+    let d = unsafe { &mut *(*(ctx as *mut Ref<Draw>)).p };
     let Some((index, l)) = draw_load(d, i) else {
         return 0;
     };

@@ -22,70 +22,73 @@ use lb_common::{
 
 use crate::{
     least,
-    maps::{BACKENDS, LOCALITY_V4, LOCALITY_V6},
-    parse::Pkt,
+    maps::{BACKENDS, LOCALITY_V4, LOCALITY_V6, SET_WALK},
+    sched::PickArgs,
 };
 
-/// The backend index for a new flow of an lblc or lblcr service, or the reason counter.
+/// The cached choice for the packet's destination, after the cache's upkeep: lblc's server
+/// or lblcr's least loaded member, if usable and not overloaded in lblc's sense. `None`: wlc
+/// picks, and [`learn`] records its choice.
 #[inline(always)]
-pub fn pick(svc: &Service, pkt: &Pkt) -> Result<u32, u32> {
+pub fn cached(svc: &Service, pkt: &PickArgs) -> Option<u32> {
+    let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+    let index = if pkt.family == FAMILY_V4 {
+        candidate(&LOCALITY_V4, &key_v4(svc, pkt), svc, now)
+    } else {
+        candidate(&LOCALITY_V6, &key_v6(svc, pkt), svc, now)
+    }?;
+    let be = BACKENDS.get(index)?.current();
+    (!overloaded(svc, index, be)).then_some(index)
+}
+
+/// Records wlc's choice `index` for the packet's destination: lblc's server, a new member of
+/// lblcr's set, or a new entry.
+#[inline(always)]
+pub fn learn(svc: &Service, pkt: &PickArgs, index: u32) {
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
     if pkt.family == FAMILY_V4 {
-        let key = LocalityKeyV4 {
-            service_id: svc.id,
-            addr: pkt.dst[0],
-        };
-        in_cache(&LOCALITY_V4, &key, svc, now)
+        record(&LOCALITY_V4, &key_v4(svc, pkt), svc, now, index);
     } else {
-        let key = LocalityKeyV6 {
-            service_id: svc.id,
-            addr: pkt.dst,
-        };
-        in_cache(&LOCALITY_V6, &key, svc, now)
+        record(&LOCALITY_V6, &key_v6(svc, pkt), svc, now, index);
     }
 }
 
 #[inline(always)]
-fn in_cache<K>(
-    cache: &LruHashMap<K, Locality>,
-    key: &K,
-    svc: &Service,
-    now: u32,
-) -> Result<u32, u32> {
-    let entry = cache
+fn key_v4(svc: &Service, pkt: &PickArgs) -> LocalityKeyV4 {
+    LocalityKeyV4 {
+        service_id: svc.id,
+        addr: pkt.dst[0],
+    }
+}
+
+#[inline(always)]
+fn key_v6(svc: &Service, pkt: &PickArgs) -> LocalityKeyV6 {
+    LocalityKeyV6 {
+        service_id: svc.id,
+        addr: pkt.dst,
+    }
+}
+
+/// The destination's live entry (one unused for the expiration time is gone in IPVS: its
+/// sweep removes it).
+#[inline(always)]
+fn entry<K>(cache: &LruHashMap<K, Locality>, key: &K, now: u32) -> Option<*mut Locality> {
+    cache
         .get_ptr_mut(key)
-        // An entry unused for the expiration time is gone in IPVS (its sweep removes it).
-        .filter(|e| now.wrapping_sub(unsafe { (**e).last_use }) <= EXPIRATION);
-    let Some(e) = entry else {
-        let index = wlc(svc)?;
-        let mut slot = core::mem::MaybeUninit::<Locality>::uninit();
-        let fresh = crate::zeroed(&mut slot);
-        fresh.members[0] = index;
-        fresh.generations[0] = generation(index);
-        fresh.len = 1;
-        fresh.last_use = now;
-        fresh.last_mod = now;
-        let _ = cache.insert(key, fresh, 0);
-        return Ok(index);
-    };
-    let e = unsafe { &mut *e };
+        .filter(|e| now.wrapping_sub(unsafe { (**e).last_use }) <= EXPIRATION)
+}
+
+#[inline(always)]
+fn candidate<K>(cache: &LruHashMap<K, Locality>, key: &K, svc: &Service, now: u32) -> Option<u32> {
+    let e = unsafe { &mut *entry(cache, key, now)? };
     if e.last_use != now {
         e.last_use = now;
     }
     if svc.scheduler == sched::LBLC {
-        // `ip_vs_lblc_schedule()`: the cached server if available, weighted and not
-        // overloaded (lblc's sense; the threshold flag is not looked at).
-        if let Some(be) = member(svc, e.members[0], e.generations[0])
-            && be.weight > 0
-            && !overloaded(svc, e.members[0], be)
-        {
-            return Ok(e.members[0]);
-        }
-        let index = wlc(svc)?;
-        e.members[0] = index;
-        e.generations[0] = generation(index);
-        e.len = 1;
-        return Ok(index);
+        // `ip_vs_lblc_schedule()`: the cached server if available and weighted (the
+        // threshold flag is not looked at).
+        let be = member(svc, e.members[0], e.generations[0])?;
+        return (be.weight > 0).then_some(e.members[0]);
     }
     // `ip_vs_lblcr_schedule()`.
     let min = set_min(svc, e);
@@ -96,21 +99,31 @@ fn in_cache<K>(
             e.last_mod = now;
         }
     }
-    if let Some(index) = min
-        && let Some(be) = BACKENDS.get(index)
-        && !overloaded(svc, index, be.current())
-    {
-        return Ok(index);
-    }
-    let index = wlc(svc)?;
-    insert(e, index, generation(index), now);
-    Ok(index)
+    min
 }
 
-/// wlc over the whole service (`__ip_vs_lblc_schedule()`).
 #[inline(always)]
-fn wlc(svc: &Service) -> Result<u32, u32> {
-    least::scan(svc, sched::WLC).map(|(index, _)| index)
+fn record<K>(cache: &LruHashMap<K, Locality>, key: &K, svc: &Service, now: u32, index: u32) {
+    let generation = generation(index);
+    if let Some(e) = entry(cache, key, now) {
+        let e = unsafe { &mut *e };
+        if svc.scheduler == sched::LBLC {
+            e.members[0] = index;
+            e.generations[0] = generation;
+            e.len = 1;
+        } else {
+            insert(e, index, generation, now);
+        }
+        return;
+    }
+    let mut slot = core::mem::MaybeUninit::<Locality>::uninit();
+    let fresh = crate::zeroed(&mut slot);
+    fresh.members[0] = index;
+    fresh.generations[0] = generation;
+    fresh.len = 1;
+    fresh.last_use = now;
+    fresh.last_mod = now;
+    let _ = cache.insert(key, fresh, 0);
 }
 
 #[inline(always)]
@@ -135,10 +148,17 @@ fn overloaded(svc: &Service, index: u32, be: &Backend) -> bool {
 
 /// A walk over a set's members in `bpf_loop` (the verifier checks one step, not every
 /// combination of eight members' branches).
+/// The callbacks' context: the walk's state (in a per-CPU map; no pointers may be stored
+/// there) and the entry walked.
+#[repr(C)]
+struct SetWalkRef {
+    w: *mut SetWalk,
+    entry: *const Locality,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SetWalk {
-    entry: *const Locality,
+pub struct SetWalk {
     service_id: u32,
     found: u32,
     best_index: u32,
@@ -154,34 +174,44 @@ impl SetWalk {
         e: &Locality,
         step: extern "C" fn(u64, *mut c_void) -> i64,
     ) -> (bool, u32, u32) {
-        let mut slot = core::mem::MaybeUninit::<SetWalk>::uninit();
-        let w = crate::zeroed(&mut slot);
-        w.entry = e as *const Locality;
+        // State in a per-CPU map, a pointer to it on the stack (the frames down to the
+        // callback must fit the verifier's 512 bytes).
+        let Some(w) = SET_WALK.get_ptr_mut(0) else {
+            return (false, 0, 0);
+        };
+        let w = unsafe { &mut *w };
         w.service_id = svc.id;
+        w.found = 0;
+        w.best_index = 0;
+        w.best_pos = 0;
         let n = if (e.len as usize) < SET {
             e.len
         } else {
             SET as u32
         };
-        unsafe { bpf_loop(n, step as *mut c_void, w as *mut SetWalk as *mut c_void, 0) };
+        let mut ctx = SetWalkRef {
+            w: w as *mut SetWalk,
+            entry: e as *const Locality,
+        };
+        unsafe { bpf_loop(n, step as *mut c_void, &raw mut ctx as *mut c_void, 0) };
         (w.found != 0, w.best_index, w.best_pos)
     }
+}
 
-    /// Member `i` if it exists and its server is still in the service.
-    #[inline(always)]
-    fn member(&self, i: u64) -> Option<(u32, &'static Backend)> {
-        let e = unsafe { &*self.entry };
-        let i = i as usize;
-        if i >= SET {
-            return None;
-        }
-        let index = e.members[i];
-        let be = BACKENDS.get(index)?.current();
-        (be.generation == e.generations[i]
-            && be.flags & BACKEND_F_AVAILABLE != 0
-            && be.service_id == self.service_id)
-            .then_some((index, be))
+/// Member `i` of the walked entry if it exists and its server is still in the service.
+#[inline(always)]
+fn member_at(r: &SetWalkRef, service_id: u32, i: u64) -> Option<(u32, &'static Backend)> {
+    let e = unsafe { &*r.entry };
+    let i = i as usize;
+    if i >= SET {
+        return None;
     }
+    let index = e.members[i];
+    let be = BACKENDS.get(index)?.current();
+    (be.generation == e.generations[i]
+        && be.flags & BACKEND_F_AVAILABLE != 0
+        && be.service_id == service_id)
+        .then_some((index, be))
 }
 
 /// `ip_vs_dest_set_min()`: the first member that is available, not flagged overloaded and
@@ -194,8 +224,9 @@ fn set_min(svc: &Service, e: &Locality) -> Option<u32> {
 
 #[inline(never)]
 extern "C" fn min_step(i: u64, ctx: *mut c_void) -> i64 {
-    let w = unsafe { &mut *(ctx as *mut SetWalk) };
-    let Some((index, _)) = w.member(i) else {
+    let r = unsafe { &*(ctx as *mut SetWalkRef) };
+    let w = unsafe { &mut *r.w };
+    let Some((index, _)) = member_at(r, w.service_id, i) else {
         return 0;
     };
     // `None` when flagged overloaded.
@@ -226,8 +257,9 @@ fn set_max(svc: &Service, e: &Locality) -> Option<u32> {
 
 #[inline(never)]
 extern "C" fn max_step(i: u64, ctx: *mut c_void) -> i64 {
-    let w = unsafe { &mut *(ctx as *mut SetWalk) };
-    let Some((index, be)) = w.member(i) else {
+    let r = unsafe { &*(ctx as *mut SetWalkRef) };
+    let w = unsafe { &mut *r.w };
+    let Some((index, be)) = member_at(r, w.service_id, i) else {
         return 0;
     };
     if be.weight == 0 {
@@ -243,12 +275,18 @@ extern "C" fn max_step(i: u64, ctx: *mut c_void) -> i64 {
 }
 
 /// Removes the member at `pos`. A function of its own: its branches end in one state.
+/// Element by element through volatile accesses: LLVM would otherwise stage the arrays on
+/// the stack.
 #[inline(never)]
 fn erase(e: &mut Locality, pos: u32) {
+    let m = &raw mut e.members as *mut u32;
+    let g = &raw mut e.generations as *mut u32;
     for i in 0..SET - 1 {
         if i as u32 >= pos && (i as u32) + 1 < e.len {
-            e.members[i] = e.members[i + 1];
-            e.generations[i] = e.generations[i + 1];
+            unsafe {
+                core::ptr::write_volatile(m.add(i), core::ptr::read_volatile(m.add(i + 1)));
+                core::ptr::write_volatile(g.add(i), core::ptr::read_volatile(g.add(i + 1)));
+            }
         }
     }
     if e.len > 0 {
@@ -265,9 +303,13 @@ fn insert(e: &mut Locality, index: u32, generation: u32, now: u32) {
             return;
         }
     }
+    let m = &raw mut e.members as *mut u32;
+    let g = &raw mut e.generations as *mut u32;
     for i in (1..SET).rev() {
-        e.members[i] = e.members[i - 1];
-        e.generations[i] = e.generations[i - 1];
+        unsafe {
+            core::ptr::write_volatile(m.add(i), core::ptr::read_volatile(m.add(i - 1)));
+            core::ptr::write_volatile(g.add(i), core::ptr::read_volatile(g.add(i - 1)));
+        }
     }
     e.members[0] = index;
     e.generations[0] = generation;

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, Globals,
-    Locality, LocalityKeyV4, LocalityKeyV6, SchedState, Service, ServiceCache, ServiceKeyV4,
-    ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, defaults, filter, reason, wide,
+    GroupState, Locality, LocalityKeyV4, LocalityKeyV6, SchedState, Service, ServiceCache,
+    ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, defaults, filter, reason,
+    wide,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -80,6 +81,34 @@ pub static BACKENDS: Array<BackendSlot> = Array::with_max_entries(defaults::MAX_
 /// Slot tables of all services (backend indexes); a service owns `[slots_base, +slots_len)`.
 #[map]
 pub static SLOTS: Array<u32> = Array::with_max_entries(defaults::SLOT_TABLE_SIZE, BPF_F_MMAPABLE);
+
+/// Scan groups of the least-connection services with many servers (`lb_common::group`),
+/// indexed by slot index >> `group::SHIFT`.
+#[map]
+pub static GROUPS: Array<GroupState> =
+    Array::with_max_entries(defaults::SLOT_TABLE_SIZE >> lb_common::group::SHIFT, 0);
+
+/// Each CPU's state of a recycling walk (`admit::recycle`), off the stack.
+#[map]
+pub static RECYCLE_WALK: PerCpuArray<crate::admit::Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's arguments for the schedulers (`sched::xlb_pick`), off the stack.
+#[map]
+pub static PICK_ARGS: PerCpuArray<crate::sched::PickArgs> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's state of a scan and of twos' draws (`least`), off the stack.
+#[map]
+pub static SCAN_SCRATCH: PerCpuArray<crate::least::Scan> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static DRAW_SCRATCH: PerCpuArray<crate::least::Draw> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's walk over an lblcr set (`locality`), off the stack.
+#[map]
+pub static SET_WALK: PerCpuArray<crate::locality::SetWalk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's state of a grouped scan (`least::grouped`), off the stack.
+#[map]
+pub static GROUP_SCAN: PerCpuArray<crate::least::Groups> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-service scheduler state, indexed by service id.
 #[map]

@@ -21,7 +21,7 @@ use lb_common::{
 
 use crate::{
     least,
-    maps::{BACKEND_CONNS, BACKENDS, SCHED_STATE, SLOTS},
+    maps::{BACKEND_CONNS, BACKENDS, PICK_ARGS, SCHED_STATE, SLOTS},
     parse::Pkt,
 };
 
@@ -208,31 +208,98 @@ pub fn pick(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
 /// Picks the backend index for a new flow, or the reason counter.
 #[inline(always)]
 pub fn pick_only(svc: &Service, pkt: &Pkt) -> Result<u32, u32> {
-    let picked = pick_index(svc, pkt);
+    // The arguments go through a per-CPU map rather than the stack: the chain of frames
+    // down to the schedulers' callbacks must fit the verifier's 512 bytes.
+    let args = PICK_ARGS.get_ptr_mut(0).ok_or(reason::DROP_INTERNAL)?;
+    unsafe { PickArgs::write(args, pkt) };
+    let picked = xlb_pick(svc as *const Service, args as *const PickArgs);
     if picked >> 32 != 0 {
         return Err(picked as u32);
     }
     Ok(picked as u32)
 }
 
-/// The schedulers proper, as a function of its own that answers with a plain number (the
-/// backend index, or `1 << 32 | reason`): the verifier then continues after the call from
-/// one state whichever scheduler ran, instead of walking the rest of the program once per
-/// scheduler (which exhausts its budget).
-#[inline(never)]
-fn pick_index(svc: &Service, pkt: &Pkt) -> u64 {
-    if matches!(svc.scheduler, sched::LBLC | sched::LBLCR) {
-        return match crate::locality::pick(svc, pkt) {
-            Ok(index) => index as u64,
-            Err(why) => 1 << 32 | why as u64,
-        };
+/// What the schedulers look at in a packet (every byte written: the verifier checks that a
+/// global function's memory arguments are initialised).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PickArgs {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Network byte order.
+    pub sport: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+impl PickArgs {
+    /// Writes the arguments for `pkt` into `dst`.
+    #[inline(always)]
+    unsafe fn write(dst: *mut PickArgs, pkt: &Pkt) {
+        let w: [u32; 9] = [
+            pkt.src[0],
+            pkt.src[1],
+            pkt.src[2],
+            pkt.src[3],
+            pkt.dst[0],
+            pkt.dst[1],
+            pkt.dst[2],
+            pkt.dst[3],
+            u32::from_ne_bytes({
+                let [a, b] = pkt.sport.to_ne_bytes();
+                [a, b, pkt.family, 0]
+            }),
+        ];
+        // Word by word: a struct copy becomes a call to `memcpy`.
+        let d = dst as *mut u32;
+        for (i, v) in w.iter().enumerate() {
+            unsafe { core::ptr::write_volatile(d.add(i), *v) };
+        }
     }
+}
+
+/// The schedulers proper, as a *global* BPF function (exported by the linker, so its BTF
+/// linkage is global): the verifier checks it once, on its own, instead of once per path
+/// that reaches it, and it answers with a plain number (the backend index, or
+/// `1 << 32 | reason`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn xlb_pick(svc: *const Service, args: *const PickArgs) -> u64 {
+    if svc.is_null() || args.is_null() {
+        return 1 << 32 | reason::DROP_INTERNAL as u64;
+    }
+    // SAFETY: checked non-null; the verifier checked the caller's memory.
+    let (svc, pkt) = unsafe { (&*svc, &*args) };
     let picked = match svc.scheduler {
         sched::SH => sh(svc, pkt),
         sched::DH => dh(svc, pkt),
         sched::MH => mh(svc, pkt),
         sched::RR | sched::WRR => rotate(svc),
-        _ => least::pick(svc),
+        sched::TWOS => least::twos(svc),
+        s => {
+            // The least-connection family, and lblc/lblcr (a destination's cached server,
+            // else wlc). One call of the scan for all of them keeps the program small.
+            let local = matches!(s, sched::LBLC | sched::LBLCR);
+            let cached = if local {
+                crate::locality::cached(svc, pkt)
+            } else {
+                None
+            };
+            match cached {
+                Some(index) => BACKENDS
+                    .get(index)
+                    .map(|b| (index, b.current()))
+                    .ok_or(reason::DROP_INTERNAL),
+                None => {
+                    let rule = if local { sched::WLC } else { s };
+                    let r = least::scan(svc, rule);
+                    if local && let Ok((index, _)) = r {
+                        crate::locality::learn(svc, pkt, index);
+                    }
+                    r
+                }
+            }
+        }
     };
     match picked {
         Ok((index, _)) => index as u64,
@@ -356,7 +423,7 @@ pub fn confirm(svc: &Service, t: &Tentative) -> Result<Option<(u32, &'static Bac
 
 /// The client's port as the hashing schedulers use it (host order; 0 unless asked for).
 #[inline(always)]
-fn hashed_port(svc: &Service, pkt: &Pkt) -> u16 {
+fn hashed_port(svc: &Service, pkt: &PickArgs) -> u16 {
     if svc.flags & F_PORT != 0 {
         u16::from_be(pkt.sport)
     } else {
@@ -366,7 +433,7 @@ fn hashed_port(svc: &Service, pkt: &Pkt) -> u16 {
 
 /// `ip_vs_sh_schedule()`.
 #[inline(always)]
-fn sh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
+fn sh(svc: &Service, pkt: &PickArgs) -> Result<(u32, &'static Backend), u32> {
     if svc.slots_len != SH_DH_SIZE {
         return Err(reason::PASS_NO_BACKEND);
     }
@@ -385,7 +452,7 @@ fn sh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
 
 /// `ip_vs_dh_schedule()`: no fallback exists.
 #[inline(always)]
-fn dh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
+fn dh(svc: &Service, pkt: &PickArgs) -> Result<(u32, &'static Backend), u32> {
     if svc.slots_len != SH_DH_SIZE {
         return Err(reason::PASS_NO_BACKEND);
     }
@@ -399,7 +466,7 @@ fn dh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
 
 /// `ip_vs_mh_schedule()`.
 #[inline(always)]
-fn mh(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
+fn mh(svc: &Service, pkt: &PickArgs) -> Result<(u32, &'static Backend), u32> {
     let m = svc.slots_len;
     if m == 0 {
         return Err(reason::PASS_NO_BACKEND);

@@ -18,9 +18,9 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota,
-    Globals, Locality, LocalityKeyV4, LocalityKeyV6, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME,
-    SchedState, Service, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6,
-    map_names as names, reason, wide,
+    Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6, PASS_PROGRAM_NAME, PROGRAM_NAME,
+    REAPER_NAME, SchedState, Service, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4,
+    TemplateKeyV6, map_names as names, reason, wide,
 };
 use tracing::{info, warn};
 
@@ -57,6 +57,7 @@ pub struct Dataplane {
     wide_v6: LpmTrie<MapData, [u8; wide::V6_LEN], Service>,
     prefix_v4: LpmTrie<MapData, [u8; wide::V4_LEN], Service>,
     prefix_v6: LpmTrie<MapData, [u8; wide::V6_LEN], Service>,
+    groups: Array<MapData, GroupState>,
     locality_v4: HashMap<MapData, LocalityKeyV4, Locality>,
     locality_v6: HashMap<MapData, LocalityKeyV6, Locality>,
     templates_v4: HashMap<MapData, TemplateKeyV4, Template>,
@@ -99,6 +100,11 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
 }
 
+/// Entries of `GROUPS` for a slot table of `slots` entries.
+fn groups_for(slots: u32) -> u32 {
+    (slots >> lb_common::group::SHIFT) + 1
+}
+
 impl Dataplane {
     /// Loads the program and creates its maps with the configured capacities. Nothing is
     /// attached yet.
@@ -130,6 +136,7 @@ impl Dataplane {
             .map_max_entries(names::SLOTS, limits.slot_table_size)
             .map_max_entries(names::TEMPLATES_V4, limits.persistence_table_size)
             .map_max_entries(names::TEMPLATES_V6, limits.persistence_table_size)
+            .map_max_entries(names::GROUPS, groups_for(limits.slot_table_size))
             .map_max_entries(names::LOCALITY_V4, limits.locality_table_size)
             .map_max_entries(names::LOCALITY_V6, limits.locality_table_size);
         let mut ebpf = loader
@@ -184,6 +191,7 @@ impl Dataplane {
             filter: Mmapped::map(filter_map, lb_common::filter::WORDS + 1)?,
             config_gen: Mmapped::map(gen_map, 1)?,
             sched_state: take(&mut ebpf, names::SCHED_STATE)?,
+            groups: take(&mut ebpf, names::GROUPS)?,
             flows_v4: take(&mut ebpf, names::FLOWS_V4)?,
             flows_v6: take(&mut ebpf, names::FLOWS_V6)?,
             backend_conns: Mmapped::map(conns_map, limits.max_backends)?,
@@ -584,6 +592,18 @@ impl Dataplane {
         self.slots.write(base, values)
     }
 
+    /// Marks scan groups `[first, first + n)` dirty with no best (a new or changed table:
+    /// the next pick rescans them).
+    pub fn dirty_groups(&mut self, first: u32, n: u32) -> Result<()> {
+        let fresh = GroupState { dirty: 1, best: 0 };
+        for g in first..first + n {
+            self.groups
+                .set(g, fresh, 0)
+                .with_context(|| format!("writing GROUPS[{g}]"))?;
+        }
+        Ok(())
+    }
+
     pub fn read_slot(&self, index: u32) -> Option<u32> {
         self.slots.read(index)
     }
@@ -700,6 +720,7 @@ impl Dataplane {
         add(names::PREFIX_V4, raw_fd(&self.prefix_v4));
         add(names::PREFIX_V6, raw_fd(&self.prefix_v6));
         add(names::TEMPLATES_V4, raw_fd(&self.templates_v4));
+        add(names::GROUPS, raw_fd(&self.groups));
         add(names::LOCALITY_V4, raw_fd(&self.locality_v4));
         add(names::LOCALITY_V6, raw_fd(&self.locality_v6));
         add(names::TEMPLATES_V6, raw_fd(&self.templates_v6));

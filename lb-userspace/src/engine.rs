@@ -52,6 +52,8 @@ struct BackendState {
     index: u32,
     generation: u32,
     config: BackendConfig,
+    /// Its slot's scan group (`lb_common::group`), when its service scans by groups.
+    group: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +95,8 @@ enum Op {
     ResetBackendStats(u32),
     WriteBackend(u32, Backend),
     WriteSlots(u32, Vec<u32>),
+    /// Scan groups (first, count) to rescan.
+    DirtyGroups(u32, u32),
     /// The prefilter while services are switched: bits of old and new services.
     FilterUnion(Vec<u64>),
     /// The service entry; its scheduler offset is computed when it is written (see
@@ -114,6 +118,11 @@ struct PendingSched {
     fresh: bool,
 }
 
+/// Whether a service's table is scanned by groups (`lb_common::group`).
+fn grouped(s: crate::config::Scheduler, slots: usize) -> bool {
+    s.scans() && s != crate::config::Scheduler::Twos && slots as u32 > lb_common::group::MIN_SLOTS
+}
+
 /// First-fit allocator of `SLOTS` ranges.
 #[derive(Clone, Debug)]
 struct Regions {
@@ -127,11 +136,19 @@ impl Regions {
             free: BTreeMap::from([(0, size)]),
         }
     }
-    fn alloc(&mut self, len: u32) -> Option<Region> {
-        let (&start, &have) = self.free.iter().find(|&(_, &l)| l >= len)?;
-        self.free.remove(&start);
-        if have > len {
-            self.free.insert(start + len, have - len);
+    /// The first free range of `len` entries starting at a multiple of `align`.
+    fn alloc(&mut self, len: u32, align: u32) -> Option<Region> {
+        let (&free_start, &have, start) = self.free.iter().find_map(|(s, l)| {
+            let start = s.div_ceil(align) * align;
+            (start - s + len <= *l).then_some((s, l, start))
+        })?;
+        self.free.remove(&free_start);
+        if start > free_start {
+            self.free.insert(free_start, start - free_start);
+        }
+        let end = start + len;
+        if free_start + have > end {
+            self.free.insert(end, free_start + have - end);
         }
         Some(Region { start, len })
     }
@@ -351,7 +368,7 @@ impl Engine {
         let stage = |op: &Op| match op {
             Op::ResetService(_) | Op::ResetBackendStats(_) => 0,
             Op::WriteBackend(_, b) if b.flags & BACKEND_F_AVAILABLE != 0 => 1,
-            Op::WriteSlots(..) => 2,
+            Op::WriteSlots(..) | Op::DirtyGroups(..) => 2,
             Op::FilterUnion(_) => 3,
             Op::PutService(..) => 4,
             Op::RemoveEntries(_) => 5,
@@ -558,6 +575,7 @@ impl Engine {
                         index,
                         generation,
                         config: bc.clone(),
+                        group: None,
                     };
                     ops.push(Op::WriteBackend(index, self.backend_entry_for(&b, st.id)));
                     b
@@ -596,15 +614,41 @@ impl Engine {
                 retire.push(Deferred::Region(r));
             }
             if !slots.is_empty() {
-                let Some(r) = self.regions.alloc(slots.len() as u32) else {
+                // A table scanned by groups starts on a group boundary.
+                let align = if grouped(want.scheduler, slots.len()) {
+                    lb_common::group::SIZE
+                } else {
+                    1
+                };
+                let Some(r) = self.regions.alloc(slots.len() as u32, align) else {
                     bail!(
                         "the slot table needs {} entries and dataplane.slot_table_size has no free range that large",
                         slots.len()
                     );
                 };
-                ops.push(Op::WriteSlots(r.start, slots));
+                ops.push(Op::WriteSlots(r.start, slots.clone()));
                 st.region = Some(r);
             }
+        }
+        // Scan groups: each server learns its group (written into its entry, where the
+        // connection accounting finds it), and the groups start dirty.
+        let grouped = grouped(want.scheduler, slots.len());
+        let start = st.region.map_or(0, |r| r.start);
+        for b in &mut st.backends {
+            let group = slots
+                .iter()
+                .position(|&i| i == b.index)
+                .filter(|_| grouped)
+                .map(|pos| (start + pos as u32) >> lb_common::group::SHIFT);
+            if group != b.group {
+                b.group = group;
+                ops.push(Op::WriteBackend(b.index, self.backend_entry_for(b, st.id)));
+            }
+        }
+        if grouped {
+            let first = start >> lb_common::group::SHIFT;
+            let n = (slots.len() as u32).div_ceil(lb_common::group::SIZE);
+            ops.push(Op::DirtyGroups(first, n));
         }
         st.table = table;
         let entries = matching::entries(want);
@@ -664,6 +708,7 @@ impl Engine {
             lower_threshold: b.config.lower_threshold,
             ..Backend::default()
         };
+        e.set_group_index(b.group);
         if let Some(nh) = self.next_hops.get(&b.config.addr) {
             e.flags |= BACKEND_F_NEIGH_VALID;
             e.ifindex = nh.ifindex;
@@ -784,6 +829,7 @@ fn execute(dp: &mut Dataplane, op: Op) -> Result<()> {
         Op::ResetBackendStats(i) => dp.reset_backend_stats(i),
         Op::WriteBackend(i, b) => dp.write_backend(i, &b),
         Op::WriteSlots(base, v) => dp.write_slots(base, &v),
+        Op::DirtyGroups(first, n) => dp.dirty_groups(first, n),
         Op::PutService(_, entries, v, _) => entries.iter().try_for_each(|e| dp.put_entry(e, &v)),
         Op::RemoveEntries(entries) => entries.iter().try_for_each(|e| dp.remove_entry(e)),
         Op::FilterUnion(w) | Op::FilterFinal(w) => dp.write_filter(&w),
@@ -820,17 +866,31 @@ mod tests {
     #[test]
     fn regions_first_fit_and_merge() {
         let mut r = Regions::new(100);
-        let a = r.alloc(10).unwrap();
-        let b = r.alloc(20).unwrap();
-        let c = r.alloc(30).unwrap();
+        let a = r.alloc(10, 1).unwrap();
+        let b = r.alloc(20, 1).unwrap();
+        let c = r.alloc(30, 1).unwrap();
         assert_eq!((a.start, b.start, c.start), (0, 10, 30));
         r.release(b);
-        assert_eq!(r.alloc(15).unwrap().start, 10);
+        assert_eq!(r.alloc(15, 1).unwrap().start, 10);
         r.release(a);
         r.release(Region { start: 10, len: 15 });
         r.release(c);
         assert_eq!(r.free, BTreeMap::from([(0, 100)]));
-        assert!(r.alloc(101).is_none());
+        assert!(r.alloc(101, 1).is_none());
+    }
+
+    #[test]
+    fn regions_align_and_keep_the_gap() {
+        let mut r = Regions::new(200);
+        let a = r.alloc(10, 1).unwrap();
+        let g = r.alloc(70, 64).unwrap();
+        assert_eq!((a.start, g.start), (0, 64));
+        // The gap before the aligned range stays free.
+        assert_eq!(r.alloc(54, 1).unwrap().start, 10);
+        assert_eq!(r.alloc(66, 1).unwrap().start, 134);
+        assert!(r.alloc(1, 64).is_none());
+        r.release(g);
+        assert_eq!(r.alloc(64, 64).unwrap().start, 64);
     }
 
     #[test]

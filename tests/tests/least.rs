@@ -487,3 +487,111 @@ fn twos_matches_the_model_in_distribution() {
         );
     }
 }
+
+fn big_server(n: u16) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::new(10, 1, (n >> 8) as u8, n as u8))
+}
+
+/// A service with more servers than `lb_common::group::MIN_SLOTS` is scanned by groups (the
+/// dirty groups rescanned, then the groups' bests compared): every choice must still be the
+/// model's single scan's, through connections opening, closing and expiring and weight
+/// changes (which change the table and regroup it).
+fn play_grouped(sched: Scheduler, seed: u64, servers: u16, steps: usize) {
+    let mut rng = Rng(seed);
+    let mut weights: Vec<u32> = (0..servers)
+        .map(|_| [0, 1, 1, 2, 3, 4][rng.next(6) as usize])
+        .collect();
+    let render = |w: &[u32]| {
+        let mut s = format!(
+            "[[services]]\nname = \"big\"\naddress = \"10.0.0.10:80\"\nscheduler = \"{}\"\n",
+            sched.name()
+        );
+        for (i, w) in w.iter().enumerate() {
+            s += &format!(
+                "[[services.backends]]\naddress = \"{}\"\nweight = {w}\n",
+                big_server(i as u16 + 1)
+            );
+        }
+        s
+    };
+    let mut h = Harness::with_limits(
+        &render(&weights),
+        xlb::config::Limits {
+            conn_table_size: 4096,
+            conn_table_size_v6: 4096,
+            max_services: 64,
+            max_backends: 4096,
+            slot_table_size: 1 << 16,
+            ..Default::default()
+        },
+    );
+    let mut t = [1_000_000u32; state::COUNT];
+    t[state::CLOSE as usize] = 0;
+    h.set_timeout_ticks(t);
+    let mut model = Ipvs::new(sched);
+    for (i, w) in weights.iter().enumerate() {
+        model.add(Dest {
+            id: (big_server(i as u16 + 1), 80),
+            weight: *w,
+        });
+    }
+    let all: Vec<IpAddr> = (1..=servers).map(big_server).collect();
+    let mut open: Vec<(u16, DestId)> = Vec::new();
+    let mut closed: Vec<DestId> = Vec::new();
+    let mut port = 1000u16;
+    for step in 0..steps {
+        match rng.next(10) {
+            0..=5 => {
+                port += 1;
+                let r = h.run(&tcp(port, "10.0.0.10", SYN));
+                let got = (r.action == XDP_TX)
+                    .then(|| h.server_of(&r, &all))
+                    .flatten();
+                let want = model.schedule();
+                assert_eq!(got, want.map(|d| d.0), "{sched:?} step {step}");
+                if let Some(d) = want {
+                    h.run(&tcp(port, "10.0.0.10", ACK));
+                    model.bind(d);
+                    open.push((port, d));
+                }
+            }
+            6 | 7 if !open.is_empty() => {
+                let (p, d) = open.swap_remove(rng.next(open.len() as u64) as usize);
+                assert_eq!(h.run(&tcp(p, "10.0.0.10", RST)).action, XDP_TX);
+                model.deactivate(d);
+                closed.push(d);
+            }
+            8 => {
+                std::thread::sleep(Duration::from_millis(20));
+                h.reap();
+                for d in closed.drain(..) {
+                    model.unbind(d, false);
+                }
+            }
+            _ => {
+                // A weight change: the table is rebuilt and regrouped.
+                let i = rng.next(servers as u64) as usize;
+                weights[i] = [0, 1, 2, 5][rng.next(4) as usize];
+                model.edit((big_server(i as u16 + 1), 80), weights[i]);
+                h.apply(&render(&weights));
+            }
+        }
+    }
+    h.assert_counts_match_tables();
+}
+
+#[test]
+fn grouped_scans_match_the_model_on_large_services() {
+    for (i, sched) in [
+        Scheduler::Wlc,
+        Scheduler::Lc,
+        Scheduler::Sed,
+        Scheduler::Nq,
+        Scheduler::Ovf,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        play_grouped(sched, 0x6a0b_0000 + i as u64, 300 + 37 * i as u16, 400);
+    }
+}

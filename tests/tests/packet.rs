@@ -79,7 +79,10 @@ fn assert_pass(h: &Harness, frame: &[u8], why: u32) {
 }
 
 /// Every program must stay well inside the verifier's one-million-instruction budget: the
-/// next features grow it, and a program at the edge fails to load on the next kernel.
+/// next features grow it, and a program at the edge fails to load on the next kernel. (Each
+/// is far below this bound now - tens of thousands - because the schedulers are a global
+/// function verified once and large walk states live in per-CPU maps; a jump towards the
+/// bound means a change multiplied the verifier's paths.)
 #[test]
 fn every_program_fits_the_verifier_budget_with_headroom() {
     let h = Harness::new(WEB);
@@ -88,7 +91,7 @@ fn every_program_fits_the_verifier_budget_with_headroom() {
     assert!(counts.len() >= 7, "{counts:?}");
     for (name, count) in counts {
         let count = count.expect("the kernel reports verified_insns");
-        assert!(count < 600_000, "{name}: {count} instructions verified");
+        assert!(count < 250_000, "{name}: {count} instructions verified");
     }
 }
 
