@@ -151,14 +151,14 @@ impl Template {
 /// and a dirty flag, set whenever a member's connection count changes. A new flow rescans
 /// only the dirty groups (clearing the flag first, so a change during the rescan leaves it
 /// set) and then compares the groups' bests in order: the same choice as one scan of all
-/// servers, at a cost of (groups + 64 × dirty groups) instead of the number of servers.
+/// servers, at a cost of (2 × groups + SIZE × dirty groups) steps instead of one per server.
 pub mod group {
     /// Slots per group (a power of two); group `g` of the `SLOTS` array covers slots
     /// `[g·SIZE, (g+1)·SIZE)` (grouped services' tables start on a group boundary).
-    pub const SIZE: u32 = 64;
-    pub const SHIFT: u32 = 6;
-    /// Services with more slots than this scan by groups.
-    pub const MIN_SLOTS: u32 = 256;
+    pub const SIZE: u32 = 32;
+    pub const SHIFT: u32 = 5;
+    /// Services with more slots than this scan by groups (two groups or more).
+    pub const MIN_SLOTS: u32 = 32;
     /// A pick rescans at most this many dirty groups one by one; with more, it rescans them
     /// all. A power of two (indexes are masked for the verifier).
     pub const MAX_DIRTY: usize = 8;

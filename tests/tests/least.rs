@@ -594,4 +594,8 @@ fn grouped_scans_match_the_model_on_large_services() {
     {
         play_grouped(sched, 0x6a0b_0000 + i as u64, 300 + 37 * i as u16, 400);
     }
+    // Two or three groups (the smallest grouped services).
+    play_grouped(Scheduler::Wlc, 0x6a0b_0100, 45, 400);
+    play_grouped(Scheduler::Nq, 0x6a0b_0101, 70, 400);
+    play_grouped(Scheduler::Fo, 0x6a0b_0102, 64, 300);
 }
