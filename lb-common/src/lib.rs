@@ -867,7 +867,15 @@ pub fn flow_table_reserve(ncpus: u32) -> u32 {
 pub struct SchedState {
     /// New flows scheduled so far.
     pub picks: u64,
-    pub _reserved: [u64; 7],
+    /// twos: the sum of the eligible servers' weights, as last computed, valid while the
+    /// configuration generation (`total_gen` − 1) and the count of overload-flag changes of
+    /// the service's servers (`total_flips`) are what they were then.
+    pub weight_total: u64,
+    pub total_gen: u64,
+    pub total_flips: u64,
+    /// Overload-flag changes of the service's servers so far (atomic).
+    pub overload_flips: u64,
+    pub _reserved: [u64; 3],
 }
 
 /// Traffic counters, per CPU, per service and per real server (IPVS `--stats` columns).

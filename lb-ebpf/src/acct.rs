@@ -13,7 +13,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use lb_common::{FAMILY_V4, FLOW_DEAD, FLOW_POOL_BATCH, tcp};
 
-use crate::maps::{BACKEND_CONNS, BACKENDS, FLOW_POOL, FLOW_QUOTA, GROUPS};
+use crate::maps::{BACKEND_CONNS, BACKENDS, FLOW_POOL, FLOW_QUOTA, GROUPS, SCHED_STATE};
 
 #[inline(always)]
 fn add(p: *mut u64, v: u64) {
@@ -33,6 +33,16 @@ fn count(backend: u32, state: u8, delta: u64) {
         add(p, delta);
     }
     touch_group(backend);
+}
+
+/// The overload flag of `backend` (of service `service_id`) changed: its scan group and the
+/// service's cached twos total are stale.
+#[inline(always)]
+fn flipped(backend: u32, service_id: u32) {
+    touch_group(backend);
+    if let Some(st) = SCHED_STATE.get_ptr_mut(service_id) {
+        add(unsafe { &raw mut (*st).overload_flips }, 1);
+    }
 }
 
 /// Marks the scan group of `backend` dirty (after its count changed; see
@@ -89,7 +99,7 @@ fn update_overload(backend: u32) {
         // The common case: one load, no write.
         if unsafe { core::ptr::read_volatile(&raw const (*c).overloaded) } != 0 {
             unsafe { core::ptr::write_volatile(&raw mut (*c).overloaded, 0) };
-            touch_group(backend);
+            flipped(backend, be.service_id);
         }
         return;
     }
@@ -100,7 +110,7 @@ fn update_overload(backend: u32) {
         let now = be.overloaded(total, was);
         if now != was {
             core::ptr::write_volatile(&raw mut (*c).overloaded, now as u64);
-            touch_group(backend);
+            flipped(backend, be.service_id);
         }
     }
 }

@@ -13,7 +13,10 @@ use lb_common::{
     sched::least::{self, Load},
 };
 
-use crate::maps::{BACKEND_CONNS, BACKENDS, DRAW_SCRATCH, GROUP_SCAN, GROUPS, SCAN_SCRATCH, SLOTS};
+use crate::maps::{
+    BACKEND_CONNS, BACKENDS, CONFIG_GEN, DRAW_SCRATCH, GROUP_SCAN, GROUPS, SCAN_SCRATCH,
+    SCHED_STATE, SLOTS,
+};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -419,7 +422,25 @@ pub fn twos(svc: &Service) -> Result<(u32, &'static Backend), u32> {
     let mut ctx = Ref { p: d as *mut Draw };
     let ctx = &raw mut ctx as *mut c_void;
     let n = svc.slots_len;
-    unsafe { aya_ebpf::helpers::bpf_loop(n, sum_step as *mut c_void, ctx, 0) };
+    // The sum of the eligible weights changes only with the configuration and the overload
+    // flags: it is computed again only when one of them changed since.
+    let st = SCHED_STATE
+        .get_ptr_mut(svc.id)
+        .ok_or(reason::DROP_INTERNAL)?;
+    let generation = CONFIG_GEN
+        .get_ptr(0)
+        .map_or(0, |g| unsafe { core::ptr::read_volatile(g) });
+    unsafe {
+        let flips = core::ptr::read_volatile(&raw const (*st).overload_flips);
+        if (*st).total_gen == generation.wrapping_add(1) && (*st).total_flips == flips {
+            d.total = (*st).weight_total;
+        } else {
+            aya_ebpf::helpers::bpf_loop(n, sum_step as *mut c_void, ctx, 0);
+            (*st).weight_total = d.total;
+            (*st).total_flips = flips;
+            (*st).total_gen = generation.wrapping_add(1);
+        }
+    }
     if d.total == 0 {
         return Err(reason::PASS_NO_BACKEND);
     }

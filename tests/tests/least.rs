@@ -434,24 +434,45 @@ fn overhead_counts_total_connections_as_linux_does() {
 /// probabilities, summed connection by connection, within 5 standard deviations.
 #[test]
 fn twos_matches_the_model_in_distribution() {
+    let render = |cfg: &[(u8, u32)]| {
+        let mut text =
+            "[[services]]\nname = \"m\"\naddress = \"10.0.0.10:80\"\nscheduler = \"twos\"\n"
+                .to_string();
+        for (n, w) in cfg {
+            text += &format!("[[services.backends]]\naddress = \"10.0.1.{n}\"\nweight = {w}\n");
+        }
+        text
+    };
     let cfg = [(1u8, 1u32), (2, 2), (3, 3)];
-    let mut text = "[[services]]\nname = \"m\"\naddress = \"10.0.0.10:80\"\nscheduler = \"twos\"\n"
-        .to_string();
     let mut model = Ipvs::new(Scheduler::Twos);
     for (n, w) in cfg {
-        text += &format!("[[services.backends]]\naddress = \"10.0.1.{n}\"\nweight = {w}\n");
         model.add(Dest {
             id: id(n),
             weight: w,
         });
     }
-    let h = Harness::new(&text);
+    let mut h = Harness::new(&render(&cfg));
+    let mut rng = Rng(0x7e05_1234_abcd_0001);
+    let mut port = 10000u16;
+    twos_phase(&h, &mut model, &mut rng, &mut port, 2200);
+    // A weight change that keeps the slot table (the same servers): the cached sum of the
+    // weights must follow it.
+    let cfg = [(1u8, 6u32), (2, 6), (3, 6)];
+    h.apply(&render(&cfg));
+    for n in 1..=3 {
+        model.edit(id(n), 6);
+    }
+    twos_phase(&h, &mut model, &mut rng, &mut port, 1500);
+}
+
+/// `n` new connections (half of them closing soon, so the overheads differ from the
+/// weights); the servers' shares must match the model's probabilities.
+fn twos_phase(h: &Harness, model: &mut Ipvs, rng: &mut Rng, port: &mut u16, n: u16) {
     let all: Vec<IpAddr> = (1..=3).map(server).collect();
     let mut expected = [0f64; 4];
     let mut variance = [0f64; 4];
     let mut observed = [0u32; 4];
-    let mut rng = Rng(0x7e05_1234_abcd_0001);
-    for k in 0..3000u16 {
+    for _ in 0..n {
         for (d, p) in model.twos_probabilities() {
             let n = match d.0 {
                 IpAddr::V4(a) => a.octets()[3] as usize,
@@ -460,20 +481,19 @@ fn twos_matches_the_model_in_distribution() {
             expected[n] += p;
             variance[n] += p * (1.0 - p);
         }
-        let port = 10000 + k;
+        *port += 1;
         let got = h
-            .server_of(&h.run(&tcp(port, "10.0.0.10", SYN)), &all)
-            .expect("forwarded");
-        h.run(&tcp(port, "10.0.0.10", ACK));
+            .server_of(&h.run(&tcp(*port, "10.0.0.10", SYN)), &all)
+            .unwrap_or_else(|| panic!("not forwarded: {:?}", h.counters()));
+        h.run(&tcp(*port, "10.0.0.10", ACK));
         let n = match got {
             IpAddr::V4(a) => a.octets()[3] as usize,
             _ => unreachable!(),
         };
         observed[n] += 1;
         model.bind(id(n as u8));
-        // Half the connections close soon, so the overheads differ from the weights.
         if rng.next(2) == 0 {
-            h.run(&tcp(port, "10.0.0.10", FIN | ACK));
+            h.run(&tcp(*port, "10.0.0.10", FIN | ACK));
             model.deactivate(id(n as u8));
         }
     }
