@@ -388,12 +388,13 @@ address = "2001:db8:1::2"
     assert!(t.iter().any(|t| t.1 == ip("2001:db8:aa::")));
 }
 
-/// A persistent service with a hashing scheduler: the template wins while it lives (sh
-/// would also agree, but after a server is quiesced only the template keeps the client).
+/// Persistence works with every scheduler: the first connection of a network is scheduled,
+/// the template sends the network's next ones to the same server.
 #[test]
 fn persistence_works_with_every_scheduler() {
     for sched in [
-        "rr", "wrr", "lc", "wlc", "sed", "nq", "sh", "mh", "fo", "ovf", "twos",
+        "rr", "wrr", "lc", "wlc", "sed", "nq", "sh", "dh", "mh", "fo", "ovf", "twos", "lblc",
+        "lblcr",
     ] {
         let cfg =
             persistent_rr(300).replace("scheduler = \"rr\"", &format!("scheduler = \"{sched}\""));
