@@ -411,3 +411,51 @@ fn persistence_works_with_every_scheduler() {
         assert_eq!(h.dp.templates().len(), 1, "{sched}");
     }
 }
+
+/// lblc over IPv6 (a `::/0` transparent-cache service): each destination keeps the server
+/// wlc gave it first; the cache holds one entry per destination.
+#[test]
+fn lblc_keeps_ipv6_destinations_on_their_caches() {
+    let h = Harness::new(
+        r#"
+[[services]]
+name = "caches6"
+address = "::/0"
+ports = [80]
+scheduler = "lblc"
+[[services.backends]]
+address = "2001:db8:1::1"
+[[services.backends]]
+address = "2001:db8:1::2"
+"#,
+    );
+    let dsts = [
+        "2001:db8:aa::1",
+        "2001:db8:bb::2",
+        "2001:db8:cc::3",
+        "2001:db8:dd::4",
+    ];
+    let first: Vec<IpAddr> = dsts
+        .iter()
+        .enumerate()
+        .map(|(i, d)| syn_to(&h, "2001:db8:9::1", 1000 + i as u16, d, 80).unwrap())
+        .collect();
+    // wlc spreads the first connections of new destinations (one each, in turn).
+    assert_ne!(first[0], first[1]);
+    // Later connections to each destination, from other clients, stay where they went.
+    for round in 0..2u16 {
+        for (i, d) in dsts.iter().enumerate() {
+            let port = 2000 + round * 10 + i as u16;
+            assert_eq!(
+                syn_to(&h, "2001:db8:9::77", port, d, 80),
+                Some(first[i]),
+                "{d}"
+            );
+        }
+    }
+    let mut cached: Vec<IpAddr> = h.dp.locality().into_iter().map(|(_, dst, _)| dst).collect();
+    cached.sort();
+    let mut want: Vec<IpAddr> = dsts.iter().map(|d| ip(d)).collect();
+    want.sort();
+    assert_eq!(cached, want);
+}
