@@ -32,7 +32,8 @@ pub const PASS_TTL_EXPIRED: u32 = 9;
 pub const DROP_NEIGH_MISSING: u32 = 10;
 /// The flow's real server was removed (IPVS drops these packets too, expire_nodest_conn=0).
 pub const DROP_BACKEND_GONE: u32 = 11;
-/// An internal lookup failed (a slot or backend index out of range): a controller bug.
+/// An internal lookup failed (a slot or backend index out of range, or a new-flow program
+/// missing from the program array): a controller bug.
 pub const DROP_INTERNAL: u32 = 12;
 /// The forwarding method is not implemented for this packet.
 pub const DROP_UNSUPPORTED: u32 = 13;
