@@ -875,7 +875,11 @@ pub struct SchedState {
     pub total_flips: u64,
     /// Overload-flag changes of the service's servers so far (atomic).
     pub overload_flips: u64,
-    pub _reserved: [u64; 3],
+    /// The slot table the total was computed over (`slots_base << 32 | slots_len`): a pick
+    /// that still holds the previous service entry never passes its total off as the new
+    /// table's.
+    pub total_table: u64,
+    pub _reserved: [u64; 2],
 }
 
 /// Traffic counters, per CPU, per service and per real server (IPVS `--stats` columns).

@@ -7,7 +7,7 @@ use aya_ebpf::maps::{LruHashMap, PerCpuArray};
 use lb_common::{
     BACKEND_F_AVAILABLE, Backend, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6,
     PROTO_TCP, Service, reason,
-    sched::F_STATELESS,
+    sched::{self as sched_codes, F_STATELESS},
     tcp::{self, Direction, state},
 };
 
@@ -288,8 +288,9 @@ fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
             new_conn: true,
         });
     }
-    if svc.persist_timeout != 0 {
-        // Templates come first: the regular path.
+    if svc.persist_timeout != 0 || matches!(svc.scheduler, sched_codes::LBLC | sched_codes::LBLCR) {
+        // Templates come first, and lblc/lblcr learn from every pick: the regular path,
+        // which looks at the table first, so a retransmitted SYN picks nothing.
         return None;
     }
     let t = sched::peek(svc, pkt).ok()?;
@@ -391,6 +392,9 @@ fn schedule<K: FlowKey>(
     let Some(slot) = BACKENDS.get(index) else {
         if tracked {
             acct::untake_entry(K::FAMILY);
+            if templated != u64::MAX {
+                persist::uncontrol(key, svc, now);
+            }
         }
         return Err(reason::DROP_INTERNAL);
     };

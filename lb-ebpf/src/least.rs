@@ -430,15 +430,22 @@ pub fn twos(svc: &Service) -> Result<(u32, &'static Backend), u32> {
     let generation = CONFIG_GEN
         .get_ptr(0)
         .map_or(0, |g| unsafe { core::ptr::read_volatile(g) });
+    let table = (svc.slots_base as u64) << 32 | svc.slots_len as u64;
     unsafe {
         let flips = core::ptr::read_volatile(&raw const (*st).overload_flips);
-        if (*st).total_gen == generation.wrapping_add(1) && (*st).total_flips == flips {
+        if (*st).total_gen == generation.wrapping_add(1)
+            && (*st).total_flips == flips
+            && (*st).total_table == table
+        {
             d.total = (*st).weight_total;
         } else {
             aya_ebpf::helpers::bpf_loop(n, sum_step as *mut c_void, ctx, 0);
-            (*st).weight_total = d.total;
-            (*st).total_flips = flips;
-            (*st).total_gen = generation.wrapping_add(1);
+            // Invalidated first, tagged last: a reader never pairs a new tag with an old sum.
+            core::ptr::write_volatile(&raw mut (*st).total_gen, 0);
+            core::ptr::write_volatile(&raw mut (*st).weight_total, d.total);
+            core::ptr::write_volatile(&raw mut (*st).total_flips, flips);
+            core::ptr::write_volatile(&raw mut (*st).total_table, table);
+            core::ptr::write_volatile(&raw mut (*st).total_gen, generation.wrapping_add(1));
         }
     }
     if d.total == 0 {

@@ -10,7 +10,7 @@
 //! As in IPVS, a template outranks quiescing and the overload flag: a client keeps going to
 //! a weight-0 or overloaded server while its template lives. Only a deleted server breaks it.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::maps::LruHashMap;
 use lb_common::{
@@ -76,6 +76,23 @@ fn add(p: *mut u32, v: u32) -> u32 {
     unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, v) }
 }
 
+/// `Template::controlled` of a template the reaper is deleting: nothing may join it.
+pub const DEAD: u32 = u32::MAX;
+
+#[inline(always)]
+fn cas(p: *mut u32, old: u32, new: u32) -> bool {
+    unsafe {
+        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
+    }
+    .1
+}
+
+/// The reaper claims an expired template (no controlled connection) for deletion.
+#[inline(always)]
+pub fn kill(controlled: *mut u32) -> bool {
+    cas(controlled, 0, DEAD)
+}
+
 /// The backend index of a live template of `key`'s client network, if its server still
 /// exists. `control`: a new connection will be recorded under it (counted, and the
 /// template's timeout restarts). A function of its own answering with a plain number
@@ -89,7 +106,7 @@ pub fn lookup<K: FlowKey>(key: &K, svc: &Service, now: u32, control: bool) -> u6
     let controlled_ptr = unsafe { &raw mut (*t).controlled };
     let tpl = unsafe { &mut *t };
     let controlled = unsafe { core::ptr::read_volatile(controlled_ptr) };
-    if tpl.expired(controlled, now) {
+    if controlled == DEAD || tpl.expired(controlled, now) {
         return u64::MAX;
     }
     let Some(slot) = BACKENDS.get(tpl.backend) else {
@@ -100,7 +117,10 @@ pub fn lookup<K: FlowKey>(key: &K, svc: &Service, now: u32, control: bool) -> u6
         return u64::MAX;
     }
     if control {
-        add(controlled_ptr, 1);
+        // From the value seen: if the reaper claimed it meanwhile, this is a miss.
+        if !cas(controlled_ptr, controlled, controlled + 1) {
+            return u64::MAX;
+        }
         if tpl.last_used != now {
             tpl.last_used = now;
         }
@@ -110,7 +130,9 @@ pub fn lookup<K: FlowKey>(key: &K, svc: &Service, now: u32, control: bool) -> u6
 
 /// Records a template for `key`'s client network pointing at backend `index` of generation
 /// `generation` (replacing an expired or broken one); `control`: it controls the connection
-/// being created.
+/// being created. A template that is replaced in place keeps its count of controlled
+/// connections: those still alive (on a server since deleted) release it when they end, so
+/// the count stays exact.
 #[inline(always)]
 pub fn create<K: FlowKey>(
     key: &K,
@@ -121,6 +143,21 @@ pub fn create<K: FlowKey>(
     control: bool,
 ) {
     let tkey = key.template_key(svc.id, svc.persist_prefix as u32);
+    if let Some(t) = K::templates().get_ptr_mut(&tkey) {
+        let controlled_ptr = unsafe { &raw mut (*t).controlled };
+        let controlled = unsafe { core::ptr::read_volatile(controlled_ptr) };
+        if controlled != DEAD {
+            let tpl = unsafe { &mut *t };
+            tpl.backend = index;
+            tpl.generation = generation;
+            tpl.last_used = now;
+            tpl.timeout = svc.persist_timeout;
+            if control {
+                add(controlled_ptr, 1);
+            }
+            return;
+        }
+    }
     let w: [u32; 6] = [
         index,
         generation,
@@ -156,8 +193,9 @@ fn release<K: FlowKey>(key: &K, service_id: u32, marker: u32, now: u32) {
     };
     let controlled_ptr = unsafe { &raw mut (*t).controlled };
     let before = add(controlled_ptr, u32::MAX);
-    if before == 0 {
-        // The template was replaced since (it starts from zero): undo.
+    if before == 0 || before == DEAD {
+        // A template that was replaced since (it starts from zero) or is being deleted:
+        // undo.
         add(controlled_ptr, 1);
         return;
     }

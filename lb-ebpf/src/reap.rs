@@ -114,9 +114,12 @@ extern "C" fn visit_template(
     ctx: *mut c_void,
 ) -> i64 {
     let walk = unsafe { &*(ctx as *const Walk) };
-    let t = value as *const Template;
-    let controlled = unsafe { core::ptr::read_volatile(&raw const (*t).controlled) };
-    if unsafe { (*t).expired(controlled, walk.now) } {
+    let t = value as *mut Template;
+    let controlled_ptr = unsafe { &raw mut (*t).controlled };
+    let controlled = unsafe { core::ptr::read_volatile(controlled_ptr) };
+    // Claimed by a compare-and-swap to `persist::DEAD` first: a packet that takes the
+    // template at the same moment (its own swap from 0) wins or loses cleanly.
+    if unsafe { (*t).expired(controlled, walk.now) } && crate::persist::kill(controlled_ptr) {
         unsafe { bpf_map_delete_elem(map, key) };
     }
     0

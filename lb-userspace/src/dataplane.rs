@@ -278,7 +278,9 @@ impl Dataplane {
 
     /// Re-evaluates the server's overload flag after its thresholds changed (IPVS does so when
     /// a destination is edited); the data plane keeps it current as connections come and go.
-    pub fn refresh_overload(&mut self, index: u32, backend: &Backend) -> Result<()> {
+    /// Re-evaluates a server's overload flag after its thresholds changed; `true` if the flag
+    /// changed (the caller then invalidates what depends on it).
+    pub fn refresh_overload(&mut self, index: u32, backend: &Backend) -> Result<bool> {
         let p = self
             .backend_conns
             .ptr_at(index)
@@ -291,8 +293,8 @@ impl Dataplane {
             if now != was {
                 std::ptr::write_volatile(&raw mut (*p).overloaded, now as u64);
             }
+            Ok(now != was)
         }
-        Ok(())
     }
 
     /// Connections that may still be created (IPv4, IPv6): the shared pool plus what CPUs
@@ -592,13 +594,14 @@ impl Dataplane {
         self.slots.write(base, values)
     }
 
-    /// Marks scan groups `[first, first + n)` dirty with no best (a new or changed table:
-    /// the next pick rescans them).
+    /// Marks scan groups `[first, first + n)` dirty (a new or changed table: the next pick
+    /// rescans them). Their bests stay: a pick already past the dirty flags still finds a
+    /// server (one it validates), not "none".
     pub fn dirty_groups(&mut self, first: u32, n: u32) -> Result<()> {
-        let fresh = GroupState { dirty: 1, best: 0 };
         for g in first..first + n {
+            let best = self.groups.get(&g, 0).map(|s| s.best).unwrap_or(0);
             self.groups
-                .set(g, fresh, 0)
+                .set(g, GroupState { dirty: 1, best }, 0)
                 .with_context(|| format!("writing GROUPS[{g}]"))?;
         }
         Ok(())

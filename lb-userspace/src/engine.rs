@@ -95,8 +95,11 @@ enum Op {
     ResetBackendStats(u32),
     WriteBackend(u32, Backend),
     WriteSlots(u32, Vec<u32>),
-    /// Scan groups (first, count) to rescan.
+    /// Scan groups (first, count) to rescan: written before the switch (a new table's groups
+    /// may hold another service's or rule's bests) and again after it (a pick under the old
+    /// entry may have rescanned them by the old rule meanwhile).
     DirtyGroups(u32, u32),
+    DirtyGroupsAfterSwitch(u32, u32),
     /// The prefilter while services are switched: bits of old and new services.
     FilterUnion(Vec<u64>),
     /// The service entry; its scheduler offset is computed when it is written (see
@@ -372,7 +375,7 @@ impl Engine {
             Op::FilterUnion(_) => 3,
             Op::PutService(..) => 4,
             Op::RemoveEntries(_) => 5,
-            Op::FilterFinal(_) => 6,
+            Op::FilterFinal(_) | Op::DirtyGroupsAfterSwitch(..) => 6,
             // Backends retired by this change: only once nothing new can reach them.
             Op::WriteBackend(..) => 7,
         };
@@ -409,12 +412,23 @@ impl Engine {
         let at = Instant::now();
         next.deferred.extend(retire.into_iter().map(|d| (at, d)));
         *self = next;
-        // Thresholds may have changed: the overload flags follow (as on an IPVS edit).
+        // Thresholds may have changed: the overload flags follow (as on an IPVS edit). A
+        // changed flag invalidates its scan group and the cached twos sums (another
+        // configuration generation).
+        let mut flipped = false;
         for st in self.services.values() {
             for b in &st.backends {
                 let entry = self.backend_entry_for(b, st.id);
-                dp.refresh_overload(b.index, &entry)?;
+                if dp.refresh_overload(b.index, &entry)? {
+                    flipped = true;
+                    if let Some(g) = b.group {
+                        dp.dirty_groups(g, 1)?;
+                    }
+                }
             }
+        }
+        if flipped {
+            dp.bump_config_generation()?;
         }
         Ok(())
     }
@@ -649,6 +663,7 @@ impl Engine {
             let first = start >> lb_common::group::SHIFT;
             let n = (slots.len() as u32).div_ceil(lb_common::group::SIZE);
             ops.push(Op::DirtyGroups(first, n));
+            ops.push(Op::DirtyGroupsAfterSwitch(first, n));
         }
         st.table = table;
         let entries = matching::entries(want);
@@ -829,7 +844,9 @@ fn execute(dp: &mut Dataplane, op: Op) -> Result<()> {
         Op::ResetBackendStats(i) => dp.reset_backend_stats(i),
         Op::WriteBackend(i, b) => dp.write_backend(i, &b),
         Op::WriteSlots(base, v) => dp.write_slots(base, &v),
-        Op::DirtyGroups(first, n) => dp.dirty_groups(first, n),
+        Op::DirtyGroups(first, n) | Op::DirtyGroupsAfterSwitch(first, n) => {
+            dp.dirty_groups(first, n)
+        }
         Op::PutService(_, entries, v, _) => entries.iter().try_for_each(|e| dp.put_entry(e, &v)),
         Op::RemoveEntries(entries) => entries.iter().try_for_each(|e| dp.remove_entry(e)),
         Op::FilterUnion(w) | Op::FilterFinal(w) => dp.write_filter(&w),
