@@ -172,6 +172,10 @@ pub struct GroupState {
     pub dirty: u32,
     /// The group's best slot (offset in the service's table) plus one; 0 = none eligible.
     pub best: u32,
+    /// Some member has fewer than half as many active connections as its weight (lblc's
+    /// `is_overloaded()` asks this of the whole service).
+    pub underloaded: u32,
+    pub _pad: u32,
 }
 
 /// The destination caches of lblc and lblcr (IPVS's `ip_vs_lblc_entry` / `ip_vs_lblcr_entry`):

@@ -10,7 +10,10 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use lb_common::{
     BACKEND_F_AVAILABLE, Backend, Service, group, reason,
-    sched::least::{self, Load},
+    sched::{
+        self,
+        least::{self, Load},
+    },
 };
 
 use crate::maps::{
@@ -80,6 +83,25 @@ fn linear(svc: &Service, sched: u8) -> Result<(u32, &'static Backend), u32> {
 /// (the second half of lblc's `is_overloaded()`; the overload flag does not matter here).
 #[inline(always)]
 pub fn any_underloaded(svc: &Service) -> bool {
+    if svc.slots_len > group::MIN_SLOTS
+        && svc.slots_base & (group::SIZE - 1) == 0
+        && let Some(w) = refresh_groups(svc, sched::WLC)
+    {
+        // The groups know (lblc and lblcr services scan their groups by wlc's rule).
+        let mut walk = GroupWalk {
+            w: w as *mut Groups,
+        };
+        w.stale = 0;
+        unsafe {
+            bpf_loop(
+                w.groups,
+                underloaded_group_step as *mut c_void,
+                &raw mut walk as *mut c_void,
+                0,
+            )
+        };
+        return w.stale != 0;
+    }
     let mut u = Underloaded {
         slots_base: svc.slots_base,
         found: 0,
@@ -93,6 +115,20 @@ pub fn any_underloaded(svc: &Service) -> bool {
         )
     };
     u.found != 0
+}
+
+/// Group `g` has an underloaded member: stop (reported through `Groups::stale`).
+#[inline(never)]
+extern "C" fn underloaded_group_step(g: u64, ctx: *mut c_void) -> i64 {
+    let w = unsafe { &mut *(*(ctx as *mut GroupWalk)).w };
+    let Some(st) = GROUPS.get(w.first_group.wrapping_add(g as u32)) else {
+        return 1;
+    };
+    if unsafe { core::ptr::read_volatile(&st.underloaded) } != 0 {
+        w.stale = 1;
+        return 1;
+    }
+    0
 }
 
 #[repr(C)]
@@ -213,8 +249,37 @@ fn consider(s: &mut Scan, index: u32, d: Load) -> bool {
 /// then scans everything.
 #[inline(always)]
 fn grouped(svc: &Service, sched: u8) -> Option<Result<u32, u32>> {
-    // The walk's state lives in a per-CPU map, not on the stack: the call chain down to the
-    // callbacks must stay within the verifier's 512 bytes of stack.
+    let w = refresh_groups(svc, sched)?;
+    let mut walk = GroupWalk {
+        w: w as *mut Groups,
+    };
+    // The groups' bests, in order.
+    w.scan.found = 0;
+    w.stale = 0;
+    unsafe {
+        bpf_loop(
+            w.groups,
+            combine_step as *mut c_void,
+            &raw mut walk as *mut c_void,
+            0,
+        )
+    };
+    if w.stale != 0 {
+        return None;
+    }
+    Some(if w.scan.found != 0 {
+        Ok(w.scan.best_index)
+    } else {
+        Err(reason::PASS_NO_BACKEND)
+    })
+}
+
+/// Brings the service's scan groups up to date: collects the dirty ones (clearing their
+/// flags first) and rescans them by `sched`'s rule. The walk's state lives in a per-CPU map,
+/// not on the stack: the call chain down to the callbacks must stay within the verifier's
+/// 512 bytes of stack.
+#[inline(always)]
+fn refresh_groups(svc: &Service, sched: u8) -> Option<&'static mut Groups> {
     let w = unsafe { &mut *GROUP_SCAN.get_ptr_mut(0)? };
     w.slots_base = svc.slots_base;
     w.slots_len = svc.slots_len;
@@ -224,6 +289,7 @@ fn grouped(svc: &Service, sched: u8) -> Option<Result<u32, u32>> {
     w.dirty_len = 0;
     w.stale = 0;
     w.group_done = 0;
+    w.group_under = 0;
     w.scan.slots_base = svc.slots_base;
     w.scan.service_id = svc.id;
     w.scan.sched = sched as u32;
@@ -232,7 +298,6 @@ fn grouped(svc: &Service, sched: u8) -> Option<Result<u32, u32>> {
         w: w as *mut Groups,
     };
     let ctx = &raw mut walk as *mut c_void;
-    // Which groups changed (their flags are cleared here, before their rescan).
     unsafe { bpf_loop(w.groups, collect_step as *mut c_void, ctx, 0) };
     let rescan = if w.all != 0 {
         w.groups * group::SIZE
@@ -240,17 +305,7 @@ fn grouped(svc: &Service, sched: u8) -> Option<Result<u32, u32>> {
         w.dirty_len * group::SIZE
     };
     unsafe { bpf_loop(rescan, rescan_step as *mut c_void, ctx, 0) };
-    // The groups' bests, in order.
-    w.scan.found = 0;
-    unsafe { bpf_loop(w.groups, combine_step as *mut c_void, ctx, 0) };
-    if w.stale != 0 {
-        return None;
-    }
-    Some(if w.scan.found != 0 {
-        Ok(w.scan.best_index)
-    } else {
-        Err(reason::PASS_NO_BACKEND)
-    })
+    Some(w)
 }
 
 /// The callbacks' context: where the walk's state is.
@@ -281,6 +336,8 @@ pub struct Groups {
     stale: u32,
     /// The group being rescanned has its final best (nq found an idle server).
     group_done: u32,
+    /// The group being rescanned has an underloaded member.
+    group_under: u32,
     /// The scan state of the group being rescanned, then of the final comparison (one
     /// field for both keeps the stack small).
     scan: Scan,
@@ -333,6 +390,7 @@ extern "C" fn rescan_step(i: u64, ctx: *mut c_void) -> i64 {
     let at = (i as u32) & (group::SIZE - 1);
     if at == 0 {
         w.group_done = 0;
+        w.group_under = 0;
         w.scan.found = 0;
         if w.all != 0
             && let Some(st) = GROUPS.get_ptr_mut(w.first_group.wrapping_add(g))
@@ -343,11 +401,16 @@ extern "C" fn rescan_step(i: u64, ctx: *mut c_void) -> i64 {
     }
     let pos = (g << group::SHIFT) | at;
     if pos < w.slots_len
-        && w.group_done == 0
         && let Some(index) = SLOTS.get(w.slots_base.wrapping_add(pos))
     {
         let index = *index;
-        if let Some(d) = load(index, w.scan.service_id)
+        if let Some(be) = BACKENDS.get(index)
+            && active(index) * 2 < be.current().weight as u64
+        {
+            w.group_under = 1;
+        }
+        if w.group_done == 0
+            && let Some(d) = load(index, w.scan.service_id)
             && consider(&mut w.scan, pos, d)
         {
             // nq's idle server: the rest of the group cannot beat it.
@@ -361,7 +424,10 @@ extern "C" fn rescan_step(i: u64, ctx: *mut c_void) -> i64 {
             0
         };
         if let Some(st) = GROUPS.get_ptr_mut(w.first_group.wrapping_add(g)) {
-            unsafe { core::ptr::write_volatile(&raw mut (*st).best, best) };
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*st).best, best);
+                core::ptr::write_volatile(&raw mut (*st).underloaded, w.group_under);
+            }
         }
     }
     0

@@ -599,9 +599,9 @@ impl Dataplane {
     /// server (one it validates), not "none".
     pub fn dirty_groups(&mut self, first: u32, n: u32) -> Result<()> {
         for g in first..first + n {
-            let best = self.groups.get(&g, 0).map(|s| s.best).unwrap_or(0);
+            let old = self.groups.get(&g, 0).unwrap_or_default();
             self.groups
-                .set(g, GroupState { dirty: 1, best }, 0)
+                .set(g, GroupState { dirty: 1, ..old }, 0)
                 .with_context(|| format!("writing GROUPS[{g}]"))?;
         }
         Ok(())

@@ -567,7 +567,7 @@ fn play_grouped(sched: Scheduler, seed: u64, servers: u16, steps: usize) {
                 let got = (r.action == XDP_TX)
                     .then(|| h.server_of(&r, &all))
                     .flatten();
-                let want = model.schedule();
+                let want = model.schedule_packet(ip(CLIENT), port, ip("10.0.0.10"));
                 assert_eq!(got, want.map(|d| d.0), "{sched:?} step {step}");
                 if let Some(d) = want {
                     h.run(&tcp(port, "10.0.0.10", ACK));
@@ -618,4 +618,7 @@ fn grouped_scans_match_the_model_on_large_services() {
     play_grouped(Scheduler::Wlc, 0x6a0b_0100, 45, 400);
     play_grouped(Scheduler::Nq, 0x6a0b_0101, 70, 400);
     play_grouped(Scheduler::Fo, 0x6a0b_0102, 64, 300);
+    // lblc/lblcr ask the groups whether any server is underloaded.
+    play_grouped(Scheduler::Lblc, 0x6a0b_0103, 70, 400);
+    play_grouped(Scheduler::Lblcr, 0x6a0b_0104, 333, 400);
 }
