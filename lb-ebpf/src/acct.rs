@@ -32,7 +32,6 @@ fn count(backend: u32, state: u8, delta: u64) {
         };
         add(p, delta);
     }
-    touch_group(backend);
 }
 
 /// The overload flag of `backend` (of service `service_id`) changed: its scan group and the
@@ -68,6 +67,7 @@ fn touch_group(backend: u32) {
 #[inline(always)]
 pub fn created(backend: u32, state: u8) {
     count(backend, state, 1);
+    touch_group(backend);
     update_overload(backend);
 }
 
@@ -77,6 +77,7 @@ pub fn moved(backend: u32, old: u8, new: u8) {
     if tcp::is_active(old) != tcp::is_active(new) {
         count(backend, old, u64::MAX);
         count(backend, new, 1);
+        touch_group(backend);
     }
 }
 
@@ -84,6 +85,7 @@ pub fn moved(backend: u32, old: u8, new: u8) {
 #[inline(always)]
 pub fn gone(backend: u32, state: u8) {
     count(backend, state, u64::MAX);
+    touch_group(backend);
     update_overload(backend);
 }
 
@@ -115,13 +117,12 @@ fn update_overload(backend: u32) {
     }
 }
 
-/// Swaps a flow's status word from `old` to `new`; `true` if this caller made the change.
+/// Swaps a word (a flow's status, a template's count) from `old` to `new`; `true` if this
+/// caller made the change.
 #[inline(always)]
-pub fn swap_status(status: *mut u32, old: u32, new: u32) -> bool {
+pub fn cas(word: *mut u32, old: u32, new: u32) -> bool {
     unsafe {
-        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            status, old, new,
-        )
+        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(word, old, new)
     }
     .1
 }
@@ -130,7 +131,7 @@ pub fn swap_status(status: *mut u32, old: u32, new: u32) -> bool {
 /// (the count is decremented here; the caller deletes the entry and returns it to the pool).
 #[inline(always)]
 pub fn retire(status: *mut u32, observed: u32, backend: u32) -> bool {
-    if observed & FLOW_DEAD != 0 || !swap_status(status, observed, observed | FLOW_DEAD) {
+    if observed & FLOW_DEAD != 0 || !cas(status, observed, observed | FLOW_DEAD) {
         return false;
     }
     gone(backend, observed as u8);

@@ -14,7 +14,7 @@ use core::ffi::c_void;
 use lb_common::{FLOW_DEAD, RECYCLE_SCAN, RECYCLE_TRIES, reason, tcp::state};
 
 use crate::{
-    acct,
+    Ref, acct,
     flow::FlowKey,
     maps::{FLOW_POOL, FLOW_QUOTA, RECYCLE_WALK},
     stats,
@@ -61,7 +61,7 @@ fn copy_words<K>(dst: *mut K, src: &K) {
 /// there may be many of them before the next live candidate.
 ///
 /// A function of its own answering with a plain number (1 freed, 0 not): the verifier walks
-/// on from one state after it (see `sched::pick_index`).
+/// on from one state after it (see `sched::xlb_pick`).
 #[inline(never)]
 fn recycle<K: FlowKey>(now: u32) -> u64 {
     let i = K::INDEX;
@@ -90,8 +90,8 @@ fn recycle<K: FlowKey>(now: u32) -> u64 {
     walk.next = next;
     walk.mask = mask;
     walk.freed = 0;
-    let mut ctx = WalkRef {
-        w: walk as *mut Walk,
+    let mut ctx = Ref {
+        p: walk as *mut Walk,
     };
     unsafe {
         aya_ebpf::helpers::bpf_loop(
@@ -103,11 +103,6 @@ fn recycle<K: FlowKey>(now: u32) -> u64 {
     };
     unsafe { (*q).recent_evict[i] = walk.pos };
     (walk.freed != 0) as u64
-}
-
-#[repr(C)]
-struct WalkRef {
-    w: *mut Walk,
 }
 
 #[repr(C)]
@@ -124,7 +119,7 @@ pub struct Walk {
 /// One ring slot; 1 stops the walk.
 #[inline(never)]
 extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
-    let w = unsafe { &mut *(*(ctx as *mut WalkRef)).w };
+    let w = unsafe { Ref::<Walk>::state(ctx) };
     if w.pos == w.next || w.live_left == 0 {
         return 1;
     }

@@ -211,7 +211,7 @@ fn on_entry<K: FlowKey>(
         };
         // Write only on change: most packets leave the entry (and its cache line) clean.
         // Losing the swap means someone else changed the state first; theirs stands.
-        if next != st && acct::swap_status(status_ptr, status, next as u32) {
+        if next != st && acct::cas(status_ptr, status, next as u32) {
             acct::moved(flow.backend, st, next);
             if tcp::is_active(st) && !tcp::is_active(next) {
                 // Closing: its entry may now go to a new connection if the table fills.

@@ -16,9 +16,12 @@ use lb_common::{
     },
 };
 
-use crate::maps::{
-    BACKEND_CONNS, BACKENDS, CONFIG_GEN, DRAW_SCRATCH, GROUP_SCAN, GROUPS, SCAN_SCRATCH,
-    SCHED_STATE, SLOTS,
+use crate::{
+    Ref,
+    maps::{
+        BACKEND_CONNS, BACKENDS, CONFIG_GEN, DRAW_SCRATCH, GROUP_SCAN, GROUPS, SCAN_SCRATCH,
+        SCHED_STATE, SLOTS,
+    },
 };
 
 #[repr(C)]
@@ -37,8 +40,7 @@ pub struct Scan {
 /// service with many servers (`lb_common::group`), else one scan of all.
 #[inline(always)]
 pub fn scan(svc: &Service, sched: u8) -> Result<(u32, &'static Backend), u32> {
-    if svc.slots_len > group::MIN_SLOTS
-        && svc.slots_base & (group::SIZE - 1) == 0
+    if has_groups(svc)
         && let Some(found) = grouped(svc, sched)
     {
         let index = found?;
@@ -46,6 +48,13 @@ pub fn scan(svc: &Service, sched: u8) -> Result<(u32, &'static Backend), u32> {
         return Ok((index, be));
     }
     linear(svc, sched)
+}
+
+/// The service's table is scanned by groups (`lb_common::group`): large enough, and placed
+/// on a group boundary by the controller.
+#[inline(always)]
+fn has_groups(svc: &Service) -> bool {
+    svc.slots_len > group::MIN_SLOTS && svc.slots_base & (group::SIZE - 1) == 0
 }
 
 /// One scan of all servers.
@@ -83,13 +92,12 @@ fn linear(svc: &Service, sched: u8) -> Result<(u32, &'static Backend), u32> {
 /// (the second half of lblc's `is_overloaded()`; the overload flag does not matter here).
 #[inline(always)]
 pub fn any_underloaded(svc: &Service) -> bool {
-    if svc.slots_len > group::MIN_SLOTS
-        && svc.slots_base & (group::SIZE - 1) == 0
+    if has_groups(svc)
         && let Some(w) = refresh_groups(svc, sched::WLC)
     {
         // The groups know (lblc and lblcr services scan their groups by wlc's rule).
-        let mut walk = GroupWalk {
-            w: w as *mut Groups,
+        let mut walk = Ref {
+            p: w as *mut Groups,
         };
         w.stale = 0;
         unsafe {
@@ -120,7 +128,7 @@ pub fn any_underloaded(svc: &Service) -> bool {
 /// Group `g` has an underloaded member: stop (reported through `Groups::stale`).
 #[inline(never)]
 extern "C" fn underloaded_group_step(g: u64, ctx: *mut c_void) -> i64 {
-    let w = unsafe { &mut *(*(ctx as *mut GroupWalk)).w };
+    let w = unsafe { Ref::<Groups>::state(ctx) };
     let Some(st) = GROUPS.get(w.first_group.wrapping_add(g as u32)) else {
         return 1;
     };
@@ -211,7 +219,7 @@ pub fn load(index: u32, service_id: u32) -> Option<Load> {
 /// One server of the scan; 1 stops the loop.
 #[inline(never)]
 extern "C" fn step(i: u64, ctx: *mut c_void) -> i64 {
-    let s = unsafe { &mut *(*(ctx as *mut Ref<Scan>)).p };
+    let s = unsafe { Ref::<Scan>::state(ctx) };
     let Some(index) = SLOTS.get(s.slots_base.wrapping_add(i as u32)) else {
         return 1;
     };
@@ -250,8 +258,8 @@ fn consider(s: &mut Scan, index: u32, d: Load) -> bool {
 #[inline(always)]
 fn grouped(svc: &Service, sched: u8) -> Option<Result<u32, u32>> {
     let w = refresh_groups(svc, sched)?;
-    let mut walk = GroupWalk {
-        w: w as *mut Groups,
+    let mut walk = Ref {
+        p: w as *mut Groups,
     };
     // The groups' bests, in order.
     w.scan.found = 0;
@@ -294,8 +302,8 @@ fn refresh_groups(svc: &Service, sched: u8) -> Option<&'static mut Groups> {
     w.scan.service_id = svc.id;
     w.scan.sched = sched as u32;
     w.scan.found = 0;
-    let mut walk = GroupWalk {
-        w: w as *mut Groups,
+    let mut walk = Ref {
+        p: w as *mut Groups,
     };
     let ctx = &raw mut walk as *mut c_void;
     unsafe { bpf_loop(w.groups, collect_step as *mut c_void, ctx, 0) };
@@ -306,20 +314,6 @@ fn refresh_groups(svc: &Service, sched: u8) -> Option<&'static mut Groups> {
     };
     unsafe { bpf_loop(rescan, rescan_step as *mut c_void, ctx, 0) };
     Some(w)
-}
-
-/// The callbacks' context: where the walk's state is.
-#[repr(C)]
-struct GroupWalk {
-    w: *mut Groups,
-}
-
-/// A `bpf_loop` context that only points at the walk's state, which lives in a per-CPU map:
-/// the frames from the program down to a callback must fit the verifier's 512 bytes of
-/// stack, and the schedulers' states are large.
-#[repr(C)]
-struct Ref<T> {
-    p: *mut T,
 }
 
 #[repr(C)]
@@ -354,7 +348,7 @@ fn masked_dirty_index(n: usize) -> usize {
 /// Group `g` of the service: collects it if dirty (clearing the flag).
 #[inline(never)]
 extern "C" fn collect_step(g: u64, ctx: *mut c_void) -> i64 {
-    let w = unsafe { &mut *(*(ctx as *mut GroupWalk)).w };
+    let w = unsafe { Ref::<Groups>::state(ctx) };
     let Some(st) = GROUPS.get_ptr_mut(w.first_group.wrapping_add(g as u32)) else {
         return 1;
     };
@@ -378,7 +372,7 @@ extern "C" fn collect_step(g: u64, ctx: *mut c_void) -> i64 {
 /// Slot `i` of the rescan: group `i / SIZE` of the list (all groups, or the dirty ones).
 #[inline(never)]
 extern "C" fn rescan_step(i: u64, ctx: *mut c_void) -> i64 {
-    let w = unsafe { &mut *(*(ctx as *mut GroupWalk)).w };
+    let w = unsafe { Ref::<Groups>::state(ctx) };
     let nth = i >> group::SHIFT;
     let g = if w.all != 0 {
         nth as u32
@@ -436,7 +430,7 @@ extern "C" fn rescan_step(i: u64, ctx: *mut c_void) -> i64 {
 /// Group `g`'s best offered to the final comparison.
 #[inline(never)]
 extern "C" fn combine_step(g: u64, ctx: *mut c_void) -> i64 {
-    let w = unsafe { &mut *(*(ctx as *mut GroupWalk)).w };
+    let w = unsafe { Ref::<Groups>::state(ctx) };
     let Some(st) = GROUPS.get(w.first_group.wrapping_add(g as u32)) else {
         return 1;
     };
@@ -548,7 +542,7 @@ fn draw_load(d: &Draw, i: u64) -> Option<(u32, Load)> {
 
 #[inline(never)]
 extern "C" fn sum_step(i: u64, ctx: *mut c_void) -> i64 {
-    let d = unsafe { &mut *(*(ctx as *mut Ref<Draw>)).p };
+    let d = unsafe { Ref::<Draw>::state(ctx) };
     if let Some((_, l)) = draw_load(d, i) {
         d.total += l.weight;
     }
@@ -557,7 +551,7 @@ extern "C" fn sum_step(i: u64, ctx: *mut c_void) -> i64 {
 
 #[inline(never)]
 extern "C" fn draw_step(i: u64, ctx: *mut c_void) -> i64 {
-    let d = unsafe { &mut *(*(ctx as *mut Ref<Draw>)).p };
+    let d = unsafe { Ref::<Draw>::state(ctx) };
     let Some((index, l)) = draw_load(d, i) else {
         return 0;
     };

@@ -87,7 +87,7 @@ fn candidate<K>(cache: &LruHashMap<K, Locality>, key: &K, svc: &Service, now: u3
     if svc.scheduler == sched::LBLC {
         // `ip_vs_lblc_schedule()`: the cached server if available and weighted (the
         // threshold flag is not looked at).
-        let be = member(svc, e.members[0], e.generations[0])?;
+        let be = member(svc.id, e.members[0], e.generations[0])?;
         return (be.weight > 0).then_some(e.members[0]);
     }
     // `ip_vs_lblcr_schedule()`.
@@ -133,9 +133,11 @@ fn generation(index: u32) -> u32 {
 
 /// The member's server, if it still exists in this service (same generation, available).
 #[inline(always)]
-fn member(svc: &Service, index: u32, generation: u32) -> Option<&'static Backend> {
+fn member(service_id: u32, index: u32, generation: u32) -> Option<&'static Backend> {
     let be = BACKENDS.get(index)?.current();
-    (be.generation == generation && be.flags & BACKEND_F_AVAILABLE != 0 && be.service_id == svc.id)
+    (be.generation == generation
+        && be.flags & BACKEND_F_AVAILABLE != 0
+        && be.service_id == service_id)
         .then_some(be)
 }
 
@@ -207,11 +209,7 @@ fn member_at(r: &SetWalkRef, service_id: u32, i: u64) -> Option<(u32, &'static B
         return None;
     }
     let index = e.members[i];
-    let be = BACKENDS.get(index)?.current();
-    (be.generation == e.generations[i]
-        && be.flags & BACKEND_F_AVAILABLE != 0
-        && be.service_id == service_id)
-        .then_some((index, be))
+    member(service_id, index, e.generations[i]).map(|be| (index, be))
 }
 
 /// `ip_vs_dest_set_min()`: the first member that is available, not flagged overloaded and

@@ -190,6 +190,26 @@ fn finish(ctx: &XdpContext, pkt: &parse::Pkt, result: Result<flow::Target, u32>)
     (action, why)
 }
 
+/// A `bpf_loop` context that only points at the walk's state, which lives in a per-CPU map:
+/// the frames from a program down to a callback must fit the verifier's 512 bytes of stack,
+/// and the walks' states are large. (Map values may not hold pointers, so the pointer lives
+/// here, on the stack.)
+#[repr(C)]
+pub struct Ref<T> {
+    pub p: *mut T,
+}
+
+impl<T> Ref<T> {
+    /// The state behind a callback's context.
+    ///
+    /// # Safety
+    /// `ctx` is the `Ref<T>` handed to `bpf_loop`.
+    #[inline(always)]
+    pub unsafe fn state<'a>(ctx: *mut core::ffi::c_void) -> &'a mut T {
+        unsafe { &mut *(*(ctx as *mut Ref<T>)).p }
+    }
+}
+
 /// Zeroes `slot` (plain words only) word by word with volatile stores and returns it: a
 /// struct literal with zeroed fields becomes a call to a `memset` subprogram (whose byte loop
 /// the verifier walks iteration by iteration), and returning a value would copy it with

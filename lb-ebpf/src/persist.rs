@@ -10,7 +10,7 @@
 //! As in IPVS, a template outranks quiescing and the overload flag: a client keeps going to
 //! a weight-0 or overloaded server while its template lives. Only a deleted server breaks it.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::maps::LruHashMap;
 use lb_common::{
@@ -19,6 +19,7 @@ use lb_common::{
 };
 
 use crate::{
+    acct,
     flow::FlowKey,
     maps::{BACKENDS, TEMPLATES_V4, TEMPLATES_V6},
 };
@@ -79,24 +80,16 @@ fn add(p: *mut u32, v: u32) -> u32 {
 /// `Template::controlled` of a template the reaper is deleting: nothing may join it.
 pub const DEAD: u32 = u32::MAX;
 
-#[inline(always)]
-fn cas(p: *mut u32, old: u32, new: u32) -> bool {
-    unsafe {
-        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
-    }
-    .1
-}
-
 /// The reaper claims an expired template (no controlled connection) for deletion.
 #[inline(always)]
 pub fn kill(controlled: *mut u32) -> bool {
-    cas(controlled, 0, DEAD)
+    acct::cas(controlled, 0, DEAD)
 }
 
 /// The backend index of a live template of `key`'s client network, if its server still
 /// exists. `control`: a new connection will be recorded under it (counted, and the
 /// template's timeout restarts). A function of its own answering with a plain number
-/// (`u64::MAX` for none), so the verifier walks on from one state (see `sched::pick_index`).
+/// (`u64::MAX` for none), so the verifier walks on from one state (see `sched::xlb_pick`).
 #[inline(never)]
 pub fn lookup<K: FlowKey>(key: &K, svc: &Service, now: u32, control: bool) -> u64 {
     let tkey = key.template_key(svc.id, svc.persist_prefix as u32);
@@ -118,7 +111,7 @@ pub fn lookup<K: FlowKey>(key: &K, svc: &Service, now: u32, control: bool) -> u6
     }
     if control {
         // From the value seen: if the reaper claimed it meanwhile, this is a miss.
-        if !cas(controlled_ptr, controlled, controlled + 1) {
+        if !acct::cas(controlled_ptr, controlled, controlled + 1) {
             return u64::MAX;
         }
         if tpl.last_used != now {

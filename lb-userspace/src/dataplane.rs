@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Limits, XdpModeSetting},
+    engine::v6_of_words,
     matching::MatchEntry,
 };
 
@@ -98,6 +99,19 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
         .take_map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+/// Removes the entries of `map` whose key matches (best effort: a key the data plane
+/// replaced meanwhile is simply gone already).
+fn purge<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, matches: impl Fn(&K) -> bool) {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| matches(k))
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
 }
 
 /// Entries of `GROUPS` for a slot table of `slots` entries.
@@ -422,66 +436,20 @@ impl Dataplane {
 
     /// Live persistence templates: (service id, client network, template).
     pub fn templates(&self) -> Vec<(u32, std::net::IpAddr, Template)> {
-        let mut out: Vec<_> = self
-            .templates_v4
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, t)| (k.service_id, std::net::IpAddr::from(k.net.to_ne_bytes()), t))
-            .collect();
-        out.extend(
-            self.templates_v6
-                .iter()
-                .filter_map(|r| r.ok())
-                .map(|(k, t)| {
-                    let mut o = [0u8; 16];
-                    for (i, w) in k.net.iter().enumerate() {
-                        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-                    }
-                    (k.service_id, std::net::IpAddr::from(o), t)
-                }),
-        );
-        out
+        let v4 = self.templates_v4.iter().filter_map(|r| r.ok());
+        let v6 = self.templates_v6.iter().filter_map(|r| r.ok());
+        v4.map(|(k, t)| (k.service_id, std::net::IpAddr::from(k.net.to_ne_bytes()), t))
+            .chain(v6.map(|(k, t)| (k.service_id, v6_of_words(k.net), t)))
+            .collect()
     }
 
-    /// Deletes the templates of a service id about to be reused.
+    /// Deletes the templates and lblc/lblcr cache entries of a service id about to be
+    /// reused (both name their service by id).
     pub fn purge_templates(&mut self, service_id: u32) -> Result<()> {
-        let v4: Vec<TemplateKeyV4> = self
-            .templates_v4
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.service_id == service_id)
-            .collect();
-        for k in v4 {
-            let _ = self.templates_v4.remove(&k);
-        }
-        let v6: Vec<TemplateKeyV6> = self
-            .templates_v6
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.service_id == service_id)
-            .collect();
-        for k in v6 {
-            let _ = self.templates_v6.remove(&k);
-        }
-        // lblc/lblcr destination caches name their service by id too.
-        let v4: Vec<LocalityKeyV4> = self
-            .locality_v4
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.service_id == service_id)
-            .collect();
-        for k in v4 {
-            let _ = self.locality_v4.remove(&k);
-        }
-        let v6: Vec<LocalityKeyV6> = self
-            .locality_v6
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.service_id == service_id)
-            .collect();
-        for k in v6 {
-            let _ = self.locality_v6.remove(&k);
-        }
+        purge(&mut self.templates_v4, |k| k.service_id == service_id);
+        purge(&mut self.templates_v6, |k| k.service_id == service_id);
+        purge(&mut self.locality_v4, |k| k.service_id == service_id);
+        purge(&mut self.locality_v6, |k| k.service_id == service_id);
         Ok(())
     }
 
@@ -489,31 +457,14 @@ impl Dataplane {
     /// indexes, newest first).
     pub fn locality(&self) -> Vec<(u32, std::net::IpAddr, Vec<u32>)> {
         let members = |l: &Locality| l.members[..(l.len as usize).min(l.members.len())].to_vec();
-        let mut out: Vec<_> = self
-            .locality_v4
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, l)| {
-                (
-                    k.service_id,
-                    std::net::IpAddr::from(k.addr.to_ne_bytes()),
-                    members(&l),
-                )
-            })
-            .collect();
-        out.extend(
-            self.locality_v6
-                .iter()
-                .filter_map(|r| r.ok())
-                .map(|(k, l)| {
-                    let mut o = [0u8; 16];
-                    for (i, w) in k.addr.iter().enumerate() {
-                        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-                    }
-                    (k.service_id, std::net::IpAddr::from(o), members(&l))
-                }),
-        );
-        out
+        let v4 = self.locality_v4.iter().filter_map(|r| r.ok());
+        let v6 = self.locality_v6.iter().filter_map(|r| r.ok());
+        v4.map(|(k, l)| {
+            let addr = std::net::IpAddr::from(k.addr.to_ne_bytes());
+            (k.service_id, addr, members(&l))
+        })
+        .chain(v6.map(|(k, l)| (k.service_id, v6_of_words(k.addr), members(&l))))
+        .collect()
     }
 
     pub fn put_service_v4(&mut self, k: &ServiceKeyV4, v: &Service) -> Result<()> {

@@ -865,6 +865,15 @@ pub fn addr_words(a: IpAddr) -> [u32; 4] {
     }
 }
 
+/// The IPv6 address of key words (the inverse of [`addr_words`] for IPv6).
+pub fn v6_of_words(w: [u32; 4]) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    IpAddr::from(o)
+}
+
 fn family(a: IpAddr) -> u8 {
     if a.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
 }
