@@ -117,15 +117,6 @@ pub fn new_flow<K: FlowKey>(pkt: &Pkt, now: u32, no_entry: bool) -> Result<Targe
     schedule(&key, pkt, svc, now, class.may_create)
 }
 
-/// The SYN program's part: insert the flow directly (one hash-table walk instead of a lookup
-/// and then an insert). The pick is claimed only if the insert shows the flow is new; `None`
-/// hands the packet to the new-flow program (a retransmitted SYN finds its entry there, like
-/// any other packet).
-#[inline(always)]
-pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
-    syn_fast_path(&K::from_pkt(pkt), pkt, now)
-}
-
 /// What the TCP flags (or UDP) allow a packet to do.
 struct Class {
     is_tcp: bool,
@@ -268,12 +259,15 @@ fn end_entry<K: FlowKey>(key: &K, status_ptr: *mut u32, status: u32, flow: &Flow
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
-/// The SYN of a new connection. `None` when the flow exists already, or when anything stands
-/// in the way (no service, no usable server, expiring TTL, a full table): the regular path
-/// then looks at the connection table first and decides, so a retransmitted SYN of an
-/// existing connection always follows it.
+/// The SYN program's part, the SYN of a new connection: insert the flow directly (one
+/// hash-table walk instead of a lookup and then an insert); the pick is claimed only if the
+/// insert shows the flow is new. `None` when the flow exists already, or when anything stands
+/// in the way (no service, no usable server, expiring TTL, a full table, persistence,
+/// lblc/lblcr): the new-flow program then looks at the connection table first and decides,
+/// so a retransmitted SYN of an existing connection always follows it.
 #[inline(always)]
-fn syn_fast_path<K: FlowKey>(key: &K, pkt: &Pkt, now: u32) -> Option<Target> {
+pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
+    let key = &K::from_pkt(pkt);
     let svc = service::lookup(pkt)?;
     if pkt.ttl <= 1 {
         return None;

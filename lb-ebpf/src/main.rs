@@ -63,7 +63,7 @@ pub fn xlb_new_v6(ctx: XdpContext) -> u32 {
     action
 }
 
-/// IPv4 SYNs (`flow::syn_fast_path`), tail-called by `xlb`.
+/// IPv4 SYNs (`flow::syn`), tail-called by `xlb`.
 #[xdp]
 pub fn xlb_syn_v4(ctx: XdpContext) -> u32 {
     let (action, why) = process_syn::<FlowKeyV4>(&ctx);

@@ -648,12 +648,18 @@ impl Engine {
         // connection accounting finds it), and the groups start dirty.
         let grouped = grouped(want.scheduler, slots.len());
         let start = st.region.map_or(0, |r| r.start);
-        for b in &mut st.backends {
-            let group = slots
+        // Each server holds at most one slot in these tables (one per server with weight).
+        let group_of: HashMap<u32, u32> = if grouped {
+            slots
                 .iter()
-                .position(|&i| i == b.index)
-                .filter(|_| grouped)
-                .map(|pos| (start + pos as u32) >> lb_common::group::SHIFT);
+                .enumerate()
+                .map(|(pos, &i)| (i, (start + pos as u32) >> lb_common::group::SHIFT))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        for b in &mut st.backends {
+            let group = group_of.get(&b.index).copied();
             if group != b.group {
                 b.group = group;
                 ops.push(Op::WriteBackend(b.index, self.backend_entry_for(b, st.id)));
