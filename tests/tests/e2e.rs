@@ -44,6 +44,11 @@ fn service(name: &str, addr: &str, sched: &str, backends: &[(String, u32)]) -> S
 /// A bench with `n` real servers running nginx and xlb serving one IPv4 service on the VIP
 /// with `sched` and the given weights (one per server).
 fn start_v4(prefix: &str, sched: &str, weights: &[u32]) -> (DrBench, PathBuf) {
+    start_v4_with(prefix, sched, weights, "")
+}
+
+/// As [`start_v4`], with `extra` service settings (TOML lines).
+fn start_v4_with(prefix: &str, sched: &str, weights: &[u32], extra: &str) -> (DrBench, PathBuf) {
     let xlb = xlb_bin();
     let mut b = DrBench::new(prefix, weights.len(), &xlb).unwrap();
     b.start_http().unwrap();
@@ -53,8 +58,14 @@ fn start_v4(prefix: &str, sched: &str, weights: &[u32]) -> (DrBench, PathBuf) {
         .zip(weights)
         .map(|(s, w)| (s.v4.to_string(), *w))
         .collect();
-    let cfg = b.config(&service("web", &format!("{}:80", b.vip4), sched, &backends));
-    b.start_xlb(&xlb, &cfg).unwrap();
+    let svc = service("web", &format!("{}:80", b.vip4), sched, &backends);
+    // The extra settings belong to the service, before its first backend.
+    let svc = svc.replacen(
+        "[[services.backends]]",
+        &format!("{extra}[[services.backends]]"),
+        1,
+    );
+    b.start_xlb(&xlb, &b.config(&svc)).unwrap();
     (b, xlb)
 }
 
@@ -77,6 +88,21 @@ fn xlb_list(bench: &DrBench) -> String {
         &bench.socket().to_string_lossy(),
     ])
     .unwrap()
+}
+
+/// Gives the client namespace one more address (`addr/len`), to connect from.
+fn add_client_address(b: &DrBench, addr: impl AsRef<str>) {
+    run(&[
+        "ip",
+        "-n",
+        &b.cli,
+        "addr",
+        "add",
+        addr.as_ref(),
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
 }
 
 fn counts(v: &[String]) -> HashMap<String, usize> {
@@ -330,17 +356,7 @@ fn source_hashing_keeps_each_client_on_one_server() {
         .map(|i| IpAddr::V4(std::net::Ipv4Addr::new(10, 100, 0, i)))
         .collect();
     for c in &clients {
-        run(&[
-            "ip",
-            "-n",
-            &b.cli,
-            "addr",
-            "add",
-            &format!("{c}/24"),
-            "dev",
-            "eth0",
-        ])
-        .unwrap();
+        add_client_address(&b, format!("{c}/24"));
     }
     let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
     let cs = clients.clone();
@@ -367,38 +383,16 @@ fn source_hashing_keeps_each_client_on_one_server() {
 fn persistence_keeps_a_client_network_on_one_server() {
     require_root();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let xlb = xlb_bin();
-    let mut b = DrBench::new("xte2e-pers", 3, &xlb).unwrap();
-    b.start_http().unwrap();
-    let mut svc = service(
-        "web",
-        &format!("{}:80", b.vip4),
+    let (b, _) = start_v4_with(
+        "xte2e-pers",
         "rr",
-        &b.servers
-            .iter()
-            .map(|s| (s.v4.to_string(), 1))
-            .collect::<Vec<_>>(),
+        &[1, 1, 1],
+        "persistence = { timeout = 300, netmask = \"255.255.255.248\" }\n",
     );
-    svc = svc.replacen(
-        "scheduler = \"rr\"\n",
-        "scheduler = \"rr\"\npersistence = { timeout = 300, netmask = \"255.255.255.248\" }\n",
-        1,
-    );
-    b.start_xlb(&xlb, &b.config(&svc)).unwrap();
     // Two client networks: 10.100.0.32/29 and 10.100.0.40/29.
     let nets: [&[u8]; 2] = [&[33, 34, 35], &[41, 42]];
     for a in nets.iter().flat_map(|n| n.iter()) {
-        run(&[
-            "ip",
-            "-n",
-            &b.cli,
-            "addr",
-            "add",
-            &format!("10.100.0.{a}/24"),
-            "dev",
-            "eth0",
-        ])
-        .unwrap();
+        add_client_address(&b, format!("10.100.0.{a}/24"));
     }
     let vip = SocketAddr::new(IpAddr::V4(b.vip4), 80);
     let answers: Vec<Vec<String>> = in_netns(&b.cli, move || {
@@ -442,17 +436,7 @@ fn a_multi_port_service_keeps_a_client_on_one_server_across_ports() {
         svc += &format!("[[services.backends]]\naddress = \"{}\"\n", s.v4);
     }
     b.start_xlb(&xlb, &b.config(&svc)).unwrap();
-    run(&[
-        "ip",
-        "-n",
-        &b.cli,
-        "addr",
-        "add",
-        "10.100.0.51/24",
-        "dev",
-        "eth0",
-    ])
-    .unwrap();
+    add_client_address(&b, "10.100.0.51/24");
     let vip = b.vip4;
     let (first, second, other_port) = in_netns(&b.cli, move || {
         let get = |src: u8, port: u16| {
