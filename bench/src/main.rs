@@ -277,6 +277,9 @@ fn main() -> Result<()> {
                 ifindex: 1,
                 dst_mac: [2, 0, 0, 0, 1, i],
                 src_mac: [2, 0, 0, 0, 0xaa, 1],
+                gateway: None,
+                mtu: 1500,
+                source: Some(IpAddr::from([10, 0, 0, 2])),
             }),
         )?;
     }

@@ -89,6 +89,9 @@ pub fn services(engine: &mut Engine, dp: &mut xlb::dataplane::Dataplane) -> Resu
                     ifindex: 1,
                     dst_mac: [2, 0, 0, 2, (n >> 8) as u8, n as u8],
                     src_mac: [2, 0, 0, 0, 0xaa, 1],
+                    gateway: None,
+                    mtu: 1500,
+                    source: Some(IpAddr::from([10, 0, 0, 2])),
                 }),
             )?;
         }

@@ -57,6 +57,9 @@ pub mod map_names {
     pub const LOCALITY_V6: &str = "LOCALITY_V6";
     pub const GROUPS: &str = "GROUPS";
     pub const HANDOFF: &str = "HANDOFF";
+    pub const NAT_V4: &str = "NAT_V4";
+    pub const NAT_V6: &str = "NAT_V6";
+    pub const NAT_SOURCES: &str = "NAT_SOURCES";
 }
 
 /// The service prefilter: bit `bit(addr, port, proto)` of a bitmap is set for every virtual
@@ -311,13 +314,17 @@ pub const PROGRAM_NAME: &str = "xlb";
 /// tail calls through the `NEW_FLOW` program array: a SYN goes to `xlb_syn_*` (which inserts
 /// its flow directly and hands anything unusual on to `xlb_new_*`), any other packet without
 /// a live flow entry to `xlb_new_*`. Separate programs per family and per path keep each
-/// within the verifier's budget, and established packets never pay for the code.
-pub const NEW_FLOW_PROGRAMS: [(u32, &str); 4] = [
+/// within the verifier's budget, and established packets never pay for the code. They hand
+/// the packet and its real server on to `xlb_xmit`, which sends it.
+pub const NEW_FLOW_PROGRAMS: [(u32, &str); 5] = [
     (NEW_FLOW_V4, "xlb_new_v4"),
     (NEW_FLOW_V6, "xlb_new_v6"),
     (NEW_FLOW_V4 + NEW_FLOW_SYN, "xlb_syn_v4"),
     (NEW_FLOW_V6 + NEW_FLOW_SYN, "xlb_syn_v6"),
+    (NEW_FLOW_XMIT, "xlb_xmit"),
 ];
+/// Index of `xlb_xmit` in `NEW_FLOW`.
+pub const NEW_FLOW_XMIT: u32 = 4;
 pub const NEW_FLOW_V4: u32 = 0;
 pub const NEW_FLOW_V6: u32 = 1;
 /// Added to the family's index: the SYN program.
@@ -444,10 +451,79 @@ pub mod sched {
 pub mod forward {
     /// Direct routing (IPVS `-g`): rewrite the MACs, decrement TTL, transmit.
     pub const DR: u8 = 1;
-    /// NAT (IPVS `-m`); not implemented by the data plane yet.
+    /// NAT (IPVS `-m`): rewrite the destination address and port; replies come back through
+    /// the balancer and get the VIP and service port back (`NAT_V4`/`NAT_V6`).
     pub const NAT: u8 = 2;
-    /// Tunnelling (IPVS `-i`); not implemented by the data plane yet.
+    /// Tunnelling (IPVS `-i`): wrap the packet in an outer header to the real server
+    /// ([`Backend::tun_type`](crate::Backend)).
     pub const TUNNEL: u8 = 3;
+}
+
+/// Tunnel types and flags (IPVS `--tun-type`, `--tun-csum`, `--tun-remcsum`).
+pub mod tunnel {
+    /// IP in IP: protocol 4 (IPv4 inner) or 41 (IPv6 inner).
+    pub const IPIP: u8 = 0;
+    /// Generic UDP Encapsulation: UDP + a 4-byte GUE header (variant 0).
+    pub const GUE: u8 = 1;
+    /// GRE: a 4-byte header (8 with checksum), no key, no sequence number.
+    pub const GRE: u8 = 2;
+    /// Checksum the outer UDP (GUE) or GRE header and payload.
+    pub const F_CSUM: u8 = 1;
+    /// GUE remote checksum offload. IPVS adds it only to packets whose checksum is left to
+    /// the hardware, which forwarded packets never are: it behaves as no checksum.
+    pub const F_REMCSUM: u8 = 2;
+    /// Bytes an outer IPv4 / IPv6 header adds.
+    pub const V4_OUTER: u32 = 20;
+    pub const V6_OUTER: u32 = 40;
+    /// UDP + GUE base header.
+    pub const GUE_LEN: u32 = 12;
+    /// GRE base header, and with the checksum field.
+    pub const GRE_LEN: u32 = 4;
+    pub const GRE_CSUM_LEN: u32 = 8;
+    /// Source ports of GUE packets are spread over this range (Linux's default
+    /// `ip_local_port_range`, as `udp_flow_src_port` uses), from the flow's hash.
+    pub const GUE_SPORT_MIN: u32 = 32768;
+    pub const GUE_SPORT_MAX: u32 = 60999;
+
+    /// Bytes the tunnel adds in front of the inner packet.
+    #[inline(always)]
+    pub fn overhead(outer_v6: bool, tun_type: u8, flags: u8) -> u32 {
+        let ip = if outer_v6 { V6_OUTER } else { V4_OUTER };
+        ip + match tun_type {
+            GUE => GUE_LEN,
+            GRE if flags & F_CSUM != 0 => GRE_CSUM_LEN,
+            GRE => GRE_LEN,
+            _ => 0,
+        }
+    }
+
+    /// The GUE source port for a flow hash (`udp_flow_src_port`'s spreading).
+    #[inline(always)]
+    pub fn gue_sport(hash: u32) -> u16 {
+        let h = hash ^ (hash << 16);
+        (((h as u64 * (GUE_SPORT_MAX - GUE_SPORT_MIN) as u64) >> 32) as u32 + GUE_SPORT_MIN) as u16
+    }
+}
+
+/// What a NAT reply needs to become the virtual service's packet again: the VIP and service
+/// port it replaces the real server's address and port with. Keyed in `NAT_V4`/`NAT_V6` by
+/// the reply's own tuple (source = real server, destination = client), a [`FlowKeyV4`] /
+/// [`FlowKeyV6`]; the connection itself stays in the flow table under the client's tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatV4 {
+    pub vip: u32,
+    /// Service port, network byte order.
+    pub vport: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatV6 {
+    pub vip: [u32; 4],
+    pub vport: u16,
+    pub _pad: u16,
 }
 
 /// Lookup key of an IPv4 virtual service: (VIP, port, protocol).
@@ -647,6 +723,17 @@ pub struct Backend {
     /// Connection thresholds (ipvsadm `-x` / `-y`); 0 = none. See [`ConnCounts::overloaded`].
     pub upper_threshold: u32,
     pub lower_threshold: u32,
+    /// Tunnelling: one of [`tunnel`]'s types, and its `F_*` flags.
+    pub tun_type: u8,
+    pub tun_flags: u8,
+    /// GUE destination port, network byte order.
+    pub tun_port: u16,
+    /// MTU of the path to the real server (the egress interface's or the route's): a tunnelled
+    /// packet that would exceed it is refused with ICMP as IPVS does. 0 = unknown (no check).
+    pub mtu: u32,
+    /// Outer source address of tunnelled packets (network byte order, IPv4 in `tun_src[0]`),
+    /// of the real server's family.
+    pub tun_src: [u32; 4],
 }
 
 impl Backend {
@@ -978,11 +1065,19 @@ impl Default for Globals {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
     pub kind: u32,
+    /// The backend index (`EVENT_NEIGH_MISSING`).
     pub backend: u32,
+    /// The address to resolve (`EVENT_ROUTE_MISSING`): `FAMILY_V4` or `FAMILY_V6`, and the
+    /// address in network byte order (IPv4 in `addr[0]`).
+    pub family: u32,
+    pub addr: [u32; 4],
 }
 
 /// A packet needed a real server whose next-hop MAC is unknown: resolve it.
 pub const EVENT_NEIGH_MISSING: u32 = 1;
+/// A NAT reply's route toward the client had no resolved next hop (`bpf_fib_lookup` said
+/// "no neighbour"): make the kernel resolve `addr`.
+pub const EVENT_ROUTE_MISSING: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -1012,15 +1107,32 @@ mod pod {
     unsafe impl aya::Pod for ConnCounts {}
     unsafe impl aya::Pod for FlowPool {}
     unsafe impl aya::Pod for FlowQuota {}
+    unsafe impl aya::Pod for NatV4 {}
+    unsafe impl aya::Pod for NatV6 {}
 }
 
 #[cfg(test)]
 mod layout_tests {
+    extern crate std;
     use super::*;
     use core::mem::{align_of, size_of};
 
     /// Sizes are part of the map ABI (pinned maps are reused across versions later on); a
     /// change here must be deliberate. The sums prove there is no implicit padding.
+    #[test]
+    fn gue_source_ports_stay_in_range_and_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for h in (0u32..1000).map(|i| i.wrapping_mul(0x9e37_79b9)) {
+            let p = tunnel::gue_sport(h) as u32;
+            assert!((tunnel::GUE_SPORT_MIN..tunnel::GUE_SPORT_MAX).contains(&p));
+            seen.insert(p);
+        }
+        assert!(seen.len() > 900, "{} distinct ports", seen.len());
+        assert_eq!(tunnel::overhead(false, tunnel::IPIP, 0), 20);
+        assert_eq!(tunnel::overhead(true, tunnel::GUE, 0), 52);
+        assert_eq!(tunnel::overhead(false, tunnel::GRE, tunnel::F_CSUM), 28);
+    }
+
     #[test]
     fn sizes_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKeyV4>(), 4 + 2 + 1 + 1);
@@ -1034,8 +1146,10 @@ mod layout_tests {
         assert_eq!(size_of::<Locality>(), 2 * 4 * locality::SET + 4 * 4);
         assert_eq!(
             size_of::<Backend>(),
-            16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4 * 3
+            16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4 * 3 + 1 + 1 + 2 + 4 + 16
         );
+        assert_eq!(size_of::<NatV4>(), 8);
+        assert_eq!(size_of::<NatV6>(), 20);
         assert_eq!(size_of::<BackendSlot>(), 8 + 2 * size_of::<Backend>());
         assert_eq!(size_of::<FlowKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowKeyV6>(), 16 + 16 + 2 + 2 + 1 + 3);
@@ -1047,7 +1161,7 @@ mod layout_tests {
         assert_eq!(align_of::<SchedState>(), 64);
         assert_eq!(size_of::<Counters>(), 5 * 8);
         assert_eq!(size_of::<Globals>(), 4 * TIMEOUT_SLOTS + 4);
-        assert_eq!(size_of::<Event>(), 8);
+        assert_eq!(size_of::<Event>(), 28);
         assert_eq!(
             size_of::<ServiceCache>(),
             20 + 1 + 3 + 8 + size_of::<Service>()

@@ -149,6 +149,7 @@ extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
     }
     if acct::retire(status_ptr, status, unsafe { (*entry).backend }) {
         crate::persist::retired(key, unsafe { &*entry }, w.now);
+        crate::nat::forget(key, unsafe { &*entry });
         let _ = K::table().remove(key);
         acct::release_entry(K::FAMILY);
         stats::count(reason::EV_FLOW_RECYCLED);

@@ -5,8 +5,8 @@
 
 use aya_ebpf::maps::{LruHashMap, PerCpuArray};
 use lb_common::{
-    BACKEND_F_AVAILABLE, Backend, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6,
-    PROTO_TCP, Service, reason,
+    BACKEND_F_AVAILABLE, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP,
+    Service, reason,
     sched::{self as sched_codes, F_STATELESS},
     tcp::{self, Direction, state},
 };
@@ -14,21 +14,20 @@ use lb_common::{
 use crate::{
     acct, admit,
     maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS, RECENT_V4, RECENT_V6},
+    nat,
     parse::Pkt,
     persist, sched, service, stats,
 };
 
-/// The real server a packet goes to (a reference into `BACKENDS`, never a copy: large
-/// by-value results make LLVM spill uninitialised bytes the verifier rejects).
+/// The real server a packet goes to (its index in `BACKENDS`).
 pub struct Target {
     pub index: u32,
     pub service_id: u32,
-    pub backend: &'static Backend,
     /// The packet created the connection.
     pub new_conn: bool,
 }
 
-pub trait FlowKey: persist::Templated {
+pub trait FlowKey: persist::Templated + nat::NatKey {
     /// `FAMILY_V4` or `FAMILY_V6`.
     const FAMILY: u8;
     /// The table's index in per-family arrays (0 IPv4, 1 IPv6).
@@ -37,6 +36,8 @@ pub trait FlowKey: persist::Templated {
     fn table() -> &'static LruHashMap<Self, Flow>;
     /// This family's rings of recently created connections.
     fn recent() -> &'static PerCpuArray<Self>;
+    /// The destination (service) port, network byte order.
+    fn service_port(&self) -> u16;
 }
 
 impl FlowKey for FlowKeyV4 {
@@ -54,6 +55,10 @@ impl FlowKey for FlowKeyV4 {
     fn recent() -> &'static PerCpuArray<Self> {
         &RECENT_V4
     }
+    #[inline(always)]
+    fn service_port(&self) -> u16 {
+        self.dport
+    }
 }
 
 impl FlowKey for FlowKeyV6 {
@@ -70,6 +75,10 @@ impl FlowKey for FlowKeyV6 {
     #[inline(always)]
     fn recent() -> &'static PerCpuArray<Self> {
         &RECENT_V6
+    }
+    #[inline(always)]
+    fn service_port(&self) -> u16 {
+        self.dport
     }
 }
 
@@ -196,7 +205,14 @@ fn on_entry<K: FlowKey>(
             return Some(Err(reason::PASS_TTL_EXPIRED));
         }
         let next = if is_tcp {
-            tcp::next_state(Direction::InputOnly, st, f)
+            // NAT connections see both directions: IPVS's INPUT table for client packets
+            // (replies drive the OUTPUT table, see `nat`).
+            let dir = if backend.forward == lb_common::forward::NAT {
+                Direction::Input
+            } else {
+                Direction::InputOnly
+            };
+            tcp::next_state(dir, st, f)
         } else {
             state::UDP
         };
@@ -215,7 +231,6 @@ fn on_entry<K: FlowKey>(
         return Some(Ok(Target {
             index: flow.backend,
             service_id: backend.service_id,
-            backend,
             new_conn: false,
         }));
     }
@@ -249,6 +264,7 @@ fn on_entry<K: FlowKey>(
 fn end_entry<K: FlowKey>(key: &K, status_ptr: *mut u32, status: u32, flow: &Flow, now: u32) {
     if acct::retire(status_ptr, status, flow.backend) {
         persist::retired(key, flow, now);
+        nat::forget(key, flow);
         let _ = K::table().remove(key);
         acct::release_entry(K::FAMILY);
     }
@@ -274,11 +290,10 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
     }
     if svc.flags & F_STATELESS != 0 {
         // No entry to insert: the hash is the connection table.
-        let (index, backend) = sched::pick(svc, pkt).ok()?;
+        let (index, _) = sched::pick(svc, pkt).ok()?;
         return Some(Target {
             index,
             service_id: svc.id,
-            backend,
             new_conn: true,
         });
     }
@@ -327,11 +342,11 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
     if recorded {
         acct::created(index, initial);
         admit::record(key);
+        nat::record(key, pkt, backend);
     }
     Some(Target {
         index,
         service_id: svc.id,
-        backend,
         new_conn: true,
     })
 }
@@ -412,6 +427,7 @@ fn schedule<K: FlowKey>(
         if K::table().insert(key, &flow, BPF_NOEXIST).is_ok() {
             acct::created(index, initial);
             admit::record(key);
+            nat::record(key, pkt, backend);
         } else {
             // Another CPU recorded this tuple meanwhile (or the table refused): this packet
             // still goes to the server picked for it.
@@ -425,7 +441,6 @@ fn schedule<K: FlowKey>(
     Ok(Target {
         index,
         service_id: svc.id,
-        backend,
         new_conn: create,
     })
 }

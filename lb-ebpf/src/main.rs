@@ -1,12 +1,14 @@
 //! xlb's XDP data plane: parse, find the virtual service, keep each flow on its real server,
-//! schedule new flows, forward by direct routing, count everything.
+//! schedule new flows, forward by direct routing, NAT or tunnelling, count everything.
 //!
 //! One concern per module: `parse` (headers), `filter` (is this possibly for a service),
 //! `flow` (connection table and states), `acct` (connection counts), `admit` (table
 //! admission), `persist` (persistence templates), `reap` (expiry of idle connections and
 //! templates), `service` (finding the virtual service of a new flow), `sched` (picking a real
 //! server; `least` for the least-connection family, `locality` for lblc/lblcr),
-//! `dr` (the forwarding method), `stats` (per-CPU counters). All map layouts come from
+//! `xmit` (sending to the real server: direct routing and what every method shares), `nat`
+//! (NAT both ways), `tunnel` (encapsulation), `icmp` (ICMP errors), `stats` (per-CPU
+//! counters). All map layouts come from
 //! `lb-common`.
 #![no_std]
 #![no_main]
@@ -18,27 +20,30 @@
 
 mod acct;
 mod admit;
-mod dr;
 mod filter;
 mod flow;
+mod icmp;
 mod least;
 mod locality;
 mod maps;
+mod nat;
 mod parse;
 mod persist;
 mod reap;
 mod sched;
 mod service;
 mod stats;
+mod tunnel;
+mod xmit;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
     FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_SYN, NEW_FLOW_V4, NEW_FLOW_V6,
-    reason,
+    NEW_FLOW_XMIT, reason,
 };
-use maps::{HANDOFF, NEW_FLOW};
+use maps::{HANDOFF, NEW_FLOW, XMIT_HANDOFF};
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
@@ -79,6 +84,16 @@ pub fn xlb_syn_v6(ctx: XdpContext) -> u32 {
     action
 }
 
+/// Sends a new flow's packet to the real server a new-flow program chose (`XMIT_HANDOFF`).
+/// A program of its own: the forwarding methods' frames do not fit on top of the new-flow
+/// programs' within the verifier's 512 bytes of stack.
+#[xdp]
+pub fn xlb_xmit(ctx: XdpContext) -> u32 {
+    let (action, why) = process_xmit(&ctx);
+    stats::count(why);
+    action
+}
+
 /// Retires idle connections (see `reap`). Run by the controller with `BPF_PROG_TEST_RUN` on a
 /// dummy frame; never attached to an interface.
 #[xdp]
@@ -103,6 +118,10 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
         Err(why) => return (xdp_action::XDP_PASS, why),
     };
     if !filter::may_match(&pkt) {
+        if nat::may_be_reply(&pkt) {
+            let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+            return nat::reply(ctx, &pkt, now);
+        }
         return (xdp_action::XDP_PASS, reason::PASS_NO_SERVICE);
     }
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
@@ -140,6 +159,45 @@ fn reparse<K: flow::FlowKey>(ctx: &XdpContext) -> Result<parse::Pkt, (u32, u32)>
     Ok(pkt)
 }
 
+/// The packet's real server, from a new-flow program to `xlb_xmit`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct XmitHandoff {
+    pub index: u32,
+    pub service_id: u32,
+    pub new_conn: u32,
+}
+
+#[inline(always)]
+fn process_xmit(ctx: &XdpContext) -> (u32, u32) {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(why) => return (xdp_action::XDP_PASS, why),
+    };
+    let Some(h) = XMIT_HANDOFF.get(0) else {
+        return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
+    };
+    send(ctx, &pkt, h.index, h.service_id, h.new_conn != 0)
+}
+
+/// A new-flow program's answer: its verdict, or on to `xlb_xmit` with the real server.
+#[inline(always)]
+fn finish_new(ctx: &XdpContext, result: Result<flow::Target, u32>) -> (u32, u32) {
+    let t = match result {
+        Ok(t) => t,
+        Err(why) => return verdict(why),
+    };
+    if let Some(h) = XMIT_HANDOFF.get_ptr_mut(0) {
+        unsafe {
+            (*h).index = t.index;
+            (*h).service_id = t.service_id;
+            (*h).new_conn = t.new_conn as u32;
+        }
+    }
+    unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_XMIT) };
+    (xdp_action::XDP_DROP, reason::DROP_INTERNAL)
+}
+
 #[inline(always)]
 fn process_new<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
     let pkt = match reparse::<K>(ctx) {
@@ -149,7 +207,7 @@ fn process_new<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
     let no_entry = HANDOFF.get(0).is_some_and(|h| *h == HANDOFF_NO_ENTRY);
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
     let result = flow::new_flow::<K>(&pkt, now, no_entry);
-    finish(ctx, &pkt, result)
+    finish_new(ctx, result)
 }
 
 #[inline(always)]
@@ -160,7 +218,7 @@ fn process_syn<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
     };
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
     match flow::syn::<K>(&pkt, now) {
-        Some(target) => finish(ctx, &pkt, Ok(target)),
+        Some(target) => finish_new(ctx, Ok(target)),
         // Anything unusual (a retransmitted SYN, a full table, persistence...): the
         // new-flow program looks at the table and decides.
         None => hand_off(ctx, &pkt, 0, 0),
@@ -170,22 +228,37 @@ fn process_syn<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
 /// Forwards the packet to its target, or turns the reason into a verdict.
 #[inline(always)]
 fn finish(ctx: &XdpContext, pkt: &parse::Pkt, result: Result<flow::Target, u32>) -> (u32, u32) {
-    let target = match result {
-        Ok(t) => t,
-        Err(why) => {
-            let action = if reason::is_pass(why) {
-                xdp_action::XDP_PASS
-            } else {
-                xdp_action::XDP_DROP
-            };
-            return (action, why);
-        }
+    match result {
+        Ok(t) => send(ctx, pkt, t.index, t.service_id, t.new_conn),
+        Err(why) => verdict(why),
+    }
+}
+
+/// The verdict a reason counter stands for.
+#[inline(always)]
+fn verdict(why: u32) -> (u32, u32) {
+    let action = if reason::is_pass(why) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
     };
-    let (action, why) = dr::forward(ctx, pkt, target.index, target.backend);
+    (action, why)
+}
+
+/// Sends the packet to real server `index` and counts it.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    pkt: &parse::Pkt,
+    index: u32,
+    service_id: u32,
+    new_conn: bool,
+) -> (u32, u32) {
+    let (action, why) = xmit::forward(ctx, pkt, index);
     if why == reason::TX || why == reason::REDIRECT {
-        stats::forwarded(target.service_id, target.index, pkt.l3_len, target.new_conn);
-    } else if target.new_conn {
-        stats::new_conn(target.service_id, target.index);
+        stats::forwarded(service_id, index, pkt.l3_len, new_conn);
+    } else if new_conn {
+        stats::new_conn(service_id, index);
     }
     (action, why)
 }

@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, Globals,
-    GroupState, Locality, LocalityKeyV4, LocalityKeyV6, SchedState, Service, ServiceCache,
-    ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, defaults, filter, reason,
-    wide,
+    GroupState, Locality, LocalityKeyV4, LocalityKeyV6, NatV4, NatV6, SchedState, Service,
+    ServiceCache, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, defaults,
+    filter, reason, wide,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -65,6 +65,21 @@ pub static LOCALITY_V4: LruHashMap<LocalityKeyV4, Locality> =
 pub static LOCALITY_V6: LruHashMap<LocalityKeyV6, Locality> =
     LruHashMap::with_max_entries(defaults::LOCALITY, 0);
 
+/// Replies of NAT connections by their own tuple (real server → client), see `nat`. Sized
+/// like the connection tables, whose entries they follow.
+#[map]
+pub static NAT_V4: LruHashMap<FlowKeyV4, NatV4> =
+    LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+#[map]
+pub static NAT_V6: LruHashMap<FlowKeyV6, NatV6> =
+    LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+
+/// Prefilter of NAT replies: one bit per hash of (real server address, port, protocol) of
+/// every NAT real server (`lb_common::filter::bit`), then a flag word: non-zero when some NAT
+/// real server has port 0 (its bit is set with port 0).
+#[map]
+pub static NAT_SOURCES: Array<u64> = Array::with_max_entries(filter::WORDS + 1, BPF_F_MMAPABLE);
+
 /// Per-CPU copy of the last service looked up (`lb_common::ServiceCache`).
 #[map]
 pub static SERVICE_CACHE: PerCpuArray<ServiceCache> = PerCpuArray::with_max_entries(1, 0);
@@ -87,6 +102,18 @@ pub static SLOTS: Array<u32> = Array::with_max_entries(defaults::SLOT_TABLE_SIZE
 #[map]
 pub static GROUPS: Array<GroupState> =
     Array::with_max_entries(defaults::SLOT_TABLE_SIZE >> lb_common::group::SHIFT, 0);
+
+/// What a new-flow program tells `xlb_xmit` about the packet it hands on.
+#[map]
+pub static XMIT_HANDOFF: PerCpuArray<crate::XmitHandoff> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's packet read again by a global function (`parse::with_reread`), off the stack.
+#[map]
+pub static REREAD: PerCpuArray<crate::parse::Pkt> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's route lookup of a NAT reply (`nat`), off the stack.
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<crate::nat::FibParams> = PerCpuArray::with_max_entries(1, 0);
 
 /// Each CPU's state of a recycling walk (`admit::recycle`), off the stack.
 #[map]

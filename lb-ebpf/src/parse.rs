@@ -21,9 +21,12 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const MAX_EXT_HEADERS: usize = 4;
 
 /// What the rest of the program needs to know about a TCP/UDP packet.
+#[derive(Clone, Copy)]
 pub struct Pkt {
     /// Offset of the IP header.
     pub l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
     pub family: u8,
     pub proto: u8,
     /// Addresses as on the wire; IPv4 uses index 0.
@@ -38,6 +41,115 @@ pub struct Pkt {
     pub l3_len: u32,
     /// TTL / hop limit as received.
     pub ttl: u8,
+}
+
+impl Pkt {
+    /// The header offsets, family and protocol in one word, for a global function (which
+    /// takes scalars, see `xmit::xlb_forward`); [`reread`] rebuilds the rest.
+    #[inline(always)]
+    pub fn layout(&self) -> u64 {
+        self.l3 as u64
+            | (self.l4 as u64) << 16
+            | (self.family as u64) << 32
+            | (self.proto as u64) << 40
+    }
+}
+
+/// The largest L4 offset a [`Pkt::layout`] may carry: bounded, so the verifier can follow
+/// offsets computed from it (IPv6 extension headers longer than this are not forwarded by
+/// the global functions).
+pub const MAX_L4: usize = 1024;
+
+/// Fills `pkt` (addresses and flags zeroed by the caller) with the packet described by `layout` (a
+/// [`Pkt::layout`] of this very frame), read again; `false` if the frame does not hold it.
+/// Not an `Option`: LLVM spills the fields a failing path leaves unset, which the verifier
+/// refuses to read back.
+#[inline(always)]
+pub fn reread(ctx: &XdpContext, layout: u64, pkt: &mut Pkt) -> bool {
+    let l3 = if layout & 0xffff == 18 { 18 } else { ETH_HLEN };
+    let l4 = ((layout >> 16) & 0xffff) as usize;
+    if l4 > MAX_L4 || l4 < l3 + 20 {
+        return false;
+    }
+    pkt.l3 = l3;
+    pkt.l4 = l4;
+    pkt.family = (layout >> 32) as u8;
+    pkt.proto = (layout >> 40) as u8;
+    if pkt.family == FAMILY_V4 {
+        let Some(h) = at::<[u32; 5]>(ctx, l3) else {
+            return false;
+        };
+        let w = unsafe { *h };
+        let [_, _, len_hi, len_lo] = w[0].to_ne_bytes();
+        pkt.l3_len = u16::from_be_bytes([len_hi, len_lo]) as u32;
+        pkt.ttl = w[2] as u8;
+        pkt.src[0] = w[3];
+        pkt.dst[0] = w[4];
+    } else {
+        let Some(h) = at::<[u32; 10]>(ctx, l3) else {
+            return false;
+        };
+        let w = unsafe { &*h };
+        let v = u32::from_be(w[1]);
+        pkt.l3_len = (v >> 16) + IPV6_HLEN as u32;
+        pkt.ttl = v as u8;
+        pkt.src = [w[2], w[3], w[4], w[5]];
+        pkt.dst = [w[6], w[7], w[8], w[9]];
+    }
+    let Some(ports) = at::<[u16; 2]>(ctx, l4) else {
+        return false;
+    };
+    let [sport, dport] = unsafe { *ports };
+    pkt.sport = sport;
+    pkt.dport = dport;
+    if pkt.proto == PROTO_TCP {
+        let Some(f) = at::<u8>(ctx, l4 + 13) else {
+            return false;
+        };
+        pkt.tcp_flags = unsafe { *f };
+    }
+    true
+}
+
+/// Runs `f` on the packet described by `layout` (see [`reread`]), or answers "truncated".
+#[inline(always)]
+pub fn with_reread(
+    ctx: &XdpContext,
+    layout: u64,
+    f: impl FnOnce(&Pkt) -> (u32, u32),
+) -> (u32, u32) {
+    // Read into a per-CPU scratch rather than the stack: the global functions' frames add
+    // up with the main program's against the verifier's 512 bytes.
+    let Some(raw) = crate::maps::REREAD.get_ptr_mut(0) else {
+        return (
+            aya_ebpf::bindings::xdp_action::XDP_DROP,
+            reason::DROP_INTERNAL,
+        );
+    };
+    let raw = unsafe { &mut *raw };
+    // Word by word: an array assignment becomes a call to `memset`.
+    for i in 0..4 {
+        unsafe {
+            core::ptr::write_volatile(&mut raw.src[i], 0);
+            core::ptr::write_volatile(&mut raw.dst[i], 0);
+        }
+    }
+    raw.tcp_flags = 0;
+    if !reread(ctx, layout, raw) {
+        return (
+            aya_ebpf::bindings::xdp_action::XDP_PASS,
+            reason::PASS_TRUNCATED,
+        );
+    }
+    // Offsets with bounds the verifier sees: read back from memory they are unknown.
+    let l3 = unsafe { core::ptr::read_volatile(&raw.l3) };
+    let l4 = unsafe { core::ptr::read_volatile(&raw.l4) };
+    let pkt = Pkt {
+        l3: if l3 == 18 { 18 } else { ETH_HLEN },
+        l4: l4 & (MAX_L4 * 2 - 1),
+        ..*raw
+    };
+    f(&pkt)
 }
 
 /// Pointer to a `T` at `off` bytes into the frame, if the frame is long enough.
@@ -103,6 +215,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l3 + hlen, tot_len - hlen)?;
     Ok(Pkt {
         l3,
+        l4: l3 + hlen,
         family: FAMILY_V4,
         proto,
         src: [w[3], 0, 0, 0],
@@ -160,6 +273,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     let (sport, dport, tcp_flags) = parse_l4(ctx, next, l4, payload_len - ext_len)?;
     Ok(Pkt {
         l3,
+        l4,
         family: FAMILY_V6,
         proto: next,
         src,

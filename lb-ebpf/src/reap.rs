@@ -9,10 +9,11 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_for_each_map_elem, bpf_map_delete_elem};
-use lb_common::{FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, Template, reason};
+use lb_common::{FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, Template, reason};
 
 use crate::{
-    acct, flow,
+    acct,
+    flow::{self, FlowKey},
     maps::{FLOWS_V4, FLOWS_V6, REASONS, TEMPLATES_V4, TEMPLATES_V6},
     persist,
 };
@@ -20,7 +21,7 @@ use crate::{
 #[repr(C)]
 struct Walk {
     now: u32,
-    family: u32,
+    _pad: u32,
     expired: u64,
 }
 
@@ -29,22 +30,22 @@ struct Walk {
 pub fn reap(now: u32) -> u64 {
     let mut walk = Walk {
         now,
-        family: FAMILY_V4 as u32,
+        _pad: 0,
         expired: 0,
     };
+    // One callback per family: the verifier checks each against its own table's key.
     unsafe {
         bpf_for_each_map_elem(
             &raw const FLOWS_V4 as *mut c_void,
-            visit as *mut c_void,
+            visit::<FlowKeyV4> as *mut c_void,
             &raw mut walk as *mut c_void,
             0,
         );
     }
-    walk.family = FAMILY_V6 as u32;
     unsafe {
         bpf_for_each_map_elem(
             &raw const FLOWS_V6 as *mut c_void,
-            visit as *mut c_void,
+            visit::<FlowKeyV6> as *mut c_void,
             &raw mut walk as *mut c_void,
             0,
         );
@@ -71,7 +72,7 @@ pub fn reap(now: u32) -> u64 {
 
 /// One entry: retire it if it expired. Always continues the walk (returns 0).
 #[inline(never)]
-extern "C" fn visit(
+extern "C" fn visit<K: FlowKey>(
     map: *mut c_void,
     key: *mut c_void,
     value: *mut c_void,
@@ -92,13 +93,11 @@ extern "C" fn visit(
     let backend = unsafe { (*flow).backend };
     if acct::retire(status_ptr, status, backend) {
         let flow = unsafe { &*flow };
-        if walk.family == FAMILY_V4 as u32 {
-            persist::retired(unsafe { &*(key as *const FlowKeyV4) }, flow, walk.now);
-        } else {
-            persist::retired(unsafe { &*(key as *const FlowKeyV6) }, flow, walk.now);
-        }
+        let typed = unsafe { &*(key as *const K) };
+        persist::retired(typed, flow, walk.now);
+        crate::nat::forget(typed, flow);
         unsafe { bpf_map_delete_elem(map, key) };
-        acct::release_entry(walk.family as u8);
+        acct::release_entry(K::FAMILY);
         walk.expired += 1;
     }
     0

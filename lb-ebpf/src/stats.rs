@@ -37,3 +37,18 @@ pub fn new_conn(service_id: u32, backend: u32) {
         unsafe { (*c).conns += 1 };
     }
 }
+
+/// A NAT reply of `bytes` (L3 length) went back to the client (IPVS OutPkts / OutBytes).
+#[inline(always)]
+pub fn replied(service_id: u32, backend: u32, bytes: u32) {
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
+        let c = unsafe { &mut *c };
+        c.out_packets += 1;
+        c.out_bytes += bytes as u64;
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
+        let c = unsafe { &mut *c };
+        c.out_packets += 1;
+        c.out_bytes += bytes as u64;
+    }
+}

@@ -183,9 +183,6 @@ pub enum Forwarding {
 }
 
 impl Forwarding {
-    pub fn supported(self) -> bool {
-        self == Forwarding::Dr
-    }
     pub fn code(self) -> u8 {
         match self {
             Forwarding::Dr => lb_common::forward::DR,
@@ -199,6 +196,64 @@ impl Forwarding {
             Forwarding::Dr => "Route",
             Forwarding::Nat => "Masq",
             Forwarding::Tunnel => "Tunnel",
+        }
+    }
+}
+
+/// Tunnel type (IPVS `--tun-type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelType {
+    #[default]
+    Ipip,
+    Gue,
+    Gre,
+}
+
+impl TunnelType {
+    pub fn code(self) -> u8 {
+        match self {
+            TunnelType::Ipip => lb_common::tunnel::IPIP,
+            TunnelType::Gue => lb_common::tunnel::GUE,
+            TunnelType::Gre => lb_common::tunnel::GRE,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            TunnelType::Ipip => "ipip",
+            TunnelType::Gue => "gue",
+            TunnelType::Gre => "gre",
+        }
+    }
+}
+
+/// Tunnel checksum option (IPVS `--tun-nocsum` / `--tun-csum` / `--tun-remcsum`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelChecksum {
+    #[default]
+    None,
+    Csum,
+    Remcsum,
+}
+
+/// How a tunnel real server is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Tunnel {
+    pub kind: TunnelType,
+    /// GUE destination port (required for gue, refused otherwise).
+    pub port: u16,
+    pub checksum: TunnelChecksum,
+    /// Outer source address; `None` = the one the routing table picks for the real server.
+    pub source: Option<IpAddr>,
+}
+
+impl Tunnel {
+    pub fn flags(&self) -> u8 {
+        match self.checksum {
+            TunnelChecksum::None => 0,
+            TunnelChecksum::Csum => lb_common::tunnel::F_CSUM,
+            TunnelChecksum::Remcsum => lb_common::tunnel::F_REMCSUM,
         }
     }
 }
@@ -398,6 +453,9 @@ pub struct BackendConfig {
     pub port: u16,
     pub weight: u32,
     pub forwarding: Forwarding,
+    /// Tunnel settings of a tunnel real server.
+    #[serde(default)]
+    pub tunnel: Option<Tunnel>,
     /// Connection thresholds (ipvsadm `-x` / `-y`, keepalived `uthreshold` / `lthreshold`):
     /// at `upper_threshold` connections the server takes no new ones until it is below
     /// `lower_threshold` (default 3/4 of the upper). 0 = no limit.
@@ -563,6 +621,9 @@ struct FileService {
     scheduler: Option<Spanned<String>>,
     #[serde(default)]
     forwarding: Option<Spanned<String>>,
+    /// Tunnel settings of the service's tunnel real servers (each may have its own).
+    #[serde(default)]
+    tunnel: Option<Spanned<FileTunnel>>,
     /// ipvsadm `-b`: sh-fallback, sh-port, mh-fallback, mh-port.
     #[serde(default)]
     flags: Option<Spanned<Vec<Spanned<String>>>>,
@@ -596,10 +657,21 @@ struct FilePersistence {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileTunnel {
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    checksum: Option<Spanned<String>>,
+    source: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileBackend {
     address: Spanned<String>,
     weight: Option<Spanned<i64>>,
     forwarding: Option<Spanned<String>>,
+    tunnel: Option<Spanned<FileTunnel>>,
     upper_threshold: Option<Spanned<i64>>,
     lower_threshold: Option<Spanned<i64>>,
 }
@@ -1232,6 +1304,18 @@ fn service(
         ));
     }
     let forwarding = parse_forwarding(loc, &s.forwarding)?.unwrap_or(Forwarding::Dr);
+    let service_tunnel = match &s.tunnel {
+        Some(t) => Some(parse_tunnel(loc, t)?),
+        None => None,
+    };
+    if forwarding == Forwarding::Nat && !conntrack {
+        return Err(loc.err(
+            s.forwarding
+                .as_ref()
+                .map_or(name_span.clone(), |f| f.span()),
+            "NAT needs the connection table to match replies (conntrack = false cannot NAT)",
+        ));
+    }
 
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
@@ -1279,19 +1363,50 @@ fn service(
             ));
         }
         let bfwd = parse_forwarding(loc, &b.forwarding)?.unwrap_or(forwarding);
-        if bfwd == Forwarding::Dr && bport != default_port {
+        if bfwd == Forwarding::Nat && !conntrack {
+            return Err(loc.err(
+                bspan,
+                "NAT needs the connection table to match replies (conntrack = false cannot NAT)",
+            ));
+        }
+        let tunnel = match (&b.tunnel, bfwd) {
+            (Some(t), Forwarding::Tunnel) => Some(parse_tunnel(loc, t)?),
+            (Some(t), _) => {
+                return Err(loc.err(
+                    t.span(),
+                    "tunnel options conflict with the forwarding method (they need forwarding = \"tunnel\")",
+                ));
+            }
+            (None, Forwarding::Tunnel) => Some(service_tunnel.unwrap_or_default()),
+            (None, _) => None,
+        };
+        if let Some(src) = tunnel.and_then(|t| t.source)
+            && src.is_ipv4() != baddr.is_ipv4()
+        {
+            return Err(loc.err(
+                aspan,
+                format!(
+                    "tunnel source {src} and real server {baddr} are not the same address family"
+                ),
+            ));
+        }
+        let method = match bfwd {
+            Forwarding::Dr => "direct routing",
+            _ => "tunnelling",
+        };
+        if bfwd != Forwarding::Nat && bport != default_port {
             if multi_port {
                 return Err(loc.err(
                     aspan,
                     format!(
-                        "direct routing keeps each packet's port: give the real servers of a multi-port service no port (not {bport})"
+                        "{method} keeps each packet's port: give the real servers of a multi-port service no port (not {bport})"
                     ),
                 ));
             }
             return Err(loc.err(
                 aspan,
                 format!(
-                    "direct routing cannot change the port: real server port {bport} differs from the service port {port}"
+                    "{method} cannot change the port: real server port {bport} differs from the service port {port} (only NAT can)"
                 ),
             ));
         }
@@ -1315,6 +1430,7 @@ fn service(
             port: bport,
             weight,
             forwarding: bfwd,
+            tunnel,
             upper_threshold,
             lower_threshold,
         });
@@ -1358,16 +1474,103 @@ fn parse_forwarding(
             ));
         }
     };
-    if !v.supported() {
-        return Err(loc.err(
-            f.span(),
-            format!(
-                "forwarding \"{}\" is not supported yet (supported: dr)",
-                f.get_ref()
-            ),
-        ));
-    }
     Ok(Some(v))
+}
+
+/// A `tunnel = { type, port, checksum, source }` table, with ipvsadm's rules for which
+/// options go with which type.
+fn parse_tunnel(loc: &Locator<'_>, t: &Spanned<FileTunnel>) -> Result<Tunnel, ConfigError> {
+    let f = t.get_ref();
+    let kind = match &f.kind {
+        None => TunnelType::Ipip,
+        Some(k) => match k.get_ref().as_str() {
+            "ipip" => TunnelType::Ipip,
+            "gue" => TunnelType::Gue,
+            "gre" => TunnelType::Gre,
+            other => {
+                return Err(loc.err(
+                    k.span(),
+                    format!("tunnel type \"{other}\" is not one of: ipip, gue, gre"),
+                ));
+            }
+        },
+    };
+    let port = match &f.port {
+        None if kind == TunnelType::Gue => {
+            return Err(loc.err(
+                t.span(),
+                "a gue tunnel needs a port (the real servers' GUE port)",
+            ));
+        }
+        None => 0,
+        Some(p) if kind != TunnelType::Gue => {
+            return Err(loc.err(
+                p.span(),
+                format!("a {} tunnel takes no port (only gue does)", kind.name()),
+            ));
+        }
+        Some(p) if (1..=65535).contains(p.get_ref()) => *p.get_ref() as u16,
+        Some(p) => {
+            return Err(loc.err(
+                p.span(),
+                format!(
+                    "tunnel port must be between 1 and 65535, not {}",
+                    p.get_ref()
+                ),
+            ));
+        }
+    };
+    let checksum = match &f.checksum {
+        None => TunnelChecksum::None,
+        Some(c) => {
+            let v = match c.get_ref().as_str() {
+                "none" | "nocsum" => TunnelChecksum::None,
+                "csum" => TunnelChecksum::Csum,
+                "remcsum" => TunnelChecksum::Remcsum,
+                other => {
+                    return Err(loc.err(
+                        c.span(),
+                        format!("tunnel checksum \"{other}\" is not one of: none, csum, remcsum"),
+                    ));
+                }
+            };
+            let allowed = match kind {
+                TunnelType::Ipip => v == TunnelChecksum::None,
+                TunnelType::Gue => true,
+                TunnelType::Gre => v != TunnelChecksum::Remcsum,
+            };
+            if !allowed {
+                return Err(loc.err(
+                    c.span(),
+                    format!(
+                        "a {} tunnel does not take checksum \"{}\"",
+                        kind.name(),
+                        c.get_ref()
+                    ),
+                ));
+            }
+            v
+        }
+    };
+    let source = match &f.source {
+        None => None,
+        Some(a) => {
+            let ip: IpAddr = a.get_ref().parse().map_err(|_| {
+                loc.err(
+                    a.span(),
+                    format!("tunnel source \"{}\" is not an IP address", a.get_ref()),
+                )
+            })?;
+            check_unicast(ip).map_err(|m| loc.err(a.span(), m))?;
+            Some(ip)
+        }
+    };
+    Ok(Tunnel {
+        kind,
+        port,
+        checksum,
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -1418,6 +1621,7 @@ weight = 1
                 port: 80,
                 weight: 1,
                 forwarding: Forwarding::Dr,
+                tunnel: None,
                 upper_threshold: 0,
                 lower_threshold: 0,
             }]
@@ -1450,6 +1654,66 @@ address = "[2001:db8::12]:443"
     }
 
     /// Every error names the file, the line and the problem.
+    #[test]
+    fn forwarding_methods_per_real_server() {
+        let c = parse(
+            Path::new("x.toml"),
+            r#"[dataplane]
+interfaces = ["eth0"]
+[[services]]
+name = "web"
+address = "10.0.0.1:80"
+forwarding = "tunnel"
+tunnel = { type = "gue", port = 6080, checksum = "csum" }
+[[services.backends]]
+address = "10.0.1.1"
+[[services.backends]]
+address = "10.0.1.2"
+tunnel = { type = "gre", source = "10.0.0.2" }
+[[services.backends]]
+address = "192.168.1.5:8080"
+forwarding = "nat"
+[[services.backends]]
+address = "10.0.1.4"
+forwarding = "dr"
+[[services.backends]]
+address = "fd00::5"
+"#,
+        )
+        .unwrap();
+        let b = &c.services[0].backends;
+        let gue = Tunnel {
+            kind: TunnelType::Gue,
+            port: 6080,
+            checksum: TunnelChecksum::Csum,
+            source: None,
+        };
+        assert_eq!(
+            (b[0].forwarding, b[0].tunnel),
+            (Forwarding::Tunnel, Some(gue))
+        );
+        assert_eq!(
+            b[1].tunnel,
+            Some(Tunnel {
+                kind: TunnelType::Gre,
+                port: 0,
+                checksum: TunnelChecksum::None,
+                source: Some("10.0.0.2".parse().unwrap()),
+            })
+        );
+        assert_eq!(
+            (b[2].forwarding, b[2].port, b[2].tunnel),
+            (Forwarding::Nat, 8080, None)
+        );
+        assert_eq!((b[3].forwarding, b[3].tunnel), (Forwarding::Dr, None));
+        // An IPv6 real server of an IPv4 service: only tunnelling may mix families.
+        assert_eq!(
+            (b[4].forwarding, b[4].tunnel),
+            (Forwarding::Tunnel, Some(gue))
+        );
+        assert_eq!(gue.flags(), lb_common::tunnel::F_CSUM);
+    }
+
     #[test]
     fn errors_are_located() {
         let cases: &[(&str, usize, &str)] = &[
@@ -1529,9 +1793,44 @@ address = "[2001:db8::12]:443"
                 "same address family",
             ),
             (
-                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\nforwarding = \"nat\"\n",
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"sh\"\nconntrack = false\nforwarding = \"nat\"\n",
+                8,
+                "NAT needs the connection table",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nforwarding = \"tunnel\"\n[[services.backends]]\naddress = \"10.0.1.1:8080\"\n",
+                8,
+                "tunnelling cannot change the port",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n[[services.backends]]\naddress = \"10.0.1.1\"\ntunnel = { type = \"gre\" }\n",
+                8,
+                "tunnel options conflict with the forwarding method",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nforwarding = \"tunnel\"\ntunnel = { type = \"gue\" }\n",
                 7,
-                "not supported yet",
+                "a gue tunnel needs a port",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nforwarding = \"tunnel\"\ntunnel = { type = \"gre\", port = 6080 }\n",
+                7,
+                "a gre tunnel takes no port",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nforwarding = \"tunnel\"\ntunnel = { type = \"gre\", checksum = \"remcsum\" }\n",
+                7,
+                "does not take checksum \"remcsum\"",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nforwarding = \"tunnel\"\ntunnel = { type = \"vxlan\" }\n",
+                7,
+                "not one of: ipip, gue, gre",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nforwarding = \"tunnel\"\ntunnel = { source = \"fd00::1\" }\n[[services.backends]]\naddress = \"10.0.1.1\"\n",
+                9,
+                "not the same address family",
             ),
             (
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\n[[services]]\nname = \"b\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\n",

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use lb_common::{EVENT_NEIGH_MISSING, Event};
+use lb_common::{EVENT_NEIGH_MISSING, EVENT_ROUTE_MISSING, Event};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -91,7 +91,12 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
     };
     info!(socket = %socket.display(), "admin API listening");
     if let Some(rb) = events {
-        tokio::spawn(relay_events(rb, shared.clone(), watcher.resolve.clone()));
+        tokio::spawn(relay_events(
+            rb,
+            shared.clone(),
+            watcher.resolve.clone(),
+            watcher.nudge.clone(),
+        ));
     }
 
     let mut term = signal(SignalKind::terminate())?;
@@ -192,11 +197,28 @@ async fn wait_for_next_hops(
     Ok(())
 }
 
+/// The address an event names.
+fn event_addr(ev: &Event) -> Option<IpAddr> {
+    let b = |w: u32| w.to_ne_bytes();
+    match ev.family as u8 {
+        lb_common::FAMILY_V4 => Some(IpAddr::from(b(ev.addr[0]))),
+        lb_common::FAMILY_V6 => {
+            let mut o = [0u8; 16];
+            for (i, w) in ev.addr.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
+            }
+            Some(IpAddr::from(o))
+        }
+        _ => None,
+    }
+}
+
 /// Reads the data plane's events and turns them into work for the controller.
 async fn relay_events(
     rb: RingBuf<MapData>,
     shared: Shared,
     resolve: tokio::sync::mpsc::UnboundedSender<IpAddr>,
+    nudge: tokio::sync::mpsc::UnboundedSender<(u32, IpAddr)>,
 ) {
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until this task ends.
     // A real server that stays unresolvable would otherwise turn every packet sent to it into
@@ -225,6 +247,17 @@ async fn relay_events(
                 let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
                 if ev.kind == EVENT_NEIGH_MISSING {
                     backends.push(ev.backend);
+                } else if ev.kind == EVENT_ROUTE_MISSING
+                    && let Some(hop) = event_addr(&ev)
+                {
+                    let now = std::time::Instant::now();
+                    let due = last_request
+                        .get(&hop)
+                        .is_none_or(|t| now.duration_since(*t) >= RESOLVE_INTERVAL);
+                    if due {
+                        last_request.insert(hop, now);
+                        let _ = nudge.send((ev.backend, hop));
+                    }
                 }
             }
         }

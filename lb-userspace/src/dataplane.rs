@@ -18,9 +18,9 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota,
-    Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6, PASS_PROGRAM_NAME, PROGRAM_NAME,
-    REAPER_NAME, SchedState, Service, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4,
-    TemplateKeyV6, map_names as names, reason, wide,
+    Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6, NatV4, NatV6, PASS_PROGRAM_NAME,
+    PROGRAM_NAME, REAPER_NAME, SchedState, Service, ServiceKeyV4, ServiceKeyV6, Template,
+    TemplateKeyV4, TemplateKeyV6, map_names as names, reason, wide,
 };
 use tracing::{info, warn};
 
@@ -66,6 +66,10 @@ pub struct Dataplane {
     backends: Array<MapData, BackendSlot>,
     slots: Mmapped<u32>,
     filter: Mmapped<u64>,
+    /// NAT replies' prefilter (`NAT_SOURCES`), same layout as `filter`.
+    nat_sources: Mmapped<u64>,
+    nat_v4: HashMap<MapData, FlowKeyV4, NatV4>,
+    nat_v6: HashMap<MapData, FlowKeyV6, NatV6>,
     config_gen: Mmapped<u64>,
     sched_state: Array<MapData, SchedState>,
     flows_v4: HashMap<MapData, FlowKeyV4, Flow>,
@@ -114,6 +118,16 @@ fn purge<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, matches: im
     }
 }
 
+/// Writes the words of a bitmap that differ from `words`.
+fn write_changed(map: &mut Mmapped<u64>, words: &[u64]) -> Result<()> {
+    for (i, w) in words.iter().enumerate() {
+        if map.read(i as u32) != Some(*w) {
+            map.write(i as u32, &[*w])?;
+        }
+    }
+    Ok(())
+}
+
 /// Entries of `GROUPS` for a slot table of `slots` entries.
 fn groups_for(slots: u32) -> u32 {
     (slots >> lb_common::group::SHIFT) + 1
@@ -132,6 +146,8 @@ impl Dataplane {
         loader
             .map_max_entries(names::FLOWS_V4, limits.conn_table_size + reserve)
             .map_max_entries(names::FLOWS_V6, limits.conn_table_size_v6 + reserve)
+            .map_max_entries(names::NAT_V4, limits.conn_table_size + reserve)
+            .map_max_entries(names::NAT_V6, limits.conn_table_size_v6 + reserve)
             .map_max_entries(names::BACKEND_CONNS, limits.max_backends)
             .map_max_entries(
                 names::RECENT_V4,
@@ -187,6 +203,7 @@ impl Dataplane {
         }
         let slots_map: Array<MapData, u32> = take(&mut ebpf, names::SLOTS)?;
         let filter_map: Array<MapData, u64> = take(&mut ebpf, names::SERVICE_FILTER)?;
+        let nat_sources_map: Array<MapData, u64> = take(&mut ebpf, names::NAT_SOURCES)?;
         let gen_map: Array<MapData, u64> = take(&mut ebpf, names::CONFIG_GEN)?;
         let conns_map: Array<MapData, ConnCounts> = take(&mut ebpf, names::BACKEND_CONNS)?;
         let mut dp = Dataplane {
@@ -203,6 +220,9 @@ impl Dataplane {
             backends: take(&mut ebpf, names::BACKENDS)?,
             slots: Mmapped::map(slots_map, limits.slot_table_size)?,
             filter: Mmapped::map(filter_map, lb_common::filter::WORDS + 1)?,
+            nat_sources: Mmapped::map(nat_sources_map, lb_common::filter::WORDS + 1)?,
+            nat_v4: take(&mut ebpf, names::NAT_V4)?,
+            nat_v6: take(&mut ebpf, names::NAT_V6)?,
             config_gen: Mmapped::map(gen_map, 1)?,
             sched_state: take(&mut ebpf, names::SCHED_STATE)?,
             groups: take(&mut ebpf, names::GROUPS)?,
@@ -564,12 +584,21 @@ impl Dataplane {
 
     /// Writes the prefilter words that differ from `words`.
     pub fn write_filter(&mut self, words: &[u64]) -> Result<()> {
-        for (i, w) in words.iter().enumerate() {
-            if self.filter.read(i as u32) != Some(*w) {
-                self.filter.write(i as u32, &[*w])?;
-            }
-        }
-        Ok(())
+        write_changed(&mut self.filter, words)
+    }
+
+    /// Writes the NAT replies' prefilter words that differ from `words`.
+    pub fn write_nat_sources(&mut self, words: &[u64]) -> Result<()> {
+        write_changed(&mut self.nat_sources, words)
+    }
+
+    /// NAT reply entries (reply tuple → VIP and port), for tests and listings.
+    pub fn nat_entries_v4(&self) -> Vec<(FlowKeyV4, NatV4)> {
+        self.nat_v4.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn nat_entries_v6(&self) -> Vec<(FlowKeyV6, NatV6)> {
+        self.nat_v6.iter().filter_map(|r| r.ok()).collect()
     }
 
     /// Tells the data plane the services changed: per-CPU copies of old service entries stop
@@ -667,6 +696,9 @@ impl Dataplane {
         };
         add(names::FLOWS_V4, raw_fd(&self.flows_v4));
         add(names::FLOWS_V6, raw_fd(&self.flows_v6));
+        add(names::NAT_V4, raw_fd(&self.nat_v4));
+        add(names::NAT_V6, raw_fd(&self.nat_v6));
+        add(names::NAT_SOURCES, raw_fd(&self.nat_sources.map));
         add(names::SERVICES_V4, raw_fd(&self.services_v4));
         add(names::SERVICES_V6, raw_fd(&self.services_v6));
         add(names::WIDE_V4, raw_fd(&self.wide_v4));

@@ -39,12 +39,21 @@ use crate::{
 /// connections continue.
 pub const TRASH_PERIOD: Duration = Duration::from_secs(120);
 
-/// Where packets for a real server leave: egress interface and the two MACs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// Where packets for a real server leave: egress interface and the two MACs, plus what
+/// tunnelling needs from the route.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NextHop {
     pub ifindex: u32,
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
+    /// The router the real server is reached through (`dst_mac` is its MAC), if it is not
+    /// on-link. Direct routing needs an on-link server; NAT and tunnels do not.
+    pub gateway: Option<IpAddr>,
+    /// MTU of the path (the route's, else the egress interface's).
+    pub mtu: u32,
+    /// The source address the routing table picks for the real server (tunnels' default
+    /// outer source).
+    pub source: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +118,10 @@ enum Op {
     RemoveEntries(Vec<MatchEntry>),
     /// The prefilter once old services are gone.
     FilterFinal(Vec<u64>),
+    /// The NAT replies' prefilter, likewise: new real servers' bits before the switch (their
+    /// replies must be recognised from the first connection), stale ones after.
+    NatSourcesUnion(Vec<u64>),
+    NatSourcesFinal(Vec<u64>),
 }
 
 /// The scheduler change of a service, replayed at the moment its entry is written: the
@@ -263,6 +276,8 @@ pub struct Engine {
     expire_nodest_conn: bool,
     /// The prefilter bitmap as installed.
     filter: Vec<u64>,
+    /// The NAT replies' prefilter as installed.
+    nat_sources: Vec<u64>,
 }
 
 /// The clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`), in ticks.
@@ -294,6 +309,7 @@ impl Engine {
             timeouts: Timeouts::default(),
             expire_nodest_conn: false,
             filter: vec![0; lb_common::filter::WORDS as usize + 1],
+            nat_sources: vec![0; lb_common::filter::WORDS as usize + 1],
         }
     }
 
@@ -366,16 +382,27 @@ impl Engine {
             ops.push(Op::FilterFinal(filter.clone()));
         }
         next.filter = filter;
+        let nat_sources = matching::nat_source_words(desired);
+        if nat_sources != self.nat_sources {
+            let union: Vec<u64> = nat_sources
+                .iter()
+                .zip(&self.nat_sources)
+                .map(|(a, b)| a | b)
+                .collect();
+            ops.push(Op::NatSourcesUnion(union));
+            ops.push(Op::NatSourcesFinal(nat_sources.clone()));
+        }
+        next.nat_sources = nat_sources;
 
         // Execute: unreferenced entries first, then the switch, then retirement.
         let stage = |op: &Op| match op {
             Op::ResetService(_) | Op::ResetBackendStats(_) => 0,
             Op::WriteBackend(_, b) if b.flags & BACKEND_F_AVAILABLE != 0 => 1,
             Op::WriteSlots(..) | Op::DirtyGroups(..) => 2,
-            Op::FilterUnion(_) => 3,
+            Op::FilterUnion(_) | Op::NatSourcesUnion(_) => 3,
             Op::PutService(..) => 4,
             Op::RemoveEntries(_) => 5,
-            Op::FilterFinal(_) | Op::DirtyGroupsAfterSwitch(..) => 6,
+            Op::FilterFinal(_) | Op::NatSourcesFinal(_) | Op::DirtyGroupsAfterSwitch(..) => 6,
             // Backends retired by this change: only once nothing new can reach them.
             Op::WriteBackend(..) => 7,
         };
@@ -445,6 +472,7 @@ impl Engine {
             timeouts: self.timeouts,
             expire_nodest_conn: self.expire_nodest_conn,
             filter: self.filter.clone(),
+            nat_sources: self.nat_sources.clone(),
         }
     }
 
@@ -730,11 +758,30 @@ impl Engine {
             ..Backend::default()
         };
         e.set_group_index(b.group);
+        if let Some(t) = &b.config.tunnel {
+            e.tun_type = t.kind.code();
+            e.tun_flags = t.flags();
+            e.tun_port = t.port.to_be();
+        }
         if let Some(nh) = self.next_hops.get(&b.config.addr) {
-            e.flags |= BACKEND_F_NEIGH_VALID;
             e.ifindex = nh.ifindex;
             e.dst_mac = nh.dst_mac;
             e.src_mac = nh.src_mac;
+            e.mtu = nh.mtu;
+            let source = b.config.tunnel.and_then(|t| t.source).or(nh.source);
+            if let Some(src) = source {
+                e.tun_src = addr_words(src);
+            }
+            // Direct routing reaches the server itself, never a router on the way; a tunnel
+            // needs an outer source address.
+            let usable = match b.config.forwarding {
+                Forwarding::Dr => nh.gateway.is_none(),
+                Forwarding::Tunnel => source.is_some(),
+                Forwarding::Nat => true,
+            };
+            if usable {
+                e.flags |= BACKEND_F_NEIGH_VALID;
+            }
         }
         e
     }
@@ -856,6 +903,7 @@ fn execute(dp: &mut Dataplane, op: Op) -> Result<()> {
         Op::PutService(_, entries, v, _) => entries.iter().try_for_each(|e| dp.put_entry(e, &v)),
         Op::RemoveEntries(entries) => entries.iter().try_for_each(|e| dp.remove_entry(e)),
         Op::FilterUnion(w) | Op::FilterFinal(w) => dp.write_filter(&w),
+        Op::NatSourcesUnion(w) | Op::NatSourcesFinal(w) => dp.write_nat_sources(&w),
     }
 }
 

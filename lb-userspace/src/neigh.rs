@@ -21,7 +21,7 @@ use netlink_packet_route::{
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
     },
-    route::{RouteAttribute, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteMetric, RouteType},
 };
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 use tokio::sync::mpsc;
@@ -33,12 +33,30 @@ use crate::engine::NextHop;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolution {
     Ready(NextHop),
-    /// Routed out of `ifindex`, MAC not known yet (resolution was requested).
+    /// Routed out of `ifindex` (through `gateway`, if any), MAC not known yet (resolution
+    /// was requested).
     Pending {
         ifindex: u32,
+        gateway: Option<IpAddr>,
     },
     /// No usable route (or the address is local).
     Unreachable,
+}
+
+/// What the routing table says about a real server.
+struct Route {
+    oif: u32,
+    gateway: Option<IpAddr>,
+    source: Option<IpAddr>,
+    mtu: Option<u32>,
+}
+
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
 }
 
 pub struct Resolver {
@@ -52,39 +70,42 @@ impl Resolver {
         Ok(Resolver { handle })
     }
 
-    /// Resolves every address with one neighbour dump per family.
+    /// Resolves every address with one neighbour dump per family. An address behind a
+    /// router resolves to the router's MAC.
     pub async fn resolve_all(&self, addrs: &[IpAddr]) -> Result<Vec<(IpAddr, Resolution)>> {
         let neigh = self.neighbours().await?;
-        let mut macs: HashMap<u32, Option<[u8; 6]>> = HashMap::new();
+        let mut links: HashMap<u32, Option<([u8; 6], u32)>> = HashMap::new();
         let mut out = Vec::with_capacity(addrs.len());
         for &addr in addrs {
-            let Some(oif) = self.route_oif(addr).await? else {
+            let Some(route) = self.route(addr).await? else {
                 out.push((addr, Resolution::Unreachable));
                 continue;
             };
-            let src_mac = match macs.get(&oif) {
+            let oif = route.oif;
+            let link = match links.get(&oif) {
                 Some(m) => *m,
                 None => {
-                    let m = match self.egress_mac(oif).await {
+                    let m = match self.egress_link(oif).await {
                         Ok(m) => Some(m),
                         Err(e) => {
-                            warn!(%addr, ifindex = oif, "real server cannot be reached by direct routing: {e:#}");
+                            warn!(%addr, ifindex = oif, "real server cannot be reached from XDP: {e:#}");
                             None
                         }
                     };
-                    macs.insert(oif, m);
+                    links.insert(oif, m);
                     m
                 }
             };
-            let Some(src_mac) = src_mac else {
+            let Some((src_mac, link_mtu)) = link else {
                 out.push((addr, Resolution::Unreachable));
                 continue;
             };
-            match neigh.get(&(oif, addr)) {
+            let hop = route.gateway.unwrap_or(addr);
+            match neigh.get(&(oif, hop)) {
                 Some((mac, state)) if usable(*state) => {
                     if *state == NeighbourState::Stale {
                         // Keep it fresh: XDP traffic never confirms it to the kernel.
-                        self.request(oif, addr).await;
+                        self.request(oif, hop).await;
                     }
                     out.push((
                         addr,
@@ -92,12 +113,21 @@ impl Resolver {
                             ifindex: oif,
                             dst_mac: *mac,
                             src_mac,
+                            gateway: route.gateway,
+                            mtu: route.mtu.unwrap_or(link_mtu),
+                            source: route.source,
                         }),
                     ))
                 }
                 _ => {
-                    self.request(oif, addr).await;
-                    out.push((addr, Resolution::Pending { ifindex: oif }));
+                    self.request(oif, hop).await;
+                    out.push((
+                        addr,
+                        Resolution::Pending {
+                            ifindex: oif,
+                            gateway: route.gateway,
+                        },
+                    ));
                 }
             }
         }
@@ -105,7 +135,7 @@ impl Resolver {
     }
 
     /// Asks the kernel to resolve `addr` on interface `oif`.
-    async fn request(&self, oif: u32, addr: IpAddr) {
+    pub async fn request(&self, oif: u32, addr: IpAddr) {
         let req = self
             .handle
             .neighbours()
@@ -118,8 +148,8 @@ impl Resolver {
         }
     }
 
-    /// The egress interface for `addr`; `None` if unroutable or local.
-    async fn route_oif(&self, addr: IpAddr) -> Result<Option<u32>> {
+    /// The kernel's route to `addr`; `None` if unroutable or local.
+    async fn route(&self, addr: IpAddr) -> Result<Option<Route>> {
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(addr, prefix)
@@ -132,10 +162,30 @@ impl Resolver {
                     warn!(%addr, "real server address is local to this host");
                     return Ok(None);
                 }
-                Ok(r.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                }))
+                let mut route = Route {
+                    oif: 0,
+                    gateway: None,
+                    source: None,
+                    mtu: None,
+                };
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => route.oif = *i,
+                        RouteAttribute::Gateway(g) => route.gateway = route_ip(g),
+                        RouteAttribute::PrefSource(s) => route.source = route_ip(s),
+                        RouteAttribute::Metrics(m) => {
+                            for x in m {
+                                if let RouteMetric::Mtu(v) = x
+                                    && *v != 0
+                                {
+                                    route.mtu = Some(*v);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Ok((route.oif != 0).then_some(route))
             }
             Ok(None) => Ok(None),
             Err(e) => {
@@ -145,26 +195,28 @@ impl Resolver {
         }
     }
 
-    /// The MAC frames to a real server leave with, if its egress interface can take them
-    /// from XDP: an Ethernet device that is not a VLAN sub-interface (XDP sees the parent's
-    /// tagged frames; re-tagging is not implemented).
-    async fn egress_mac(&self, index: u32) -> Result<[u8; 6]> {
+    /// The MAC and MTU frames to a real server leave with, if its egress interface can take
+    /// them from XDP: an Ethernet device that is not a VLAN sub-interface (XDP sees the
+    /// parent's tagged frames; re-tagging is not implemented).
+    async fn egress_link(&self, index: u32) -> Result<([u8; 6], u32)> {
         let mut links = self.handle.link().get().match_index(index).execute();
         let link = links
             .try_next()
             .await?
             .ok_or_else(|| anyhow!("interface {index} vanished"))?;
         let mut mac = None;
+        let mut mtu = 1500;
         for a in &link.attributes {
             match a {
                 LinkAttribute::Address(m) if m.len() == 6 => {
                     mac = Some(<[u8; 6]>::try_from(m.as_slice()).expect("6 bytes"))
                 }
+                LinkAttribute::Mtu(m) => mtu = *m,
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let LinkInfo::Kind(InfoKind::Vlan) = i {
                             return Err(anyhow!(
-                                "its egress interface (ifindex {index}) is a VLAN sub-interface, which direct routing does not support yet"
+                                "its egress interface (ifindex {index}) is a VLAN sub-interface, which XDP forwarding does not support yet"
                             ));
                         }
                     }
@@ -172,7 +224,10 @@ impl Resolver {
                 _ => {}
             }
         }
-        mac.ok_or_else(|| anyhow!("its egress interface (ifindex {index}) has no Ethernet address"))
+        let mac = mac.ok_or_else(|| {
+            anyhow!("its egress interface (ifindex {index}) has no Ethernet address")
+        })?;
+        Ok((mac, mtu))
     }
 
     /// (ifindex, address) → (MAC, state) of every neighbour entry.
@@ -242,6 +297,9 @@ pub struct Watcher {
     pub resolve: mpsc::UnboundedSender<IpAddr>,
     /// Replaces the set of addresses watched.
     pub watch: mpsc::UnboundedSender<Vec<IpAddr>>,
+    /// Next hops (interface, address) the data plane found unresolved on the way to a
+    /// client (NAT replies): the kernel is asked to resolve them.
+    pub nudge: mpsc::UnboundedSender<(u32, IpAddr)>,
 }
 
 /// Starts the watcher: it resolves watched addresses on request, whenever the kernel's
@@ -257,9 +315,12 @@ pub fn spawn_watcher(initial: Vec<IpAddr>, refresh: Duration) -> Result<(Watcher
     let (tx, rx) = mpsc::unbounded_channel();
     let (resolve_tx, mut resolve_rx) = mpsc::unbounded_channel::<IpAddr>();
     let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Vec<IpAddr>>();
+    let (nudge_tx, mut nudge_rx) = mpsc::unbounded_channel::<(u32, IpAddr)>();
     tokio::spawn(async move {
         let mut watched: HashSet<IpAddr> = initial.into_iter().collect();
         let mut known: HashMap<IpAddr, NextHop> = HashMap::new();
+        // Router → the watched addresses reached through it.
+        let mut via: HashMap<IpAddr, HashSet<IpAddr>> = HashMap::new();
         let mut tick = tokio::time::interval(refresh);
         loop {
             let todo: Vec<IpAddr> = tokio::select! {
@@ -270,6 +331,10 @@ pub fn spawn_watcher(initial: Vec<IpAddr>, refresh: Duration) -> Result<(Watcher
                     v.sort(); v.dedup();
                     v.into_iter().filter(|a| watched.contains(a)).collect()
                 }
+                Some((oif, hop)) = nudge_rx.recv() => {
+                    resolver.request(oif, hop).await;
+                    Vec::new()
+                }
                 Some(w) = watch_rx.recv() => {
                     watched = w.into_iter().collect();
                     known.retain(|a, _| watched.contains(a));
@@ -279,7 +344,16 @@ pub fn spawn_watcher(initial: Vec<IpAddr>, refresh: Duration) -> Result<(Watcher
                     match msg.payload {
                         netlink_packet_core::NetlinkPayload::InnerMessage(
                             RouteNetlinkMessage::NewNeighbour(m) | RouteNetlinkMessage::DelNeighbour(m),
-                        ) => entry(&m).map(|((_, a), _)| a).filter(|a| watched.contains(a)).into_iter().collect(),
+                        ) => match entry(&m) {
+                            // The server itself, or the router in front of some.
+                            Some(((_, a), _)) => watched
+                                .get(&a)
+                                .copied()
+                                .into_iter()
+                                .chain(via.get(&a).into_iter().flatten().copied())
+                                .collect(),
+                            None => Vec::new(),
+                        },
                         _ => Vec::new(),
                     }
                 }
@@ -290,11 +364,25 @@ pub fn spawn_watcher(initial: Vec<IpAddr>, refresh: Duration) -> Result<(Watcher
             }
             match resolver.resolve_all(&todo).await {
                 Ok(results) => {
+                    for (addr, r) in &results {
+                        let gw = match r {
+                            Resolution::Ready(nh) => nh.gateway,
+                            Resolution::Pending { gateway, .. } => *gateway,
+                            Resolution::Unreachable => None,
+                        };
+                        via.retain(|_, addrs| {
+                            addrs.remove(addr);
+                            !addrs.is_empty()
+                        });
+                        if let Some(g) = gw {
+                            via.entry(g).or_default().insert(*addr);
+                        }
+                    }
                     for (addr, r) in results {
                         let update = match r {
                             Resolution::Ready(nh) => Some(Some(nh)),
                             // Route moved to another interface: the old MAC is wrong there.
-                            Resolution::Pending { ifindex } => match known.get(&addr) {
+                            Resolution::Pending { ifindex, .. } => match known.get(&addr) {
                                 Some(old) if old.ifindex != ifindex => Some(None),
                                 _ => None,
                             },
@@ -322,6 +410,7 @@ pub fn spawn_watcher(initial: Vec<IpAddr>, refresh: Duration) -> Result<(Watcher
         Watcher {
             resolve: resolve_tx,
             watch: watch_tx,
+            nudge: nudge_tx,
         },
         rx,
     ))

@@ -17,6 +17,13 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
+/// The path MTU the harness pretends every real server has.
+pub const PATH_MTU: u32 = 1500;
+/// The source addresses the harness pretends the routing table picks toward real servers
+/// (tunnels' outer source).
+pub const LB_SOURCE_V4: &str = "10.0.0.2";
+pub const LB_SOURCE_V6: &str = "fd00::2";
+
 /// The MAC the harness pretends real server `addr` has.
 pub fn backend_mac(addr: IpAddr) -> [u8; 6] {
     let o = match addr {
@@ -77,6 +84,13 @@ impl Harness {
                         ifindex: 1,
                         dst_mac: backend_mac(b.addr),
                         src_mac: LB_MAC,
+                        gateway: None,
+                        mtu: PATH_MTU,
+                        source: Some(if b.addr.is_ipv4() {
+                            LB_SOURCE_V4.parse().unwrap()
+                        } else {
+                            LB_SOURCE_V6.parse().unwrap()
+                        }),
                     };
                     self.engine
                         .set_next_hop(&mut self.dp, b.addr, Some(nh))

@@ -900,6 +900,7 @@ fn unresolved_next_hop_is_counted_and_reported() {
                 ifindex: 1,
                 dst_mac: backend_mac(ip("10.0.1.3")),
                 src_mac: LB_MAC,
+                ..Default::default()
             }),
         )
         .unwrap();
@@ -1004,6 +1005,7 @@ fn servers_behind_another_interface_are_reached_by_redirect() {
             ifindex,
             dst_mac: [2, 0, 0, 0, 0, 0x42],
             src_mac: [2, 0, 0, 0, 0, 0x43],
+            ..Default::default()
         };
         h.engine
             .set_next_hop(&mut h.dp, ip("10.0.1.3"), Some(nh))

@@ -1,0 +1,164 @@
+//! ICMP the balancer sends itself: "fragmentation needed" (IPv4, DF set) and ICMPv6 "packet
+//! too big" for packets that would exceed the path MTU once encapsulated, as IPVS sends them
+//! (`ensure_mtu_is_adequate`). The packet is turned into the error in place and sent back
+//! out of the interface it came in on, from the address it was sent to (the VIP).
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{FAMILY_V4, csum, reason};
+
+use crate::parse::{Pkt, at};
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// Bytes of the offending IPv6 packet quoted (RFC 4443 asks for as much as fits in 1280;
+/// the headers that identify the flow are what the sender needs).
+const V6_QUOTE: u32 = 128;
+/// IPv4 quotes the header (up to 60 bytes) and the first 8 bytes of the payload (RFC 792).
+const V4_QUOTE_WORDS: usize = 17;
+
+/// Answers a packet too big for `mtu` (the largest inner packet the path takes).
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> (u32, u32) {
+    let sent = if pkt.family == FAMILY_V4 {
+        let Some(frag) = at::<u8>(ctx, pkt.l3 + 6) else {
+            return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
+        };
+        if unsafe { *frag } & 0x40 == 0 {
+            // IPVS would fragment it; XDP cannot.
+            return (xdp_action::XDP_DROP, reason::DROP_TOO_BIG);
+        }
+        frag_needed(ctx, pkt, mtu)
+    } else {
+        packet_too_big(ctx, pkt, mtu)
+    };
+    match sent {
+        Some(()) => (xdp_action::XDP_TX, reason::TX_ICMP_TOO_BIG),
+        None => (xdp_action::XDP_DROP, reason::DROP_TOO_BIG),
+    }
+}
+
+/// Makes room for `extra` bytes of headers between the Ethernet header (with its VLAN tag)
+/// and the packet, and addresses the frame back to its sender.
+#[inline(always)]
+fn prepend(ctx: &XdpContext, pkt: &Pkt, extra: u32) -> Option<()> {
+    let eth = at::<[u16; 6]>(ctx, 0)?;
+    let macs = unsafe { *eth };
+    if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, -(extra as i32)) } != 0 {
+        return None;
+    }
+    let eth = at::<[u16; 6]>(ctx, 0)?;
+    unsafe {
+        *eth = [macs[3], macs[4], macs[5], macs[0], macs[1], macs[2]];
+    }
+    // Ethertype (and the VLAN tag before it) as they were.
+    let from = at::<u16>(ctx, extra as usize + 12)?;
+    let to = at::<u16>(ctx, 12)?;
+    unsafe { *to = *from };
+    if pkt.l3 != 14 {
+        let from = at::<[u16; 2]>(ctx, extra as usize + 14)?;
+        let to = at::<[u16; 2]>(ctx, 14)?;
+        unsafe { *to = *from };
+    }
+    Some(())
+}
+
+/// Cuts the frame to `len` bytes.
+#[inline(always)]
+fn truncate(ctx: &XdpContext, len: usize) -> Option<()> {
+    let cur = ctx.data_end() - ctx.data();
+    if cur > len {
+        let delta = (cur - len) as i32;
+        if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_tail(ctx.ctx, -delta) } != 0 {
+            return None;
+        }
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn words(w: u32) -> u32 {
+    (w & 0xffff) + (w >> 16)
+}
+
+/// Sum of `n` words from `off` (`n` at most `max`).
+#[inline(always)]
+fn sum_words(ctx: &XdpContext, off: usize, n: usize, max: usize) -> Option<u32> {
+    let mut sum = 0;
+    for i in 0..max {
+        if i >= n {
+            break;
+        }
+        let w = at::<u32>(ctx, off + i * 4)?;
+        sum += words(unsafe { *w });
+    }
+    Some(sum)
+}
+
+#[inline(always)]
+fn frag_needed(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
+    let hlen = pkt.l4 - pkt.l3;
+    let quoted = hlen + 8;
+    prepend(ctx, pkt, 28)?;
+    let l2 = pkt.l3;
+    truncate(ctx, l2 + 28 + quoted)?;
+    let [mh, ml] = (mtu as u16).to_be_bytes();
+    let icmp0 = u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]);
+    let icmp1 = u32::from_ne_bytes([0, 0, mh, ml]);
+    let body = sum_words(ctx, l2 + 28, quoted / 4, V4_QUOTE_WORDS)?;
+    let icheck = !csum::fold(words(icmp0) + words(icmp1) + body);
+    let [lh, ll] = ((28 + quoted) as u16).to_be_bytes();
+    // TOS as Linux sends ICMP errors: precedence "internetwork control".
+    let w0 = u32::from_ne_bytes([0x45, 0xc0, lh, ll]);
+    let w2 = u32::from_ne_bytes([64, PROTO_ICMP, 0, 0]);
+    let (src, dst) = (pkt.dst[0], pkt.src[0]);
+    let check = !csum::fold(words(w0) + words(w2) + words(src) + words(dst));
+    let h = at::<[u32; 7]>(ctx, l2)?;
+    unsafe {
+        (*h)[0] = w0;
+        (*h)[1] = 0;
+        (*h)[2] = w2 | (check as u32) << 16;
+        (*h)[3] = src;
+        (*h)[4] = dst;
+        (*h)[5] = icmp0 | (icheck as u32) << 16;
+        (*h)[6] = icmp1;
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn packet_too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
+    let quoted = if pkt.l3_len < V6_QUOTE {
+        pkt.l3_len & !3
+    } else {
+        V6_QUOTE
+    } as usize;
+    prepend(ctx, pkt, 48)?;
+    let l2 = pkt.l3;
+    truncate(ctx, l2 + 48 + quoted)?;
+    let len = (8 + quoted) as u16;
+    let len_word = u16::from_ne_bytes(len.to_be_bytes()) as u32;
+    let icmp0 = u32::from_ne_bytes([ICMPV6_PKT_TOOBIG, 0, 0, 0]);
+    let icmp1 = u32::from_ne_bytes(mtu.to_be_bytes());
+    let body = sum_words(ctx, l2 + 48, quoted / 4, V6_QUOTE as usize / 4)?;
+    let mut sum = len_word + u16::from_ne_bytes([0, PROTO_ICMPV6]) as u32;
+    for i in 0..4 {
+        sum += words(pkt.src[i]) + words(pkt.dst[i]);
+    }
+    let icheck = !csum::fold(sum + words(icmp0) + words(icmp1) + body);
+    let [lh, ll] = len.to_be_bytes();
+    let h = at::<[u32; 12]>(ctx, l2)?;
+    unsafe {
+        (*h)[0] = u32::from_ne_bytes([0x60, 0, 0, 0]);
+        (*h)[1] = u32::from_ne_bytes([lh, ll, PROTO_ICMPV6, 64]);
+        for i in 0..4 {
+            (*h)[2 + i] = pkt.dst[i];
+            (*h)[6 + i] = pkt.src[i];
+        }
+        (*h)[10] = icmp0 | (icheck as u32) << 16;
+        (*h)[11] = icmp1;
+    }
+    Some(())
+}

@@ -1,0 +1,382 @@
+//! NAT (IPVS `-m`, masquerading). Client packets get the real server's address and port as
+//! destination; the real server's replies come back through the balancer (it is their
+//! gateway), are matched to their connection and get the VIP and service port back as
+//! source, then go toward the client by the kernel's routing table (`bpf_fib_lookup`).
+//!
+//! A reply is found by its own tuple in `NAT_V4`/`NAT_V6`, written when the connection is
+//! created and removed when it ends; the connection itself (state, timeouts, counts) stays
+//! the flow table's entry, which the reply checks and drives with IPVS's OUTPUT table. An
+//! entry left behind by a path that could not remove it is harmless: the reply also needs
+//! the live connection, and the map is an LRU.
+
+use aya_ebpf::{
+    bindings::{xdp_action, xdp_md},
+    maps::LruHashMap,
+    programs::XdpContext,
+};
+use lb_common::{
+    BACKEND_F_AVAILABLE, Backend, EVENT_ROUTE_MISSING, Event, FAMILY_V4, FLOW_DEAD, Flow,
+    FlowKeyV4, FlowKeyV6, NatV4, NatV6, PROTO_TCP, PROTO_UDP, csum, filter, forward, reason,
+    tcp::{self, Direction},
+};
+
+use crate::{
+    acct, admit,
+    flow::FlowKey,
+    maps::{BACKENDS, FIB_SCRATCH, NAT_SOURCES, NAT_V4, NAT_V6},
+    parse::{Pkt, at},
+    stats, xmit,
+};
+
+/// A family's reply map.
+pub trait NatKey: Sized + 'static {
+    type Entry: NatEntry;
+    fn nat_table() -> &'static LruHashMap<Self, Self::Entry>;
+    /// The tuple of a reply: from the real server (`addr`, `port`) to the client of `self`.
+    fn reply_tuple(&self, addr: &[u32; 4], port: u16) -> Self;
+    /// The connection's own key from a reply's packet and its entry.
+    fn connection(pkt: &Pkt, nat: &Self::Entry) -> Self;
+}
+
+pub trait NatEntry: Copy + 'static {
+    fn for_service(pkt: &Pkt) -> Self;
+    fn vip(&self) -> [u32; 4];
+    fn vport(&self) -> u16;
+}
+
+impl NatKey for FlowKeyV4 {
+    type Entry = NatV4;
+    #[inline(always)]
+    fn nat_table() -> &'static LruHashMap<Self, NatV4> {
+        &NAT_V4
+    }
+    #[inline(always)]
+    fn reply_tuple(&self, addr: &[u32; 4], port: u16) -> Self {
+        FlowKeyV4::new(addr[0], self.src, port, self.sport, self.proto)
+    }
+    #[inline(always)]
+    fn connection(pkt: &Pkt, nat: &NatV4) -> Self {
+        FlowKeyV4::new(pkt.dst[0], nat.vip, pkt.dport, nat.vport, pkt.proto)
+    }
+}
+
+impl NatKey for FlowKeyV6 {
+    type Entry = NatV6;
+    #[inline(always)]
+    fn nat_table() -> &'static LruHashMap<Self, NatV6> {
+        &NAT_V6
+    }
+    #[inline(always)]
+    fn reply_tuple(&self, addr: &[u32; 4], port: u16) -> Self {
+        FlowKeyV6::new(*addr, self.src, port, self.sport, self.proto)
+    }
+    #[inline(always)]
+    fn connection(pkt: &Pkt, nat: &NatV6) -> Self {
+        FlowKeyV6::new(pkt.dst, nat.vip, pkt.dport, nat.vport, pkt.proto)
+    }
+}
+
+impl NatEntry for NatV4 {
+    #[inline(always)]
+    fn for_service(pkt: &Pkt) -> Self {
+        NatV4 {
+            vip: pkt.dst[0],
+            vport: pkt.dport,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn vip(&self) -> [u32; 4] {
+        [self.vip, 0, 0, 0]
+    }
+    #[inline(always)]
+    fn vport(&self) -> u16 {
+        self.vport
+    }
+}
+
+impl NatEntry for NatV6 {
+    #[inline(always)]
+    fn for_service(pkt: &Pkt) -> Self {
+        NatV6 {
+            vip: pkt.dst,
+            vport: pkt.dport,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn vip(&self) -> [u32; 4] {
+        self.vip
+    }
+    #[inline(always)]
+    fn vport(&self) -> u16 {
+        self.vport
+    }
+}
+
+/// The port a NAT real server listens on for a packet to `dport` (0 = the packet's own, for
+/// port-0 services).
+#[inline(always)]
+fn server_port(be: &Backend, dport: u16) -> u16 {
+    if be.port != 0 { be.port } else { dport }
+}
+
+/// Client → server: destination address and port become the real server's.
+#[inline(always)]
+pub fn to_server(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> Option<()> {
+    rewrite(ctx, pkt, false, &be.addr, server_port(be, pkt.dport))
+}
+
+/// Rewrites the source (`src`) or destination address and port, updating the IPv4 header
+/// checksum and the TCP/UDP checksum (whose pseudo-header holds the addresses) incrementally.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, pkt: &Pkt, src: bool, addr: &[u32; 4], port: u16) -> Option<()> {
+    let (old_addr, old_port) = if src {
+        (&pkt.src, pkt.sport)
+    } else {
+        (&pkt.dst, pkt.dport)
+    };
+    let port_off = pkt.l4 + if src { 0 } else { 2 };
+    // One's-complement difference of the changed words, for the L4 checksum.
+    let mut delta: u32 = 0;
+    if pkt.family == FAMILY_V4 {
+        let off = pkt.l3 + if src { 12 } else { 16 };
+        let a = at::<u32>(ctx, off)?;
+        let check = at::<u16>(ctx, pkt.l3 + 10)?;
+        unsafe {
+            *a = addr[0];
+            *check = csum::replace32(*check, old_addr[0], addr[0]);
+        }
+        delta += word_delta(old_addr[0], addr[0]);
+    } else {
+        let off = pkt.l3 + if src { 8 } else { 24 };
+        let a = at::<[u32; 4]>(ctx, off)?;
+        unsafe { *a = *addr };
+        for i in 0..4 {
+            delta += word_delta(old_addr[i], addr[i]);
+        }
+    }
+    let p = at::<u16>(ctx, port_off)?;
+    unsafe { *p = port };
+    delta += (!old_port as u32) + port as u32;
+    let check_off = if pkt.proto == PROTO_TCP {
+        pkt.l4 + 16
+    } else {
+        pkt.l4 + 6
+    };
+    let check = at::<u16>(ctx, check_off)?;
+    unsafe {
+        let c = *check;
+        if pkt.proto == PROTO_UDP && c == 0 {
+            // IPv4 UDP without a checksum stays without (a zero IPv6 UDP checksum is invalid
+            // anyway and is left for the server to drop).
+            return Some(());
+        }
+        let mut n = !csum::fold((!c as u32) + delta);
+        if pkt.proto == PROTO_UDP && n == 0 {
+            n = 0xffff;
+        }
+        *check = n;
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn word_delta(old: u32, new: u32) -> u32 {
+    ((!old) & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// Records a new NAT connection's reply tuple (`key` is the connection's).
+#[inline(always)]
+pub fn record<K: FlowKey>(key: &K, pkt: &Pkt, be: &Backend) {
+    if be.forward != forward::NAT {
+        return;
+    }
+    let reply = key.reply_tuple(&be.addr, server_port(be, pkt.dport));
+    let entry = K::Entry::for_service(pkt);
+    if K::nat_table().insert(&reply, &entry, 0).is_err() {
+        stats::count(reason::EV_NAT_INSERT_FAILED);
+    }
+}
+
+/// A connection ended: its reply tuple goes too (if its server is still the one it had).
+#[inline(always)]
+pub fn forget<K: FlowKey>(key: &K, flow: &Flow) {
+    let Some(slot) = BACKENDS.get(flow.backend) else {
+        return;
+    };
+    let be = slot.current();
+    if be.forward != forward::NAT || be.generation != flow.generation {
+        return;
+    }
+    let dport = key.service_port();
+    let _ = K::nat_table().remove(&key.reply_tuple(&be.addr, server_port(be, dport)));
+}
+
+/// Whether the packet may come from a NAT real server: one bit per (source, port, protocol),
+/// and a flag word for servers that answer from any port (port-0 services).
+#[inline(always)]
+pub fn may_be_reply(pkt: &Pkt) -> bool {
+    let addr = pkt.src[0] ^ pkt.src[1] ^ pkt.src[2] ^ pkt.src[3];
+    if is_set(filter::bit(addr, pkt.sport, pkt.proto)) {
+        return true;
+    }
+    match NAT_SOURCES.get(filter::WORDS) {
+        Some(f) if *f != 0 => is_set(filter::bit(addr, 0, pkt.proto)),
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn is_set(bit: u32) -> bool {
+    match NAT_SOURCES.get(bit / 64) {
+        Some(w) => *w & (1u64 << (bit % 64)) != 0,
+        None => false,
+    }
+}
+
+/// A reply from a NAT real server: back to the client as the virtual service's packet.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
+    let r = xlb_nat_reply(ctx.ctx, pkt.layout(), now);
+    ((r >> 32) as u32, r as u32)
+}
+
+/// The reply path as a global BPF function (see `xmit::xlb_forward`): verified once, and
+/// its frame is not part of the main program's.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn xlb_nat_reply(ctx: *mut xdp_md, layout: u64, now: u32) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    let (action, why) = crate::parse::with_reread(&ctx, layout, |pkt| {
+        if pkt.family == FAMILY_V4 {
+            reply_in::<FlowKeyV4>(&ctx, pkt, now)
+        } else {
+            reply_in::<FlowKeyV6>(&ctx, pkt, now)
+        }
+    });
+    (action as u64) << 32 | why as u64
+}
+
+/// `bpf_fib_lookup`'s parameters (`struct bpf_fib_lookup`, 64 bytes).
+#[repr(C)]
+pub struct FibParams {
+    family: u8,
+    l4_protocol: u8,
+    sport: u16,
+    dport: u16,
+    /// In: packet length; out: the route's MTU.
+    tot_len: u16,
+    /// In: ingress interface; out: egress interface.
+    ifindex: u32,
+    /// IPv4 TOS byte, or the IPv6 flow information word.
+    tos_flowinfo: u32,
+    src: [u32; 4],
+    /// In: destination; out: the next hop.
+    dst: [u32; 4],
+    vlan: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const FIB_SUCCESS: i64 = 0;
+const FIB_NO_NEIGH: i64 = 7;
+
+#[inline(always)]
+fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
+    let no_flow = (xdp_action::XDP_PASS, reason::PASS_NAT_NO_FLOW);
+    let Some(nat) = K::nat_table().get_ptr(&K::from_pkt(pkt)) else {
+        return no_flow;
+    };
+    let nat = unsafe { *nat };
+    let key = K::connection(pkt, &nat);
+    let Some(entry) = K::table().get_ptr_mut(&key) else {
+        return no_flow;
+    };
+    let status_ptr = unsafe { &raw mut (*entry).status };
+    let status = unsafe { core::ptr::read_volatile(status_ptr) };
+    if status & FLOW_DEAD != 0 {
+        return no_flow;
+    }
+    let flow = unsafe { &mut *entry };
+    let Some(slot) = BACKENDS.get(flow.backend) else {
+        return no_flow;
+    };
+    let be = slot.current();
+    let from_server = be.flags & BACKEND_F_AVAILABLE != 0
+        && be.generation == flow.generation
+        && be.forward == forward::NAT
+        && be.addr == pkt.src
+        && server_port(be, nat.vport()) == pkt.sport;
+    if !from_server {
+        return no_flow;
+    }
+    if pkt.ttl <= 1 {
+        return (xdp_action::XDP_PASS, reason::PASS_TTL_EXPIRED);
+    }
+    if pkt.proto == PROTO_TCP {
+        let st = status as u8;
+        let next = tcp::next_state(Direction::Output, st, pkt.tcp_flags);
+        if next != st && acct::cas(status_ptr, status, next as u32) {
+            acct::moved(flow.backend, st, next);
+            if tcp::is_active(st) && !tcp::is_active(next) {
+                admit::record(&key);
+            }
+        }
+    }
+    if flow.last_seen != now {
+        flow.last_seen = now;
+    }
+    let vip = nat.vip();
+    let Some(fib) = FIB_SCRATCH.get_ptr_mut(0) else {
+        return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
+    };
+    let fib = unsafe { &mut *fib };
+    fib.family = if pkt.family == FAMILY_V4 {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    fib.l4_protocol = pkt.proto;
+    fib.sport = nat.vport();
+    fib.dport = pkt.dport;
+    fib.tot_len = pkt.l3_len as u16;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.tos_flowinfo = 0;
+    fib.src = vip;
+    fib.dst = pkt.dst;
+    fib.vlan = 0;
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            fib as *mut FibParams as *mut _,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != FIB_SUCCESS {
+        if rc == FIB_NO_NEIGH {
+            // The kernel filled in the egress interface and the next hop.
+            xmit::report(&Event {
+                kind: EVENT_ROUTE_MISSING,
+                backend: fib.ifindex,
+                family: pkt.family as u32,
+                addr: fib.dst,
+            });
+        }
+        return (xdp_action::XDP_DROP, reason::DROP_NAT_NO_ROUTE);
+    }
+    let sent = rewrite(ctx, pkt, true, &vip, nat.vport()).is_some()
+        && xmit::decrement_ttl(ctx, pkt).is_some()
+        && xmit::set_macs(ctx, &fib.dmac, &fib.smac).is_some();
+    if !sent {
+        return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
+    }
+    let verdict = xmit::transmit(ctx, fib.ifindex);
+    if verdict.1 == reason::TX || verdict.1 == reason::REDIRECT {
+        stats::replied(be.service_id, flow.backend, pkt.l3_len);
+    }
+    verdict
+}
