@@ -316,15 +316,19 @@ pub const PROGRAM_NAME: &str = "xlb";
 /// a live flow entry to `xlb_new_*`. Separate programs per family and per path keep each
 /// within the verifier's budget, and established packets never pay for the code. They hand
 /// the packet and its real server on to `xlb_xmit`, which sends it.
-pub const NEW_FLOW_PROGRAMS: [(u32, &str); 5] = [
+/// NAT replies go to `xlb_reply` the same way.
+pub const NEW_FLOW_PROGRAMS: [(u32, &str); 6] = [
     (NEW_FLOW_V4, "xlb_new_v4"),
     (NEW_FLOW_V6, "xlb_new_v6"),
     (NEW_FLOW_V4 + NEW_FLOW_SYN, "xlb_syn_v4"),
     (NEW_FLOW_V6 + NEW_FLOW_SYN, "xlb_syn_v6"),
     (NEW_FLOW_XMIT, "xlb_xmit"),
+    (NEW_FLOW_REPLY, "xlb_reply"),
 ];
 /// Index of `xlb_xmit` in `NEW_FLOW`.
 pub const NEW_FLOW_XMIT: u32 = 4;
+/// Index of `xlb_reply` in `NEW_FLOW`.
+pub const NEW_FLOW_REPLY: u32 = 5;
 pub const NEW_FLOW_V4: u32 = 0;
 pub const NEW_FLOW_V6: u32 = 1;
 /// Added to the family's index: the SYN program.

@@ -40,8 +40,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_SYN, NEW_FLOW_V4, NEW_FLOW_V6,
-    NEW_FLOW_XMIT, reason,
+    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_REPLY, NEW_FLOW_SYN, NEW_FLOW_V4,
+    NEW_FLOW_V6, NEW_FLOW_XMIT, reason,
 };
 use maps::{HANDOFF, NEW_FLOW, XMIT_HANDOFF};
 
@@ -94,6 +94,20 @@ pub fn xlb_xmit(ctx: XdpContext) -> u32 {
     action
 }
 
+/// Replies from NAT real servers (`nat`), tail-called by `xlb`.
+#[xdp]
+pub fn xlb_reply(ctx: XdpContext) -> u32 {
+    let (action, why) = match parse::parse(&ctx) {
+        Ok(pkt) => {
+            let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+            nat::reply(&ctx, &pkt, now)
+        }
+        Err(why) => (xdp_action::XDP_PASS, why),
+    };
+    stats::count(why);
+    action
+}
+
 /// Retires idle connections (see `reap`). Run by the controller with `BPF_PROG_TEST_RUN` on a
 /// dummy frame; never attached to an interface.
 #[xdp]
@@ -119,8 +133,8 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
     };
     if !filter::may_match(&pkt) {
         if nat::may_be_reply(&pkt) {
-            let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
-            return nat::reply(ctx, &pkt, now);
+            unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_REPLY) };
+            return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
         }
         return (xdp_action::XDP_PASS, reason::PASS_NO_SERVICE);
     }

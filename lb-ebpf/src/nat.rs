@@ -9,11 +9,7 @@
 //! entry left behind by a path that could not remove it is harmless: the reply also needs
 //! the live connection, and the map is an LRU.
 
-use aya_ebpf::{
-    bindings::{xdp_action, xdp_md},
-    maps::LruHashMap,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
     BACKEND_F_AVAILABLE, Backend, EVENT_ROUTE_MISSING, Event, FAMILY_V4, FLOW_DEAD, Flow,
     FlowKeyV4, FlowKeyV6, NatV4, NatV6, PROTO_TCP, PROTO_UDP, csum, filter, forward, reason,
@@ -238,24 +234,11 @@ fn is_set(bit: u32) -> bool {
 /// A reply from a NAT real server: back to the client as the virtual service's packet.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
-    let r = xlb_nat_reply(ctx.ctx, pkt.layout(), now);
-    ((r >> 32) as u32, r as u32)
-}
-
-/// The reply path as a global BPF function (see `xmit::xlb_forward`): verified once, and
-/// its frame is not part of the main program's.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn xlb_nat_reply(ctx: *mut xdp_md, layout: u64, now: u32) -> u64 {
-    let ctx = XdpContext::new(ctx);
-    let (action, why) = crate::parse::with_reread(&ctx, layout, |pkt| {
-        if pkt.family == FAMILY_V4 {
-            reply_in::<FlowKeyV4>(&ctx, pkt, now)
-        } else {
-            reply_in::<FlowKeyV6>(&ctx, pkt, now)
-        }
-    });
-    (action as u64) << 32 | why as u64
+    if pkt.family == FAMILY_V4 {
+        reply_in::<FlowKeyV4>(ctx, pkt, now)
+    } else {
+        reply_in::<FlowKeyV6>(ctx, pkt, now)
+    }
 }
 
 /// `bpf_fib_lookup`'s parameters (`struct bpf_fib_lookup`, 64 bytes).

@@ -1,0 +1,609 @@
+//! Packet-level tests of the forwarding methods: NAT in both directions, the tunnels (IPIP,
+//! IPv6 in IPv6 and mixed families, GUE, GRE, with and without checksums) and ICMP "too big"
+//! for packets that do not fit once encapsulated. Every output byte is checked: rewritten
+//! frames against frames built from scratch by etherparse (so incremental checksum updates
+//! are compared with full computations), encapsulations field by field and checksum by
+//! checksum.
+
+use std::net::IpAddr;
+
+use etherparse::{Icmpv4Type, Icmpv6Type, Ipv4Header, SlicedPacket, TransportSlice, UdpHeader};
+use lb_common::{csum, reason, tunnel};
+use xlb_tests::{frames::*, harness::*};
+
+const XDP_REDIRECT: u32 = 4;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// NAT services: port 80 → 8080 on IPv4 (TCP and UDP), 443 → 8443 on IPv6.
+const NAT: &str = r#"
+[[services]]
+name = "web"
+address = "10.0.0.10:80"
+forwarding = "nat"
+[[services.backends]]
+address = "192.168.56.11:8080"
+
+[[services]]
+name = "dns"
+address = "10.0.0.10:53"
+protocol = "udp"
+forwarding = "nat"
+[[services.backends]]
+address = "192.168.56.12:5353"
+
+[[services]]
+name = "web6"
+address = "[2001:db8::10]:443"
+forwarding = "nat"
+[[services.backends]]
+address = "[fd00:56::11]:8443"
+"#;
+
+/// What NAT must make of `f` for real server `server:port`: the same packet built afresh
+/// (checksums computed from scratch) with the new destination, TTL - 1, re-addressed to the
+/// server's MAC.
+fn expected_nat(f: &Frame, server: &str, port: u16) -> Vec<u8> {
+    let mut g = f.clone();
+    g.dst = ip(server);
+    g.dport = port;
+    g.ttl -= 1;
+    let mut out = g.build();
+    out[0..6].copy_from_slice(&backend_mac(ip(server)));
+    out[6..12].copy_from_slice(&LB_MAC);
+    out
+}
+
+#[test]
+fn nat_rewrites_destination_port_and_checksums_exactly() {
+    let h = Harness::new(NAT);
+    let cases = [
+        (
+            Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN),
+            "192.168.56.11",
+            8080,
+        ),
+        (
+            Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, ACK)
+                .payload(b"GET / HTTP/1.1\r\n\r\n"),
+            "192.168.56.11",
+            8080,
+        ),
+        (
+            Frame::tcp("203.0.113.8", 40001, "10.0.0.10", 80, SYN)
+                .vlan(7)
+                .options(&[1, 1, 1, 0]),
+            "192.168.56.11",
+            8080,
+        ),
+        (
+            Frame::udp("203.0.113.7", 5000, "10.0.0.10", 53),
+            "192.168.56.12",
+            5353,
+        ),
+        (
+            Frame::tcp("2001:db8:9::7", 40000, "2001:db8::10", 443, SYN),
+            "fd00:56::11",
+            8443,
+        ),
+        (
+            Frame::udp("2001:db8:9::7", 40000, "2001:db8::10", 443),
+            "fd00:56::11",
+            8443,
+        ),
+    ];
+    for (f, server, port) in cases {
+        // The IPv6 UDP case has no service: it must pass untouched.
+        let input = f.build();
+        let r = h.run(&input);
+        if f.tcp.is_none() && f.dst.is_ipv6() {
+            assert_eq!((r.action, r.out), (XDP_PASS, input));
+            continue;
+        }
+        assert_eq!(r.action, XDP_TX, "{f:?}: counters {:?}", h.counters());
+        assert_eq!(r.out, expected_nat(&f, server, port), "{f:?}");
+    }
+}
+
+/// IPv4 UDP without a checksum stays without one (0 means "none").
+#[test]
+fn nat_leaves_a_zero_udp_checksum_zero() {
+    let h = Harness::new(NAT);
+    let f = Frame::udp("203.0.113.7", 5000, "10.0.0.10", 53);
+    let mut input = f.build();
+    let l4 = 14 + 20;
+    input[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]);
+    let r = h.run(&input);
+    assert_eq!(r.action, XDP_TX);
+    let mut want = expected_nat(&f, "192.168.56.12", 5353);
+    want[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]);
+    assert_eq!(r.out, want);
+}
+
+/// A reply frame from a real server to a client.
+fn reply(src: &str, sport: u16, dst: &str, dport: u16, flags: Option<u8>) -> Frame {
+    match flags {
+        Some(f) => Frame::tcp(src, sport, dst, dport, f),
+        None => Frame::udp(src, sport, dst, dport),
+    }
+}
+
+/// NAT replies, in a namespace whose routing table knows the client: matched to their
+/// connection, rewritten back to VIP:port, sent to the client's next hop from the route and
+/// neighbour tables, counted as outgoing traffic; the connection's state follows IPVS's
+/// OUTPUT table. Replies of unknown connections go to the kernel untouched; a client whose
+/// next hop is not resolved is dropped (and reported) rather than leaked.
+#[test]
+fn nat_replies_go_back_to_the_client_as_the_service() {
+    xlb_tests::require_root();
+    let mut bench = xlb_tests::testbed::Bench::new("xtfwd-nat").unwrap();
+    let ns = bench.netns("lb").unwrap();
+    bench
+        .sh(
+            &ns,
+            "ip link add pub0 type veth peer name pub1 && ip link set pub0 up && ip link set pub1 up \
+             && ip addr add 203.0.113.1/24 dev pub0 && ip addr add 2001:db8:9::1/64 dev pub0 nodad \
+             && ip neigh add 203.0.113.7 lladdr 02:c1:00:00:00:07 dev pub0 nud permanent \
+             && ip neigh add 2001:db8:9::7 lladdr 02:c1:00:00:00:07 dev pub0 nud permanent \
+             && ip route add 198.51.100.0/24 via 203.0.113.254 \
+             && sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        )
+        .unwrap();
+    let pub_mac = parse_mac(
+        &bench
+            .exec(&ns, &["cat", "/sys/class/net/pub0/address"])
+            .unwrap(),
+    );
+    let out = xlb_tests::testbed::in_netns(&ns, move || {
+        let mut h = Harness::new(NAT);
+        let pub0 = xlb::dataplane::ifindex("pub0").unwrap();
+        h.dp.add_tx_port(pub0).unwrap();
+        let mut results = Vec::new();
+        // IPv4 TCP: SYN in, SYN-ACK back, ACK in, data back, FIN back.
+        let syn = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN);
+        assert_eq!(h.run(&syn.build()).action, XDP_TX);
+        let before = h.counters();
+        let synack = reply("192.168.56.11", 8080, "203.0.113.7", 40000, Some(SYN | ACK));
+        let r = h.run(&synack.build());
+        results.push((
+            r.action,
+            r.out == expected_reply(&synack, "10.0.0.10", 80, pub_mac),
+        ));
+        results.push((delta(&before, &h.counters()).len() as u32, true));
+        assert_eq!(
+            flow_state(&h, "203.0.113.7", 40000),
+            lb_common::tcp::state::SYN_RECV
+        );
+        h.run(&syn.clone().flags(ACK).build());
+        assert_eq!(
+            flow_state(&h, "203.0.113.7", 40000),
+            lb_common::tcp::state::ESTABLISHED
+        );
+        let data = reply("192.168.56.11", 8080, "203.0.113.7", 40000, Some(ACK | PSH))
+            .payload(&[0x55; 700]);
+        let r = h.run(&data.build());
+        results.push((
+            r.action,
+            r.out == expected_reply(&data, "10.0.0.10", 80, pub_mac),
+        ));
+        let fin = reply("192.168.56.11", 8080, "203.0.113.7", 40000, Some(FIN | ACK));
+        h.run(&fin.build());
+        // OUTPUT table: a FIN from the server in ESTABLISHED → FIN_WAIT.
+        assert_eq!(
+            flow_state(&h, "203.0.113.7", 40000),
+            lb_common::tcp::state::FIN_WAIT
+        );
+        let web = h.service_id(&parse_services(NAT)[0].key);
+        let stats = h.dp.service_stats(web).unwrap();
+        results.push((stats.out_packets as u32, stats.out_bytes == 40 + 740 + 40));
+        // UDP.
+        let q = Frame::udp("203.0.113.7", 5000, "10.0.0.10", 53);
+        assert_eq!(h.run(&q.build()).action, XDP_TX);
+        let a = reply("192.168.56.12", 5353, "203.0.113.7", 5000, None).payload(b"answer");
+        let r = h.run(&a.build());
+        results.push((
+            r.action,
+            r.out == expected_reply(&a, "10.0.0.10", 53, pub_mac),
+        ));
+        // IPv6.
+        let syn6 = Frame::tcp("2001:db8:9::7", 40000, "2001:db8::10", 443, SYN);
+        assert_eq!(h.run(&syn6.build()).action, XDP_TX);
+        let sa6 = reply("fd00:56::11", 8443, "2001:db8:9::7", 40000, Some(SYN | ACK));
+        let r = h.run(&sa6.build());
+        results.push((
+            r.action,
+            r.out == expected_reply(&sa6, "2001:db8::10", 443, pub_mac),
+        ));
+        // From a NAT server's address and port, but no connection: untouched.
+        let stray = reply("192.168.56.11", 8080, "203.0.113.7", 40001, Some(ACK)).build();
+        let before = h.counters();
+        let r = h.run(&stray);
+        results.push((r.action, r.out == stray));
+        let d = delta(&before, &h.counters());
+        results.push((d.len() as u32, d == vec![("pass_nat_no_flow", 1)]));
+        // A client behind a router whose MAC is unknown: dropped, not leaked.
+        let far = Frame::tcp("198.51.100.9", 40000, "10.0.0.10", 80, SYN);
+        assert_eq!(h.run(&far.build()).action, XDP_TX);
+        let before = h.counters();
+        let r = h.run(
+            &reply(
+                "192.168.56.11",
+                8080,
+                "198.51.100.9",
+                40000,
+                Some(SYN | ACK),
+            )
+            .build(),
+        );
+        let d = delta(&before, &h.counters());
+        results.push((r.action, d == vec![("drop_nat_no_route", 1)]));
+        results
+    })
+    .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            (XDP_REDIRECT, true),
+            (1, true),
+            (XDP_REDIRECT, true),
+            (3, true),
+            (XDP_REDIRECT, true),
+            (XDP_REDIRECT, true),
+            (XDP_PASS, true),
+            (1, true),
+            (XDP_DROP, true),
+        ]
+    );
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+/// What a NAT reply must become: from the VIP and service port, TTL - 1, to the client's
+/// neighbour from the egress interface.
+fn expected_reply(f: &Frame, vip: &str, vport: u16, egress_mac: [u8; 6]) -> Vec<u8> {
+    let mut g = f.clone();
+    g.src = ip(vip);
+    g.sport = vport;
+    g.ttl -= 1;
+    let mut out = g.build();
+    out[0..6].copy_from_slice(&[0x02, 0xc1, 0, 0, 0, 0x07]);
+    out[6..12].copy_from_slice(&egress_mac);
+    out
+}
+
+fn flow_state(h: &Harness, client: &str, cport: u16) -> u8 {
+    let c = match ip(client) {
+        IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+        _ => unreachable!(),
+    };
+    h.dp.flows_v4()
+        .into_iter()
+        .find(|(k, _)| k.src == c && k.sport == cport.to_be())
+        .map(|(_, f)| f.state())
+        .expect("flow")
+}
+
+/// A TCP service tunnelling to one real server with `tunnel` options.
+fn tunnel_service(vip: &str, server: &str, tunnel: &str) -> String {
+    tunnel_service_proto(vip, server, tunnel, "tcp")
+}
+
+fn tunnel_service_proto(vip: &str, server: &str, tunnel: &str, proto: &str) -> String {
+    format!(
+        "[[services]]\nname = \"t-{vip}\"\naddress = \"{vip}\"\nprotocol = \"{proto}\"\nforwarding = \"tunnel\"\ntunnel = {tunnel}\n[[services.backends]]\naddress = \"{server}\"\n"
+    )
+}
+
+/// Decodes a tunnelled frame and checks every field of the outer headers; returns the inner
+/// packet.
+fn check_encapsulation(
+    out: &[u8],
+    server: IpAddr,
+    kind: u8,
+    csum_on: bool,
+    gue_port: u16,
+    inner_v4: bool,
+) -> Vec<u8> {
+    assert_eq!(&out[0..6], &backend_mac(server), "destination MAC");
+    assert_eq!(&out[6..12], &LB_MAC, "source MAC");
+    let (outer_len, proto, payload, pseudo): (usize, u8, &[u8], Vec<u8>) = match server {
+        IpAddr::V4(s) => {
+            assert_eq!(&out[12..14], &[0x08, 0x00]);
+            let (h, rest) = Ipv4Header::from_slice(&out[14..]).unwrap();
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "outer IPv4 checksum"
+            );
+            assert_eq!(h.destination, s.octets());
+            assert_eq!(
+                h.source,
+                LB_SOURCE_V4.parse::<std::net::Ipv4Addr>().unwrap().octets()
+            );
+            assert_eq!(h.total_len as usize, out.len() - 14);
+            assert!(h.dont_fragment, "DF copied from the inner packet");
+            assert_eq!(h.identification, 0, "ID 0 with DF, as Linux sends");
+            assert_eq!(h.time_to_live, 63, "the inner TTL after the decrement");
+            let mut pseudo = h.source.to_vec();
+            pseudo.extend_from_slice(&h.destination);
+            (
+                20,
+                h.protocol.0,
+                &rest[..h.payload_len().unwrap() as usize],
+                pseudo,
+            )
+        }
+        IpAddr::V6(s) => {
+            assert_eq!(&out[12..14], &[0x86, 0xdd]);
+            let (h, rest) = etherparse::Ipv6Header::from_slice(&out[14..]).unwrap();
+            assert_eq!(h.destination, s.octets());
+            assert_eq!(
+                h.source,
+                LB_SOURCE_V6.parse::<std::net::Ipv6Addr>().unwrap().octets()
+            );
+            assert_eq!(h.payload_length as usize, out.len() - 14 - 40);
+            assert_eq!(h.hop_limit, 63);
+            assert_eq!(u32::from(h.flow_label), 0);
+            let mut pseudo = h.source.to_vec();
+            pseudo.extend_from_slice(&h.destination);
+            (40, h.next_header.0, rest, pseudo)
+        }
+    };
+    let _ = outer_len;
+    let inner_proto = if inner_v4 { 4 } else { 41 };
+    let inner = match kind {
+        tunnel::IPIP => {
+            assert_eq!(proto, inner_proto);
+            payload
+        }
+        tunnel::GUE => {
+            assert_eq!(proto, 17);
+            let (u, rest) = UdpHeader::from_slice(payload).unwrap();
+            assert_eq!(u.destination_port, gue_port);
+            assert!(
+                (32768..60999).contains(&u.source_port),
+                "GUE source port range"
+            );
+            assert_eq!(u.length as usize, payload.len());
+            if csum_on {
+                // Verify over pseudo-header + whole UDP datagram.
+                let mut buf = pseudo.clone();
+                buf.extend_from_slice(&[0, 17]);
+                buf.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+                buf.extend_from_slice(payload);
+                assert_ne!(u.checksum, 0);
+                assert_eq!(csum::checksum(&buf), 0, "outer UDP checksum");
+            } else {
+                assert_eq!(u.checksum, 0);
+            }
+            assert_eq!(&rest[0..4], &[0, inner_proto, 0, 0], "GUE header");
+            &rest[4..]
+        }
+        tunnel::GRE => {
+            assert_eq!(proto, 47);
+            let ethertype: [u8; 2] = if inner_v4 { [8, 0] } else { [0x86, 0xdd] };
+            if csum_on {
+                assert_eq!(&payload[0..4], &[0x80, 0, ethertype[0], ethertype[1]]);
+                assert_eq!(&payload[6..8], &[0, 0], "reserved");
+                assert_eq!(csum::checksum(payload), 0, "GRE checksum");
+                &payload[8..]
+            } else {
+                assert_eq!(&payload[0..4], &[0, 0, ethertype[0], ethertype[1]]);
+                &payload[4..]
+            }
+        }
+        _ => unreachable!(),
+    };
+    inner.to_vec()
+}
+
+#[test]
+fn tunnels_wrap_packets_exactly() {
+    let inners = [
+        (
+            Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, ACK).payload(b"hello tunnel"),
+            "10.0.0.10:80",
+        ),
+        (
+            Frame::udp("203.0.113.7", 40000, "10.0.0.10", 80).payload(b"datagram!"),
+            "10.0.0.10:80",
+        ),
+        (
+            Frame::tcp("2001:db8:9::7", 40000, "2001:db8::10", 80, SYN),
+            "[2001:db8::10]:80",
+        ),
+    ];
+    let tunnels = [
+        ("{ type = \"ipip\" }", tunnel::IPIP, false, 0),
+        ("{ type = \"gue\", port = 6080 }", tunnel::GUE, false, 6080),
+        (
+            "{ type = \"gue\", port = 5555, checksum = \"csum\" }",
+            tunnel::GUE,
+            true,
+            5555,
+        ),
+        ("{ type = \"gre\" }", tunnel::GRE, false, 0),
+        (
+            "{ type = \"gre\", checksum = \"csum\" }",
+            tunnel::GRE,
+            true,
+            0,
+        ),
+    ];
+    for (f, vip) in &inners {
+        for server in ["10.0.2.1", "fd00:2::1"] {
+            for (opts, kind, csum_on, port) in tunnels {
+                let proto = if f.tcp.is_none() { "udp" } else { "tcp" };
+                let h = Harness::new(&tunnel_service_proto(vip, server, opts, proto));
+                if f.tcp.is_some() {
+                    // The connection first (a lone ACK has none and goes to the kernel).
+                    assert_eq!(
+                        h.run(&f.clone().flags(SYN).payload(b"").build()).action,
+                        XDP_TX
+                    );
+                }
+                let input = f.build();
+                let r = h.run(&input);
+                let what = format!("{opts} to {server}, inner {f:?}");
+                assert_eq!(r.action, XDP_TX, "{what}: counters {:?}", h.counters());
+                let inner =
+                    check_encapsulation(&r.out, ip(server), kind, csum_on, port, f.src.is_ipv4());
+                let want = expected_dr(&input, [0; 6], [0; 6]);
+                assert_eq!(inner, want[14..], "{what}: inner packet");
+                // The GUE source port is the flow's: the same on every packet.
+                if kind == tunnel::GUE {
+                    let again = h.run(&input);
+                    let sport = |o: &[u8], off: usize| [o[off], o[off + 1]];
+                    let off = 14 + if server.contains(':') { 40 } else { 20 };
+                    assert_eq!(sport(&r.out, off), sport(&again.out, off));
+                }
+            }
+        }
+    }
+}
+
+/// The outer header copies the inner DSCP; ECN is encapsulated (CE becomes ECT(0)).
+#[test]
+fn tunnels_copy_dscp_and_encapsulate_ecn() {
+    let h = Harness::new(&tunnel_service(
+        "10.0.0.10:80",
+        "10.0.2.1",
+        "{ type = \"ipip\" }",
+    ));
+    for (tos, outer) in [(0xb8u8, 0xb8u8), (0xb9, 0xb9), (0x2b, 0x2a)] {
+        let mut input = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN).build();
+        input[15] = tos;
+        let (mut hdr, _) = Ipv4Header::from_slice(&input[14..]).unwrap();
+        hdr.header_checksum = hdr.calc_header_checksum();
+        input[24..26].copy_from_slice(&hdr.header_checksum.to_be_bytes());
+        let r = h.run(&input);
+        assert_eq!(r.action, XDP_TX);
+        assert_eq!(r.out[15], outer, "outer TOS for inner {tos:#x}");
+    }
+}
+
+/// A tunnel with a VLAN-tagged client frame keeps the tag in front of the outer header.
+#[test]
+fn tunnels_keep_the_vlan_tag() {
+    let h = Harness::new(&tunnel_service(
+        "10.0.0.10:80",
+        "10.0.2.1",
+        "{ type = \"ipip\" }",
+    ));
+    let input = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN)
+        .vlan(9)
+        .build();
+    let r = h.run(&input);
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(&r.out[12..18], &[0x81, 0x00, 0x00, 0x09, 0x08, 0x00]);
+    assert_eq!(r.out.len(), input.len() + 20);
+    assert_eq!(
+        &r.out[18 + 20..],
+        &expected_dr(&input, [0; 6], [0; 6])[18..]
+    );
+}
+
+/// Too big once encapsulated (the harness's path MTU is 1500): IPv4 with DF gets ICMP
+/// "fragmentation needed" with the tunnel's MTU, from the VIP, quoting the header and 8
+/// bytes; IPv6 gets "packet too big"; IPv4 without DF is dropped (XDP cannot fragment).
+#[test]
+fn oversized_tunnelled_packets_get_icmp_too_big() {
+    let h = Harness::new(
+        &(tunnel_service(
+            "10.0.0.10:80",
+            "10.0.2.1",
+            "{ type = \"gue\", port = 6080 }",
+        ) + &tunnel_service("[2001:db8::10]:80", "fd00:2::1", "{ type = \"ipip\" }")),
+    );
+    let mtu_v4 = PATH_MTU - tunnel::overhead(false, tunnel::GUE, 0);
+    for syn in [
+        Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN),
+        Frame::tcp("2001:db8:9::7", 40000, "2001:db8::10", 80, SYN),
+    ] {
+        assert_eq!(h.run(&syn.build()).action, XDP_TX);
+    }
+    // Exactly fits: forwarded.
+    let fits = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, ACK)
+        .payload(&vec![7; mtu_v4 as usize - 40])
+        .build();
+    assert_eq!(h.run(&fits).action, XDP_TX);
+    let big = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, ACK)
+        .payload(&vec![7; mtu_v4 as usize - 39])
+        .build();
+    let before = h.counters();
+    let r = h.run(&big);
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(delta(&before, &h.counters()), vec![("tx_icmp_too_big", 1)]);
+    assert_eq!(&r.out[0..6], &CLIENT_MAC);
+    assert_eq!(&r.out[6..12], &LB_MAC);
+    let p = SlicedPacket::from_ethernet(&r.out).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip4)) = &p.net else {
+        panic!("not IPv4: {:?}", p.net)
+    };
+    let hdr = ip4.header();
+    assert_eq!(hdr.source_addr().to_string(), "10.0.0.10");
+    assert_eq!(hdr.destination_addr().to_string(), "203.0.113.7");
+    assert_eq!(csum::checksum(&r.out[14..34]), 0, "IP header checksum");
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!("not ICMP")
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: mtu_v4 as u16
+            }
+        )
+    );
+    assert_eq!(csum::checksum(&r.out[34..]), 0, "ICMP checksum");
+    assert_eq!(&r.out[42..], &big[14..14 + 28], "quoted header + 8 bytes");
+    // Without DF: dropped.
+    let mut nodf = big.clone();
+    nodf[20] &= !0x40;
+    let (mut hd, _) = Ipv4Header::from_slice(&nodf[14..]).unwrap();
+    hd.header_checksum = hd.calc_header_checksum();
+    nodf[24..26].copy_from_slice(&hd.header_checksum.to_be_bytes());
+    let before = h.counters();
+    assert_eq!(h.run(&nodf).action, XDP_DROP);
+    assert_eq!(delta(&before, &h.counters()), vec![("drop_too_big", 1)]);
+    // IPv6.
+    let mtu_v6 = PATH_MTU - tunnel::overhead(true, tunnel::IPIP, 0);
+    let big6 = Frame::tcp("2001:db8:9::7", 40000, "2001:db8::10", 80, ACK)
+        .payload(&vec![7; mtu_v6 as usize - 59])
+        .build();
+    let r = h.run(&big6);
+    assert_eq!(r.action, XDP_TX);
+    let p = SlicedPacket::from_ethernet(&r.out).unwrap();
+    let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else {
+        panic!("not ICMPv6: {:?}", p.transport)
+    };
+    assert_eq!(icmp.icmp_type(), Icmpv6Type::PacketTooBig { mtu: mtu_v6 });
+    let Some(etherparse::NetSlice::Ipv6(ip6)) = &p.net else {
+        panic!()
+    };
+    let src = ip6.header().source_addr();
+    let dst = ip6.header().destination_addr();
+    assert_eq!(
+        (src.to_string().as_str(), dst.to_string().as_str()),
+        ("2001:db8::10", "2001:db8:9::7")
+    );
+    assert_eq!(
+        icmp.header()
+            .icmp_type
+            .calc_checksum(src.octets(), dst.octets(), icmp.payload())
+            .unwrap(),
+        icmp.header().checksum,
+        "ICMPv6 checksum"
+    );
+    assert_eq!(icmp.payload(), &big6[14..14 + 128], "quoted packet");
+    let _ = reason::TX_ICMP_TOO_BIG;
+}
