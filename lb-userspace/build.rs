@@ -8,7 +8,7 @@ fn main() {
         &[lb_build::EbpfCrate {
             package: "lb-ebpf",
             dir: "lb-ebpf",
-            bins: &["xlb"],
+            bins: &["xlb", "xlb-decap"],
         }],
         &["lb-common/src"],
     );

@@ -1064,6 +1064,37 @@ impl Default for Globals {
     }
 }
 
+/// The real servers' decapsulator (`xlb decap`, program `xlb_decap` in its own object): it
+/// strips xlb's tunnel headers (IPIP, IPv6 in IPv6 and mixed, GUE, GRE) from packets for
+/// its virtual IPs and hands the inner packet to the local stack.
+pub mod decap {
+    pub const PROGRAM_NAME: &str = "xlb_decap";
+    /// Map names.
+    pub const VIPS: &str = "DECAP_VIPS";
+    pub const GUE_PORTS: &str = "DECAP_GUE_PORTS";
+    pub const STATS: &str = "DECAP_STATS";
+    /// `DECAP_STATS` indexes.
+    pub const DECAPSULATED: u32 = 0;
+    /// Not a tunnel packet (or a GUE port not configured): untouched.
+    pub const NOT_TUNNEL: u32 = 1;
+    /// A tunnel packet for an address that is not one of the VIPs: untouched.
+    pub const NOT_VIP: u32 = 2;
+    /// A tunnel packet whose headers are inconsistent or cut short: untouched.
+    pub const MALFORMED: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["decapsulated", "not_tunnel", "not_vip", "malformed"];
+
+    /// A VIP: the family (`FAMILY_V4`/`FAMILY_V6`) and the address in network byte order
+    /// (IPv4 in `addr[0]`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct VipKey {
+        pub family: u32,
+        pub addr: [u32; 4],
+    }
+}
+
 /// Messages from the data plane to the controller (`EVENTS` ring buffer).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1113,6 +1144,7 @@ mod pod {
     unsafe impl aya::Pod for FlowQuota {}
     unsafe impl aya::Pod for NatV4 {}
     unsafe impl aya::Pod for NatV6 {}
+    unsafe impl aya::Pod for decap::VipKey {}
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 // another stack slot before the helper call.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod access;
 mod acct;
 mod admit;
 mod filter;

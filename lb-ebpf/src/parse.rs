@@ -5,6 +5,8 @@
 //! small bounds first so the verifier can track them.
 
 use aya_ebpf::programs::XdpContext;
+
+pub use crate::access::at;
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, reason};
 
 const ETH_HLEN: usize = 14;
@@ -150,17 +152,6 @@ pub fn with_reread(
         ..*raw
     };
     f(&pkt)
-}
-
-/// Pointer to a `T` at `off` bytes into the frame, if the frame is long enough.
-#[inline(always)]
-pub fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *mut T)
 }
 
 #[inline(always)]

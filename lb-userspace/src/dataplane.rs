@@ -831,7 +831,7 @@ pub fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// Attaches program `name` of `ebpf` to an interface, trying native mode first for `auto`.
-fn attach_program(
+pub(crate) fn attach_program(
     ebpf: &mut Ebpf,
     name: &str,
     interface: &str,
@@ -920,7 +920,7 @@ pub fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
 
 /// BPF map memory is charged to RLIMIT_MEMLOCK on older kernels; lift it so large connection
 /// tables load everywhere.
-fn raise_memlock_limit() {
+pub(crate) fn raise_memlock_limit() {
     let r = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,

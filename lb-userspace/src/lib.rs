@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod engine;
 pub mod ipvsadm;
 pub mod matching;

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xlb::{
     api::{self, CountersResponse, ServicesResponse, StatusResponse},
-    config, daemon, dataplane, ipvsadm,
+    config, daemon, dataplane, decap, ipvsadm,
 };
 
 /// xlb: an XDP layer-4 load balancer with IPVS semantics.
@@ -54,6 +54,23 @@ enum Cmd {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// On a real server of a tunnelling service: strip xlb's tunnel headers (IPIP, IPv6 in
+    /// IPv6, GUE, GRE) from packets for the VIPs and hand them to the local stack. Runs until
+    /// SIGINT/SIGTERM, then detaches and prints its counters.
+    Decap {
+        /// Interface receiving the tunnelled packets (repeatable).
+        #[arg(long = "interface", short = 'i', required = true)]
+        interfaces: Vec<String>,
+        /// A VIP served by this real server (repeatable).
+        #[arg(long = "vip", required = true)]
+        vips: Vec<std::net::IpAddr>,
+        /// A UDP port GUE packets arrive on (repeatable; none = no GUE).
+        #[arg(long = "gue-port")]
+        gue_ports: Vec<u16>,
+        /// XDP attach mode: auto, native or generic.
+        #[arg(long, default_value = "auto")]
+        xdp_mode: String,
     },
     /// Helpers for test benches.
     #[command(hide = true)]
@@ -143,6 +160,26 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 c.services.iter().map(|s| s.backends.len()).sum::<usize>()
             );
             Ok(())
+        }
+        Cmd::Decap {
+            interfaces,
+            vips,
+            gue_ports,
+            xdp_mode,
+        } => {
+            let mode = match xdp_mode.as_str() {
+                "auto" => config::XdpModeSetting::Auto,
+                "native" => config::XdpModeSetting::Native,
+                "generic" => config::XdpModeSetting::Generic,
+                other => anyhow::bail!("--xdp-mode {other} is not one of: auto, native, generic"),
+            };
+            decap::run(decap::Options {
+                interfaces,
+                vips,
+                gue_ports,
+                mode,
+            })
+            .await
         }
         Cmd::Util {
             cmd: UtilCmd::XdpPass { interfaces },

@@ -607,3 +607,153 @@ fn oversized_tunnelled_packets_get_icmp_too_big() {
     assert_eq!(icmp.payload(), &big6[14..14 + 128], "quoted packet");
     let _ = reason::TX_ICMP_TOO_BIG;
 }
+
+/// Runs the decapsulator on `frame`.
+fn decap_run(d: &xlb::decap::Decap, frame: &[u8]) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut out = vec![0u8; frame.len() + 64];
+    let r = d
+        .program()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// `xlb decap` takes back exactly what the balancer added, for every tunnel type and
+/// family: the balancer's output, run through the decapsulator, is the inner packet behind
+/// the outer frame's Ethernet header. Tunnel packets for other addresses, UDP to other ports
+/// and plain traffic pass untouched.
+#[test]
+fn decap_strips_what_the_balancer_adds() {
+    let d = xlb::decap::Decap::load(&xlb::decap::Options {
+        interfaces: vec![],
+        vips: vec![ip("10.0.0.10"), ip("2001:db8::10")],
+        gue_ports: vec![6080],
+        mode: xlb::config::XdpModeSetting::Auto,
+    })
+    .unwrap();
+    let inners = [
+        (
+            Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN),
+            "10.0.0.10:80",
+        ),
+        (
+            Frame::tcp("2001:db8:9::7", 40000, "2001:db8::10", 80, SYN),
+            "[2001:db8::10]:80",
+        ),
+    ];
+    let tunnels = [
+        "{ type = \"ipip\" }",
+        "{ type = \"gue\", port = 6080 }",
+        "{ type = \"gue\", port = 6080, checksum = \"csum\" }",
+        "{ type = \"gre\" }",
+        "{ type = \"gre\", checksum = \"csum\" }",
+    ];
+    for (f, vip) in &inners {
+        for server in ["10.0.2.1", "fd00:2::1"] {
+            for opts in tunnels {
+                for vlan in [None, Some(5)] {
+                    let h = Harness::new(&tunnel_service(vip, server, opts));
+                    let f = match vlan {
+                        Some(v) => f.clone().vlan(v),
+                        None => f.clone(),
+                    };
+                    let input = f.build();
+                    let r = h.run(&input);
+                    assert_eq!(r.action, XDP_TX);
+                    let (action, out) = decap_run(&d, &r.out);
+                    let mut want = expected_dr(&input, [0; 6], [0; 6]);
+                    want[0..12].copy_from_slice(&r.out[0..12]);
+                    assert_eq!(
+                        (action, &out),
+                        (XDP_PASS, &want),
+                        "{opts} to {server}, {f:?}"
+                    );
+                }
+            }
+        }
+    }
+    let counted = d.counters().unwrap();
+    assert_eq!(counted[0], ("decapsulated", 40));
+    // Untouched: plain traffic, GUE on another port, a tunnel to another address.
+    let h = Harness::new(&tunnel_service(
+        "10.0.0.11:80",
+        "10.0.2.1",
+        "{ type = \"gue\", port = 7070 }",
+    ));
+    let other_port = h
+        .run(&Frame::tcp("203.0.113.7", 40000, "10.0.0.11", 80, SYN).build())
+        .out;
+    let h = Harness::new(&tunnel_service(
+        "10.0.0.11:80",
+        "10.0.2.1",
+        "{ type = \"ipip\" }",
+    ));
+    let other_vip = h
+        .run(&Frame::tcp("203.0.113.7", 40000, "10.0.0.11", 80, SYN).build())
+        .out;
+    for frame in [
+        Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN).build(),
+        other_port,
+        other_vip,
+    ] {
+        assert_eq!(decap_run(&d, &frame), (XDP_PASS, frame.clone()));
+    }
+    let counted = d.counters().unwrap();
+    assert_eq!(
+        &counted[1..],
+        &[("not_tunnel", 2), ("not_vip", 1), ("malformed", 0)]
+    );
+}
+
+/// GRE headers with key and sequence number (not xlb's, but valid GRE) and GUE variant 1
+/// are decapsulated too; truncated ones are counted as malformed and left alone.
+#[test]
+fn decap_accepts_other_valid_gre_and_gue_forms() {
+    let d = xlb::decap::Decap::load(&xlb::decap::Options {
+        interfaces: vec![],
+        vips: vec![ip("10.0.0.10")],
+        gue_ports: vec![6080],
+        mode: xlb::config::XdpModeSetting::Auto,
+    })
+    .unwrap();
+    let inner_frame = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN).build();
+    let inner = &inner_frame[14..];
+    let outer = |proto: u8, tunnel: &[u8]| -> Vec<u8> {
+        let len = 20 + tunnel.len() + inner.len();
+        let mut h = Ipv4Header::new(
+            0,
+            64,
+            etherparse::IpNumber(proto),
+            [10, 0, 0, 2],
+            [10, 0, 2, 1],
+        )
+        .unwrap();
+        h.total_len = len as u16;
+        h.header_checksum = h.calc_header_checksum();
+        let mut f = inner_frame[0..14].to_vec();
+        h.write(&mut f).unwrap();
+        f.extend_from_slice(tunnel);
+        f.extend_from_slice(inner);
+        f
+    };
+    // GRE with key (K) and sequence number (S).
+    let gre_ks = outer(47, &[0x30, 0, 0x08, 0, 0, 0, 0, 42, 0, 0, 0, 7]);
+    // GUE variant 1: the IPv4 packet right after UDP.
+    let mut udp = vec![0x9c, 0x40, 0x17, 0xc0];
+    udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    let gue1 = outer(17, &udp);
+    for f in [gre_ks, gue1] {
+        let (action, out) = decap_run(&d, &f);
+        assert_eq!((action, &out[14..]), (XDP_PASS, inner));
+    }
+    let cut = &outer(47, &[0x30, 0, 0x08, 0, 0, 0, 0, 42, 0, 0, 0, 7])[..40];
+    assert_eq!(decap_run(&d, cut), (XDP_PASS, cut.to_vec()));
+    assert_eq!(d.counters().unwrap()[3], ("malformed", 1));
+}
