@@ -90,7 +90,7 @@ fn main() -> Result<()> {
 // ---- setup ----
 
 /// Debian packages: the LLVM bpf-linker links against, the kernel tools the tests drive, and
-/// nginx as the real servers' HTTP server.
+/// nginx as the real servers' HTTP server, tshark to decode captured tunnel packets.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -99,6 +99,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "nginx",
+    "tshark",
 ];
 
 fn dpkg_installed(pkg: &str) -> bool {

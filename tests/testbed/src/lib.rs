@@ -320,77 +320,9 @@ impl DrBench {
         })
     }
 
-    /// Starts nginx on every real server, answering `GET /` with the server's name on ports
-    /// 80, 8080 and 8443 (multi-port services use the others).
+    /// Starts nginx on every real server (see [`start_nginx`]).
     pub fn start_http(&mut self) -> Result<()> {
-        for s in self.servers.clone() {
-            let dir = self.bench.dir.join(format!("nginx-{}", s.name));
-            std::fs::create_dir_all(dir.join("tmp"))?;
-            let conf = format!(
-                r#"worker_processes 1;
-daemon off;
-user root;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp;
-    proxy_temp_path {d}/tmp;
-    fastcgi_temp_path {d}/tmp;
-    uwsgi_temp_path {d}/tmp;
-    scgi_temp_path {d}/tmp;
-    keepalive_timeout 300s;
-    keepalive_requests 100000;
-    server {{
-        listen 80 reuseport;
-        listen [::]:80 reuseport;
-        listen 8080 reuseport;
-        listen 8443 reuseport;
-        location / {{ default_type text/plain; return 200 "{name}\n"; }}
-    }}
-}}
-"#,
-                d = dir.display(),
-                name = s.name
-            );
-            let path = dir.join("nginx.conf");
-            std::fs::write(&path, conf)?;
-            self.bench.spawn(
-                &s.ns,
-                &[
-                    "nginx",
-                    "-e",
-                    &dir.join("error.log").to_string_lossy(),
-                    "-p",
-                    &dir.to_string_lossy(),
-                    "-c",
-                    &path.to_string_lossy(),
-                ],
-                &format!("nginx-{}.log", s.name),
-            )?;
-        }
-        // Wait until each answers locally.
-        for s in self.servers.clone() {
-            let addr = SocketAddr::new(IpAddr::V4(s.v4), 80);
-            let ns = s.ns.clone();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let ok = in_netns(&ns, move || http_get(addr).is_ok())?;
-                if ok {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "nginx on {} did not start: {}",
-                        s.name,
-                        self.bench.log(&format!("nginx-{}.log", s.name))
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(())
+        start_nginx(&mut self.bench, &self.servers)
     }
 
     /// A configuration for the balancer with `services` (TOML `[[services]]` text).
@@ -408,36 +340,303 @@ http {{
     /// Starts `xlb run` in the balancer namespace with `config` and waits until its admin API
     /// answers. Returns the daemon's pid.
     pub fn start_xlb(&mut self, xlb: &Path, config: &str) -> Result<u32> {
-        let path = self.bench.dir.join("xlb.toml");
-        std::fs::write(&path, config)?;
-        let pid = self.bench.spawn(
-            &self.lb.clone(),
+        let (lb, socket) = (self.lb.clone(), self.socket());
+        start_xlb_in(&mut self.bench, &lb, xlb, config, &socket)
+    }
+}
+
+/// Starts `xlb run` in namespace `ns` with `config` and waits until its admin API (at
+/// `socket`) answers. Returns the daemon's pid.
+pub fn start_xlb_in(
+    bench: &mut Bench,
+    ns: &str,
+    xlb: &Path,
+    config: &str,
+    socket: &Path,
+) -> Result<u32> {
+    let path = bench.dir.join("xlb.toml");
+    std::fs::write(&path, config)?;
+    let pid = bench.spawn(
+        ns,
+        &[
+            &xlb.to_string_lossy(),
+            "run",
+            "--config",
+            &path.to_string_lossy(),
+        ],
+        "xlb.log",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if run(&[
+            &xlb.to_string_lossy(),
+            "list",
+            "--socket",
+            &socket.to_string_lossy(),
+        ])
+        .is_ok()
+        {
+            return Ok(pid);
+        }
+        if !bench.running(pid) || Instant::now() > deadline {
+            bail!("xlb did not start:\n{}", bench.log("xlb.log"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Path of the files every real server's nginx serves under `/files/`.
+pub fn files_dir(bench: &Bench) -> PathBuf {
+    bench.dir.join("files")
+}
+
+/// Starts nginx on every real server, answering `GET /` (and any other method) with the
+/// server's name on ports 80, 8080 and 8443 (IPv4 and IPv6; multi-port services use the
+/// others), and serving [`files_dir`] under `/files/`.
+pub fn start_nginx(bench: &mut Bench, servers: &[RealServer]) -> Result<()> {
+    let files = files_dir(bench);
+    std::fs::create_dir_all(&files)?;
+    for s in servers {
+        let dir = bench.dir.join(format!("nginx-{}", s.name));
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let conf = format!(
+            r#"worker_processes 1;
+daemon off;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp;
+    scgi_temp_path {d}/tmp;
+    keepalive_timeout 300s;
+    keepalive_requests 100000;
+    client_max_body_size 16m;
+    server {{
+        listen 80 reuseport;
+        listen [::]:80 reuseport;
+        listen 8080 reuseport;
+        listen [::]:8080 reuseport;
+        listen 8443 reuseport;
+        listen [::]:8443 reuseport;
+        location / {{ default_type text/plain; return 200 "{name}\n"; }}
+        location /files/ {{ alias {files}/; }}
+    }}
+}}
+"#,
+            d = dir.display(),
+            name = s.name,
+            files = files.display(),
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf)?;
+        bench.spawn(
+            &s.ns,
             &[
-                &xlb.to_string_lossy(),
-                "run",
-                "--config",
+                "nginx",
+                "-e",
+                &dir.join("error.log").to_string_lossy(),
+                "-p",
+                &dir.to_string_lossy(),
+                "-c",
                 &path.to_string_lossy(),
             ],
-            "xlb.log",
+            &format!("nginx-{}.log", s.name),
         )?;
-        let deadline = Instant::now() + Duration::from_secs(20);
+    }
+    // Wait until each answers locally.
+    for s in servers {
+        let addr = SocketAddr::new(IpAddr::V4(s.v4), 80);
+        let ns = s.ns.clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if run(&[
-                &xlb.to_string_lossy(),
-                "list",
-                "--socket",
-                &self.socket().to_string_lossy(),
-            ])
-            .is_ok()
-            {
-                return Ok(pid);
+            let ok = in_netns(&ns, move || http_get(addr).is_ok())?;
+            if ok {
+                break;
             }
-            if !self.bench.running(pid) || Instant::now() > deadline {
-                bail!("xlb did not start:\n{}", self.bench.log("xlb.log"));
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx on {} did not start: {}",
+                    s.name,
+                    bench.log(&format!("nginx-{}.log", s.name))
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    Ok(())
+}
+
+/// The seeds' NAT topology: the client on the public side of the balancer, the real servers
+/// on a private segment (a bridge) behind it, with the balancer as their default gateway.
+/// The VIPs are the balancer's own addresses on its public interface; xlb is attached to both
+/// interfaces (requests come in on one, replies on the other).
+pub struct NatBench {
+    pub bench: Bench,
+    pub sw: String,
+    pub cli: String,
+    pub lb: String,
+    pub servers: Vec<RealServer>,
+    pub vip4: Ipv4Addr,
+    pub vip6: Ipv6Addr,
+    pub client4: Ipv4Addr,
+    pub client6: Ipv6Addr,
+}
+
+/// The NAT balancer's interfaces.
+pub const NAT_PUBLIC_IF: &str = "pub0";
+pub const NAT_PRIVATE_IF: &str = "priv0";
+
+impl NatBench {
+    pub fn new(prefix: &str, n: usize, xlb: &Path) -> Result<NatBench> {
+        let mut bench = Bench::new(prefix)?;
+        let xlb = xlb.to_string_lossy().to_string();
+        let sw = bench.netns("sw")?;
+        let cli = bench.netns("cli")?;
+        let lb = bench.netns("lb")?;
+        ip(&format!("-n {sw} link add br0 type bridge"))?;
+        ip(&format!("-n {sw} link set br0 up"))?;
+        ip(&format!(
+            "link add eth0 netns {cli} type veth peer name {NAT_PUBLIC_IF} netns {lb}"
+        ))?;
+        ip(&format!(
+            "link add {NAT_PRIVATE_IF} netns {lb} type veth peer name p-lb netns {sw}"
+        ))?;
+        ip(&format!("-n {sw} link set p-lb master br0 up"))?;
+        let vip4: Ipv4Addr = "10.200.0.100".parse()?;
+        let vip6: Ipv6Addr = "fd00:200::100".parse()?;
+        let client4: Ipv4Addr = "10.200.0.1".parse()?;
+        let client6: Ipv6Addr = "fd00:200::1".parse()?;
+        bench.sh(
+            &cli,
+            "ip addr add 10.200.0.1/24 dev eth0 && ip addr add fd00:200::1/64 dev eth0 nodad              && ip link set eth0 up && ethtool -K eth0 tx off >/dev/null",
+        )?;
+        bench.sh(
+            &lb,
+            &format!(
+                "ip addr add 10.200.0.2/24 dev {NAT_PUBLIC_IF} && ip addr add fd00:200::2/64 dev {NAT_PUBLIC_IF} nodad                  && ip addr add {vip4}/32 dev {NAT_PUBLIC_IF} && ip addr add {vip6}/128 dev {NAT_PUBLIC_IF} nodad                  && ip addr add 192.168.56.1/24 dev {NAT_PRIVATE_IF} && ip addr add fd00:56::1/64 dev {NAT_PRIVATE_IF} nodad                  && ip link set {NAT_PUBLIC_IF} up && ip link set {NAT_PRIVATE_IF} up                  && sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1"
+            ),
+        )?;
+        // Frames xlb redirects out of one veth reach the peer only if it runs XDP.
+        bench.exec(&cli, &[&xlb, "util", "xdp-pass", "eth0"])?;
+        bench.exec(&sw, &[&xlb, "util", "xdp-pass", "p-lb"])?;
+        let mut servers = Vec::new();
+        for i in 1..=n {
+            let name = format!("be{i}");
+            let ns = bench.netns(&name)?;
+            let v4: Ipv4Addr = format!("192.168.56.{}", 10 + i).parse()?;
+            let v6: Ipv6Addr = format!("fd00:56::{}", 10 + i).parse()?;
+            ip(&format!(
+                "link add eth0 netns {ns} type veth peer name p-{name} netns {sw}"
+            ))?;
+            ip(&format!("-n {sw} link set p-{name} master br0 up"))?;
+            // Replies leave through the balancer with complete checksums (XDP forwards
+            // them as they are).
+            bench.sh(
+                &ns,
+                &format!(
+                    "ip addr add {v4}/24 dev eth0 && ip addr add {v6}/64 dev eth0 nodad && ip link set eth0 up                      && ip route add default via 192.168.56.1 && ip -6 route add default via fd00:56::1                      && ethtool -K eth0 tx off >/dev/null"
+                ),
+            )?;
+            servers.push(RealServer { name, ns, v4, v6 });
+        }
+        Ok(NatBench {
+            bench,
+            sw,
+            cli,
+            lb,
+            servers,
+            vip4,
+            vip6,
+            client4,
+            client6,
+        })
+    }
+
+    pub fn start_http(&mut self) -> Result<()> {
+        start_nginx(&mut self.bench, &self.servers)
+    }
+
+    /// A configuration for the balancer (attached to both sides) with `services`.
+    pub fn config(&self, services: &str) -> String {
+        format!(
+            "[dataplane]\ninterfaces = [\"{NAT_PUBLIC_IF}\", \"{NAT_PRIVATE_IF}\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n[control]\nsocket = \"{}\"\n\n{services}",
+            self.socket().display()
+        )
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.bench.dir.join("xlb.sock")
+    }
+
+    pub fn start_xlb(&mut self, xlb: &Path, config: &str) -> Result<u32> {
+        let (lb, socket) = (self.lb.clone(), self.socket());
+        start_xlb_in(&mut self.bench, &lb, xlb, config, &socket)
+    }
+}
+
+/// `method path` on a new connection (HTTP/1.1, `Connection: close`) with `body`; returns
+/// the status code and the response body's bytes.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: xlb\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response ({} bytes)", resp.len()))?;
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    if let Some(len) = head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length:")
+            .map(|v| v.trim().to_string())
+    }) {
+        let len: usize = len.parse()?;
+        if resp.len() - split - 4 != len {
+            bail!(
+                "body of {} bytes, Content-Length {len}",
+                resp.len() - split - 4
+            );
+        }
+    }
+    Ok((status, resp[split + 4..].to_vec()))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for files compared byte for byte.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
 
 /// One HTTP/1.1 GET of `/` with `Connection: close` on a new connection; returns the body.
