@@ -316,19 +316,22 @@ pub const PROGRAM_NAME: &str = "xlb";
 /// a live flow entry to `xlb_new_*`. Separate programs per family and per path keep each
 /// within the verifier's budget, and established packets never pay for the code. They hand
 /// the packet and its real server on to `xlb_xmit`, which sends it.
-/// NAT replies go to `xlb_reply` the same way.
-pub const NEW_FLOW_PROGRAMS: [(u32, &str); 6] = [
+/// NAT replies go to `xlb_reply` the same way, ICMP errors to `xlb_icmp`.
+pub const NEW_FLOW_PROGRAMS: [(u32, &str); 7] = [
     (NEW_FLOW_V4, "xlb_new_v4"),
     (NEW_FLOW_V6, "xlb_new_v6"),
     (NEW_FLOW_V4 + NEW_FLOW_SYN, "xlb_syn_v4"),
     (NEW_FLOW_V6 + NEW_FLOW_SYN, "xlb_syn_v6"),
     (NEW_FLOW_XMIT, "xlb_xmit"),
     (NEW_FLOW_REPLY, "xlb_reply"),
+    (NEW_FLOW_ICMP, "xlb_icmp"),
 ];
 /// Index of `xlb_xmit` in `NEW_FLOW`.
 pub const NEW_FLOW_XMIT: u32 = 4;
 /// Index of `xlb_reply` in `NEW_FLOW`.
 pub const NEW_FLOW_REPLY: u32 = 5;
+/// Index of `xlb_icmp` in `NEW_FLOW`.
+pub const NEW_FLOW_ICMP: u32 = 6;
 pub const NEW_FLOW_V4: u32 = 0;
 pub const NEW_FLOW_V6: u32 = 1;
 /// Added to the family's index: the SYN program.

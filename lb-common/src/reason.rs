@@ -29,36 +29,39 @@ pub const PASS_TTL_EXPIRED: u32 = 9;
 /// A packet from a NAT real server's address and port that belongs to no connection: it
 /// goes to the kernel untouched (as IPVS leaves it).
 pub const PASS_NAT_NO_FLOW: u32 = 10;
+/// An ICMP error (destination unreachable, too big, time exceeded...) to a VIP that quotes
+/// no connection of a virtual service: the kernel's.
+pub const PASS_ICMP_UNRELATED: u32 = 11;
 // --- XDP_DROP ---
 /// A NAT reply whose route toward the client has no usable next hop: none resolved yet (the
 /// controller was asked to resolve it; the real server retransmits), or no route at all. The
 /// kernel cannot forward it instead: rewritten, its source (the VIP) is one of the balancer's
 /// own addresses, which the kernel refuses as a martian; not rewritten, it would leak the
 /// real server's address to the client.
-pub const DROP_NAT_NO_ROUTE: u32 = 11;
+pub const DROP_NAT_NO_ROUTE: u32 = 12;
 /// The real server's next-hop MAC is not resolved yet; the controller was asked to resolve it
 /// and the client's retransmission will get through.
-pub const DROP_NEIGH_MISSING: u32 = 12;
+pub const DROP_NEIGH_MISSING: u32 = 13;
 /// The flow's real server was removed (IPVS drops these packets too, expire_nodest_conn=0).
-pub const DROP_BACKEND_GONE: u32 = 13;
+pub const DROP_BACKEND_GONE: u32 = 14;
 /// An internal lookup failed (a slot or backend index out of range, or a new-flow program
 /// missing from the program array): a controller bug.
-pub const DROP_INTERNAL: u32 = 14;
+pub const DROP_INTERNAL: u32 = 15;
 /// The forwarding method is not implemented for this packet.
-pub const DROP_UNSUPPORTED: u32 = 15;
+pub const DROP_UNSUPPORTED: u32 = 16;
 /// A new connection found the connection table full and no entry it may take over (the oldest
 /// connections its CPU created are established): it is refused rather than evicting a live
 /// connection. (Services with sh, dh or mh forward it untracked instead.)
-pub const DROP_FLOW_TABLE_FULL: u32 = 16;
+pub const DROP_FLOW_TABLE_FULL: u32 = 17;
 /// Too big for the path once encapsulated, and may not be answered with ICMP: an IPv4 packet
 /// without DF (IPVS would fragment it; XDP cannot), or an ICMP error itself.
-pub const DROP_TOO_BIG: u32 = 17;
+pub const DROP_TOO_BIG: u32 = 18;
 // --- sent ---
 /// Too big for the path once encapsulated: answered with ICMP "fragmentation needed" /
 /// ICMPv6 "packet too big" carrying the tunnel's MTU, sent back out of the ingress interface.
-pub const TX_ICMP_TOO_BIG: u32 = 18;
-pub const TX: u32 = 19;
-pub const REDIRECT: u32 = 20;
+pub const TX_ICMP_TOO_BIG: u32 = 19;
+pub const TX: u32 = 20;
+pub const REDIRECT: u32 = 21;
 
 /// Whether a verdict counter stands for `XDP_PASS`.
 #[inline(always)]
@@ -67,30 +70,32 @@ pub fn is_pass(r: u32) -> bool {
 }
 
 /// Number of verdict counters.
-pub const VERDICTS: u32 = 21;
+pub const VERDICTS: u32 = 22;
 
 // --- events (not verdicts) ---
 /// A new flow could not be inserted into the connection table; it was forwarded untracked.
-pub const EV_FLOW_INSERT_FAILED: u32 = 21;
+pub const EV_FLOW_INSERT_FAILED: u32 = 22;
 /// A SYN or UDP datagram found an expired or stale flow entry and was scheduled afresh.
-pub const EV_FLOW_RESCHEDULED: u32 = 22;
+pub const EV_FLOW_RESCHEDULED: u32 = 23;
 /// A new-flow event was lost because the controller's ring buffer was full.
-pub const EV_EVENT_LOST: u32 = 23;
+pub const EV_EVENT_LOST: u32 = 24;
 /// Entries the reaper retired because their connection had been idle past its timeout.
-pub const EV_FLOW_EXPIRED: u32 = 24;
+pub const EV_FLOW_EXPIRED: u32 = 25;
 /// A new connection found the table full and took the entry of the oldest connection that
 /// was not established (see `lb_common::recyclable`).
-pub const EV_FLOW_RECYCLED: u32 = 25;
+pub const EV_FLOW_RECYCLED: u32 = 26;
 /// A packet of a service with a deterministic scheduler (sh, dh, mh) was forwarded by hash
 /// without a connection entry (table full, or a mid-connection packet with no entry: the
 /// hash gives the same server).
-pub const EV_FLOW_UNTRACKED: u32 = 26;
+pub const EV_FLOW_UNTRACKED: u32 = 27;
 /// A NAT connection's reply entry could not be recorded (its replies will reach the kernel
 /// unrewritten).
-pub const EV_NAT_INSERT_FAILED: u32 = 27;
+pub const EV_NAT_INSERT_FAILED: u32 = 28;
+/// An ICMP error about a connection was relayed to the connection's real server.
+pub const EV_ICMP_RELAYED: u32 = 29;
 
 /// Size of the `REASONS` array.
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 30;
 
 /// Metric/label names, indexed by counter.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -105,6 +110,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_no_backend",
     "pass_ttl_expired",
     "pass_nat_no_flow",
+    "pass_icmp_unrelated",
     "drop_nat_no_route",
     "drop_neigh_missing",
     "drop_backend_gone",
@@ -122,4 +128,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "flow_recycled",
     "flow_untracked",
     "nat_insert_failed",
+    "icmp_relayed",
 ];

@@ -38,6 +38,8 @@ pub trait FlowKey: persist::Templated + nat::NatKey {
     fn recent() -> &'static PerCpuArray<Self>;
     /// The destination (service) port, network byte order.
     fn service_port(&self) -> u16;
+    /// A key from addresses (IPv4 in word 0) and ports as on the wire.
+    fn from_parts(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> Self;
 }
 
 impl FlowKey for FlowKeyV4 {
@@ -59,6 +61,10 @@ impl FlowKey for FlowKeyV4 {
     fn service_port(&self) -> u16 {
         self.dport
     }
+    #[inline(always)]
+    fn from_parts(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        FlowKeyV4::new(src[0], dst[0], sport, dport, proto)
+    }
 }
 
 impl FlowKey for FlowKeyV6 {
@@ -79,6 +85,10 @@ impl FlowKey for FlowKeyV6 {
     #[inline(always)]
     fn service_port(&self) -> u16 {
         self.dport
+    }
+    #[inline(always)]
+    fn from_parts(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        FlowKeyV6::new(*src, *dst, sport, dport, proto)
     }
 }
 

@@ -1,15 +1,22 @@
-//! ICMP the balancer sends itself: "fragmentation needed" (IPv4, DF set) and ICMPv6 "packet
-//! too big" for packets that would exceed the path MTU once encapsulated, as IPVS sends them
-//! (`ensure_mtu_is_adequate`). The packet is turned into the error in place and sent back
-//! out of the interface it came in on, from the address it was sent to (the VIP).
+//! ICMP. The errors the balancer sends itself: "fragmentation needed" (IPv4, DF set) and
+//! ICMPv6 "packet too big" for packets that would exceed the path MTU once encapsulated, as
+//! IPVS sends them (`ensure_mtu_is_adequate`); the packet is turned into the error in place
+//! and sent back out of the interface it came in on, from the address it was sent to (the
+//! VIP). And the errors others send about the virtual services' connections, relayed to the
+//! connections' real servers (`relay`).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FAMILY_V4, csum, reason};
+use lb_common::{
+    BACKEND_F_AVAILABLE, FAMILY_V4, FLOW_DEAD, FlowKeyV4, FlowKeyV6, PROTO_TCP, PROTO_UDP, csum,
+    reason,
+};
 
-use crate::parse::{Pkt, at};
+use crate::{
+    flow::FlowKey,
+    maps::BACKENDS,
+    parse::{PROTO_ICMP, PROTO_ICMPV6, Pkt, at},
+};
 
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
@@ -22,6 +29,10 @@ const V4_QUOTE_WORDS: usize = 17;
 /// Answers a packet too big for `mtu` (the largest inner packet the path takes).
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> (u32, u32) {
+    if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
+        // An ICMP error is never answered with one.
+        return (xdp_action::XDP_DROP, reason::DROP_TOO_BIG);
+    }
     let sent = if pkt.family == FAMILY_V4 {
         let Some(frag) = at::<u8>(ctx, pkt.l3 + 6) else {
             return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
@@ -161,4 +172,115 @@ fn packet_too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
         (*h)[11] = icmp1;
     }
     Some(())
+}
+
+/// The packet an ICMP error quotes (one a virtual service sent: VIP and service port as
+/// source), as far as the error carries it.
+pub struct Quoted {
+    /// Offsets of the quoted IP header and of its ports.
+    pub q3: usize,
+    pub q4: usize,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// The quoted packet of ICMP error `pkt` (`parse_as::<true>`), if it is a TCP/UDP packet
+/// (not a later fragment) with its ports.
+#[inline(always)]
+pub fn quoted(ctx: &XdpContext, pkt: &Pkt) -> Option<Quoted> {
+    let q3 = pkt.l4 + 8;
+    let mut q = Quoted {
+        q3,
+        q4: 0,
+        src: [0; 4],
+        dst: [0; 4],
+        sport: 0,
+        dport: 0,
+        proto: 0,
+    };
+    if pkt.family == FAMILY_V4 {
+        let h = at::<[u8; 20]>(ctx, q3)?;
+        let h = unsafe { &*h };
+        let ihl = (h[0] & 0x0f) as usize * 4;
+        if h[0] >> 4 != 4 || ihl < 20 || (h[6] & 0x1f) != 0 || h[7] != 0 {
+            return None;
+        }
+        q.proto = h[9];
+        q.q4 = q3 + ihl;
+        let w = at::<[u32; 5]>(ctx, q3)?;
+        let w = unsafe { &*w };
+        q.src[0] = w[3];
+        q.dst[0] = w[4];
+    } else {
+        let w = at::<[u32; 10]>(ctx, q3)?;
+        let w = unsafe { &*w };
+        if (w[0] as u8) >> 4 != 6 {
+            return None;
+        }
+        q.proto = (u32::from_be(w[1]) >> 8) as u8;
+        q.q4 = q3 + 40;
+        q.src = [w[2], w[3], w[4], w[5]];
+        q.dst = [w[6], w[7], w[8], w[9]];
+    }
+    if q.proto != PROTO_TCP && q.proto != PROTO_UDP {
+        return None;
+    }
+    let ports = at::<[u16; 2]>(ctx, q.q4)?;
+    let [sport, dport] = unsafe { *ports };
+    q.sport = sport;
+    q.dport = dport;
+    Some(q)
+}
+
+/// An ICMP error (`xlb_icmp`): if it quotes a packet of a connection of a virtual service
+/// (sent from the VIP to the client), it goes to the connection's real server with the
+/// connection's forwarding method, as IPVS relays them (`ip_vs_in_icmp`), so path MTU
+/// discovery and unreachable reports reach the server that holds the connection.
+#[inline(always)]
+pub fn relay(ctx: &XdpContext) -> (u32, u32) {
+    let pkt = match crate::parse::parse_as::<true>(ctx) {
+        Ok(p) => p,
+        Err(why) => return (xdp_action::XDP_PASS, why),
+    };
+    let unrelated = (xdp_action::XDP_PASS, reason::PASS_ICMP_UNRELATED);
+    let Some(q) = quoted(ctx, &pkt) else {
+        return unrelated;
+    };
+    // About a packet the VIP sent: its source is where the error was sent.
+    if q.src != pkt.dst {
+        return unrelated;
+    }
+    let index = if pkt.family == FAMILY_V4 {
+        connection::<FlowKeyV4>(&q)
+    } else {
+        connection::<FlowKeyV6>(&q)
+    };
+    let Some(index) = index else {
+        return unrelated;
+    };
+    if pkt.ttl <= 1 {
+        return (xdp_action::XDP_PASS, reason::PASS_TTL_EXPIRED);
+    }
+    let verdict = crate::xmit::forward(ctx, &pkt, index);
+    if verdict.1 == reason::TX || verdict.1 == reason::REDIRECT {
+        crate::stats::count(reason::EV_ICMP_RELAYED);
+    }
+    verdict
+}
+
+/// The live connection whose reply `q` is: its real server's index.
+#[inline(always)]
+fn connection<K: FlowKey>(q: &Quoted) -> Option<u32> {
+    let key = K::from_parts(&q.dst, &q.src, q.dport, q.sport, q.proto);
+    let flow = K::table().get_ptr(&key)?;
+    let flow = unsafe { &*flow };
+    if flow.status & FLOW_DEAD != 0 {
+        return None;
+    }
+    let be = BACKENDS.get(flow.backend)?.current();
+    (be.flags & BACKEND_F_AVAILABLE != 0 && be.generation == flow.generation)
+        .then_some(flow.backend)
 }

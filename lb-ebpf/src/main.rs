@@ -41,8 +41,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_REPLY, NEW_FLOW_SYN, NEW_FLOW_V4,
-    NEW_FLOW_V6, NEW_FLOW_XMIT, reason,
+    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_ICMP, NEW_FLOW_REPLY, NEW_FLOW_SYN,
+    NEW_FLOW_V4, NEW_FLOW_V6, NEW_FLOW_XMIT, reason,
 };
 use maps::{HANDOFF, NEW_FLOW, XMIT_HANDOFF};
 
@@ -109,6 +109,14 @@ pub fn xlb_reply(ctx: XdpContext) -> u32 {
     action
 }
 
+/// ICMP errors (`icmp::relay`), tail-called by `xlb`.
+#[xdp]
+pub fn xlb_icmp(ctx: XdpContext) -> u32 {
+    let (action, why) = icmp::relay(&ctx);
+    stats::count(why);
+    action
+}
+
 /// Retires idle connections (see `reap`). Run by the controller with `BPF_PROG_TEST_RUN` on a
 /// dummy frame; never attached to an interface.
 #[xdp]
@@ -130,6 +138,10 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 fn process(ctx: &XdpContext) -> (u32, u32) {
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
+        Err(parse::TO_ICMP) => {
+            unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_ICMP) };
+            return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
+        }
         Err(why) => return (xdp_action::XDP_PASS, why),
     };
     if !filter::may_match(&pkt) {

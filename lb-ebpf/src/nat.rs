@@ -177,6 +177,50 @@ fn rewrite(ctx: &XdpContext, pkt: &Pkt, src: bool, addr: &[u32; 4], port: u16) -
     Some(())
 }
 
+/// Client → server, an ICMP error about the connection (`icmp::relay`): the outer
+/// destination becomes the real server, and so do the quoted packet's source address and
+/// port (its IPv4 header checksum follows); the ICMP checksum is updated for all of it (and
+/// for ICMPv6's pseudo-header). The quoted TCP/UDP checksum is left as it is, as IPVS does
+/// (`ip_vs_nat_icmp`): the quote is usually cut short anyway.
+#[inline(always)]
+pub fn icmp_to_server(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> Option<()> {
+    let q = crate::icmp::quoted(ctx, pkt)?;
+    let port = server_port(be, q.sport);
+    let mut delta: u32 = 0;
+    if pkt.family == FAMILY_V4 {
+        let dst = at::<u32>(ctx, pkt.l3 + 16)?;
+        let check = at::<u16>(ctx, pkt.l3 + 10)?;
+        let qsrc = at::<u32>(ctx, q.q3 + 12)?;
+        let qcheck = at::<u16>(ctx, q.q3 + 10)?;
+        unsafe {
+            *dst = be.addr[0];
+            *check = csum::replace32(*check, pkt.dst[0], be.addr[0]);
+            *qsrc = be.addr[0];
+            let old = *qcheck;
+            let new = csum::replace32(old, q.src[0], be.addr[0]);
+            *qcheck = new;
+            delta += word_delta(q.src[0], be.addr[0]) + (!old as u32) + new as u32;
+        }
+    } else {
+        let dst = at::<[u32; 4]>(ctx, pkt.l3 + 24)?;
+        let qsrc = at::<[u32; 4]>(ctx, q.q3 + 8)?;
+        unsafe {
+            *dst = be.addr;
+            *qsrc = be.addr;
+        }
+        for i in 0..4 {
+            // The pseudo-header's destination and the quoted source.
+            delta += word_delta(pkt.dst[i], be.addr[i]) + word_delta(q.src[i], be.addr[i]);
+        }
+    }
+    let sport = at::<u16>(ctx, q.q4)?;
+    unsafe { *sport = port };
+    delta += (!q.sport as u32) + port as u32;
+    let check = at::<u16>(ctx, pkt.l4 + 2)?;
+    unsafe { *check = !csum::fold((!*check as u32) + delta) };
+    Some(())
+}
+
 #[inline(always)]
 fn word_delta(old: u32, new: u32) -> u32 {
     ((!old) & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16)

@@ -16,6 +16,12 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
 const IPV6_HLEN: usize = 40;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// `parse`'s answer for an ICMP error (not a reason counter): `icmp::relay` decides whether
+/// it is about a connection of a virtual service.
+pub const TO_ICMP: u32 = u32::MAX - 2;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_DEST: u8 = 60;
 const NEXTHDR_FRAGMENT: u8 = 44;
@@ -163,6 +169,13 @@ fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
 /// untouched.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Pkt, u32> {
+    parse_as::<false>(ctx)
+}
+
+/// [`parse`], or with `ICMP` an ICMP error as a packet of its own: protocol 1 or 58, `l4`
+/// at the ICMP header, no ports (see `icmp::relay`).
+#[inline(always)]
+pub fn parse_as<const ICMP: bool>(ctx: &XdpContext) -> Result<Pkt, u32> {
     let mut ethertype = be16(ctx, 12).ok_or(reason::PASS_TRUNCATED)?;
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -170,14 +183,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Pkt, u32> {
         l3 = ETH_HLEN + 4;
     }
     match ethertype {
-        ETH_P_IP => parse_v4(ctx, l3),
-        ETH_P_IPV6 => parse_v6(ctx, l3),
+        ETH_P_IP => parse_v4::<ICMP>(ctx, l3),
+        ETH_P_IPV6 => parse_v6::<ICMP>(ctx, l3),
         _ => Err(reason::PASS_NOT_IP),
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
+fn parse_v4<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     // The fixed header in one bounds check:
     // [ver/ihl tos tot_len] [id frag] [ttl proto csum] [src] [dst]
     let hdr = at::<[u32; 5]>(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
@@ -203,7 +216,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     if u16::from_be_bytes([frag_hi, frag_lo]) & 0x3fff != 0 {
         return Err(reason::PASS_FRAGMENT);
     }
-    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l3 + hlen, tot_len - hlen)?;
+    let (sport, dport, tcp_flags) = parse_l4::<ICMP>(ctx, proto, l3 + hlen, tot_len - hlen)?;
     Ok(Pkt {
         l3,
         l4: l3 + hlen,
@@ -220,7 +233,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
+fn parse_v6<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     let hdr = at::<[u32; 10]>(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let w = unsafe { &*hdr };
     if (u32::from_be(w[0]) >> 28) != 6 {
@@ -251,7 +264,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     if next == NEXTHDR_FRAGMENT {
         return Err(reason::PASS_FRAGMENT);
     }
-    if next != PROTO_TCP && next != PROTO_UDP {
+    if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
         return Err(if is_v6_extension(next) {
             reason::PASS_IPV6_EXT
         } else {
@@ -261,7 +274,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     if ext_len > payload_len {
         return Err(reason::PASS_MALFORMED);
     }
-    let (sport, dport, tcp_flags) = parse_l4(ctx, next, l4, payload_len - ext_len)?;
+    let (sport, dport, tcp_flags) = parse_l4::<ICMP>(ctx, next, l4, payload_len - ext_len)?;
     Ok(Pkt {
         l3,
         l4,
@@ -285,7 +298,12 @@ fn is_v6_extension(nh: u8) -> bool {
 
 /// Ports and TCP flags; `l4_len` is what the IP header says the L4 part holds.
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, proto: u8, l4: usize, l4_len: usize) -> Result<(u16, u16, u8), u32> {
+fn parse_l4<const ICMP: bool>(
+    ctx: &XdpContext,
+    proto: u8,
+    l4: usize,
+    l4_len: usize,
+) -> Result<(u16, u16, u8), u32> {
     match proto {
         PROTO_TCP => {
             // ports, seq, ack, data offset, flags
@@ -305,6 +323,28 @@ fn parse_l4(ctx: &XdpContext, proto: u8, l4: usize, l4_len: usize) -> Result<(u1
             }
             let h = unsafe { *hdr };
             Ok((h[0], h[1], 0))
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            // Type and code: a one-byte check compiles to a comparison the verifier does
+            // not take as a bound.
+            let h = at::<[u8; 2]>(ctx, l4).ok_or(reason::PASS_TRUNCATED)?;
+            let t = unsafe { (*h)[0] };
+            let error = if proto == PROTO_ICMP {
+                matches!(t, 3 | 4 | 11 | 12)
+            } else {
+                matches!(t, 1..=4)
+            };
+            if !error {
+                Err(reason::PASS_NOT_TCP_UDP)
+            } else if ICMP {
+                // The header and the quoted IP header's first bytes at least.
+                if l4_len < 8 + 20 {
+                    return Err(reason::PASS_MALFORMED);
+                }
+                Ok((0, 0, 0))
+            } else {
+                Err(TO_ICMP)
+            }
         }
         _ => Err(reason::PASS_NOT_TCP_UDP),
     }

@@ -17,7 +17,7 @@ use lb_common::{
 use crate::{
     maps::{BACKENDS, EVENTS, TX_PORTS},
     nat,
-    parse::{Pkt, at},
+    parse::{PROTO_ICMP, PROTO_ICMPV6, Pkt, at},
     stats, tunnel,
 };
 
@@ -58,7 +58,12 @@ fn send(ctx: &XdpContext, pkt: &Pkt, index: u32, be: &Backend) -> (u32, u32) {
     match be.forward {
         forward::DR => {}
         forward::NAT => {
-            if nat::to_server(ctx, pkt, be).is_none() {
+            let rewritten = if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
+                nat::icmp_to_server(ctx, pkt, be)
+            } else {
+                nat::to_server(ctx, pkt, be)
+            };
+            if rewritten.is_none() {
                 return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
             }
         }

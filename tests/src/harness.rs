@@ -40,7 +40,7 @@ pub struct Harness {
 }
 
 /// Result of one run.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Run {
     pub action: u32,
     pub out: Vec<u8>,

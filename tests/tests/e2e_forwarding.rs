@@ -456,3 +456,47 @@ fn wait_for(mut ok: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Path MTU discovery through the balancer: the client sits behind a router whose link to
+/// it has MTU 1400, the real servers (NAT) send 1500-byte segments, the router answers with
+/// ICMP "too big" to the VIP, and xlb relays it - rewritten - to the real server holding
+/// the connection, which lowers its path MTU: downloads over IPv4 and IPv6 complete byte
+/// for byte instead of stalling.
+#[test]
+fn path_mtu_discovery_through_nat() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb_path = xlb_bin();
+    let mut b = NatBench::with_router("xte2e-pmtu", 1, &xlb_path, 1400).unwrap();
+    let file = pattern(2 << 20, 0xfeed);
+    std::fs::create_dir_all(files_dir(&b.bench)).unwrap();
+    std::fs::write(files_dir(&b.bench).join("two.bin"), &file).unwrap();
+    b.start_http().unwrap();
+    let s = b.servers[0].clone();
+    let services = format!(
+        "[[services]]\nname = \"web\"\naddress = \"{}:80\"\nforwarding = \"nat\"\n[[services.backends]]\naddress = \"{}:8080\"\n\
+         [[services]]\nname = \"web6\"\naddress = \"[{}]:80\"\nforwarding = \"nat\"\n[[services.backends]]\naddress = \"[{}]:8080\"\n",
+        b.vip4, s.v4, b.vip6, s.v6
+    );
+    let config = b.config(&services);
+    b.start_xlb(&xlb_path, &config).unwrap();
+    for vip in [
+        SocketAddr::new(IpAddr::V4(b.vip4), 80),
+        SocketAddr::new(IpAddr::V6(b.vip6), 80),
+    ] {
+        let want = file.clone();
+        let (status, body) = in_netns(&b.cli, move || {
+            http_request(vip, "GET", "/files/two.bin", b"", Duration::from_secs(20))
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("download from {vip}: {e:#}"));
+        assert_eq!(status, 200);
+        assert!(
+            body == want,
+            "download from {vip} differs ({} bytes)",
+            body.len()
+        );
+    }
+    let relayed = counter(&xlb(&["counters"], &b.socket()), "icmp_relayed");
+    assert!(relayed >= 2, "ICMP errors relayed: {relayed}");
+}

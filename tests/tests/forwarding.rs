@@ -757,3 +757,153 @@ fn decap_accepts_other_valid_gre_and_gue_forms() {
     assert_eq!(decap_run(&d, cut), (XDP_PASS, cut.to_vec()));
     assert_eq!(d.counters().unwrap()[3], ("malformed", 1));
 }
+
+/// An ICMP error from `router` to `vip` quoting the first `quote` bytes of the reply
+/// `quoted` (a frame, Ethernet header included).
+fn icmp_error(router: &str, vip: &str, quoted: &[u8], quote: usize, ttl: u8) -> Vec<u8> {
+    use etherparse::{PacketBuilder, icmpv4::DestUnreachableHeader};
+    let body = &quoted[14..14 + quote];
+    let mut out = Vec::new();
+    match (ip(router), ip(vip)) {
+        (IpAddr::V4(r), IpAddr::V4(v)) => PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            .ipv4(r.octets(), v.octets(), ttl)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+            ))
+            .write(&mut out, body)
+            .unwrap(),
+        (IpAddr::V6(r), IpAddr::V6(v)) => PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            .ipv6(r.octets(), v.octets(), ttl)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1400 })
+            .write(&mut out, body)
+            .unwrap(),
+        _ => unreachable!(),
+    }
+    out
+}
+
+/// ICMP errors about a connection (a router on the way to the client could not forward a
+/// reply) go to the connection's real server by its forwarding method - direct routing as
+/// it is, NAT with the outer destination and the quoted source rewritten (checksums
+/// included), tunnels encapsulated - so path MTU discovery works through the balancer.
+/// Errors quoting no connection go to the kernel untouched.
+#[test]
+fn icmp_errors_follow_their_connection() {
+    for (method, vip4, rip4, vip6, rip6) in [
+        (
+            "dr",
+            "10.0.0.10",
+            "10.0.1.1:80",
+            "2001:db8::10",
+            "[2001:db8:1::1]:80",
+        ),
+        (
+            "nat",
+            "10.0.0.10",
+            "192.168.56.11:8080",
+            "2001:db8::10",
+            "[fd00:56::11]:8080",
+        ),
+        (
+            "tunnel",
+            "10.0.0.10",
+            "10.0.2.1:80",
+            "2001:db8::10",
+            "[fd00:2::1]:80",
+        ),
+    ] {
+        let toml = format!(
+            "[[services]]\nname = \"v4\"\naddress = \"{vip4}:80\"\nforwarding = \"{method}\"\n[[services.backends]]\naddress = \"{rip4}\"\n\
+             [[services]]\nname = \"v6\"\naddress = \"[{vip6}]:80\"\nforwarding = \"{method}\"\n[[services.backends]]\naddress = \"{rip6}\"\n"
+        );
+        let h = Harness::new(&toml);
+        for (client, vip, rip, router, quote) in [
+            ("203.0.113.7", vip4, rip4, "198.51.100.1", 28),
+            ("2001:db8:9::7", vip6, rip6, "2001:db8:7::1", 48),
+        ] {
+            let (rip_addr, rport) = {
+                let sa: std::net::SocketAddr = rip.parse().unwrap();
+                (sa.ip(), sa.port())
+            };
+            assert_eq!(
+                h.run(&Frame::tcp(client, 40000, vip, 80, SYN).build())
+                    .action,
+                XDP_TX
+            );
+            let reply = Frame::tcp(vip, 80, client, 40000, SYN | ACK).build();
+            let input = icmp_error(router, vip, &reply, quote, 64);
+            let before = h.counters();
+            let r = h.run(&input);
+            let what = format!("{method}, {vip}");
+            assert_eq!(
+                r.action,
+                XDP_TX,
+                "{what}: {:?}",
+                delta(&before, &h.counters())
+            );
+            assert_eq!(
+                delta(&before, &h.counters()),
+                vec![("tx", 1), ("icmp_relayed", 1)],
+                "{what}"
+            );
+            match method {
+                "dr" => assert_eq!(
+                    r.out,
+                    expected_dr(&input, backend_mac(rip_addr), LB_MAC),
+                    "{what}"
+                ),
+                "nat" => {
+                    let reply =
+                        Frame::tcp(&rip_addr.to_string(), rport, client, 40000, SYN | ACK).build();
+                    let mut want = icmp_error(router, &rip_addr.to_string(), &reply, quote, 63);
+                    want[0..6].copy_from_slice(&backend_mac(rip_addr));
+                    want[6..12].copy_from_slice(&LB_MAC);
+                    assert_eq!(r.out, want, "{what}");
+                }
+                _ => {
+                    let inner = check_encapsulation(
+                        &r.out,
+                        rip_addr,
+                        tunnel::IPIP,
+                        false,
+                        0,
+                        vip.contains('.'),
+                    );
+                    assert_eq!(inner, expected_dr(&input, [0; 6], [0; 6])[14..], "{what}");
+                }
+            }
+            // The same error about a connection that does not exist.
+            let other = Frame::tcp(vip, 80, client, 40001, SYN | ACK).build();
+            let stray = icmp_error(router, vip, &other, quote, 64);
+            let before = h.counters();
+            assert_eq!(
+                h.run(&stray),
+                Run {
+                    action: XDP_PASS,
+                    out: stray.clone()
+                },
+                "{what}"
+            );
+            assert_eq!(
+                delta(&before, &h.counters()),
+                vec![("pass_icmp_unrelated", 1)]
+            );
+        }
+    }
+}
+
+/// Echo requests and replies are not errors: the kernel's, untouched.
+#[test]
+fn icmp_echo_goes_to_the_kernel() {
+    use etherparse::PacketBuilder;
+    let h = Harness::new(NAT);
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4([203, 0, 113, 7], [10, 0, 0, 10], 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut ping, b"ping")
+        .unwrap();
+    let before = h.counters();
+    assert_eq!(h.run(&ping).out, ping);
+    assert_eq!(delta(&before, &h.counters()), vec![("pass_not_tcp_udp", 1)]);
+}

@@ -493,6 +493,17 @@ pub const NAT_PRIVATE_IF: &str = "priv0";
 
 impl NatBench {
     pub fn new(prefix: &str, n: usize, xlb: &Path) -> Result<NatBench> {
+        Self::build(prefix, n, xlb, None)
+    }
+
+    /// As [`NatBench::new`], with the client behind a router (namespace `rtr`) whose link
+    /// toward the client has MTU `mtu`: replies larger than that make the router send ICMP
+    /// "too big" to the VIP.
+    pub fn with_router(prefix: &str, n: usize, xlb: &Path, mtu: u32) -> Result<NatBench> {
+        Self::build(prefix, n, xlb, Some(mtu))
+    }
+
+    fn build(prefix: &str, n: usize, xlb: &Path, router_mtu: Option<u32>) -> Result<NatBench> {
         let mut bench = Bench::new(prefix)?;
         let xlb = xlb.to_string_lossy().to_string();
         let sw = bench.netns("sw")?;
@@ -500,20 +511,57 @@ impl NatBench {
         let lb = bench.netns("lb")?;
         ip(&format!("-n {sw} link add br0 type bridge"))?;
         ip(&format!("-n {sw} link set br0 up"))?;
-        ip(&format!(
-            "link add eth0 netns {cli} type veth peer name {NAT_PUBLIC_IF} netns {lb}"
-        ))?;
+        // The balancer's public side: the client itself, or the router.
+        let public_peer = match router_mtu {
+            None => {
+                ip(&format!(
+                    "link add eth0 netns {cli} type veth peer name {NAT_PUBLIC_IF} netns {lb}"
+                ))?;
+                (cli.clone(), "eth0")
+            }
+            Some(mtu) => {
+                let rtr = bench.netns("rtr")?;
+                ip(&format!(
+                    "link add eth0 netns {cli} type veth peer name r-cli netns {rtr}"
+                ))?;
+                ip(&format!(
+                    "link add r-lb netns {rtr} type veth peer name {NAT_PUBLIC_IF} netns {lb}"
+                ))?;
+                bench.sh(
+                    &rtr,
+                    &format!(
+                        "ip addr add 10.201.0.254/24 dev r-cli && ip addr add fd00:201::254/64 dev r-cli nodad \
+                         && ip addr add 10.200.0.254/24 dev r-lb && ip addr add fd00:200::254/64 dev r-lb nodad \
+                         && ip link set r-cli mtu {mtu} up && ip link set r-lb up \
+                         && sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1"
+                    ),
+                )?;
+                (rtr, "r-lb")
+            }
+        };
         ip(&format!(
             "link add {NAT_PRIVATE_IF} netns {lb} type veth peer name p-lb netns {sw}"
         ))?;
         ip(&format!("-n {sw} link set p-lb master br0 up"))?;
         let vip4: Ipv4Addr = "10.200.0.100".parse()?;
         let vip6: Ipv6Addr = "fd00:200::100".parse()?;
-        let client4: Ipv4Addr = "10.200.0.1".parse()?;
-        let client6: Ipv6Addr = "fd00:200::1".parse()?;
+        let (client4, client6): (Ipv4Addr, Ipv6Addr) = if router_mtu.is_some() {
+            ("10.201.0.1".parse()?, "fd00:201::1".parse()?)
+        } else {
+            ("10.200.0.1".parse()?, "fd00:200::1".parse()?)
+        };
+        let (gw4, gw6) = if router_mtu.is_some() {
+            ("10.201.0.254", "fd00:201::254")
+        } else {
+            ("10.200.0.2", "fd00:200::2")
+        };
         bench.sh(
             &cli,
-            "ip addr add 10.200.0.1/24 dev eth0 && ip addr add fd00:200::1/64 dev eth0 nodad              && ip link set eth0 up && ethtool -K eth0 tx off >/dev/null",
+            &format!(
+                "ip addr add {client4}/24 dev eth0 && ip addr add {client6}/64 dev eth0 nodad \
+                 && ip link set eth0 up && ethtool -K eth0 tx off >/dev/null \
+                 && ip route add default via {gw4} && ip -6 route add default via {gw6}"
+            ),
         )?;
         bench.sh(
             &lb,
@@ -521,8 +569,14 @@ impl NatBench {
                 "ip addr add 10.200.0.2/24 dev {NAT_PUBLIC_IF} && ip addr add fd00:200::2/64 dev {NAT_PUBLIC_IF} nodad                  && ip addr add {vip4}/32 dev {NAT_PUBLIC_IF} && ip addr add {vip6}/128 dev {NAT_PUBLIC_IF} nodad                  && ip addr add 192.168.56.1/24 dev {NAT_PRIVATE_IF} && ip addr add fd00:56::1/64 dev {NAT_PRIVATE_IF} nodad                  && ip link set {NAT_PUBLIC_IF} up && ip link set {NAT_PRIVATE_IF} up                  && sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1"
             ),
         )?;
+        if router_mtu.is_some() {
+            bench.sh(
+                &lb,
+                "ip route add 10.201.0.0/24 via 10.200.0.254 && ip -6 route add fd00:201::/64 via fd00:200::254",
+            )?;
+        }
         // Frames xlb redirects out of one veth reach the peer only if it runs XDP.
-        bench.exec(&cli, &[&xlb, "util", "xdp-pass", "eth0"])?;
+        bench.exec(&public_peer.0, &[&xlb, "util", "xdp-pass", public_peer.1])?;
         bench.exec(&sw, &[&xlb, "util", "xdp-pass", "p-lb"])?;
         let mut servers = Vec::new();
         for i in 1..=n {
