@@ -90,7 +90,6 @@ fn try_build(root: &Path, crates: &[EbpfCrate<'_>], extra_watch: &[&str]) -> Res
             "-Clink-arg=--btf",
             // Global BPF functions (verified once, on their own): see `lb-ebpf`'s `xlb_pick`.
             "-Clink-arg=--export=xlb_pick",
-            "-Clink-arg=--export=xlb_forward",
             // BPF ISA v3: atomic fetch-and-add (shared round-robin counters), 32-bit jumps.
             "-Ctarget-cpu=v3",
         ];

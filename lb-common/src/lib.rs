@@ -60,6 +60,8 @@ pub mod map_names {
     pub const NAT_V4: &str = "NAT_V4";
     pub const NAT_V6: &str = "NAT_V6";
     pub const NAT_SOURCES: &str = "NAT_SOURCES";
+    pub const FRAGS_V4: &str = "FRAGS_V4";
+    pub const FRAGS_V6: &str = "FRAGS_V6";
 }
 
 /// The service prefilter: bit `bit(addr, port, proto)` of a bitmap is set for every virtual
@@ -316,8 +318,9 @@ pub const PROGRAM_NAME: &str = "xlb";
 /// a live flow entry to `xlb_new_*`. Separate programs per family and per path keep each
 /// within the verifier's budget, and established packets never pay for the code. They hand
 /// the packet and its real server on to `xlb_xmit`, which sends it.
-/// NAT replies go to `xlb_reply` the same way, ICMP errors to `xlb_icmp`.
-pub const NEW_FLOW_PROGRAMS: [(u32, &str); 7] = [
+/// NAT replies go to `xlb_reply` the same way, ICMP errors to `xlb_icmp`, later IP
+/// fragments to `xlb_frag`.
+pub const NEW_FLOW_PROGRAMS: [(u32, &str); 8] = [
     (NEW_FLOW_V4, "xlb_new_v4"),
     (NEW_FLOW_V6, "xlb_new_v6"),
     (NEW_FLOW_V4 + NEW_FLOW_SYN, "xlb_syn_v4"),
@@ -325,6 +328,7 @@ pub const NEW_FLOW_PROGRAMS: [(u32, &str); 7] = [
     (NEW_FLOW_XMIT, "xlb_xmit"),
     (NEW_FLOW_REPLY, "xlb_reply"),
     (NEW_FLOW_ICMP, "xlb_icmp"),
+    (NEW_FLOW_FRAG, "xlb_frag"),
 ];
 /// Index of `xlb_xmit` in `NEW_FLOW`.
 pub const NEW_FLOW_XMIT: u32 = 4;
@@ -332,6 +336,8 @@ pub const NEW_FLOW_XMIT: u32 = 4;
 pub const NEW_FLOW_REPLY: u32 = 5;
 /// Index of `xlb_icmp` in `NEW_FLOW`.
 pub const NEW_FLOW_ICMP: u32 = 6;
+/// Index of `xlb_frag` in `NEW_FLOW`.
+pub const NEW_FLOW_FRAG: u32 = 7;
 pub const NEW_FLOW_V4: u32 = 0;
 pub const NEW_FLOW_V6: u32 = 1;
 /// Added to the family's index: the SYN program.
@@ -510,6 +516,56 @@ pub mod tunnel {
         let h = hash ^ (hash << 16);
         (((h as u64 * (GUE_SPORT_MAX - GUE_SPORT_MIN) as u64) >> 32) as u32 + GUE_SPORT_MIN) as u16
     }
+}
+
+/// IP fragments: the first fragment of a datagram carries the ports and is handled like any
+/// packet of its flow; the balancer records where it went under the datagram's identity, and
+/// the later fragments (no ports) follow it there (`FRAGS_V4`/`FRAGS_V6`, LRU). A later
+/// fragment whose first one was not seen (reordered, or not for a service) goes to the
+/// kernel untouched.
+pub mod frag {
+    /// `Pkt::frag`: not a fragment, the first fragment, a later one.
+    pub const NONE: u8 = 0;
+    pub const FIRST: u8 = 1;
+    pub const LATER: u8 = 2;
+    /// `Fragment::kind`: the datagram goes to a real server (client → server), or is a NAT
+    /// reply going back to a client.
+    pub const TO_SERVER: u32 = 0;
+    pub const REPLY: u32 = 1;
+    /// Datagrams in flight remembered at once.
+    pub const TABLE_SIZE: u32 = 1 << 16;
+}
+
+/// A datagram's identity: addresses, IP ID (16 bits for IPv4, 32 for IPv6) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKeyV4 {
+    pub src: u32,
+    pub dst: u32,
+    pub id: u32,
+    pub proto: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKeyV6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u32,
+}
+
+/// Where a datagram's first fragment went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fragment {
+    /// [`frag::TO_SERVER`] or [`frag::REPLY`].
+    pub kind: u32,
+    /// The real server (`BACKENDS` index) and its generation.
+    pub backend: u32,
+    pub generation: u32,
+    /// A NAT reply's VIP (network byte order, IPv4 in `vip[0]`).
+    pub vip: [u32; 4],
 }
 
 /// What a NAT reply needs to become the virtual service's packet again: the VIP and service
@@ -1148,6 +1204,9 @@ mod pod {
     unsafe impl aya::Pod for NatV4 {}
     unsafe impl aya::Pod for NatV6 {}
     unsafe impl aya::Pod for decap::VipKey {}
+    unsafe impl aya::Pod for FragKeyV4 {}
+    unsafe impl aya::Pod for FragKeyV6 {}
+    unsafe impl aya::Pod for Fragment {}
 }
 
 #[cfg(test)]
@@ -1188,6 +1247,9 @@ mod layout_tests {
             16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4 * 3 + 1 + 1 + 2 + 4 + 16
         );
         assert_eq!(size_of::<NatV4>(), 8);
+        assert_eq!(size_of::<FragKeyV4>(), 16);
+        assert_eq!(size_of::<FragKeyV6>(), 40);
+        assert_eq!(size_of::<Fragment>(), 28);
         assert_eq!(size_of::<NatV6>(), 20);
         assert_eq!(size_of::<BackendSlot>(), 8 + 2 * size_of::<Backend>());
         assert_eq!(size_of::<FlowKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);

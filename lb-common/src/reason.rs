@@ -9,7 +9,8 @@
 pub const PASS_NOT_IP: u32 = 0;
 /// IP, but neither TCP nor UDP (ICMP, VRRP, ...).
 pub const PASS_NOT_TCP_UDP: u32 = 1;
-/// An IPv4 fragment or an IPv6 packet with a fragment header.
+/// A later IP fragment (no ports) of a datagram whose first fragment the balancer did not
+/// handle: not for a service, or it came first (`lb_common::frag`).
 pub const PASS_FRAGMENT: u32 = 2;
 /// Header fields that contradict each other or the frame (IHL < 5, total length too small...).
 pub const PASS_MALFORMED: u32 = 3;
@@ -94,8 +95,13 @@ pub const EV_NAT_INSERT_FAILED: u32 = 28;
 /// An ICMP error about a connection was relayed to the connection's real server.
 pub const EV_ICMP_RELAYED: u32 = 29;
 
+/// A first fragment (it carries the ports) was forwarded and its datagram recorded.
+pub const EV_FRAGMENT_FIRST: u32 = 30;
+/// A later fragment followed its datagram's first one.
+pub const EV_FRAGMENT_LATER: u32 = 31;
+
 /// Size of the `REASONS` array.
-pub const COUNT: u32 = 30;
+pub const COUNT: u32 = 32;
 
 /// Metric/label names, indexed by counter.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -129,4 +135,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "flow_untracked",
     "nat_insert_failed",
     "icmp_relayed",
+    "fragment_first",
+    "fragment_later",
 ];

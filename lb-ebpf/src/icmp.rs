@@ -187,7 +187,7 @@ pub struct Quoted {
     pub proto: u8,
 }
 
-/// The quoted packet of ICMP error `pkt` (`parse_as::<true>`), if it is a TCP/UDP packet
+/// The quoted packet of ICMP error `pkt` (`parse_as::<MODE_ICMP>`), if it is a TCP/UDP packet
 /// (not a later fragment) with its ports.
 #[inline(always)]
 pub fn quoted(ctx: &XdpContext, pkt: &Pkt) -> Option<Quoted> {
@@ -241,7 +241,7 @@ pub fn quoted(ctx: &XdpContext, pkt: &Pkt) -> Option<Quoted> {
 /// discovery and unreachable reports reach the server that holds the connection.
 #[inline(always)]
 pub fn relay(ctx: &XdpContext) -> (u32, u32) {
-    let pkt = match crate::parse::parse_as::<true>(ctx) {
+    let pkt = match crate::parse::parse_as::<{ crate::parse::MODE_ICMP }>(ctx) {
         Ok(p) => p,
         Err(why) => return (xdp_action::XDP_PASS, why),
     };

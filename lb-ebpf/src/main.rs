@@ -23,6 +23,7 @@ mod acct;
 mod admit;
 mod filter;
 mod flow;
+mod frag;
 mod icmp;
 mod least;
 mod locality;
@@ -41,8 +42,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_ICMP, NEW_FLOW_REPLY, NEW_FLOW_SYN,
-    NEW_FLOW_V4, NEW_FLOW_V6, NEW_FLOW_XMIT, reason,
+    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_FRAG, NEW_FLOW_ICMP,
+    NEW_FLOW_REPLY, NEW_FLOW_SYN, NEW_FLOW_V4, NEW_FLOW_V6, NEW_FLOW_XMIT, reason,
 };
 use maps::{HANDOFF, NEW_FLOW, XMIT_HANDOFF};
 
@@ -117,6 +118,14 @@ pub fn xlb_icmp(ctx: XdpContext) -> u32 {
     action
 }
 
+/// Later IP fragments (`frag::relay`), tail-called by `xlb`.
+#[xdp]
+pub fn xlb_frag(ctx: XdpContext) -> u32 {
+    let (action, why) = frag::relay(&ctx);
+    stats::count(why);
+    action
+}
+
 /// Retires idle connections (see `reap`). Run by the controller with `BPF_PROG_TEST_RUN` on a
 /// dummy frame; never attached to an interface.
 #[xdp]
@@ -140,6 +149,10 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
         Ok(p) => p,
         Err(parse::TO_ICMP) => {
             unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_ICMP) };
+            return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
+        }
+        Err(parse::TO_FRAGMENT) => {
+            unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_FRAG) };
             return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
         }
         Err(why) => return (xdp_action::XDP_PASS, why),

@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, Globals,
-    GroupState, Locality, LocalityKeyV4, LocalityKeyV6, NatV4, NatV6, SchedState, Service,
-    ServiceCache, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, defaults,
-    filter, reason, wide,
+    BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, FragKeyV4,
+    FragKeyV6, Fragment, Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6, NatV4, NatV6,
+    SchedState, Service, ServiceCache, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4,
+    TemplateKeyV6, defaults, filter, reason, wide,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -74,6 +74,14 @@ pub static NAT_V4: LruHashMap<FlowKeyV4, NatV4> =
 pub static NAT_V6: LruHashMap<FlowKeyV6, NatV6> =
     LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
 
+/// Datagrams whose first fragment was forwarded (`frag`).
+#[map]
+pub static FRAGS_V4: LruHashMap<FragKeyV4, Fragment> =
+    LruHashMap::with_max_entries(lb_common::frag::TABLE_SIZE, 0);
+#[map]
+pub static FRAGS_V6: LruHashMap<FragKeyV6, Fragment> =
+    LruHashMap::with_max_entries(lb_common::frag::TABLE_SIZE, 0);
+
 /// Prefilter of NAT replies: one bit per hash of (real server address, port, protocol) of
 /// every NAT real server (`lb_common::filter::bit`), then a flag word: non-zero when some NAT
 /// real server has port 0 (its bit is set with port 0).
@@ -106,10 +114,6 @@ pub static GROUPS: Array<GroupState> =
 /// What a new-flow program tells `xlb_xmit` about the packet it hands on.
 #[map]
 pub static XMIT_HANDOFF: PerCpuArray<crate::XmitHandoff> = PerCpuArray::with_max_entries(1, 0);
-
-/// Each CPU's packet read again by a global function (`parse::with_reread`), off the stack.
-#[map]
-pub static REREAD: PerCpuArray<crate::parse::Pkt> = PerCpuArray::with_max_entries(1, 0);
 
 /// Each CPU's route lookup of a NAT reply (`nat`), off the stack.
 #[map]

@@ -11,8 +11,8 @@
 
 use aya_ebpf::{bindings::xdp_action, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_AVAILABLE, Backend, EVENT_ROUTE_MISSING, Event, FAMILY_V4, FLOW_DEAD, Flow,
-    FlowKeyV4, FlowKeyV6, NatV4, NatV6, PROTO_TCP, PROTO_UDP, csum, filter, forward, reason,
+    BACKEND_F_AVAILABLE, Backend, EVENT_ROUTE_MISSING, FAMILY_V4, FLOW_DEAD, Flow, FlowKeyV4,
+    FlowKeyV6, Fragment, NatV4, NatV6, PROTO_TCP, PROTO_UDP, csum, filter, forward, frag, reason,
     tcp::{self, Direction},
 };
 
@@ -127,6 +127,25 @@ pub fn to_server(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> Option<()> {
 /// checksum and the TCP/UDP checksum (whose pseudo-header holds the addresses) incrementally.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, pkt: &Pkt, src: bool, addr: &[u32; 4], port: u16) -> Option<()> {
+    rewrite_parts(ctx, pkt, src, addr, port, true)
+}
+
+/// A later fragment (no L4 header): the address alone (and the IPv4 header checksum); the
+/// datagram's L4 checksum, in its first fragment, covered the change already.
+#[inline(always)]
+pub fn later_fragment_to_server(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> Option<()> {
+    rewrite_parts(ctx, pkt, false, &be.addr, 0, false)
+}
+
+#[inline(always)]
+fn rewrite_parts(
+    ctx: &XdpContext,
+    pkt: &Pkt,
+    src: bool,
+    addr: &[u32; 4],
+    port: u16,
+    l4: bool,
+) -> Option<()> {
     let (old_addr, old_port) = if src {
         (&pkt.src, pkt.sport)
     } else {
@@ -151,6 +170,9 @@ fn rewrite(ctx: &XdpContext, pkt: &Pkt, src: bool, addr: &[u32; 4], port: u16) -
         for i in 0..4 {
             delta += word_delta(old_addr[i], addr[i]);
         }
+    }
+    if !l4 {
+        return Some(());
     }
     let p = at::<u16>(ctx, port_off)?;
     unsafe { *p = port };
@@ -357,6 +379,40 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
         flow.last_seen = now;
     }
     let vip = nat.vip();
+    if pkt.frag == frag::FIRST {
+        crate::frag::record(ctx, pkt, frag::REPLY, flow.backend, be.generation, &vip);
+    }
+    to_client(
+        ctx,
+        pkt,
+        &vip,
+        Some(nat.vport()),
+        flow.backend,
+        be.service_id,
+    )
+}
+
+/// A later fragment of a NAT reply (its first one was recorded by `reply_in`).
+#[inline(always)]
+pub fn reply_fragment(ctx: &XdpContext, pkt: &Pkt, f: &Fragment, be: &Backend) -> (u32, u32) {
+    if be.forward != forward::NAT || be.addr != pkt.src {
+        return (xdp_action::XDP_PASS, reason::PASS_FRAGMENT);
+    }
+    to_client(ctx, pkt, &f.vip, None, f.backend, be.service_id)
+}
+
+/// Sends a reply toward the client as the VIP (and service port, unless a later fragment):
+/// route lookup, rewrite, transmit, count.
+#[inline(always)]
+fn to_client(
+    ctx: &XdpContext,
+    pkt: &Pkt,
+    vip: &[u32; 4],
+    vport: Option<u16>,
+    backend: u32,
+    service_id: u32,
+) -> (u32, u32) {
+    let vip = *vip;
     let Some(fib) = FIB_SCRATCH.get_ptr_mut(0) else {
         return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
     };
@@ -367,7 +423,7 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
         AF_INET6
     };
     fib.l4_protocol = pkt.proto;
-    fib.sport = nat.vport();
+    fib.sport = vport.unwrap_or(0);
     fib.dport = pkt.dport;
     fib.tot_len = pkt.l3_len as u16;
     fib.ifindex = ctx.ingress_ifindex() as u32;
@@ -386,16 +442,20 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
     if rc != FIB_SUCCESS {
         if rc == FIB_NO_NEIGH {
             // The kernel filled in the egress interface and the next hop.
-            xmit::report(&Event {
-                kind: EVENT_ROUTE_MISSING,
-                backend: fib.ifindex,
-                family: pkt.family as u32,
-                addr: fib.dst,
-            });
+            xmit::report(
+                EVENT_ROUTE_MISSING,
+                fib.ifindex,
+                pkt.family as u32,
+                &fib.dst,
+            );
         }
         return (xdp_action::XDP_DROP, reason::DROP_NAT_NO_ROUTE);
     }
-    let sent = rewrite(ctx, pkt, true, &vip, nat.vport()).is_some()
+    let rewritten = match vport {
+        Some(port) => rewrite(ctx, pkt, true, &vip, port),
+        None => rewrite_parts(ctx, pkt, true, &vip, 0, false),
+    };
+    let sent = rewritten.is_some()
         && xmit::decrement_ttl(ctx, pkt).is_some()
         && xmit::set_macs(ctx, &fib.dmac, &fib.smac).is_some();
     if !sent {
@@ -403,7 +463,7 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
     }
     let verdict = xmit::transmit(ctx, fib.ifindex);
     if verdict.1 == reason::TX || verdict.1 == reason::REDIRECT {
-        stats::replied(be.service_id, flow.backend, pkt.l3_len);
+        stats::replied(service_id, backend, pkt.l3_len);
     }
     verdict
 }

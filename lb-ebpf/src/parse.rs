@@ -7,7 +7,7 @@
 use aya_ebpf::programs::XdpContext;
 
 pub use crate::access::at;
-use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, reason};
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, frag, reason};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -22,6 +22,15 @@ pub const PROTO_ICMPV6: u8 = 58;
 /// `parse`'s answer for an ICMP error (not a reason counter): `icmp::relay` decides whether
 /// it is about a connection of a virtual service.
 pub const TO_ICMP: u32 = u32::MAX - 2;
+/// ... for a later IP fragment (no ports): `frag::relay` follows its datagram.
+pub const TO_FRAGMENT: u32 = u32::MAX - 3;
+
+/// What `parse_as` makes of ICMP errors and later fragments: `TO_ICMP` / `TO_FRAGMENT`
+/// (`MODE_PACKETS`), or packets of their own (`MODE_ICMP`: protocol 1 or 58, `l4` at the
+/// ICMP header; `MODE_FRAGMENT`: `l4` at the fragment's payload, no ports).
+pub const MODE_PACKETS: u8 = 0;
+pub const MODE_ICMP: u8 = 1;
+pub const MODE_FRAGMENT: u8 = 2;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_DEST: u8 = 60;
 const NEXTHDR_FRAGMENT: u8 = 44;
@@ -49,115 +58,10 @@ pub struct Pkt {
     pub l3_len: u32,
     /// TTL / hop limit as received.
     pub ttl: u8,
-}
-
-impl Pkt {
-    /// The header offsets, family and protocol in one word, for a global function (which
-    /// takes scalars, see `xmit::xlb_forward`); [`reread`] rebuilds the rest.
-    #[inline(always)]
-    pub fn layout(&self) -> u64 {
-        self.l3 as u64
-            | (self.l4 as u64) << 16
-            | (self.family as u64) << 32
-            | (self.proto as u64) << 40
-    }
-}
-
-/// The largest L4 offset a [`Pkt::layout`] may carry: bounded, so the verifier can follow
-/// offsets computed from it (IPv6 extension headers longer than this are not forwarded by
-/// the global functions).
-pub const MAX_L4: usize = 1024;
-
-/// Fills `pkt` (addresses and flags zeroed by the caller) with the packet described by `layout` (a
-/// [`Pkt::layout`] of this very frame), read again; `false` if the frame does not hold it.
-/// Not an `Option`: LLVM spills the fields a failing path leaves unset, which the verifier
-/// refuses to read back.
-#[inline(always)]
-pub fn reread(ctx: &XdpContext, layout: u64, pkt: &mut Pkt) -> bool {
-    let l3 = if layout & 0xffff == 18 { 18 } else { ETH_HLEN };
-    let l4 = ((layout >> 16) & 0xffff) as usize;
-    if l4 > MAX_L4 || l4 < l3 + 20 {
-        return false;
-    }
-    pkt.l3 = l3;
-    pkt.l4 = l4;
-    pkt.family = (layout >> 32) as u8;
-    pkt.proto = (layout >> 40) as u8;
-    if pkt.family == FAMILY_V4 {
-        let Some(h) = at::<[u32; 5]>(ctx, l3) else {
-            return false;
-        };
-        let w = unsafe { *h };
-        let [_, _, len_hi, len_lo] = w[0].to_ne_bytes();
-        pkt.l3_len = u16::from_be_bytes([len_hi, len_lo]) as u32;
-        pkt.ttl = w[2] as u8;
-        pkt.src[0] = w[3];
-        pkt.dst[0] = w[4];
-    } else {
-        let Some(h) = at::<[u32; 10]>(ctx, l3) else {
-            return false;
-        };
-        let w = unsafe { &*h };
-        let v = u32::from_be(w[1]);
-        pkt.l3_len = (v >> 16) + IPV6_HLEN as u32;
-        pkt.ttl = v as u8;
-        pkt.src = [w[2], w[3], w[4], w[5]];
-        pkt.dst = [w[6], w[7], w[8], w[9]];
-    }
-    let Some(ports) = at::<[u16; 2]>(ctx, l4) else {
-        return false;
-    };
-    let [sport, dport] = unsafe { *ports };
-    pkt.sport = sport;
-    pkt.dport = dport;
-    if pkt.proto == PROTO_TCP {
-        let Some(f) = at::<u8>(ctx, l4 + 13) else {
-            return false;
-        };
-        pkt.tcp_flags = unsafe { *f };
-    }
-    true
-}
-
-/// Runs `f` on the packet described by `layout` (see [`reread`]), or answers "truncated".
-#[inline(always)]
-pub fn with_reread(
-    ctx: &XdpContext,
-    layout: u64,
-    f: impl FnOnce(&Pkt) -> (u32, u32),
-) -> (u32, u32) {
-    // Read into a per-CPU scratch rather than the stack: the global functions' frames add
-    // up with the main program's against the verifier's 512 bytes.
-    let Some(raw) = crate::maps::REREAD.get_ptr_mut(0) else {
-        return (
-            aya_ebpf::bindings::xdp_action::XDP_DROP,
-            reason::DROP_INTERNAL,
-        );
-    };
-    let raw = unsafe { &mut *raw };
-    // Word by word: an array assignment becomes a call to `memset`.
-    for i in 0..4 {
-        unsafe {
-            core::ptr::write_volatile(&mut raw.src[i], 0);
-            core::ptr::write_volatile(&mut raw.dst[i], 0);
-        }
-    }
-    raw.tcp_flags = 0;
-    if !reread(ctx, layout, raw) {
-        return (
-            aya_ebpf::bindings::xdp_action::XDP_PASS,
-            reason::PASS_TRUNCATED,
-        );
-    }
-    // Offsets with bounds the verifier sees: read back from memory they are unknown.
-    let l3 = unsafe { core::ptr::read_volatile(&raw.l3) };
-    let l4 = unsafe { core::ptr::read_volatile(&raw.l4) };
-    let pkt = Pkt {
-        l3: if l3 == 18 { 18 } else { ETH_HLEN },
-        l4: l4 & (MAX_L4 * 2 - 1),
-        ..*raw
-    };
-    f(&pkt)
+    /// `lb_common::frag::{NONE, FIRST, LATER}` (the datagram's ID is read from the packet
+    /// when needed, `frag::id`: one field less keeps the new-flow programs' frames within
+    /// the verifier's bounds).
+    pub frag: u8,
 }
 
 #[inline(always)]
@@ -169,13 +73,12 @@ fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
 /// untouched.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Pkt, u32> {
-    parse_as::<false>(ctx)
+    parse_as::<MODE_PACKETS>(ctx)
 }
 
-/// [`parse`], or with `ICMP` an ICMP error as a packet of its own: protocol 1 or 58, `l4`
-/// at the ICMP header, no ports (see `icmp::relay`).
+/// [`parse`], with ICMP errors and later fragments handled as `MODE` says.
 #[inline(always)]
-pub fn parse_as<const ICMP: bool>(ctx: &XdpContext) -> Result<Pkt, u32> {
+pub fn parse_as<const MODE: u8>(ctx: &XdpContext) -> Result<Pkt, u32> {
     let mut ethertype = be16(ctx, 12).ok_or(reason::PASS_TRUNCATED)?;
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -183,14 +86,14 @@ pub fn parse_as<const ICMP: bool>(ctx: &XdpContext) -> Result<Pkt, u32> {
         l3 = ETH_HLEN + 4;
     }
     match ethertype {
-        ETH_P_IP => parse_v4::<ICMP>(ctx, l3),
-        ETH_P_IPV6 => parse_v6::<ICMP>(ctx, l3),
+        ETH_P_IP => parse_v4::<MODE>(ctx, l3),
+        ETH_P_IPV6 => parse_v6::<MODE>(ctx, l3),
         _ => Err(reason::PASS_NOT_IP),
     }
 }
 
 #[inline(always)]
-fn parse_v4<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
+fn parse_v4<const MODE: u8>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     // The fixed header in one bounds check:
     // [ver/ihl tos tot_len] [id frag] [ttl proto csum] [src] [dst]
     let hdr = at::<[u32; 5]>(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
@@ -213,10 +116,23 @@ fn parse_v4<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     if ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(reason::PASS_TRUNCATED);
     }
-    if u16::from_be_bytes([frag_hi, frag_lo]) & 0x3fff != 0 {
-        return Err(reason::PASS_FRAGMENT);
+    let frag_word = u16::from_be_bytes([frag_hi, frag_lo]);
+    let later = frag_word & 0x1fff != 0;
+    let frag = if later {
+        frag::LATER
+    } else if frag_word & 0x2000 != 0 {
+        frag::FIRST
+    } else {
+        frag::NONE
+    };
+    if later && MODE != MODE_FRAGMENT {
+        return Err(TO_FRAGMENT);
     }
-    let (sport, dport, tcp_flags) = parse_l4::<ICMP>(ctx, proto, l3 + hlen, tot_len - hlen)?;
+    let (sport, dport, tcp_flags) = if later {
+        (0, 0, 0)
+    } else {
+        parse_l4::<MODE>(ctx, proto, l3 + hlen, tot_len - hlen)?
+    };
     Ok(Pkt {
         l3,
         l4: l3 + hlen,
@@ -229,11 +145,12 @@ fn parse_v4<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
         tcp_flags,
         l3_len: tot_len as u32,
         ttl,
+        frag,
     })
 }
 
 #[inline(always)]
-fn parse_v6<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
+fn parse_v6<const MODE: u8>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     let hdr = at::<[u32; 10]>(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let w = unsafe { &*hdr };
     if (u32::from_be(w[0]) >> 28) != 6 {
@@ -261,8 +178,46 @@ fn parse_v6<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
         l4 += this;
         ext_len += this;
     }
+    let mut frag = frag::NONE;
     if next == NEXTHDR_FRAGMENT {
-        return Err(reason::PASS_FRAGMENT);
+        if ext_len != 0 {
+            // Options before the fragment header: not followed (`frag::id` reads the ID
+            // right after the fixed header).
+            return Err(reason::PASS_IPV6_EXT);
+        }
+        // next header, reserved, offset (13 bits) + M, identification
+        let fh = at::<[u8; 8]>(ctx, l4).ok_or(reason::PASS_TRUNCATED)?;
+        let fh = unsafe { *fh };
+        let word = u16::from_be_bytes([fh[2], fh[3]]);
+        next = fh[0];
+        l4 += 8;
+        ext_len += 8;
+        if word >> 3 != 0 {
+            if MODE != MODE_FRAGMENT {
+                return Err(TO_FRAGMENT);
+            }
+            if ext_len > payload_len {
+                return Err(reason::PASS_MALFORMED);
+            }
+            return Ok(Pkt {
+                l3,
+                l4,
+                family: FAMILY_V6,
+                proto: next,
+                src,
+                dst,
+                sport: 0,
+                dport: 0,
+                tcp_flags: 0,
+                l3_len: (IPV6_HLEN + payload_len) as u32,
+                ttl,
+                frag: frag::LATER,
+            });
+        }
+        // An atomic fragment (offset 0, no more) is a whole packet.
+        if word & 1 != 0 {
+            frag = frag::FIRST;
+        }
     }
     if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
         return Err(if is_v6_extension(next) {
@@ -274,7 +229,7 @@ fn parse_v6<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
     if ext_len > payload_len {
         return Err(reason::PASS_MALFORMED);
     }
-    let (sport, dport, tcp_flags) = parse_l4::<ICMP>(ctx, next, l4, payload_len - ext_len)?;
+    let (sport, dport, tcp_flags) = parse_l4::<MODE>(ctx, next, l4, payload_len - ext_len)?;
     Ok(Pkt {
         l3,
         l4,
@@ -287,6 +242,7 @@ fn parse_v6<const ICMP: bool>(ctx: &XdpContext, l3: usize) -> Result<Pkt, u32> {
         tcp_flags,
         l3_len: (IPV6_HLEN + payload_len) as u32,
         ttl,
+        frag,
     })
 }
 
@@ -298,7 +254,7 @@ fn is_v6_extension(nh: u8) -> bool {
 
 /// Ports and TCP flags; `l4_len` is what the IP header says the L4 part holds.
 #[inline(always)]
-fn parse_l4<const ICMP: bool>(
+fn parse_l4<const MODE: u8>(
     ctx: &XdpContext,
     proto: u8,
     l4: usize,
@@ -336,7 +292,7 @@ fn parse_l4<const ICMP: bool>(
             };
             if !error {
                 Err(reason::PASS_NOT_TCP_UDP)
-            } else if ICMP {
+            } else if MODE == MODE_ICMP {
                 // The header and the quoted IP header's first bytes at least.
                 if l4_len < 8 + 20 {
                     return Err(reason::PASS_MALFORMED);

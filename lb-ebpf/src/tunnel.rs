@@ -9,7 +9,8 @@
 //! every byte; instead the inner packet's sum is derived from its own valid checksums: an
 //! IPv4 header with a valid checksum sums to zero, and a TCP/UDP segment with a valid
 //! checksum sums to the negated pseudo-header. Packets whose sum cannot be derived that way
-//! (UDP without checksum, IPv6 extension headers) leave without the optional checksum: GUE
+//! (UDP without checksum, IPv6 extension headers, fragments, ICMP) leave without the optional
+//! checksum: GUE
 //! with UDP checksum 0 (IPv4 outer: "no checksum"), GRE without the C bit - both valid,
 //! accepted packets.
 
@@ -217,6 +218,10 @@ fn words(w: u32) -> u32 {
 /// Whether the inner packet's sum can be derived from its checksums.
 #[inline(always)]
 fn summable(ctx: &XdpContext, pkt: &Pkt) -> bool {
+    // A fragment's L4 checksum covers the whole datagram, not this packet.
+    if pkt.frag != lb_common::frag::NONE {
+        return false;
+    }
     if pkt.family != FAMILY_V4 && pkt.l4 != pkt.l3 + 40 {
         return false;
     }

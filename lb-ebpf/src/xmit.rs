@@ -6,12 +6,10 @@
 //! for the TTL, and the frame is re-addressed to the real server's MAC. NAT (`nat`) rewrites
 //! the destination first; tunnelling (`tunnel`) wraps the packet.
 
-use aya_ebpf::{
-    bindings::{xdp_action, xdp_md},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_NEIGH_VALID, Backend, EVENT_NEIGH_MISSING, Event, FAMILY_V4, csum, forward, reason,
+    BACKEND_F_NEIGH_VALID, Backend, EVENT_NEIGH_MISSING, Event, FAMILY_V4, csum, forward, frag,
+    reason,
 };
 
 use crate::{
@@ -22,43 +20,34 @@ use crate::{
 };
 
 /// Rewrites and sends the packet to real server `index`; returns (XDP action, reason
-/// counter).
+/// counter). Inlined into each program that sends (the main program for established flows,
+/// `xlb_xmit` for new ones, `xlb_icmp`, `xlb_frag`): a call would add its frame to the
+/// caller's against the verifier's 512 bytes of stack.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Pkt, index: u32) -> (u32, u32) {
-    let r = xlb_forward(ctx.ctx, index, pkt.layout());
-    ((r >> 32) as u32, r as u32)
-}
-
-/// The forwarding methods as a *global* BPF function (exported by the linker): the verifier
-/// checks the methods' code once, on its own, rather than in every program and on every
-/// path that forwards. It takes the packet's layout (`Pkt::layout`) and reads the rest
-/// again, and answers `action << 32 | reason`.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn xlb_forward(ctx: *mut xdp_md, index: u32, layout: u64) -> u64 {
-    let ctx = XdpContext::new(ctx);
-    let (action, why) = crate::parse::with_reread(&ctx, layout, |pkt| match BACKENDS.get(index) {
-        Some(b) => send(&ctx, pkt, index, b.current()),
+    match BACKENDS.get(index) {
+        Some(b) => send(ctx, pkt, index, b.current()),
         None => (xdp_action::XDP_DROP, reason::DROP_INTERNAL),
-    });
-    (action as u64) << 32 | why as u64
+    }
 }
 
 #[inline(always)]
 fn send(ctx: &XdpContext, pkt: &Pkt, index: u32, be: &Backend) -> (u32, u32) {
     if be.flags & BACKEND_F_NEIGH_VALID == 0 {
         // Ask the controller to resolve it; the client retransmits meanwhile.
-        let mut ev = core::mem::MaybeUninit::<Event>::uninit();
-        let ev = crate::zeroed(&mut ev);
-        ev.kind = EVENT_NEIGH_MISSING;
-        ev.backend = index;
-        report(ev);
+        report(EVENT_NEIGH_MISSING, index, 0, &[0; 4]);
         return (xdp_action::XDP_DROP, reason::DROP_NEIGH_MISSING);
+    }
+    if pkt.frag == frag::FIRST {
+        // Before any rewrite: the later fragments look the datagram up by its own addresses.
+        crate::frag::record(ctx, pkt, frag::TO_SERVER, index, be.generation, &[0; 4]);
     }
     match be.forward {
         forward::DR => {}
         forward::NAT => {
-            let rewritten = if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
+            let rewritten = if pkt.frag == frag::LATER {
+                nat::later_fragment_to_server(ctx, pkt, be)
+            } else if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
                 nat::icmp_to_server(ctx, pkt, be)
             } else {
                 nat::to_server(ctx, pkt, be)
@@ -79,12 +68,24 @@ fn send(ctx: &XdpContext, pkt: &Pkt, index: u32, be: &Backend) -> (u32, u32) {
     transmit(ctx, be.ifindex)
 }
 
-/// Hands an event to the controller.
+/// Hands an event to the controller, written straight into the ring buffer (an `Event` on
+/// the stack would count against the global functions' frames).
 #[inline(always)]
-pub fn report(ev: &Event) {
-    if EVENTS.output::<Event>(ev, 0).is_err() {
+pub fn report(kind: u32, backend: u32, family: u32, addr: &[u32; 4]) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         stats::count(reason::EV_EVENT_LOST);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).backend = backend;
+        (*ev).family = family;
+        for i in 0..4 {
+            (*ev).addr[i] = addr[i];
+        }
     }
+    entry.submit(0);
 }
 
 /// Writes the frame's destination and source MACs.

@@ -84,7 +84,7 @@ fn udp_echo(ns: String, port: u16, name: String, stop: Arc<AtomicBool>) {
             s.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
             let deadline = Instant::now() + Duration::from_secs(60);
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 16384];
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if let Ok((n, from)) = s.recv_from(&mut buf) {
                     let mut answer = format!("{name}:").into_bytes();
@@ -183,7 +183,34 @@ fn nat_end_to_end() {
             .collect::<Vec<_>>()
     })
     .unwrap();
+    // Datagrams larger than the MTU: fragmented by the client's kernel on the way in and
+    // by the server's on the way back; every fragment follows its first one both ways.
+    let big_answers = in_netns(&b.cli, move || {
+        (0..4)
+            .map(|i| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let q = pattern(4000, i);
+                s.send_to(&q, dns).unwrap();
+                let mut buf = vec![0u8; 8192];
+                let (n, from) = s.recv_from(&mut buf).unwrap();
+                (from, buf[..n].to_vec(), q)
+            })
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
     stop.store(true, Ordering::Relaxed);
+    for (from, answer, q) in &big_answers {
+        assert_eq!(*from, dns);
+        assert!(
+            answer.len() == q.len() + 4 && answer[4..] == q[..],
+            "a fragmented answer, reassembled: {} bytes for a {}-byte query",
+            answer.len(),
+            q.len()
+        );
+    }
+    let counters = xlb(&["counters"], &b.socket());
+    assert!(counter(&counters, "fragment_later") >= 16, "{counters}");
     assert!(answers.iter().all(|(from, _)| *from == dns), "{answers:?}");
     for (i, (_, a)) in answers.iter().enumerate() {
         assert!(a.ends_with(&format!(":q{i}")), "{a}");

@@ -315,6 +315,7 @@ fn check_encapsulation(
 ) -> Vec<u8> {
     assert_eq!(&out[0..6], &backend_mac(server), "destination MAC");
     assert_eq!(&out[6..12], &LB_MAC, "source MAC");
+    let mut outer_df = None;
     let (outer_len, proto, payload, pseudo): (usize, u8, &[u8], Vec<u8>) = match server {
         IpAddr::V4(s) => {
             assert_eq!(&out[12..14], &[0x08, 0x00]);
@@ -330,8 +331,12 @@ fn check_encapsulation(
                 LB_SOURCE_V4.parse::<std::net::Ipv4Addr>().unwrap().octets()
             );
             assert_eq!(h.total_len as usize, out.len() - 14);
-            assert!(h.dont_fragment, "DF copied from the inner packet");
-            assert_eq!(h.identification, 0, "ID 0 with DF, as Linux sends");
+            // DF copied from an IPv4 inner packet (always set for IPv6 inner); ID 0 with DF,
+            // as Linux sends.
+            if h.dont_fragment {
+                assert_eq!(h.identification, 0, "ID 0 with DF, as Linux sends");
+            }
+            outer_df = Some(h.dont_fragment);
             assert_eq!(h.time_to_live, 63, "the inner TTL after the decrement");
             let mut pseudo = h.source.to_vec();
             pseudo.extend_from_slice(&h.destination);
@@ -403,6 +408,10 @@ fn check_encapsulation(
         }
         _ => unreachable!(),
     };
+    if let Some(df) = outer_df {
+        let inner_df = !inner_v4 || inner[6] & 0x40 != 0;
+        assert_eq!(df, inner_df, "outer DF copied from the inner packet");
+    }
     inner.to_vec()
 }
 
@@ -906,4 +915,242 @@ fn icmp_echo_goes_to_the_kernel() {
     let before = h.counters();
     assert_eq!(h.run(&ping).out, ping);
     assert_eq!(delta(&before, &h.counters()), vec![("pass_not_tcp_udp", 1)]);
+}
+
+/// Splits the IP packet of `frame` into fragments carrying at most `chunk` payload bytes
+/// each (a multiple of 8), IPv4 or IPv6 (a fragment header after the fixed one), with IP ID
+/// `id`; checksums valid.
+fn fragments(frame: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    let l3 = 14;
+    let v4 = frame[l3] >> 4 == 4;
+    let hlen = if v4 {
+        (frame[l3] & 0xf) as usize * 4
+    } else {
+        40
+    };
+    let payload = &frame[l3 + hlen..];
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < payload.len() {
+        let end = (off + chunk).min(payload.len());
+        let more = end < payload.len();
+        let mut f = frame[..l3 + hlen].to_vec();
+        if v4 {
+            let word = (off / 8) as u16 | if more { 0x2000 } else { 0 };
+            f[l3 + 4..l3 + 6].copy_from_slice(&(id as u16).to_be_bytes());
+            f[l3 + 6..l3 + 8].copy_from_slice(&word.to_be_bytes());
+            f[l3 + 2..l3 + 4].copy_from_slice(&((hlen + end - off) as u16).to_be_bytes());
+            f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+            let c = csum::checksum(&f[l3..l3 + hlen]);
+            f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            let nh = f[l3 + 6];
+            f[l3 + 6] = 44;
+            f[l3 + 4..l3 + 6].copy_from_slice(&((8 + end - off) as u16).to_be_bytes());
+            let word = ((off / 8) as u16) << 3 | more as u16;
+            f.extend_from_slice(&[nh, 0]);
+            f.extend_from_slice(&word.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+        }
+        f.extend_from_slice(&payload[off..end]);
+        out.push(f);
+        off = end;
+    }
+    out
+}
+
+/// Reassembles the IP payload of forwarded fragments (IPv4, or IPv6 with the fragment
+/// header right after the fixed one); returns (first fragment's headers, datagram payload).
+fn reassemble(frames: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
+    let mut data = Vec::new();
+    let mut head = Vec::new();
+    for f in frames {
+        let v4 = f[14] >> 4 == 4;
+        let (off, start) = if v4 {
+            let word = u16::from_be_bytes([f[20], f[21]]);
+            (
+                (word & 0x1fff) as usize * 8,
+                14 + (f[14] & 0xf) as usize * 4,
+            )
+        } else {
+            let word = u16::from_be_bytes([f[56], f[57]]);
+            ((word >> 3) as usize * 8, 14 + 48)
+        };
+        if off == 0 {
+            head = f[..start].to_vec();
+        }
+        if data.len() < off {
+            data.resize(off, 0);
+        }
+        data.truncate(off);
+        data.extend_from_slice(&f[start..]);
+    }
+    (head, data)
+}
+
+/// The UDP checksum over a datagram's pseudo-header (from its IP header) and payload
+/// verifies.
+fn udp_checksum_ok(head: &[u8], udp: &[u8]) -> bool {
+    let mut buf = Vec::new();
+    if head[14] >> 4 == 4 {
+        buf.extend_from_slice(&head[26..34]);
+        buf.extend_from_slice(&[0, 17]);
+        buf.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    } else {
+        buf.extend_from_slice(&head[22..54]);
+        buf.extend_from_slice(&(udp.len() as u32).to_be_bytes());
+        buf.extend_from_slice(&[0, 0, 0, 17]);
+    }
+    buf.extend_from_slice(udp);
+    csum::checksum(&buf) == 0
+}
+
+/// Fragmented datagrams: the first fragment (it carries the ports) is scheduled and
+/// forwarded like its flow's packets, and every later fragment goes to the same real server
+/// by the same method - NAT rewriting the address only (the reassembled datagram's checksum
+/// verifies), tunnels without the (underivable) outer checksum. A later fragment seen before
+/// its first goes to the kernel untouched. IPv4 and IPv6.
+#[test]
+fn fragments_follow_their_first_fragment() {
+    for (method, servers4, servers6) in [
+        (
+            "nat",
+            ["192.168.56.11:5353", "192.168.56.12:5353"],
+            ["[fd00:56::11]:5353", "[fd00:56::12]:5353"],
+        ),
+        (
+            "dr",
+            ["10.0.1.1:53", "10.0.1.2:53"],
+            ["[2001:db8:1::1]:53", "[2001:db8:1::2]:53"],
+        ),
+        (
+            "tunnel",
+            ["10.0.2.1:53", "10.0.2.2:53"],
+            ["[fd00:2::1]:53", "[fd00:2::2]:53"],
+        ),
+    ] {
+        let mut toml = String::new();
+        for (name, vip, servers) in [
+            ("v4", "10.0.0.10:53", servers4),
+            ("v6", "[2001:db8::10]:53", servers6),
+        ] {
+            toml += &format!(
+                "[[services]]\nname = \"{name}\"\naddress = \"{vip}\"\nprotocol = \"udp\"\nforwarding = \"{method}\"\ntunnel = {{ type = \"gue\", port = 6080, checksum = \"csum\" }}\n"
+            );
+            if method != "tunnel" {
+                toml = toml.replace(
+                    "tunnel = { type = \"gue\", port = 6080, checksum = \"csum\" }\n",
+                    "",
+                );
+            }
+            for s in servers {
+                toml += &format!("[[services.backends]]\naddress = \"{s}\"\n");
+            }
+        }
+        let h = Harness::new(&toml);
+        for (client, vip, servers) in [
+            ("203.0.113.7", "10.0.0.10", servers4.map(|s| s.to_string())),
+            (
+                "2001:db8:9::7",
+                "2001:db8::10",
+                servers6.map(|s| s.to_string()),
+            ),
+        ] {
+            let what = format!("{method} {vip}");
+            let big = Frame::udp(client, 5000, vip, 53).payload(&pattern_bytes(3000));
+            let frags = fragments(&big.build(), 1232, 0x4242);
+            assert_eq!(frags.len(), 3);
+            // A later fragment before its first: the kernel's, untouched.
+            let before = h.counters();
+            assert_eq!(
+                h.run(&frags[1]),
+                Run {
+                    action: XDP_PASS,
+                    out: frags[1].clone()
+                },
+                "{what}"
+            );
+            assert_eq!(
+                delta(&before, &h.counters()),
+                vec![("pass_fragment", 1)],
+                "{what}"
+            );
+            // In order (the early one again at the end): all to the same server.
+            let before = h.counters();
+            let outs: Vec<Run> = [&frags[0], &frags[1], &frags[2]]
+                .iter()
+                .map(|f| h.run(f))
+                .collect();
+            let d = delta(&before, &h.counters());
+            assert!(outs.iter().all(|r| r.action == XDP_TX), "{what}: {d:?}");
+            assert!(
+                d.contains(&("fragment_first", 1)) && d.contains(&("fragment_later", 2)),
+                "{what}: {d:?}"
+            );
+            let first_mac = &outs[0].out[0..6];
+            assert!(
+                outs.iter().all(|r| &r.out[0..6] == first_mac),
+                "{what}: one server"
+            );
+            let server_of = |mac: &[u8]| -> IpAddr {
+                servers
+                    .iter()
+                    .map(|s| s.parse::<std::net::SocketAddr>().unwrap().ip())
+                    .find(|a| backend_mac(*a) == mac)
+                    .expect("a configured server")
+            };
+            let server = server_of(first_mac);
+            match method {
+                "dr" => {
+                    for (f, r) in frags.iter().zip(&outs) {
+                        assert_eq!(r.out, expected_dr(f, backend_mac(server), LB_MAC), "{what}");
+                    }
+                }
+                "nat" => {
+                    let outs: Vec<Vec<u8>> = outs.into_iter().map(|r| r.out).collect();
+                    for o in &outs {
+                        if o[14] >> 4 == 4 {
+                            assert_eq!(
+                                csum::checksum(&o[14..34]),
+                                0,
+                                "{what}: IPv4 header checksum"
+                            );
+                        }
+                    }
+                    let (head, udp) = reassemble(&outs);
+                    assert_eq!(&udp[2..4], &5353u16.to_be_bytes(), "{what}: port");
+                    assert!(
+                        udp_checksum_ok(&head, &udp),
+                        "{what}: reassembled UDP checksum"
+                    );
+                    assert_eq!(&udp[8..], &pattern_bytes(3000)[..], "{what}: payload");
+                }
+                _ => {
+                    for (f, r) in frags.iter().zip(&outs) {
+                        let inner = check_encapsulation(
+                            &r.out,
+                            server,
+                            tunnel::GUE,
+                            false,
+                            6080,
+                            vip.contains('.'),
+                        );
+                        assert_eq!(inner, expected_dr(f, [0; 6], [0; 6])[14..], "{what}");
+                    }
+                }
+            }
+            // Another flow's datagram: rr sends it to the other server, fragments and all.
+            let other = Frame::udp(client, 5001, vip, 53).payload(&pattern_bytes(3000));
+            let macs: Vec<Vec<u8>> = fragments(&other.build(), 1232, 0x4343)
+                .iter()
+                .map(|f| h.run(f).out[0..6].to_vec())
+                .collect();
+            assert!(macs.iter().all(|m| m == &macs[0]), "{what}");
+            assert_ne!(server_of(&macs[0]), server, "{what}: rr");
+        }
+    }
+}
+
+fn pattern_bytes(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
 }
