@@ -7,6 +7,8 @@
 //! untouched. The outer checksums are not verified: the inner packet's own are, by the stack.
 #![no_std]
 #![no_main]
+// Map keys are passed by reference on purpose (see the main program).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod access;
 

@@ -76,16 +76,19 @@ pub fn record(
     let Some(id) = id(ctx, pkt) else {
         return;
     };
-    let f = Fragment {
-        kind,
-        backend,
-        generation,
-        vip: *vip,
-    };
+    let mut slot = core::mem::MaybeUninit::<Fragment>::uninit();
+    let f = crate::zeroed(&mut slot);
+    f.kind = kind;
+    f.backend = backend;
+    f.generation = generation;
+    for (i, w) in vip.iter().enumerate() {
+        // Volatile: a copy of zeros would become a call to `memset`.
+        unsafe { core::ptr::write_volatile(&raw mut f.vip[i], *w) };
+    }
     let done = if pkt.family == FAMILY_V4 {
-        FRAGS_V4.insert(&FragKeyV4::of(pkt, id), &f, 0)
+        FRAGS_V4.insert(&FragKeyV4::of(pkt, id), f, 0)
     } else {
-        FRAGS_V6.insert(&FragKeyV6::of(pkt, id), &f, 0)
+        FRAGS_V6.insert(&FragKeyV6::of(pkt, id), f, 0)
     };
     if done.is_ok() {
         stats::count(reason::EV_FRAGMENT_FIRST);
