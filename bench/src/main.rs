@@ -7,6 +7,7 @@
 //! their figure is `S(prog) − S(drop) + D(drop)`, i.e. the shim's own cost is removed. Every
 //! run checks, from the programs' own counters, that each iteration took the intended path.
 
+mod methods;
 mod schedulers;
 
 use std::{net::IpAddr, time::Duration};
@@ -74,7 +75,7 @@ fn hex(s: &str) -> Vec<u8> {
 struct WrapCfg {
     pkt: [u8; 128],
     mask: u32,
-    _pad: u32,
+    len: u32,
     ctr: u64,
 }
 unsafe impl aya::Pod for WrapCfg {}
@@ -136,7 +137,7 @@ impl Bench {
         let mut cfg = WrapCfg {
             pkt: [0; 128],
             mask,
-            _pad: 0,
+            len: pkt.len() as u32,
             ctr,
         };
         cfg.pkt[..pkt.len()].copy_from_slice(pkt);
@@ -221,6 +222,9 @@ fn main() -> Result<()> {
         "the benchmark loads BPF programs: run it as root"
     );
     pin_to_last_cpu();
+    // NAT replies are routed: the bench runs in a namespace of its own with a route and a
+    // neighbour toward the client (never touching the host's).
+    let netns = methods::BenchNetns::enter()?;
     let syn = hex(SYN_VIP);
     let ack = hex(ACK_VIP);
     let nonvip = hex(SYN_NON_VIP);
@@ -284,8 +288,10 @@ fn main() -> Result<()> {
         )?;
     }
     text += &schedulers::services(&mut engine, &mut dp)?;
+    text += &methods::services(&mut engine, &mut dp)?;
     let services = config::parse(std::path::Path::new("bench.toml"), &text)?.services;
     engine.apply(&mut dp, &services)?;
+    dp.add_tx_port(netns.egress()?)?;
     let service_id = engine.service_id(&services[0].key).unwrap();
     let mut b = Bench {
         base,
@@ -382,6 +388,7 @@ fn main() -> Result<()> {
 
     let mut reaper_ns_per_entry: Vec<f64> = Vec::new();
     let mut sched_cases = schedulers::new_cases();
+    let mut method_cases = methods::new_cases();
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
         let d_drop = b.measure("base_drop", &syn, Method::Direct, HOT_REPEAT)?;
@@ -591,18 +598,16 @@ fn main() -> Result<()> {
             c.rounds.extend(v);
         }
         reaper_ns_per_entry.extend(reaps);
-        schedulers::round(
-            &mut b,
-            &mut sched_cases,
-            &schedulers::RoundInput {
-                window,
-                syn: &syn,
-                ack: &ack,
-                floor_vary: s_drop_vary.1,
-                floor_hot: s_drop.1,
-                drop: d_drop.1,
-            },
-        )?;
+        let input = schedulers::RoundInput {
+            window,
+            syn: &syn,
+            ack: &ack,
+            floor_vary: s_drop_vary.1,
+            floor_hot: s_drop.1,
+            drop: d_drop.1,
+        };
+        schedulers::round(&mut b, &mut sched_cases, &input)?;
+        methods::round(&mut b, &mut method_cases, &input)?;
     }
 
     report(&cases, &b.dp, &reaper_ns_per_entry)?;
@@ -612,6 +617,10 @@ fn main() -> Result<()> {
         .unwrap()
         .median();
     schedulers::report(&sched_cases, parse_hash);
+    methods::report(&method_cases, parse_hash);
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-methods.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&method_cases)?)?;
+    drop(netns);
     let json = serde_json::to_string_pretty(&sched_cases)?;
     let out =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-schedulers.json");

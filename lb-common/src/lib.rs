@@ -572,6 +572,12 @@ pub struct Fragment {
 /// port it replaces the real server's address and port with. Keyed in `NAT_V4`/`NAT_V6` by
 /// the reply's own tuple (source = real server, destination = client), a [`FlowKeyV4`] /
 /// [`FlowKeyV6`]; the connection itself stays in the flow table under the client's tuple.
+///
+/// It also caches what the full reply path last found ([`NatRoute`]): the connection's real
+/// server and the route toward the client. While that is fresh, a reply that cannot change
+/// the connection's state (no SYN, FIN or RST) is sent by the main program straight away;
+/// any other reply, or one after [`nat::REFRESH`], takes the full path (connection state
+/// and timeouts, route lookup), which refreshes the cache.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatV4 {
@@ -579,6 +585,7 @@ pub struct NatV4 {
     /// Service port, network byte order.
     pub vport: u16,
     pub _pad: u16,
+    pub route: NatRoute,
 }
 
 #[repr(C)]
@@ -587,6 +594,30 @@ pub struct NatV6 {
     pub vip: [u32; 4],
     pub vport: u16,
     pub _pad: u16,
+    pub route: NatRoute,
+}
+
+/// See [`NatV4`]. Written by the CPU taking a connection's full reply path (the fields are
+/// rewritten with the same values unless the route changed; `stamp` is written last).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatRoute {
+    /// The connection's real server (`BACKENDS` index) and its generation.
+    pub backend: u32,
+    pub generation: u32,
+    /// Egress interface and MACs toward the client.
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// When the full path last checked the connection and the route ([`ticks`]); 0 = never.
+    pub stamp: u32,
+}
+
+/// NAT reply caching (see [`NatV4`]).
+pub mod nat {
+    use crate::ticks;
+    /// How long a cached check of a connection and its route toward the client is trusted.
+    pub const REFRESH: u32 = ticks::from_secs(1);
 }
 
 /// Lookup key of an IPv4 virtual service: (VIP, port, protocol).
@@ -1246,11 +1277,12 @@ mod layout_tests {
             size_of::<Backend>(),
             16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4 * 3 + 1 + 1 + 2 + 4 + 16
         );
-        assert_eq!(size_of::<NatV4>(), 8);
+        assert_eq!(size_of::<NatRoute>(), 4 * 3 + 6 + 6 + 4);
+        assert_eq!(size_of::<NatV4>(), 8 + size_of::<NatRoute>());
         assert_eq!(size_of::<FragKeyV4>(), 16);
         assert_eq!(size_of::<FragKeyV6>(), 40);
         assert_eq!(size_of::<Fragment>(), 28);
-        assert_eq!(size_of::<NatV6>(), 20);
+        assert_eq!(size_of::<NatV6>(), 20 + size_of::<NatRoute>());
         assert_eq!(size_of::<BackendSlot>(), 8 + 2 * size_of::<Backend>());
         assert_eq!(size_of::<FlowKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowKeyV6>(), 16 + 16 + 2 + 2 + 1 + 3);

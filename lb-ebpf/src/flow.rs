@@ -352,7 +352,7 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
     if recorded {
         acct::created(index, initial);
         admit::record(key);
-        nat::record(key, pkt, backend);
+        nat::record(key, pkt, index, backend);
     }
     Some(Target {
         index,
@@ -437,7 +437,7 @@ fn schedule<K: FlowKey>(
         if K::table().insert(key, &flow, BPF_NOEXIST).is_ok() {
             acct::created(index, initial);
             admit::record(key);
-            nat::record(key, pkt, backend);
+            nat::record(key, pkt, index, backend);
         } else {
             // Another CPU recorded this tuple meanwhile (or the table refused): this packet
             // still goes to the server picked for it.

@@ -159,6 +159,10 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
     };
     if !filter::may_match(&pkt) {
         if nat::may_be_reply(&pkt) {
+            let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+            if let Some(verdict) = nat::fast_reply(ctx, &pkt, now) {
+                return verdict;
+            }
             unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_REPLY) };
             return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
         }

@@ -74,6 +74,12 @@ pub static NAT_V4: LruHashMap<FlowKeyV4, NatV4> =
 pub static NAT_V6: LruHashMap<FlowKeyV6, NatV6> =
     LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
 
+/// Each CPU's NAT reply entry under construction (`nat::record`), off the stack.
+#[map]
+pub static NAT_SCRATCH_V4: PerCpuArray<NatV4> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static NAT_SCRATCH_V6: PerCpuArray<NatV6> = PerCpuArray::with_max_entries(1, 0);
+
 /// Datagrams whose first fragment was forwarded (`frag`).
 #[map]
 pub static FRAGS_V4: LruHashMap<FragKeyV4, Fragment> =

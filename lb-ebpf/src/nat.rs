@@ -9,17 +9,22 @@
 //! entry left behind by a path that could not remove it is harmless: the reply also needs
 //! the live connection, and the map is an LRU.
 
-use aya_ebpf::{bindings::xdp_action, maps::LruHashMap, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    maps::{LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
 use lb_common::{
     BACKEND_F_AVAILABLE, Backend, EVENT_ROUTE_MISSING, FAMILY_V4, FLOW_DEAD, Flow, FlowKeyV4,
-    FlowKeyV6, Fragment, NatV4, NatV6, PROTO_TCP, PROTO_UDP, csum, filter, forward, frag, reason,
+    FlowKeyV6, Fragment, NatRoute, NatV4, NatV6, PROTO_TCP, PROTO_UDP, csum, filter, forward, frag,
+    reason,
     tcp::{self, Direction},
 };
 
 use crate::{
     acct, admit,
     flow::FlowKey,
-    maps::{BACKENDS, FIB_SCRATCH, NAT_SOURCES, NAT_V4, NAT_V6},
+    maps::{BACKENDS, FIB_SCRATCH, NAT_SCRATCH_V4, NAT_SCRATCH_V6, NAT_SOURCES, NAT_V4, NAT_V6},
     parse::{Pkt, at},
     stats, xmit,
 };
@@ -28,6 +33,8 @@ use crate::{
 pub trait NatKey: Sized + 'static {
     type Entry: NatEntry;
     fn nat_table() -> &'static LruHashMap<Self, Self::Entry>;
+    /// A per-CPU entry to build a new one in.
+    fn scratch() -> &'static PerCpuArray<Self::Entry>;
     /// The tuple of a reply: from the real server (`addr`, `port`) to the client of `self`.
     fn reply_tuple(&self, addr: &[u32; 4], port: u16) -> Self;
     /// The connection's own key from a reply's packet and its entry.
@@ -35,9 +42,12 @@ pub trait NatKey: Sized + 'static {
 }
 
 pub trait NatEntry: Copy + 'static {
-    fn for_service(pkt: &Pkt) -> Self;
+    /// Sets the VIP and service port from the client's packet.
+    fn set_service(&mut self, pkt: &Pkt);
     fn vip(&self) -> [u32; 4];
     fn vport(&self) -> u16;
+    fn route(&self) -> &NatRoute;
+    fn route_mut(&mut self) -> &mut NatRoute;
 }
 
 impl NatKey for FlowKeyV4 {
@@ -45,6 +55,10 @@ impl NatKey for FlowKeyV4 {
     #[inline(always)]
     fn nat_table() -> &'static LruHashMap<Self, NatV4> {
         &NAT_V4
+    }
+    #[inline(always)]
+    fn scratch() -> &'static PerCpuArray<NatV4> {
+        &NAT_SCRATCH_V4
     }
     #[inline(always)]
     fn reply_tuple(&self, addr: &[u32; 4], port: u16) -> Self {
@@ -63,6 +77,10 @@ impl NatKey for FlowKeyV6 {
         &NAT_V6
     }
     #[inline(always)]
+    fn scratch() -> &'static PerCpuArray<NatV6> {
+        &NAT_SCRATCH_V6
+    }
+    #[inline(always)]
     fn reply_tuple(&self, addr: &[u32; 4], port: u16) -> Self {
         FlowKeyV6::new(*addr, self.src, port, self.sport, self.proto)
     }
@@ -74,12 +92,17 @@ impl NatKey for FlowKeyV6 {
 
 impl NatEntry for NatV4 {
     #[inline(always)]
-    fn for_service(pkt: &Pkt) -> Self {
-        NatV4 {
-            vip: pkt.dst[0],
-            vport: pkt.dport,
-            _pad: 0,
-        }
+    fn route(&self) -> &NatRoute {
+        &self.route
+    }
+    #[inline(always)]
+    fn route_mut(&mut self) -> &mut NatRoute {
+        &mut self.route
+    }
+    #[inline(always)]
+    fn set_service(&mut self, pkt: &Pkt) {
+        self.vip = pkt.dst[0];
+        self.vport = pkt.dport;
     }
     #[inline(always)]
     fn vip(&self) -> [u32; 4] {
@@ -93,12 +116,17 @@ impl NatEntry for NatV4 {
 
 impl NatEntry for NatV6 {
     #[inline(always)]
-    fn for_service(pkt: &Pkt) -> Self {
-        NatV6 {
-            vip: pkt.dst,
-            vport: pkt.dport,
-            _pad: 0,
-        }
+    fn route(&self) -> &NatRoute {
+        &self.route
+    }
+    #[inline(always)]
+    fn route_mut(&mut self) -> &mut NatRoute {
+        &mut self.route
+    }
+    #[inline(always)]
+    fn set_service(&mut self, pkt: &Pkt) {
+        self.vip = pkt.dst;
+        self.vport = pkt.dport;
     }
     #[inline(always)]
     fn vip(&self) -> [u32; 4] {
@@ -250,13 +278,23 @@ fn word_delta(old: u32, new: u32) -> u32 {
 
 /// Records a new NAT connection's reply tuple (`key` is the connection's).
 #[inline(always)]
-pub fn record<K: FlowKey>(key: &K, pkt: &Pkt, be: &Backend) {
+pub fn record<K: FlowKey>(key: &K, pkt: &Pkt, index: u32, be: &Backend) {
     if be.forward != forward::NAT {
         return;
     }
     let reply = key.reply_tuple(&be.addr, server_port(be, pkt.dport));
-    let entry = K::Entry::for_service(pkt);
-    if K::nat_table().insert(&reply, &entry, 0).is_err() {
+    // Built in a per-CPU scratch entry: on the stack it would push the new-flow programs'
+    // frames past the verifier's bounds.
+    let Some(entry) = K::scratch().get_ptr_mut(0) else {
+        return;
+    };
+    // Zeroed word by word (a struct literal would become a call to `memset`).
+    let entry = crate::zeroed(unsafe { &mut *(entry as *mut core::mem::MaybeUninit<K::Entry>) });
+    entry.set_service(pkt);
+    let r = entry.route_mut();
+    r.backend = index;
+    r.generation = be.generation;
+    if K::nat_table().insert(&reply, entry, 0).is_err() {
         stats::count(reason::EV_NAT_INSERT_FAILED);
     }
 }
@@ -336,10 +374,10 @@ const FIB_NO_NEIGH: i64 = 7;
 #[inline(always)]
 fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
     let no_flow = (xdp_action::XDP_PASS, reason::PASS_NAT_NO_FLOW);
-    let Some(nat) = K::nat_table().get_ptr(&K::from_pkt(pkt)) else {
+    let Some(nat_ptr) = K::nat_table().get_ptr_mut(&K::from_pkt(pkt)) else {
         return no_flow;
     };
-    let nat = unsafe { *nat };
+    let nat = unsafe { *nat_ptr };
     let key = K::connection(pkt, &nat);
     let Some(entry) = K::table().get_ptr_mut(&key) else {
         return no_flow;
@@ -382,14 +420,78 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
     if pkt.frag == frag::FIRST {
         crate::frag::record(ctx, pkt, frag::REPLY, flow.backend, be.generation, &vip);
     }
-    to_client(
+    let route = match route_to_client(ctx, pkt, &vip, nat.vport()) {
+        Ok(r) => r,
+        Err(verdict) => return verdict,
+    };
+    // Cache the check and the route for the fast path (`fast_reply`); the stamp last.
+    let cache = unsafe { (*nat_ptr).route_mut() };
+    cache.backend = flow.backend;
+    cache.generation = be.generation;
+    cache.ifindex = route.ifindex;
+    cache.dmac = route.dmac;
+    cache.smac = route.smac;
+    unsafe { core::ptr::write_volatile(&raw mut cache.stamp, now | 1) };
+    send_to_client(
         ctx,
         pkt,
         &vip,
         Some(nat.vport()),
+        &route,
         flow.backend,
         be.service_id,
     )
+}
+
+/// The main program's part: a reply of a connection whose full check (`reply_in`) is
+/// fresh, that cannot change the connection's state, goes straight back with the cached
+/// route. `None`: take the full path.
+#[inline(always)]
+pub fn fast_reply(ctx: &XdpContext, pkt: &Pkt, now: u32) -> Option<(u32, u32)> {
+    if pkt.family == FAMILY_V4 {
+        fast_reply_in::<FlowKeyV4>(ctx, pkt, now)
+    } else {
+        fast_reply_in::<FlowKeyV6>(ctx, pkt, now)
+    }
+}
+
+#[inline(always)]
+fn fast_reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> Option<(u32, u32)> {
+    if pkt.tcp_flags & (tcp::flags::SYN | tcp::flags::FIN | tcp::flags::RST) != 0
+        || pkt.frag != frag::NONE
+        || pkt.ttl <= 1
+    {
+        return None;
+    }
+    let nat = K::nat_table().get_ptr(&K::from_pkt(pkt))?;
+    let nat = unsafe { &*nat };
+    let r = nat.route();
+    let stamp = unsafe { core::ptr::read_volatile(&r.stamp) };
+    if stamp == 0 || now.wrapping_sub(stamp) > lb_common::nat::REFRESH {
+        return None;
+    }
+    let be = BACKENDS.get(r.backend)?.current();
+    if be.flags & BACKEND_F_AVAILABLE == 0
+        || be.generation != r.generation
+        || be.addr != pkt.src
+        || server_port(be, nat.vport()) != pkt.sport
+    {
+        return None;
+    }
+    let route = Route {
+        ifindex: r.ifindex,
+        dmac: r.dmac,
+        smac: r.smac,
+    };
+    Some(send_to_client(
+        ctx,
+        pkt,
+        &nat.vip(),
+        Some(nat.vport()),
+        &route,
+        r.backend,
+        be.service_id,
+    ))
 }
 
 /// A later fragment of a NAT reply (its first one was recorded by `reply_in`).
@@ -398,23 +500,31 @@ pub fn reply_fragment(ctx: &XdpContext, pkt: &Pkt, f: &Fragment, be: &Backend) -
     if be.forward != forward::NAT || be.addr != pkt.src {
         return (xdp_action::XDP_PASS, reason::PASS_FRAGMENT);
     }
-    to_client(ctx, pkt, &f.vip, None, f.backend, be.service_id)
+    match route_to_client(ctx, pkt, &f.vip, 0) {
+        Ok(route) => send_to_client(ctx, pkt, &f.vip, None, &route, f.backend, be.service_id),
+        Err(verdict) => verdict,
+    }
 }
 
-/// Sends a reply toward the client as the VIP (and service port, unless a later fragment):
-/// route lookup, rewrite, transmit, count.
+/// Where a reply to the client leaves: egress interface and MACs.
+pub struct Route {
+    ifindex: u32,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+}
+
+/// The kernel's route from the VIP to the client (`bpf_fib_lookup`), or the verdict for a
+/// reply that has none yet.
 #[inline(always)]
-fn to_client(
+fn route_to_client(
     ctx: &XdpContext,
     pkt: &Pkt,
     vip: &[u32; 4],
-    vport: Option<u16>,
-    backend: u32,
-    service_id: u32,
-) -> (u32, u32) {
+    vport: u16,
+) -> Result<Route, (u32, u32)> {
     let vip = *vip;
     let Some(fib) = FIB_SCRATCH.get_ptr_mut(0) else {
-        return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
+        return Err((xdp_action::XDP_DROP, reason::DROP_INTERNAL));
     };
     let fib = unsafe { &mut *fib };
     fib.family = if pkt.family == FAMILY_V4 {
@@ -423,7 +533,7 @@ fn to_client(
         AF_INET6
     };
     fib.l4_protocol = pkt.proto;
-    fib.sport = vport.unwrap_or(0);
+    fib.sport = vport;
     fib.dport = pkt.dport;
     fib.tot_len = pkt.l3_len as u16;
     fib.ifindex = ctx.ingress_ifindex() as u32;
@@ -449,19 +559,38 @@ fn to_client(
                 &fib.dst,
             );
         }
-        return (xdp_action::XDP_DROP, reason::DROP_NAT_NO_ROUTE);
+        return Err((xdp_action::XDP_DROP, reason::DROP_NAT_NO_ROUTE));
     }
+    Ok(Route {
+        ifindex: fib.ifindex,
+        dmac: fib.dmac,
+        smac: fib.smac,
+    })
+}
+
+/// Sends a reply toward the client as the VIP (and service port, unless a later fragment)
+/// by `route`: rewrite, transmit, count.
+#[inline(always)]
+fn send_to_client(
+    ctx: &XdpContext,
+    pkt: &Pkt,
+    vip: &[u32; 4],
+    vport: Option<u16>,
+    route: &Route,
+    backend: u32,
+    service_id: u32,
+) -> (u32, u32) {
     let rewritten = match vport {
-        Some(port) => rewrite(ctx, pkt, true, &vip, port),
-        None => rewrite_parts(ctx, pkt, true, &vip, 0, false),
+        Some(port) => rewrite(ctx, pkt, true, vip, port),
+        None => rewrite_parts(ctx, pkt, true, vip, 0, false),
     };
     let sent = rewritten.is_some()
         && xmit::decrement_ttl(ctx, pkt).is_some()
-        && xmit::set_macs(ctx, &fib.dmac, &fib.smac).is_some();
+        && xmit::set_macs(ctx, &route.dmac, &route.smac).is_some();
     if !sent {
         return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
     }
-    let verdict = xmit::transmit(ctx, fib.ifindex);
+    let verdict = xmit::transmit(ctx, route.ifindex);
     if verdict.1 == reason::TX || verdict.1 == reason::REDIRECT {
         stats::replied(service_id, backend, pkt.l3_len);
     }

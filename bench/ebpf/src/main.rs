@@ -17,13 +17,14 @@ use lb_common::{Flow, FlowKeyV4};
 /// Length of the benchmark frames (Ethernet + IPv4 + TCP with 12 bytes of options).
 const PKT_LEN: usize = 66;
 
-/// Shim configuration: the frame to restore before every run, and the optional per-run
-/// source-address variation (`src = 192.0.0.0 | (ctr & mask)`; mask 0 = fixed flow).
+/// Shim configuration: the frame to restore before every run (its first `len` bytes, 66 if
+/// 0), and the optional per-run source-address variation (`src = 192.0.0.0 | (ctr & mask)`;
+/// mask 0 = fixed flow).
 #[repr(C)]
 pub struct WrapCfg {
     pub pkt: [u8; 128],
     pub mask: u32,
-    pub _pad: u32,
+    pub len: u32,
     pub ctr: u64,
 }
 
@@ -184,6 +185,19 @@ pub fn wrap(ctx: XdpContext) -> u32 {
     let Some(cfg) = WRAP_CFG.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
     };
+    let len = match unsafe { (*cfg).len } {
+        0 => PKT_LEN,
+        n => (n as usize).min(128),
+    };
+    // A program that encapsulated moved the frame's start: put it back (the frame's end is
+    // never moved by the measured paths).
+    let now = ctx.data_end() - ctx.data();
+    if now > len {
+        let delta = (now - len) as i32;
+        if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+            return xdp_action::XDP_ABORTED;
+        }
+    }
     let start = ctx.data();
     if start + PKT_LEN > ctx.data_end() {
         return xdp_action::XDP_ABORTED;
@@ -199,6 +213,16 @@ pub fn wrap(ctx: XdpContext) -> u32 {
         let dst2 = (start + 64) as *mut u16;
         let src2 = (src as *const u8).add(64) as *const u16;
         core::ptr::write_volatile(dst2, core::ptr::read_volatile(src2));
+        // Longer frames (IPv6): the rest, two bytes at a time.
+        for i in 0..31usize {
+            let off = PKT_LEN + i * 2;
+            if off + 2 > len || start + off + 2 > ctx.data_end() {
+                break;
+            }
+            let d = (start + off) as *mut u16;
+            let s2 = (src as *const u8).add(off & 127) as *const u16;
+            core::ptr::write_volatile(d, core::ptr::read_volatile(s2));
+        }
         let mask = (*cfg).mask;
         if mask != 0 {
             let addr = (0xC000_0000u32 | ((*cfg).ctr as u32 & mask)).to_be();
