@@ -530,6 +530,10 @@ pub struct Limits {
     /// lblc/lblcr destination-cache entries per address family.
     #[serde(default = "default_locality")]
     pub locality_table_size: u32,
+    /// NAT's reply tables (one entry per connection, sized like the connection tables);
+    /// `false` leaves them out to save their memory, and NAT real servers are refused.
+    #[serde(default = "default_true")]
+    pub nat_tables: bool,
 }
 
 fn default_locality() -> u32 {
@@ -551,6 +555,7 @@ impl Default for Limits {
             slot_table_size: d::SLOT_TABLE_SIZE,
             persistence_table_size: d::TEMPLATES,
             locality_table_size: d::LOCALITY,
+            nat_tables: true,
         }
     }
 }
@@ -592,6 +597,7 @@ struct FileDataplane {
     slot_table_size: Option<Spanned<u32>>,
     persistence_table_size: Option<Spanned<u32>>,
     locality_table_size: Option<Spanned<u32>>,
+    nat: Option<Spanned<bool>>,
     #[serde(default)]
     expire_nodest_conn: bool,
 }
@@ -800,6 +806,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     if let Some(n) = size(&dp.locality_table_size, 64, 1 << 26, "locality_table_size")? {
         limits.locality_table_size = n;
     }
+    let nat_span = dp.nat.as_ref().map(|n| n.span());
+    if let Some(n) = &dp.nat {
+        limits.nat_tables = *n.get_ref();
+    }
 
     let mut timeouts = Timeouts::default();
     if let Some(t) = file.timeouts {
@@ -832,6 +842,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let svc = service(&loc, s)?;
         total_backends += svc.0.backends.len();
         let (svc, name_span, addr_span) = svc;
+        if !limits.nat_tables
+            && (svc.forwarding == Forwarding::Nat
+                || svc.backends.iter().any(|b| b.forwarding == Forwarding::Nat))
+        {
+            return Err(loc.err(
+                name_span,
+                format!(
+                    "service \"{}\" uses NAT, but [dataplane] nat = false leaves out NAT's reply tables (line {})",
+                    svc.name,
+                    nat_span.map_or(0, |s| loc.at(s.start).0)
+                ),
+            ));
+        }
         if !names.insert(svc.name.clone()) {
             return Err(loc.err(
                 name_span,
@@ -1791,6 +1814,11 @@ address = "fd00::5"
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"rr\"\n[[services.backends]]\naddress = \"2001:db8::2\"\n",
                 8,
                 "same address family",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\nnat = false\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nforwarding = \"nat\"\n",
+                5,
+                "[dataplane] nat = false leaves out NAT's reply tables (line 3)",
             ),
             (
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"sh\"\nconntrack = false\nforwarding = \"nat\"\n",

@@ -18,9 +18,9 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota,
-    Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6, NatV4, NatV6, PASS_PROGRAM_NAME,
-    PROGRAM_NAME, REAPER_NAME, SchedState, Service, ServiceKeyV4, ServiceKeyV6, Template,
-    TemplateKeyV4, TemplateKeyV6, map_names as names, reason, wide,
+    FragKeyV4, FragKeyV6, Fragment, Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6,
+    NatV4, NatV6, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME, SchedState, Service, ServiceKeyV4,
+    ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, map_names as names, reason, wide,
 };
 use tracing::{info, warn};
 
@@ -70,6 +70,8 @@ pub struct Dataplane {
     nat_sources: Mmapped<u64>,
     nat_v4: HashMap<MapData, FlowKeyV4, NatV4>,
     nat_v6: HashMap<MapData, FlowKeyV6, NatV6>,
+    frags_v4: HashMap<MapData, FragKeyV4, Fragment>,
+    frags_v6: HashMap<MapData, FragKeyV6, Fragment>,
     config_gen: Mmapped<u64>,
     sched_state: Array<MapData, SchedState>,
     flows_v4: HashMap<MapData, FlowKeyV4, Flow>,
@@ -142,12 +144,21 @@ impl Dataplane {
         // The kernel tables are larger than the connections they may hold (see
         // `flow_table_reserve`): the LRU must never evict a counted connection.
         let reserve = lb_common::flow_table_reserve(ncpus as u32);
+        // NAT's reply tables follow the connection tables (one entry per NAT connection,
+        // never evicted while it lives), unless NAT is configured out.
+        let nat_size = |conns: u32| {
+            if limits.nat_tables {
+                conns + reserve
+            } else {
+                1
+            }
+        };
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::FLOWS_V4, limits.conn_table_size + reserve)
             .map_max_entries(names::FLOWS_V6, limits.conn_table_size_v6 + reserve)
-            .map_max_entries(names::NAT_V4, limits.conn_table_size + reserve)
-            .map_max_entries(names::NAT_V6, limits.conn_table_size_v6 + reserve)
+            .map_max_entries(names::NAT_V4, nat_size(limits.conn_table_size))
+            .map_max_entries(names::NAT_V6, nat_size(limits.conn_table_size_v6))
             .map_max_entries(names::BACKEND_CONNS, limits.max_backends)
             .map_max_entries(
                 names::RECENT_V4,
@@ -223,6 +234,8 @@ impl Dataplane {
             nat_sources: Mmapped::map(nat_sources_map, lb_common::filter::WORDS + 1)?,
             nat_v4: take(&mut ebpf, names::NAT_V4)?,
             nat_v6: take(&mut ebpf, names::NAT_V6)?,
+            frags_v4: take(&mut ebpf, names::FRAGS_V4)?,
+            frags_v6: take(&mut ebpf, names::FRAGS_V6)?,
             config_gen: Mmapped::map(gen_map, 1)?,
             sched_state: take(&mut ebpf, names::SCHED_STATE)?,
             groups: take(&mut ebpf, names::GROUPS)?,
@@ -699,6 +712,8 @@ impl Dataplane {
         add(names::NAT_V4, raw_fd(&self.nat_v4));
         add(names::NAT_V6, raw_fd(&self.nat_v6));
         add(names::NAT_SOURCES, raw_fd(&self.nat_sources.map));
+        add(names::FRAGS_V4, raw_fd(&self.frags_v4));
+        add(names::FRAGS_V6, raw_fd(&self.frags_v6));
         add(names::SERVICES_V4, raw_fd(&self.services_v4));
         add(names::SERVICES_V6, raw_fd(&self.services_v6));
         add(names::WIDE_V4, raw_fd(&self.wide_v4));

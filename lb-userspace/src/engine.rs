@@ -803,6 +803,23 @@ impl Engine {
         };
         for st in self.services.values() {
             for b in st.backends.iter().filter(|b| b.config.addr == addr) {
+                if let Some(gw) = nh.and_then(|n| n.gateway)
+                    && b.config.forwarding == Forwarding::Dr
+                {
+                    tracing::warn!(
+                        %addr, gateway = %gw, service = %st.config.name,
+                        "direct routing needs the real server on a directly connected network, but it is routed through a gateway: its packets are dropped (drop_neigh_missing); use nat or tunnel, or fix the route"
+                    );
+                }
+                if b.config.forwarding == Forwarding::Tunnel
+                    && b.config.tunnel.and_then(|t| t.source).is_none()
+                    && nh.is_some_and(|n| n.source.is_none())
+                {
+                    tracing::warn!(
+                        %addr, service = %st.config.name,
+                        "no source address for the tunnel (the route gives none): set tunnel.source"
+                    );
+                }
                 dp.write_backend(b.index, &self.backend_entry_for(b, st.id))?;
             }
         }
