@@ -482,8 +482,9 @@ pub mod tunnel {
     pub const GRE: u8 = 2;
     /// Checksum the outer UDP (GUE) or GRE header and payload.
     pub const F_CSUM: u8 = 1;
-    /// GUE remote checksum offload. IPVS adds it only to packets whose checksum is left to
-    /// the hardware, which forwarded packets never are: it behaves as no checksum.
+    /// GUE remote checksum offload. IPVS adds the option only to packets whose checksum is
+    /// left to the hardware, which forwarded packets never are; the others get the full UDP
+    /// checksum, as with `F_CSUM`.
     pub const F_REMCSUM: u8 = 2;
     /// Bytes an outer IPv4 / IPv6 header adds.
     pub const V4_OUTER: u32 = 20;
@@ -574,10 +575,11 @@ pub struct Fragment {
 /// [`FlowKeyV6`]; the connection itself stays in the flow table under the client's tuple.
 ///
 /// It also caches what the full reply path last found ([`NatRoute`]): the connection's real
-/// server and the route toward the client. While that is fresh, a reply that cannot change
-/// the connection's state (no SYN, FIN or RST) is sent by the main program straight away;
-/// any other reply, or one after [`nat::REFRESH`], takes the full path (connection state
-/// and timeouts, route lookup), which refreshes the cache.
+/// server, its state and the route toward the client. While that is fresh, a reply that
+/// cannot change the connection's state (an ACK without SYN, FIN or RST of an ESTABLISHED
+/// connection, or a UDP datagram) and fits the route's MTU is sent by the main program
+/// straight away; any other reply, or one after [`nat::REFRESH`], takes the full path
+/// (connection state and timeouts, route lookup), which refreshes the cache.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatV4 {
@@ -609,6 +611,11 @@ pub struct NatRoute {
     pub ifindex: u32,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
+    /// The route's MTU: larger replies take the full path (which answers with ICMP).
+    pub mtu: u32,
+    /// The connection's state after the last full check: only ESTABLISHED TCP connections
+    /// (and UDP) take the fast path, where an ACK changes nothing.
+    pub state: u32,
     /// When the full path last checked the connection and the route ([`ticks`]); 0 = never.
     pub stamp: u32,
 }
@@ -1277,7 +1284,7 @@ mod layout_tests {
             size_of::<Backend>(),
             16 + 2 + 1 + 1 + 1 + 3 + 4 * 3 + 6 + 6 + 4 * 3 + 1 + 1 + 2 + 4 + 16
         );
-        assert_eq!(size_of::<NatRoute>(), 4 * 3 + 6 + 6 + 4);
+        assert_eq!(size_of::<NatRoute>(), 4 * 3 + 6 + 6 + 4 * 3);
         assert_eq!(size_of::<NatV4>(), 8 + size_of::<NatRoute>());
         assert_eq!(size_of::<FragKeyV4>(), 16);
         assert_eq!(size_of::<FragKeyV6>(), 40);

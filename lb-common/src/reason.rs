@@ -54,15 +54,21 @@ pub const DROP_UNSUPPORTED: u32 = 16;
 /// connections its CPU created are established): it is refused rather than evicting a live
 /// connection. (Services with sh, dh or mh forward it untracked instead.)
 pub const DROP_FLOW_TABLE_FULL: u32 = 17;
-/// Too big for the path once encapsulated, and may not be answered with ICMP: an IPv4 packet
-/// without DF (IPVS would fragment it; XDP cannot), or an ICMP error itself.
+/// Too big for the path (once encapsulated, or a NAT reply for the client's side), and may
+/// not be answered with ICMP: an IPv4 packet without DF (IPVS would fragment it; XDP cannot),
+/// or an ICMP error itself.
 pub const DROP_TOO_BIG: u32 = 18;
+/// A new NAT connection whose reply tuple (real server address and port, client address and
+/// port) is in use by a live connection of another service mapped to the same real server
+/// port: its replies could not be told apart. The client retries from another port.
+pub const DROP_NAT_TUPLE_TAKEN: u32 = 19;
 // --- sent ---
-/// Too big for the path once encapsulated: answered with ICMP "fragmentation needed" /
-/// ICMPv6 "packet too big" carrying the tunnel's MTU, sent back out of the ingress interface.
-pub const TX_ICMP_TOO_BIG: u32 = 19;
-pub const TX: u32 = 20;
-pub const REDIRECT: u32 = 21;
+/// Too big for the path (once encapsulated, or a NAT reply for the client's side): answered
+/// with ICMP "fragmentation needed" / ICMPv6 "packet too big" carrying the MTU, sent back out
+/// of the ingress interface.
+pub const TX_ICMP_TOO_BIG: u32 = 20;
+pub const TX: u32 = 21;
+pub const REDIRECT: u32 = 22;
 
 /// Whether a verdict counter stands for `XDP_PASS`.
 #[inline(always)]
@@ -71,37 +77,37 @@ pub fn is_pass(r: u32) -> bool {
 }
 
 /// Number of verdict counters.
-pub const VERDICTS: u32 = 22;
+pub const VERDICTS: u32 = 23;
 
 // --- events (not verdicts) ---
 /// A new flow could not be inserted into the connection table; it was forwarded untracked.
-pub const EV_FLOW_INSERT_FAILED: u32 = 22;
+pub const EV_FLOW_INSERT_FAILED: u32 = 23;
 /// A SYN or UDP datagram found an expired or stale flow entry and was scheduled afresh.
-pub const EV_FLOW_RESCHEDULED: u32 = 23;
+pub const EV_FLOW_RESCHEDULED: u32 = 24;
 /// A new-flow event was lost because the controller's ring buffer was full.
-pub const EV_EVENT_LOST: u32 = 24;
+pub const EV_EVENT_LOST: u32 = 25;
 /// Entries the reaper retired because their connection had been idle past its timeout.
-pub const EV_FLOW_EXPIRED: u32 = 25;
+pub const EV_FLOW_EXPIRED: u32 = 26;
 /// A new connection found the table full and took the entry of the oldest connection that
 /// was not established (see `lb_common::recyclable`).
-pub const EV_FLOW_RECYCLED: u32 = 26;
+pub const EV_FLOW_RECYCLED: u32 = 27;
 /// A packet of a service with a deterministic scheduler (sh, dh, mh) was forwarded by hash
 /// without a connection entry (table full, or a mid-connection packet with no entry: the
 /// hash gives the same server).
-pub const EV_FLOW_UNTRACKED: u32 = 27;
+pub const EV_FLOW_UNTRACKED: u32 = 28;
 /// A NAT connection's reply entry could not be recorded (its replies will reach the kernel
 /// unrewritten).
-pub const EV_NAT_INSERT_FAILED: u32 = 28;
+pub const EV_NAT_INSERT_FAILED: u32 = 29;
 /// An ICMP error about a connection was relayed to the connection's real server.
-pub const EV_ICMP_RELAYED: u32 = 29;
+pub const EV_ICMP_RELAYED: u32 = 30;
 
 /// A first fragment (it carries the ports) was forwarded and its datagram recorded.
-pub const EV_FRAGMENT_FIRST: u32 = 30;
+pub const EV_FRAGMENT_FIRST: u32 = 31;
 /// A later fragment followed its datagram's first one.
-pub const EV_FRAGMENT_LATER: u32 = 31;
+pub const EV_FRAGMENT_LATER: u32 = 32;
 
 /// Size of the `REASONS` array.
-pub const COUNT: u32 = 32;
+pub const COUNT: u32 = 33;
 
 /// Metric/label names, indexed by counter.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -124,6 +130,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_unsupported",
     "drop_flow_table_full",
     "drop_too_big",
+    "drop_nat_tuple_taken",
     "tx_icmp_too_big",
     "tx",
     "redirect",

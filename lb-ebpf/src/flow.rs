@@ -38,6 +38,8 @@ pub trait FlowKey: persist::Templated + nat::NatKey {
     fn recent() -> &'static PerCpuArray<Self>;
     /// The destination (service) port, network byte order.
     fn service_port(&self) -> u16;
+    /// The destination (VIP) address, IPv4 in word 0.
+    fn service_addr(&self) -> [u32; 4];
     /// A key from addresses (IPv4 in word 0) and ports as on the wire.
     fn from_parts(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> Self;
 }
@@ -65,6 +67,10 @@ impl FlowKey for FlowKeyV4 {
     fn from_parts(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
         FlowKeyV4::new(src[0], dst[0], sport, dport, proto)
     }
+    #[inline(always)]
+    fn service_addr(&self) -> [u32; 4] {
+        [self.dst, 0, 0, 0]
+    }
 }
 
 impl FlowKey for FlowKeyV6 {
@@ -89,6 +95,10 @@ impl FlowKey for FlowKeyV6 {
     #[inline(always)]
     fn from_parts(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
         FlowKeyV6::new(*src, *dst, sport, dport, proto)
+    }
+    #[inline(always)]
+    fn service_addr(&self) -> [u32; 4] {
+        self.dst
     }
 }
 
@@ -313,6 +323,10 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
         return None;
     }
     let t = sched::peek(svc, pkt).ok()?;
+    if t.backend.forward == lb_common::forward::NAT {
+        // NAT checks its reply tuple first: the regular path.
+        return None;
+    }
     // A full table is the regular path's business (it may recycle an entry).
     if !acct::take_entry(K::FAMILY) {
         return None;
@@ -418,6 +432,24 @@ fn schedule<K: FlowKey>(
         return Err(reason::DROP_INTERNAL);
     };
     let backend = slot.current();
+    if backend.forward == lb_common::forward::NAT
+        && (!tracked || !nat::reply_tuple_free(key, pkt, backend))
+    {
+        // A NAT connection needs its reply entry, or its replies would leave with the real
+        // server's address: not forwarded without one.
+        if tracked {
+            acct::untake_entry(K::FAMILY);
+            if templated != u64::MAX {
+                persist::uncontrol(key, svc, now);
+            }
+            return Err(reason::DROP_NAT_TUPLE_TAKEN);
+        }
+        return Err(if create {
+            reason::DROP_FLOW_TABLE_FULL
+        } else {
+            reason::PASS_TCP_NO_FLOW
+        });
+    }
     if persistent && create && templated == u64::MAX {
         persist::create(key, svc, now, index, backend.generation, tracked);
     }

@@ -1,8 +1,8 @@
 //! ICMP. The errors the balancer sends itself: "fragmentation needed" (IPv4, DF set) and
 //! ICMPv6 "packet too big" for packets that would exceed the path MTU once encapsulated, as
-//! IPVS sends them (`ensure_mtu_is_adequate`); the packet is turned into the error in place
-//! and sent back out of the interface it came in on, from the address it was sent to (the
-//! VIP). And the errors others send about the virtual services' connections, relayed to the
+//! IPVS sends them (`ensure_mtu_is_adequate`), and for NAT replies too big for the client's
+//! side; the packet is turned into the error in place and sent back out of the interface it
+//! came in on, from the VIP. And the errors others send about the virtual services' connections, relayed to the
 //! connections' real servers (`relay`).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
@@ -26,9 +26,9 @@ const V6_QUOTE: u32 = 128;
 /// IPv4 quotes the header (up to 60 bytes) and the first 8 bytes of the payload (RFC 792).
 const V4_QUOTE_WORDS: usize = 17;
 
-/// Answers a packet too big for `mtu` (the largest inner packet the path takes).
+/// Answers a packet too big for `mtu` (the largest packet the path takes) from `from`.
 #[inline(always)]
-pub fn too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> (u32, u32) {
+pub fn too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32, from: &[u32; 4]) -> (u32, u32) {
     if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
         // An ICMP error is never answered with one.
         return (xdp_action::XDP_DROP, reason::DROP_TOO_BIG);
@@ -41,9 +41,9 @@ pub fn too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> (u32, u32) {
             // IPVS would fragment it; XDP cannot.
             return (xdp_action::XDP_DROP, reason::DROP_TOO_BIG);
         }
-        frag_needed(ctx, pkt, mtu)
+        frag_needed(ctx, pkt, mtu, from)
     } else {
-        packet_too_big(ctx, pkt, mtu)
+        packet_too_big(ctx, pkt, mtu, from)
     };
     match sent {
         Some(()) => (xdp_action::XDP_TX, reason::TX_ICMP_TOO_BIG),
@@ -109,7 +109,7 @@ fn sum_words(ctx: &XdpContext, off: usize, n: usize, max: usize) -> Option<u32> 
 }
 
 #[inline(always)]
-fn frag_needed(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
+fn frag_needed(ctx: &XdpContext, pkt: &Pkt, mtu: u32, from: &[u32; 4]) -> Option<()> {
     let hlen = pkt.l4 - pkt.l3;
     let quoted = hlen + 8;
     prepend(ctx, pkt, 28)?;
@@ -124,7 +124,7 @@ fn frag_needed(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
     // TOS as Linux sends ICMP errors: precedence "internetwork control".
     let w0 = u32::from_ne_bytes([0x45, 0xc0, lh, ll]);
     let w2 = u32::from_ne_bytes([64, PROTO_ICMP, 0, 0]);
-    let (src, dst) = (pkt.dst[0], pkt.src[0]);
+    let (src, dst) = (from[0], pkt.src[0]);
     let check = !csum::fold(words(w0) + words(w2) + words(src) + words(dst));
     let h = at::<[u32; 7]>(ctx, l2)?;
     unsafe {
@@ -140,7 +140,7 @@ fn frag_needed(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
 }
 
 #[inline(always)]
-fn packet_too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
+fn packet_too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32, from: &[u32; 4]) -> Option<()> {
     let quoted = if pkt.l3_len < V6_QUOTE {
         pkt.l3_len & !3
     } else {
@@ -155,8 +155,8 @@ fn packet_too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
     let icmp1 = u32::from_ne_bytes(mtu.to_be_bytes());
     let body = sum_words(ctx, l2 + 48, quoted / 4, V6_QUOTE as usize / 4)?;
     let mut sum = len_word + u16::from_ne_bytes([0, PROTO_ICMPV6]) as u32;
-    for i in 0..4 {
-        sum += words(pkt.src[i]) + words(pkt.dst[i]);
+    for (s, f) in pkt.src.iter().zip(from) {
+        sum += words(*s) + words(*f);
     }
     let icheck = !csum::fold(sum + words(icmp0) + words(icmp1) + body);
     let [lh, ll] = len.to_be_bytes();
@@ -164,9 +164,9 @@ fn packet_too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32) -> Option<()> {
     unsafe {
         (*h)[0] = u32::from_ne_bytes([0x60, 0, 0, 0]);
         (*h)[1] = u32::from_ne_bytes([lh, ll, PROTO_ICMPV6, 64]);
-        for i in 0..4 {
-            (*h)[2 + i] = pkt.dst[i];
-            (*h)[6 + i] = pkt.src[i];
+        for (i, (f, s)) in from.iter().zip(&pkt.src).enumerate() {
+            (*h)[2 + i] = *f;
+            (*h)[6 + i] = *s;
         }
         (*h)[10] = icmp0 | (icheck as u32) << 16;
         (*h)[11] = icmp1;

@@ -171,7 +171,16 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
     match flow::established(&pkt, now) {
         Err(flow::TO_SYN) => hand_off(ctx, &pkt, NEW_FLOW_SYN, 0),
-        Err(flow::TO_NEW_FLOW_NO_ENTRY) => hand_off(ctx, &pkt, 0, HANDOFF_NO_ENTRY),
+        Err(flow::TO_NEW_FLOW_NO_ENTRY) => {
+            if nat::may_be_reply(&pkt) && nat::is_reply(&pkt) {
+                // A NAT reply whose tuple also passes the service prefilter (a wide service
+                // covering the client, or a hash collision): replies of NAT connections
+                // come first, as in IPVS.
+                unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_REPLY) };
+                return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
+            }
+            hand_off(ctx, &pkt, 0, HANDOFF_NO_ENTRY)
+        }
         result => finish(ctx, &pkt, result),
     }
 }

@@ -18,7 +18,7 @@ use lb_common::{
     BACKEND_F_AVAILABLE, Backend, EVENT_ROUTE_MISSING, FAMILY_V4, FLOW_DEAD, Flow, FlowKeyV4,
     FlowKeyV6, Fragment, NatRoute, NatV4, NatV6, PROTO_TCP, PROTO_UDP, csum, filter, forward, frag,
     reason,
-    tcp::{self, Direction},
+    tcp::{self, Direction, state},
 };
 
 use crate::{
@@ -299,6 +299,33 @@ pub fn record<K: FlowKey>(key: &K, pkt: &Pkt, index: u32, be: &Backend) {
     }
 }
 
+/// Whether a new connection to NAT real server `be` can have its reply tuple: unused, or
+/// left by a server entry that was replaced, or already this connection's (VIP and port). Another
+/// service mapped to the same real server port (port sets, or two VIPs to one server port)
+/// with a live connection from the same client address and port holds it otherwise, and
+/// their replies could not be told apart.
+#[inline(always)]
+pub fn reply_tuple_free<K: FlowKey>(key: &K, pkt: &Pkt, be: &Backend) -> bool {
+    if be.forward != forward::NAT {
+        return true;
+    }
+    let reply = key.reply_tuple(&be.addr, server_port(be, pkt.dport));
+    let Some(e) = K::nat_table().get_ptr(&reply) else {
+        return true;
+    };
+    let e = unsafe { &*e };
+    if e.vip() == pkt.dst && e.vport() == pkt.dport {
+        return true;
+    }
+    // A connection's entry goes when the connection ends (`forget`), unless its server
+    // entry was replaced meanwhile: an entry of a replaced server is stale.
+    let r = e.route();
+    match BACKENDS.get(r.backend) {
+        Some(slot) => slot.current().generation != r.generation,
+        None => true,
+    }
+}
+
 /// A connection ended: its reply tuple goes too (if its server is still the one it had).
 #[inline(always)]
 pub fn forget<K: FlowKey>(key: &K, flow: &Flow) {
@@ -310,7 +337,18 @@ pub fn forget<K: FlowKey>(key: &K, flow: &Flow) {
         return;
     }
     let dport = key.service_port();
-    let _ = K::nat_table().remove(&key.reply_tuple(&be.addr, server_port(be, dport)));
+    let reply = key.reply_tuple(&be.addr, server_port(be, dport));
+    // Only this connection's: another service's connection may have taken the tuple since.
+    let ours = match K::nat_table().get_ptr(&reply) {
+        Some(e) => {
+            let e = unsafe { &*e };
+            e.vip() == key.service_addr() && e.vport() == dport
+        }
+        None => false,
+    };
+    if ours {
+        let _ = K::nat_table().remove(&reply);
+    }
 }
 
 /// Whether the packet may come from a NAT real server: one bit per (source, port, protocol),
@@ -332,6 +370,16 @@ fn is_set(bit: u32) -> bool {
     match NAT_SOURCES.get(bit / 64) {
         Some(w) => *w & (1u64 << (bit % 64)) != 0,
         None => false,
+    }
+}
+
+/// Whether the packet's tuple is a NAT connection's reply tuple.
+#[inline(always)]
+pub fn is_reply(pkt: &Pkt) -> bool {
+    if pkt.family == FAMILY_V4 {
+        NAT_V4.get_ptr(&FlowKeyV4::from_pkt(pkt)).is_some()
+    } else {
+        NAT_V6.get_ptr(&FlowKeyV6::from_pkt(pkt)).is_some()
     }
 }
 
@@ -370,6 +418,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
+const FIB_FRAG_NEEDED: i64 = 8;
 
 #[inline(always)]
 fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
@@ -403,9 +452,15 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
     if pkt.ttl <= 1 {
         return (xdp_action::XDP_PASS, reason::PASS_TTL_EXPIRED);
     }
+    let mut now_state = if pkt.proto == PROTO_TCP {
+        status as u8
+    } else {
+        state::UDP
+    };
     if pkt.proto == PROTO_TCP {
         let st = status as u8;
         let next = tcp::next_state(Direction::Output, st, pkt.tcp_flags);
+        now_state = next;
         if next != st && acct::cas(status_ptr, status, next as u32) {
             acct::moved(flow.backend, st, next);
             if tcp::is_active(st) && !tcp::is_active(next) {
@@ -431,6 +486,8 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
     cache.ifindex = route.ifindex;
     cache.dmac = route.dmac;
     cache.smac = route.smac;
+    cache.mtu = route.mtu;
+    cache.state = now_state as u32;
     unsafe { core::ptr::write_volatile(&raw mut cache.stamp, now | 1) };
     send_to_client(
         ctx,
@@ -457,10 +514,11 @@ pub fn fast_reply(ctx: &XdpContext, pkt: &Pkt, now: u32) -> Option<(u32, u32)> {
 
 #[inline(always)]
 fn fast_reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> Option<(u32, u32)> {
-    if pkt.tcp_flags & (tcp::flags::SYN | tcp::flags::FIN | tcp::flags::RST) != 0
-        || pkt.frag != frag::NONE
-        || pkt.ttl <= 1
-    {
+    let is_tcp = pkt.proto == PROTO_TCP;
+    let f = pkt.tcp_flags;
+    let state_neutral_ack =
+        f & (tcp::flags::SYN | tcp::flags::FIN | tcp::flags::RST) == 0 && f & tcp::flags::ACK != 0;
+    if (is_tcp && !state_neutral_ack) || pkt.frag != frag::NONE || pkt.ttl <= 1 {
         return None;
     }
     let nat = K::nat_table().get_ptr(&K::from_pkt(pkt))?;
@@ -468,6 +526,14 @@ fn fast_reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> Option<(u
     let r = nat.route();
     let stamp = unsafe { core::ptr::read_volatile(&r.stamp) };
     if stamp == 0 || now.wrapping_sub(stamp) > lb_common::nat::REFRESH {
+        return None;
+    }
+    let settled = if is_tcp {
+        state::ESTABLISHED
+    } else {
+        state::UDP
+    };
+    if r.state != settled as u32 || pkt.l3_len > r.mtu {
         return None;
     }
     let be = BACKENDS.get(r.backend)?.current();
@@ -482,6 +548,7 @@ fn fast_reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> Option<(u
         ifindex: r.ifindex,
         dmac: r.dmac,
         smac: r.smac,
+        mtu: r.mtu,
     };
     Some(send_to_client(
         ctx,
@@ -506,11 +573,12 @@ pub fn reply_fragment(ctx: &XdpContext, pkt: &Pkt, f: &Fragment, be: &Backend) -
     }
 }
 
-/// Where a reply to the client leaves: egress interface and MACs.
+/// Where a reply to the client leaves: egress interface and MACs, and the route's MTU.
 pub struct Route {
     ifindex: u32,
     dmac: [u8; 6],
     smac: [u8; 6],
+    mtu: u32,
 }
 
 /// The kernel's route from the VIP to the client (`bpf_fib_lookup`), or the verdict for a
@@ -549,6 +617,11 @@ fn route_to_client(
             0,
         )
     };
+    if rc == FIB_FRAG_NEEDED {
+        // Too big for the client's side: the real server hears it as from any router on
+        // the way, with the route's MTU (from the VIP, the address it sent to).
+        return Err(crate::icmp::too_big(ctx, pkt, fib.tot_len as u32, &vip));
+    }
     if rc != FIB_SUCCESS {
         if rc == FIB_NO_NEIGH {
             // The kernel filled in the egress interface and the next hop.
@@ -565,6 +638,8 @@ fn route_to_client(
         ifindex: fib.ifindex,
         dmac: fib.dmac,
         smac: fib.smac,
+        // Out: the route's MTU.
+        mtu: fib.tot_len as u32,
     })
 }
 

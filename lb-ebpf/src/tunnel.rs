@@ -34,13 +34,16 @@ const ETH_P_IPV6: u16 = 0x86dd;
 pub fn encap(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> (u32, u32) {
     let outer_v6 = be.family != FAMILY_V4;
     let inner_v4 = pkt.family == FAMILY_V4;
-    let want_csum = be.tun_flags & tunnel::F_CSUM != 0 && be.tun_type != tunnel::IPIP;
+    // remcsum: IPVS computes the full checksum for packets that are not CHECKSUM_PARTIAL,
+    // which forwarded packets never are.
+    let want_csum =
+        be.tun_flags & (tunnel::F_CSUM | tunnel::F_REMCSUM) != 0 && be.tun_type != tunnel::IPIP;
     let with_csum = want_csum && summable(ctx, pkt);
     let flags = if with_csum { tunnel::F_CSUM } else { 0 };
     let overhead = tunnel::overhead(outer_v6, be.tun_type, flags);
     let inner_len = pkt.l3_len;
     if be.mtu != 0 && inner_len + overhead > be.mtu {
-        return icmp::too_big(ctx, pkt, be.mtu.saturating_sub(overhead));
+        return icmp::too_big(ctx, pkt, be.mtu.saturating_sub(overhead), &pkt.dst);
     }
     if xmit::decrement_ttl(ctx, pkt).is_none() {
         return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);

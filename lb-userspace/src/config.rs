@@ -1458,6 +1458,15 @@ fn service(
             lower_threshold,
         });
     }
+    if let Some(t) = &s.tunnel
+        && forwarding != Forwarding::Tunnel
+        && backends.iter().all(|b| b.forwarding != Forwarding::Tunnel)
+    {
+        return Err(loc.err(
+            t.span(),
+            "tunnel options conflict with the forwarding method (no real server of this service tunnels)",
+        ));
+    }
     Ok((
         ServiceConfig {
             name,

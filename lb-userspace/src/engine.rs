@@ -86,6 +86,7 @@ struct Region {
 struct Trashed {
     service: ServiceKey,
     backend: DestId,
+    forwarding: Forwarding,
     index: u32,
     generation: u32,
     until: Instant,
@@ -537,6 +538,7 @@ impl Engine {
         self.trash.push(Trashed {
             service: svc,
             backend: (b.config.addr, b.config.port),
+            forwarding: b.config.forwarding,
             index: b.index,
             generation: b.generation,
             until: now + TRASH_PERIOD,
@@ -578,6 +580,9 @@ impl Engine {
 
         // Backends: keep, change, add, remove.
         let mut backends = Vec::with_capacity(want.backends.len());
+        // A real server got a new index: the slot table must be written again even if the
+        // scheduler's view (servers and weights) did not change.
+        let mut reindexed = false;
         for bc in &want.backends {
             let id = (bc.addr, bc.port);
             let existing = st
@@ -585,6 +590,17 @@ impl Engine {
                 .iter()
                 .position(|b| (b.config.addr, b.config.port) == id)
                 .map(|i| st.backends.remove(i));
+            // A connection keeps the forwarding method it was created with (as in IPVS): a
+            // server whose method changes becomes a new entry, and the old one retires with
+            // its connections (which end as a removed server's do).
+            let existing = match existing {
+                Some(b) if b.config.forwarding != bc.forwarding => {
+                    st.backends.push(b);
+                    reindexed = true;
+                    None
+                }
+                other => other,
+            };
             let b = match existing {
                 Some(mut b) => {
                     // Weight and forwarding live in the entry (the hashing schedulers check
@@ -597,11 +613,14 @@ impl Engine {
                 }
                 None => {
                     // Revive from the trash (same index and generation: flows resume), or
-                    // take a fresh index.
+                    // take a fresh index. Not across a change of forwarding method (the
+                    // trashed entry's connections were made for the other one).
                     let revived = self
                         .trash
                         .iter()
-                        .position(|t| t.service == key && t.backend == id)
+                        .position(|t| {
+                            t.service == key && t.backend == id && t.forwarding == bc.forwarding
+                        })
                         .map(|i| self.trash.remove(i));
                     let (index, generation) = match revived {
                         Some(t) => (t.index, t.generation),
@@ -650,7 +669,7 @@ impl Engine {
             .map(|b| ((b.config.addr, b.config.port), b.index))
             .collect();
         let slots: Vec<u32> = table.slots.iter().map(|d| index_of[d]).collect();
-        let same_slots = st.region.is_some() && st.table.slots == table.slots;
+        let same_slots = st.region.is_some() && st.table.slots == table.slots && !reindexed;
         if !same_slots {
             if let Some(r) = st.region.take() {
                 retire.push(Deferred::Region(r));

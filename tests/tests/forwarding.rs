@@ -135,10 +135,13 @@ fn reply(src: &str, sport: u16, dst: &str, dport: u16, flags: Option<u8>) -> Fra
 /// neighbour tables, counted as outgoing traffic; the connection's state follows IPVS's
 /// OUTPUT table. Replies of unknown connections go to the kernel untouched; a client whose
 /// next hop is not resolved is dropped (and reported) rather than leaked.
-#[test]
-fn nat_replies_go_back_to_the_client_as_the_service() {
+/// A namespace for NAT reply tests: `pub0` (a veth) toward the clients 203.0.113.7 and
+/// 2001:db8:9::7 (permanent neighbours, MAC 02:c1:00:00:00:07), a route to 198.51.100.0/24
+/// through an unresolved router, forwarding on. Returns the bench (dropping it removes the
+/// namespace), the namespace and pub0's MAC.
+fn nat_netns(prefix: &str) -> (xlb_tests::testbed::Bench, String, [u8; 6]) {
     xlb_tests::require_root();
-    let mut bench = xlb_tests::testbed::Bench::new("xtfwd-nat").unwrap();
+    let mut bench = xlb_tests::testbed::Bench::new(prefix).unwrap();
     let ns = bench.netns("lb").unwrap();
     bench
         .sh(
@@ -156,6 +159,12 @@ fn nat_replies_go_back_to_the_client_as_the_service() {
             .exec(&ns, &["cat", "/sys/class/net/pub0/address"])
             .unwrap(),
     );
+    (bench, ns, pub_mac)
+}
+
+#[test]
+fn nat_replies_go_back_to_the_client_as_the_service() {
+    let (_bench, ns, pub_mac) = nat_netns("xtfwd-nat");
     let out = xlb_tests::testbed::in_netns(&ns, move || {
         let mut h = Harness::new(NAT);
         let pub0 = xlb::dataplane::ifindex("pub0").unwrap();
@@ -436,6 +445,14 @@ fn tunnels_wrap_packets_exactly() {
         ("{ type = \"gue\", port = 6080 }", tunnel::GUE, false, 6080),
         (
             "{ type = \"gue\", port = 5555, checksum = \"csum\" }",
+            tunnel::GUE,
+            true,
+            5555,
+        ),
+        // IPVS computes the full checksum for remcsum too (forwarded packets are not
+        // CHECKSUM_PARTIAL).
+        (
+            "{ type = \"gue\", port = 5555, checksum = \"remcsum\" }",
             tunnel::GUE,
             true,
             5555,
@@ -1153,4 +1170,139 @@ fn fragments_follow_their_first_fragment() {
 
 fn pattern_bytes(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// Replies of NAT connections come first: a wide service that covers the client's address
+/// and port does not capture them; a reply too big for the client's side is answered to the
+/// real server with ICMP "fragmentation needed" carrying the route's MTU, from the VIP.
+#[test]
+fn nat_replies_win_over_wide_services_and_get_too_big_answers() {
+    let (_bench, ns, pub_mac) = nat_netns("xtfwd-nat2");
+    let out = xlb_tests::testbed::in_netns(&ns, move || {
+        let toml = format!(
+            "{NAT}[[services]]\nname = \"all\"\naddress = \"0.0.0.0/0\"\nports = [0]\n[[services.backends]]\naddress = \"10.0.9.9\"\n"
+        );
+        let mut h = Harness::new(&toml);
+        let pub0 = xlb::dataplane::ifindex("pub0").unwrap();
+        h.dp.add_tx_port(pub0).unwrap();
+        let syn = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN);
+        assert_eq!(h.run(&syn.build()).action, XDP_TX);
+        let synack = reply("192.168.56.11", 8080, "203.0.113.7", 40000, Some(SYN | ACK));
+        let r = h.run(&synack.build());
+        let wide_ok = (r.action, r.out == expected_reply(&synack, "10.0.0.10", 80, pub_mac));
+        // The client's side now takes 1000 bytes: a 1200-byte reply (DF) is refused.
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", "pub0", "mtu", "1000"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let big = reply("192.168.56.11", 8080, "203.0.113.7", 40000, Some(ACK | FIN)).payload(&[9; 1160]);
+        let input = big.build();
+        let before = h.counters();
+        let r = h.run(&input);
+        let d = delta(&before, &h.counters());
+        (wide_ok, r, d, input)
+    })
+    .unwrap();
+    assert_eq!(out.0, (XDP_REDIRECT, true), "the reply went the NAT way");
+    let (r, d, input) = (out.1, out.2, out.3);
+    assert_eq!(r.action, XDP_TX, "{d:?}");
+    assert_eq!(d, vec![("tx_icmp_too_big", 1)]);
+    let p = SlicedPacket::from_ethernet(&r.out).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip4)) = &p.net else {
+        panic!("not IPv4")
+    };
+    assert_eq!(ip4.header().source_addr().to_string(), "10.0.0.10");
+    assert_eq!(ip4.header().destination_addr().to_string(), "192.168.56.11");
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!("not ICMP")
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1000 }
+        )
+    );
+    assert_eq!(csum::checksum(&r.out[34..]), 0, "ICMP checksum");
+    assert_eq!(&r.out[42..], &input[14..14 + 28], "quoted header + 8 bytes");
+}
+
+/// Two services mapped to the same NAT real server port (port sets, or two VIPs): a client
+/// that uses one source port for both would give the two connections one reply tuple; the
+/// second is refused (the client retries from another port) rather than mixing replies.
+#[test]
+fn nat_reply_tuples_are_never_shared() {
+    let h = Harness::new(
+        r#"
+[[services]]
+name = "http"
+address = "10.0.0.10:80"
+forwarding = "nat"
+[[services.backends]]
+address = "192.168.56.11:8080"
+
+[[services]]
+name = "alt"
+address = "10.0.0.10:81"
+forwarding = "nat"
+[[services.backends]]
+address = "192.168.56.11:8080"
+"#,
+    );
+    assert_eq!(
+        h.run(&Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN).build())
+            .action,
+        XDP_TX
+    );
+    let before = h.counters();
+    let r = h.run(&Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 81, SYN).build());
+    assert_eq!(r.action, XDP_DROP);
+    assert_eq!(
+        delta(&before, &h.counters()),
+        vec![("drop_nat_tuple_taken", 1)]
+    );
+    // Another client port is fine, and so is the first connection's own retransmission.
+    assert_eq!(
+        h.run(&Frame::tcp("203.0.113.7", 40001, "10.0.0.10", 81, SYN).build())
+            .action,
+        XDP_TX
+    );
+    assert_eq!(
+        h.run(&Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN).build())
+            .action,
+        XDP_TX
+    );
+    let entries = h.dp.nat_entries_v4();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+}
+
+/// A connection keeps the forwarding method it was created with: changing a real server's
+/// method makes it a new entry, and the old method's connections end as a removed server's.
+#[test]
+fn changing_the_forwarding_method_does_not_rewrite_live_connections() {
+    let dr = "[[services]]\nname = \"web\"\naddress = \"10.0.0.10:80\"\nforwarding = \"dr\"\n[[services.backends]]\naddress = \"10.0.1.1:80\"\n";
+    let mut h = Harness::new(dr);
+    let syn = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, SYN).build();
+    assert_eq!(
+        h.run(&syn).out,
+        expected_dr(&syn, backend_mac(ip("10.0.1.1")), LB_MAC)
+    );
+    h.apply(&dr.replace("\"dr\"", "\"nat\""));
+    let ack = Frame::tcp("203.0.113.7", 40000, "10.0.0.10", 80, ACK).build();
+    let before = h.counters();
+    assert_eq!(h.run(&ack).action, XDP_DROP);
+    assert_eq!(
+        delta(&before, &h.counters()),
+        vec![("drop_backend_gone", 1)]
+    );
+    // A new connection gets the new method.
+    let f = Frame::tcp("203.0.113.7", 40001, "10.0.0.10", 80, SYN);
+    let before = h.counters();
+    let r = h.run(&f.build());
+    assert_eq!(
+        r.out,
+        expected_nat(&f, "10.0.1.1", 80),
+        "{:?}",
+        delta(&before, &h.counters())
+    );
 }
