@@ -255,6 +255,12 @@ pub mod wide {
     /// be looked up), resp. UDP.
     pub const F_ANY_TCP: u64 = 4;
     pub const F_ANY_UDP: u64 = 8;
+    /// Some real server is a NAT one: packets that are not for a service may be NAT replies
+    /// (`NAT_SOURCES`); without it they skip that check.
+    pub const F_NAT: u64 = 16;
+    /// Some NAT real server answers from any port (port-0 services): its bit in
+    /// `NAT_SOURCES` is set with port 0.
+    pub const F_NAT_ANY_PORT: u64 = 32;
 
     /// `WIDE_V4` key data.
     #[inline(always)]

@@ -157,8 +157,9 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
         }
         Err(why) => return (xdp_action::XDP_PASS, why),
     };
-    if !filter::may_match(&pkt) {
-        if nat::may_be_reply(&pkt) {
+    let mut flags = 0;
+    if !filter::may_match(&pkt, &mut flags) {
+        if nat::may_be_reply(&pkt, flags) {
             let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
             if let Some(verdict) = nat::fast_reply(ctx, &pkt, now) {
                 return verdict;
@@ -172,7 +173,7 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
     match flow::established(&pkt, now) {
         Err(flow::TO_SYN) => hand_off(ctx, &pkt, NEW_FLOW_SYN, 0),
         Err(flow::TO_NEW_FLOW_NO_ENTRY) => {
-            if nat::may_be_reply(&pkt) && nat::is_reply(&pkt) {
+            if nat::may_be_reply(&pkt, filter::flags()) && nat::is_reply(&pkt) {
                 // A NAT reply whose tuple also passes the service prefilter (a wide service
                 // covering the client, or a hash collision): replies of NAT connections
                 // come first, as in IPVS.

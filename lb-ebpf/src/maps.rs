@@ -89,8 +89,9 @@ pub static FRAGS_V6: LruHashMap<FragKeyV6, Fragment> =
     LruHashMap::with_max_entries(lb_common::frag::TABLE_SIZE, 0);
 
 /// Prefilter of NAT replies: one bit per hash of (real server address, port, protocol) of
-/// every NAT real server (`lb_common::filter::bit`), then a flag word: non-zero when some NAT
-/// real server has port 0 (its bit is set with port 0).
+/// every NAT real server (`lb_common::filter::bit`; port 0 for servers that answer from any
+/// port). Looked at only when `SERVICE_FILTER`'s flag word has `wide::F_NAT`; the last word
+/// is unused.
 #[map]
 pub static NAT_SOURCES: Array<u64> = Array::with_max_entries(filter::WORDS + 1, BPF_F_MMAPABLE);
 

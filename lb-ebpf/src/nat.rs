@@ -19,6 +19,7 @@ use lb_common::{
     FlowKeyV6, Fragment, NatRoute, NatV4, NatV6, PROTO_TCP, PROTO_UDP, csum, filter, forward, frag,
     reason,
     tcp::{self, Direction, state},
+    wide,
 };
 
 use crate::{
@@ -351,18 +352,19 @@ pub fn forget<K: FlowKey>(key: &K, flow: &Flow) {
     }
 }
 
-/// Whether the packet may come from a NAT real server: one bit per (source, port, protocol),
-/// and a flag word for servers that answer from any port (port-0 services).
+/// Whether the packet may come from a NAT real server (`flags`: the service prefilter's flag
+/// word): one bit per (source, port, protocol), and servers that answer from any port (port-0
+/// services) under port 0.
 #[inline(always)]
-pub fn may_be_reply(pkt: &Pkt) -> bool {
+pub fn may_be_reply(pkt: &Pkt, flags: u64) -> bool {
+    if flags & wide::F_NAT == 0 {
+        return false;
+    }
     let addr = pkt.src[0] ^ pkt.src[1] ^ pkt.src[2] ^ pkt.src[3];
     if is_set(filter::bit(addr, pkt.sport, pkt.proto)) {
         return true;
     }
-    match NAT_SOURCES.get(filter::WORDS) {
-        Some(f) if *f != 0 => is_set(filter::bit(addr, 0, pkt.proto)),
-        _ => false,
-    }
+    flags & wide::F_NAT_ANY_PORT != 0 && is_set(filter::bit(addr, 0, pkt.proto))
 }
 
 #[inline(always)]

@@ -124,16 +124,23 @@ pub fn filter_words(services: &[ServiceConfig]) -> Vec<u64> {
             }
         }
     }
+    for b in services.iter().flat_map(|s| &s.backends) {
+        if b.forwarding == crate::config::Forwarding::Nat {
+            flags |= wide::F_NAT;
+            if b.port == 0 {
+                flags |= wide::F_NAT_ANY_PORT;
+            }
+        }
+    }
     w[filter::WORDS as usize] = flags;
     w
 }
 
 /// The NAT replies' prefilter (`NAT_SOURCES`): a bit per (real server address, port,
-/// protocol) of every NAT real server, then a flag word, non-zero when some NAT real server
-/// answers from any port (port 0: its bit is set with port 0).
+/// protocol) of every NAT real server (port 0 for those that answer from any port); the
+/// service prefilter's flag word says whether to look (`wide::F_NAT`, `F_NAT_ANY_PORT`).
 pub fn nat_source_words(services: &[ServiceConfig]) -> Vec<u64> {
     let mut w = vec![0u64; filter::WORDS as usize + 1];
-    let mut any_port = false;
     for s in services {
         let proto = s.key.protocol.number();
         for b in s
@@ -143,10 +150,8 @@ pub fn nat_source_words(services: &[ServiceConfig]) -> Vec<u64> {
         {
             let bit = filter::bit(fold(b.addr), b.port.to_be(), proto);
             w[(bit / 64) as usize] |= 1 << (bit % 64);
-            any_port |= b.port == 0;
         }
     }
-    w[filter::WORDS as usize] = any_port as u64;
     w
 }
 
