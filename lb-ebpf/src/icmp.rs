@@ -2,8 +2,9 @@
 //! ICMPv6 "packet too big" for packets that would exceed the path MTU once encapsulated, as
 //! IPVS sends them (`ensure_mtu_is_adequate`), and for NAT replies too big for the client's
 //! side; the packet is turned into the error in place and sent back out of the interface it
-//! came in on, from the VIP. And the errors others send about the virtual services' connections, relayed to the
-//! connections' real servers (`relay`).
+//! came in on, from the VIP. And the errors others send about the virtual services'
+//! connections, relayed to the connections' real servers (`relay`), and those NAT real
+//! servers send to clients, rewritten to come from the VIP (`nat::relay_icmp_to_client`).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
@@ -249,7 +250,9 @@ pub fn relay(ctx: &XdpContext) -> (u32, u32) {
     let Some(q) = quoted(ctx, &pkt) else {
         return unrelated;
     };
-    // About a packet the VIP sent: its source is where the error was sent.
+    // The error went where the quoted packet came from. About a packet a VIP sent (to a
+    // client) it goes to the connection's real server; otherwise it may be a NAT real
+    // server's error about a client's packet, going to the client.
     if q.src != pkt.dst {
         return unrelated;
     }
@@ -259,7 +262,7 @@ pub fn relay(ctx: &XdpContext) -> (u32, u32) {
         connection::<FlowKeyV6>(&q)
     };
     let Some(index) = index else {
-        return unrelated;
+        return crate::nat::relay_icmp_to_client(ctx, &pkt, &q);
     };
     if pkt.ttl <= 1 {
         return (xdp_action::XDP_PASS, reason::PASS_TTL_EXPIRED);

@@ -272,6 +272,109 @@ pub fn icmp_to_server(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> Option<()> {
     Some(())
 }
 
+/// Server → client, an ICMP error a NAT real server sends about a client's packet (port
+/// unreachable, say; IPVS `ip_vs_out_icmp`): it must come from the VIP and quote the packet
+/// as the client sent it, so the outer source and the quoted destination address and port
+/// become the VIP's again; then it goes toward the client as replies do.
+#[inline(always)]
+pub fn relay_icmp_to_client(ctx: &XdpContext, pkt: &Pkt, q: &crate::icmp::Quoted) -> (u32, u32) {
+    if pkt.family == FAMILY_V4 {
+        icmp_to_client_in::<FlowKeyV4>(ctx, pkt, q)
+    } else {
+        icmp_to_client_in::<FlowKeyV6>(ctx, pkt, q)
+    }
+}
+
+#[inline(always)]
+fn icmp_to_client_in<K: FlowKey>(
+    ctx: &XdpContext,
+    pkt: &Pkt,
+    q: &crate::icmp::Quoted,
+) -> (u32, u32) {
+    let unrelated = (xdp_action::XDP_PASS, reason::PASS_ICMP_UNRELATED);
+    // Sent by the server the quoted packet went to.
+    if pkt.src != q.dst {
+        return unrelated;
+    }
+    let reply = K::from_parts(&q.dst, &q.src, q.dport, q.sport, q.proto);
+    let Some(nat) = K::nat_table().get_ptr(&reply) else {
+        return unrelated;
+    };
+    let nat = unsafe { *nat };
+    let r = nat.route();
+    let Some(slot) = BACKENDS.get(r.backend) else {
+        return unrelated;
+    };
+    let be = slot.current();
+    if be.flags & BACKEND_F_AVAILABLE == 0 || be.generation != r.generation || be.addr != pkt.src {
+        return unrelated;
+    }
+    if pkt.ttl <= 1 {
+        return (xdp_action::XDP_PASS, reason::PASS_TTL_EXPIRED);
+    }
+    let vip = nat.vip();
+    let route = match route_to_client(ctx, pkt, &vip, 0) {
+        Ok(route) => route,
+        Err(verdict) => return verdict,
+    };
+    let sent = icmp_to_client(ctx, pkt, q, &vip, nat.vport()).is_some()
+        && xmit::decrement_ttl(ctx, pkt).is_some()
+        && xmit::set_macs(ctx, &route.dmac, &route.smac).is_some();
+    if !sent {
+        return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
+    }
+    let verdict = xmit::transmit(ctx, route.ifindex);
+    if verdict.1 == reason::TX || verdict.1 == reason::REDIRECT {
+        stats::count(reason::EV_ICMP_RELAYED);
+    }
+    verdict
+}
+
+/// The rewrite of `relay_icmp_to_client`, checksums included (the ICMP checksum, the quoted
+/// IPv4 header's, and ICMPv6's pseudo-header).
+#[inline(always)]
+fn icmp_to_client(
+    ctx: &XdpContext,
+    pkt: &Pkt,
+    q: &crate::icmp::Quoted,
+    vip: &[u32; 4],
+    vport: u16,
+) -> Option<()> {
+    let mut delta: u32 = 0;
+    if pkt.family == FAMILY_V4 {
+        let src = at::<u32>(ctx, pkt.l3 + 12)?;
+        let check = at::<u16>(ctx, pkt.l3 + 10)?;
+        let qdst = at::<u32>(ctx, q.q3 + 16)?;
+        let qcheck = at::<u16>(ctx, q.q3 + 10)?;
+        unsafe {
+            *src = vip[0];
+            *check = csum::replace32(*check, pkt.src[0], vip[0]);
+            *qdst = vip[0];
+            let old = *qcheck;
+            let new = csum::replace32(old, q.dst[0], vip[0]);
+            *qcheck = new;
+            delta += word_delta(q.dst[0], vip[0]) + (!old as u32) + new as u32;
+        }
+    } else {
+        let src = at::<[u32; 4]>(ctx, pkt.l3 + 8)?;
+        let qdst = at::<[u32; 4]>(ctx, q.q3 + 24)?;
+        unsafe {
+            *src = *vip;
+            *qdst = *vip;
+        }
+        for i in 0..4 {
+            // The pseudo-header's source and the quoted destination.
+            delta += word_delta(pkt.src[i], vip[i]) + word_delta(q.dst[i], vip[i]);
+        }
+    }
+    let dport = at::<u16>(ctx, q.q4 + 2)?;
+    unsafe { *dport = vport };
+    delta += (!q.dport as u32) + vport as u32;
+    let check = at::<u16>(ctx, pkt.l4 + 2)?;
+    unsafe { *check = !csum::fold((!*check as u32) + delta) };
+    Some(())
+}
+
 #[inline(always)]
 fn word_delta(old: u32, new: u32) -> u32 {
     ((!old) & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16)

@@ -1306,3 +1306,55 @@ fn changing_the_forwarding_method_does_not_rewrite_live_connections() {
         delta(&before, &h.counters())
     );
 }
+
+/// ICMP errors that NAT real servers send to clients (here: port unreachable for a UDP
+/// datagram) leave as the VIP's, quoting the datagram as the client sent it (IPVS
+/// `ip_vs_out_icmp`), toward the client's next hop.
+#[test]
+fn nat_servers_icmp_errors_reach_the_client_as_the_vips() {
+    use etherparse::{PacketBuilder, icmpv4::DestUnreachableHeader};
+    let (_bench, ns, pub_mac) = nat_netns("xtfwd-nat3");
+    let out = xlb_tests::testbed::in_netns(&ns, move || {
+        let mut h = Harness::new(NAT);
+        let pub0 = xlb::dataplane::ifindex("pub0").unwrap();
+        h.dp.add_tx_port(pub0).unwrap();
+        let q = Frame::udp("203.0.113.7", 5000, "10.0.0.10", 53);
+        let r = h.run(&q.build());
+        assert_eq!(r.action, XDP_TX);
+        // What the server got, and its error about it (quoting header + 8 bytes).
+        let at_server = r.out;
+        let mut error = Vec::new();
+        PacketBuilder::ethernet2([2, 0xbe, 0, 0, 0, 0x12], LB_MAC)
+            .ipv4([192, 168, 56, 12], [203, 0, 113, 7], 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::Port,
+            ))
+            .write(&mut error, &at_server[14..14 + 28])
+            .unwrap();
+        let before = h.counters();
+        let r = h.run(&error);
+        (r, delta(&before, &h.counters()), at_server)
+    })
+    .unwrap();
+    let (r, d, at_server) = out;
+    assert_eq!(r.action, XDP_REDIRECT, "{d:?}");
+    assert_eq!(d, vec![("redirect", 1), ("icmp_relayed", 1)]);
+    // The client's datagram as it left the client (TTL as the server saw it), with the UDP
+    // checksum the quote carries (not rewritten, as IPVS leaves it).
+    let mut quote = Frame::udp("203.0.113.7", 5000, "10.0.0.10", 53)
+        .ttl(63)
+        .build()[14..14 + 28]
+        .to_vec();
+    quote[26..28].copy_from_slice(&at_server[14 + 26..14 + 28]);
+    let mut want = Vec::new();
+    PacketBuilder::ethernet2(pub_mac, [0x02, 0xc1, 0, 0, 0, 0x07])
+        .ipv4([10, 0, 0, 10], [203, 0, 113, 7], 63)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ))
+        .write(&mut want, &quote)
+        .unwrap();
+    want[0..6].copy_from_slice(&[0x02, 0xc1, 0, 0, 0, 0x07]);
+    want[6..12].copy_from_slice(&pub_mac);
+    assert_eq!(r.out, want);
+}
