@@ -362,9 +362,9 @@ fn icmp_to_client(
             *src = *vip;
             *qdst = *vip;
         }
-        for i in 0..4 {
+        for (i, v) in vip.iter().enumerate() {
             // The pseudo-header's source and the quoted destination.
-            delta += word_delta(pkt.src[i], vip[i]) + word_delta(q.dst[i], vip[i]);
+            delta += word_delta(pkt.src[i], *v) + word_delta(q.dst[i], *v);
         }
     }
     let dport = at::<u16>(ctx, q.q4 + 2)?;
