@@ -19,7 +19,9 @@ use std::{
 
 use xlb_tests::{
     require_root,
-    testbed::{DrBench, NatBench, files_dir, http_get, http_request, in_netns, pattern, run},
+    testbed::{
+        DrBench, NAT_PUBLIC_IF, NatBench, files_dir, http_get, http_request, in_netns, pattern, run,
+    },
 };
 
 /// The benches share two CPUs; one at a time keeps timings sane.
@@ -229,6 +231,18 @@ fn nat_end_to_end() {
         (Some(&5), Some(&5)),
         "{got:?}"
     );
+
+    // The balancer forgets the client's MAC (its kernel never sends to the client itself, so
+    // it would not learn it again): the first replies find no neighbour, the data plane asks
+    // the controller, the controller has the kernel resolve it, the server's retransmission
+    // gets through.
+    b.bench
+        .exec(&b.lb, &["ip", "neigh", "flush", "dev", NAT_PUBLIC_IF])
+        .unwrap();
+    let got = requests(&b.cli, vip, 4);
+    assert_eq!(got.len(), 4);
+    let counters = xlb(&["counters"], &b.socket());
+    assert!(counter(&counters, "drop_nat_no_route") >= 1, "{counters}");
 
     let list = xlb(&["list", "-n", "--stats"], &b.socket());
     assert!(list.contains("192.168.56.11:8080"), "{list}");
