@@ -50,9 +50,7 @@ use maps::{HANDOFF, NEW_FLOW, XMIT_HANDOFF};
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     let (action, why) = process(&ctx);
-    if why != COUNTED {
-        stats::count(why);
-    }
+    stats::count(why);
     action
 }
 
@@ -162,57 +160,15 @@ fn process(ctx: &XdpContext) -> (u32, u32) {
     let mut flags = 0;
     if !filter::may_match(&pkt, &mut flags) {
         if nat::may_be_reply(&pkt, flags) {
-            return unpack(reply_path(ctx, &pkt));
+            let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+            if let Some(verdict) = nat::fast_reply(ctx, &pkt, now) {
+                return verdict;
+            }
+            unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_REPLY) };
+            return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
         }
         return (xdp_action::XDP_PASS, reason::PASS_NO_SERVICE);
     }
-    unpack(service_path(ctx, &pkt))
-}
-
-/// A (verdict, reason) pair in one register, for the subprograms below, marked by the top
-/// bit. A tail call made in a subprogram returns to the subprogram's caller with the called
-/// program's own verdict (its reason already counted): an unmarked value, `COUNTED`.
-#[inline(always)]
-fn pack(v: (u32, u32)) -> u64 {
-    1 << 63 | (v.0 as u64) << 32 | v.1 as u64
-}
-
-/// Not a reason counter: the verdict's reason was counted by a tail-called program.
-const COUNTED: u32 = u32::MAX;
-
-#[inline(always)]
-fn unpack(v: u64) -> (u32, u32) {
-    // Read back through memory: LLVM would otherwise conclude from the subprograms' code
-    // that the mark is always there.
-    let v = unsafe { core::ptr::read_volatile(&v) };
-    if v >> 63 == 0 {
-        return (v as u32, COUNTED);
-    }
-    ((v >> 32) as u32 & 0x7fff_ffff, v as u32)
-}
-
-/// A possible NAT reply. Its own subprogram, like `service_path`: the early path of the main
-/// program (parse, prefilter, pass) stays short when the forwarding code is not inlined
-/// into it.
-#[inline(never)]
-fn reply_path(ctx: &XdpContext, pkt: &parse::Pkt) -> u64 {
-    let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
-    if let Some(verdict) = nat::fast_reply(ctx, pkt, now) {
-        return pack(verdict);
-    }
-    unsafe { NEW_FLOW.tail_call(ctx, NEW_FLOW_REPLY) };
-    pack((xdp_action::XDP_DROP, reason::DROP_INTERNAL))
-}
-
-/// A packet that may be for a service: its flow, and the forwarding.
-#[inline(never)]
-fn service_path(ctx: &XdpContext, pkt: &parse::Pkt) -> u64 {
-    pack(service_path_inner(ctx, pkt))
-}
-
-#[inline(always)]
-fn service_path_inner(ctx: &XdpContext, pkt: &parse::Pkt) -> (u32, u32) {
-    let pkt = *pkt;
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
     match flow::established(&pkt, now) {
         Err(flow::TO_SYN) => hand_off(ctx, &pkt, NEW_FLOW_SYN, 0),
