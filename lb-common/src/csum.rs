@@ -13,6 +13,13 @@ pub fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The two 16-bit halves of a 32-bit word as loaded from the packet, for a one's-complement
+/// accumulator (headers built or summed word by word).
+#[inline(always)]
+pub fn words(w: u32) -> u32 {
+    (w & 0xffff) + (w >> 16)
+}
+
 /// RFC 1624 eqn. 3: the checksum `check` after one 16-bit word of the covered data changes from
 /// `old` to `new`: `HC' = ~(~HC + ~m + m')`.
 #[inline(always)]

@@ -12,7 +12,7 @@
 
 mod access;
 
-use access::at;
+use access::{ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, at, be16};
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
@@ -31,10 +31,6 @@ static DECAP_GUE_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
 #[map]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap::COUNT, 0);
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
 const PROTO_IPIP: u8 = 4;
 const PROTO_IPV6: u8 = 41;
 const PROTO_GRE: u8 = 47;
@@ -48,18 +44,13 @@ pub fn xlb_decap(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-#[inline(always)]
-fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
-    at::<u16>(ctx, off).map(|p| u16::from_be(unsafe { *p }))
-}
-
 /// Strips the outer headers of a tunnel packet for a VIP; returns the `decap` counter.
 #[inline(always)]
 fn decapsulate(ctx: &XdpContext) -> u32 {
     let Some(mut ethertype) = be16(ctx, 12) else {
         return decap::NOT_TUNNEL;
     };
-    let mut l3 = 14;
+    let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         let Some(t) = be16(ctx, 16) else {
             return decap::NOT_TUNNEL;
@@ -147,7 +138,7 @@ fn decapsulate(ctx: &XdpContext) -> u32 {
     // The new header ends where the inner packet starts: only outer bytes are overwritten.
     let strip = outer_len + tunnel_len;
     let inner_type = if inner_v4 { ETH_P_IP } else { ETH_P_IPV6 }.to_be();
-    if l3 == 18 {
+    if l3 != ETH_HLEN {
         // MACs and tag in one access.
         let Some(head) = at::<[u32; 4]>(ctx, 0) else {
             return decap::MALFORMED;

@@ -13,6 +13,7 @@ use lb_common::{
 };
 
 use crate::{
+    access::ETH_HLEN,
     flow::FlowKey,
     maps::BACKENDS,
     parse::{PROTO_ICMP, PROTO_ICMPV6, Pkt, at},
@@ -69,7 +70,7 @@ fn prepend(ctx: &XdpContext, pkt: &Pkt, extra: u32) -> Option<()> {
     let from = at::<u16>(ctx, extra as usize + 12)?;
     let to = at::<u16>(ctx, 12)?;
     unsafe { *to = *from };
-    if pkt.l3 != 14 {
+    if pkt.l3 != ETH_HLEN {
         let from = at::<[u16; 2]>(ctx, extra as usize + 14)?;
         let to = at::<[u16; 2]>(ctx, 14)?;
         unsafe { *to = *from };
@@ -90,11 +91,6 @@ fn truncate(ctx: &XdpContext, len: usize) -> Option<()> {
     Some(())
 }
 
-#[inline(always)]
-fn words(w: u32) -> u32 {
-    (w & 0xffff) + (w >> 16)
-}
-
 /// Sum of `n` words from `off` (`n` at most `max`).
 #[inline(always)]
 fn sum_words(ctx: &XdpContext, off: usize, n: usize, max: usize) -> Option<u32> {
@@ -104,7 +100,7 @@ fn sum_words(ctx: &XdpContext, off: usize, n: usize, max: usize) -> Option<u32> 
             break;
         }
         let w = at::<u32>(ctx, off + i * 4)?;
-        sum += words(unsafe { *w });
+        sum += csum::words(unsafe { *w });
     }
     Some(sum)
 }
@@ -120,13 +116,14 @@ fn frag_needed(ctx: &XdpContext, pkt: &Pkt, mtu: u32, from: &[u32; 4]) -> Option
     let icmp0 = u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]);
     let icmp1 = u32::from_ne_bytes([0, 0, mh, ml]);
     let body = sum_words(ctx, l2 + 28, quoted / 4, V4_QUOTE_WORDS)?;
-    let icheck = !csum::fold(words(icmp0) + words(icmp1) + body);
+    let icheck = !csum::fold(csum::words(icmp0) + csum::words(icmp1) + body);
     let [lh, ll] = ((28 + quoted) as u16).to_be_bytes();
     // TOS as Linux sends ICMP errors: precedence "internetwork control".
     let w0 = u32::from_ne_bytes([0x45, 0xc0, lh, ll]);
     let w2 = u32::from_ne_bytes([64, PROTO_ICMP, 0, 0]);
     let (src, dst) = (from[0], pkt.src[0]);
-    let check = !csum::fold(words(w0) + words(w2) + words(src) + words(dst));
+    let check =
+        !csum::fold(csum::words(w0) + csum::words(w2) + csum::words(src) + csum::words(dst));
     let h = at::<[u32; 7]>(ctx, l2)?;
     unsafe {
         (*h)[0] = w0;
@@ -157,9 +154,9 @@ fn packet_too_big(ctx: &XdpContext, pkt: &Pkt, mtu: u32, from: &[u32; 4]) -> Opt
     let body = sum_words(ctx, l2 + 48, quoted / 4, V6_QUOTE as usize / 4)?;
     let mut sum = len_word + u16::from_ne_bytes([0, PROTO_ICMPV6]) as u32;
     for (s, f) in pkt.src.iter().zip(from) {
-        sum += words(*s) + words(*f);
+        sum += csum::words(*s) + csum::words(*f);
     }
-    let icheck = !csum::fold(sum + words(icmp0) + words(icmp1) + body);
+    let icheck = !csum::fold(sum + csum::words(icmp0) + csum::words(icmp1) + body);
     let [lh, ll] = len.to_be_bytes();
     let h = at::<[u32; 12]>(ctx, l2)?;
     unsafe {

@@ -90,10 +90,9 @@ pub static FRAGS_V6: LruHashMap<FragKeyV6, Fragment> =
 
 /// Prefilter of NAT replies: one bit per hash of (real server address, port, protocol) of
 /// every NAT real server (`lb_common::filter::bit`; port 0 for servers that answer from any
-/// port). Looked at only when `SERVICE_FILTER`'s flag word has `wide::F_NAT`; the last word
-/// is unused.
+/// port). Looked at only when `SERVICE_FILTER`'s flag word has `wide::F_NAT`.
 #[map]
-pub static NAT_SOURCES: Array<u64> = Array::with_max_entries(filter::WORDS + 1, BPF_F_MMAPABLE);
+pub static NAT_SOURCES: Array<u64> = Array::with_max_entries(filter::WORDS, BPF_F_MMAPABLE);
 
 /// Per-CPU copy of the last service looked up (`lb_common::ServiceCache`).
 #[map]

@@ -375,9 +375,10 @@ fn icmp_to_client(
     Some(())
 }
 
+/// One's-complement difference of a 32-bit word changing from `old` to `new`.
 #[inline(always)]
 fn word_delta(old: u32, new: u32) -> u32 {
-    ((!old) & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16)
+    csum::words(!old) + csum::words(new)
 }
 
 /// Records a new NAT connection's reply tuple (`key` is the connection's).

@@ -7,13 +7,8 @@
 use aya_ebpf::programs::XdpContext;
 
 pub use crate::access::at;
+use crate::access::{ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, be16};
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, frag, reason};
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
 
 const IPV6_HLEN: usize = 40;
 pub const PROTO_ICMP: u8 = 1;
@@ -62,11 +57,6 @@ pub struct Pkt {
     /// when needed, `frag::id`: one field less keeps the new-flow programs' frames within
     /// the verifier's bounds).
     pub frag: u8,
-}
-
-#[inline(always)]
-fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
-    at::<u16>(ctx, off).map(|p| u16::from_be(unsafe { *p }))
 }
 
 /// Parses the frame. `Err` carries the `reason` counter of a packet that goes to the kernel

@@ -18,6 +18,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Backend, FAMILY_V4, PROTO_TCP, PROTO_UDP, csum, reason, tunnel};
 
 use crate::{
+    access::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
     icmp,
     parse::{Pkt, at},
     xmit,
@@ -26,8 +27,6 @@ use crate::{
 const PROTO_IPIP: u8 = 4;
 const PROTO_IPV6: u8 = 41;
 const PROTO_GRE: u8 = 47;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 
 /// Wraps the packet for its real server and sends it.
 #[inline(always)]
@@ -59,11 +58,11 @@ pub fn encap(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> (u32, u32) {
         tunnel::GRE => PROTO_GRE,
         _ => inner_proto,
     };
-    let vlan = pkt.l3 != 14;
+    let vlan = pkt.l3 != ETH_HLEN;
     if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return (xdp_action::XDP_DROP, reason::DROP_INTERNAL);
     }
-    let l2 = if vlan { 18 } else { 14 };
+    let l2 = if vlan { ETH_HLEN + 4 } else { ETH_HLEN };
     if vlan {
         // The 802.1Q tag moves to the front with the Ethernet header.
         let (Some(from), Some(to)) = (at::<u32>(ctx, overhead as usize + 12), at::<u32>(ctx, 12))
@@ -97,7 +96,7 @@ pub fn encap(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> (u32, u32) {
         }
         let mut pseudo = 0;
         for i in 0..4 {
-            pseudo += words(be.tun_src[i]) + words(be.addr[i]);
+            pseudo += csum::words(be.tun_src[i]) + csum::words(be.addr[i]);
         }
         (tunnel::V6_OUTER as usize, pseudo)
     } else {
@@ -114,7 +113,11 @@ pub fn encap(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> (u32, u32) {
         let w0 = u32::from_ne_bytes([0x45, tos, th, tl]);
         let w1 = u32::from_ne_bytes([(id >> 8) as u8, id as u8, if df { 0x40 } else { 0 }, 0]);
         let w2 = u32::from_ne_bytes([ttl, outer_proto, 0, 0]);
-        let sum = words(w0) + words(w1) + words(w2) + words(be.tun_src[0]) + words(be.addr[0]);
+        let sum = csum::words(w0)
+            + csum::words(w1)
+            + csum::words(w2)
+            + csum::words(be.tun_src[0])
+            + csum::words(be.addr[0]);
         let check = !csum::fold(sum);
         unsafe {
             (*h)[0] = w0;
@@ -125,7 +128,7 @@ pub fn encap(ctx: &XdpContext, pkt: &Pkt, be: &Backend) -> (u32, u32) {
         }
         (
             tunnel::V4_OUTER as usize,
-            words(be.tun_src[0]) + words(be.addr[0]),
+            csum::words(be.tun_src[0]) + csum::words(be.addr[0]),
         )
     };
     let l4 = l2 + ip_len;
@@ -174,7 +177,7 @@ fn gue(
     let gue = u32::from_ne_bytes([0, inner_proto, 0, 0]);
     let check = if with_csum {
         let proto = u16::from_ne_bytes([0, PROTO_UDP]) as u32;
-        let sum = partial + proto + 2 * udp_len as u32 + words(ports) + words(gue);
+        let sum = partial + proto + 2 * udp_len as u32 + csum::words(ports) + csum::words(gue);
         match !csum::fold(sum) {
             0 => 0xffff,
             c => c,
@@ -200,7 +203,7 @@ fn gre(ctx: &XdpContext, l4: usize, inner_v4: bool, with_csum: bool, inner_sum: 
     let w0 = u32::from_ne_bytes([flags, 0, proto[0], proto[1]]);
     if with_csum {
         let h = at::<[u32; 2]>(ctx, l4)?;
-        let c = (!csum::fold(words(w0) + inner_sum)).to_ne_bytes();
+        let c = (!csum::fold(csum::words(w0) + inner_sum)).to_ne_bytes();
         unsafe {
             (*h)[0] = w0;
             (*h)[1] = u32::from_ne_bytes([c[0], c[1], 0, 0]);
@@ -210,12 +213,6 @@ fn gre(ctx: &XdpContext, l4: usize, inner_v4: bool, with_csum: bool, inner_sum: 
         unsafe { *h = w0 };
     }
     Some(())
-}
-
-/// The two 16-bit halves of a word as loaded from the packet, for a checksum accumulator.
-#[inline(always)]
-fn words(w: u32) -> u32 {
-    (w & 0xffff) + (w >> 16)
 }
 
 /// Whether the inner packet's sum can be derived from its checksums.
@@ -244,7 +241,7 @@ fn inner_sum(ctx: &XdpContext, pkt: &Pkt) -> u32 {
     let proto = u16::from_ne_bytes([0, pkt.proto]) as u32;
     let mut pseudo = len + proto;
     for i in 0..4 {
-        pseudo += words(pkt.src[i]) + words(pkt.dst[i]);
+        pseudo += csum::words(pkt.src[i]) + csum::words(pkt.dst[i]);
     }
     // A valid segment sums to the negated pseudo-header.
     let segment = (!csum::fold(pseudo)) as u32;
@@ -258,7 +255,7 @@ fn inner_sum(ctx: &XdpContext, pkt: &Pkt) -> u32 {
             let h = unsafe { &*h };
             let mut sum = segment;
             for w in h {
-                sum += words(*w);
+                sum += csum::words(*w);
             }
             sum
         }

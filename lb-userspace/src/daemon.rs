@@ -199,16 +199,9 @@ async fn wait_for_next_hops(
 
 /// The address an event names.
 fn event_addr(ev: &Event) -> Option<IpAddr> {
-    let b = |w: u32| w.to_ne_bytes();
     match ev.family as u8 {
-        lb_common::FAMILY_V4 => Some(IpAddr::from(b(ev.addr[0]))),
-        lb_common::FAMILY_V6 => {
-            let mut o = [0u8; 16];
-            for (i, w) in ev.addr.iter().enumerate() {
-                o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
-            }
-            Some(IpAddr::from(o))
-        }
+        lb_common::FAMILY_V4 => Some(IpAddr::from(ev.addr[0].to_ne_bytes())),
+        lb_common::FAMILY_V6 => Some(crate::engine::v6_of_words(ev.addr)),
         _ => None,
     }
 }

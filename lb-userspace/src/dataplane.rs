@@ -66,7 +66,7 @@ pub struct Dataplane {
     backends: Array<MapData, BackendSlot>,
     slots: Mmapped<u32>,
     filter: Mmapped<u64>,
-    /// NAT replies' prefilter (`NAT_SOURCES`), same layout as `filter`.
+    /// NAT replies' prefilter (`NAT_SOURCES`): `filter`'s bits without its flag word.
     nat_sources: Mmapped<u64>,
     nat_v4: HashMap<MapData, FlowKeyV4, NatV4>,
     nat_v6: HashMap<MapData, FlowKeyV6, NatV6>,
@@ -231,7 +231,7 @@ impl Dataplane {
             backends: take(&mut ebpf, names::BACKENDS)?,
             slots: Mmapped::map(slots_map, limits.slot_table_size)?,
             filter: Mmapped::map(filter_map, lb_common::filter::WORDS + 1)?,
-            nat_sources: Mmapped::map(nat_sources_map, lb_common::filter::WORDS + 1)?,
+            nat_sources: Mmapped::map(nat_sources_map, lb_common::filter::WORDS)?,
             nat_v4: take(&mut ebpf, names::NAT_V4)?,
             nat_v6: take(&mut ebpf, names::NAT_V6)?,
             frags_v4: take(&mut ebpf, names::FRAGS_V4)?,

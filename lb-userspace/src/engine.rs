@@ -310,7 +310,7 @@ impl Engine {
             timeouts: Timeouts::default(),
             expire_nodest_conn: false,
             filter: vec![0; lb_common::filter::WORDS as usize + 1],
-            nat_sources: vec![0; lb_common::filter::WORDS as usize + 1],
+            nat_sources: vec![0; lb_common::filter::WORDS as usize],
         }
     }
 
@@ -580,9 +580,12 @@ impl Engine {
 
         // Backends: keep, change, add, remove.
         let mut backends = Vec::with_capacity(want.backends.len());
-        // A real server got a new index: the slot table must be written again even if the
-        // scheduler's view (servers and weights) did not change.
-        let mut reindexed = false;
+        // The indexes the slot table holds now (a server may get a new one below).
+        let old_index_of: HashMap<DestId, u32> = st
+            .backends
+            .iter()
+            .map(|b| ((b.config.addr, b.config.port), b.index))
+            .collect();
         for bc in &want.backends {
             let id = (bc.addr, bc.port);
             let existing = st
@@ -596,7 +599,6 @@ impl Engine {
             let existing = match existing {
                 Some(b) if b.config.forwarding != bc.forwarding => {
                     st.backends.push(b);
-                    reindexed = true;
                     None
                 }
                 other => other,
@@ -669,7 +671,13 @@ impl Engine {
             .map(|b| ((b.config.addr, b.config.port), b.index))
             .collect();
         let slots: Vec<u32> = table.slots.iter().map(|d| index_of[d]).collect();
-        let same_slots = st.region.is_some() && st.table.slots == table.slots && !reindexed;
+        // The table in place serves if it names the same servers at the same indexes.
+        let same_slots = st.region.is_some()
+            && st.table.slots == table.slots
+            && table
+                .slots
+                .iter()
+                .all(|d| old_index_of.get(d) == index_of.get(d));
         if !same_slots {
             if let Some(r) = st.region.take() {
                 retire.push(Deferred::Region(r));

@@ -140,7 +140,7 @@ pub fn filter_words(services: &[ServiceConfig]) -> Vec<u64> {
 /// protocol) of every NAT real server (port 0 for those that answer from any port); the
 /// service prefilter's flag word says whether to look (`wide::F_NAT`, `F_NAT_ANY_PORT`).
 pub fn nat_source_words(services: &[ServiceConfig]) -> Vec<u64> {
-    let mut w = vec![0u64; filter::WORDS as usize + 1];
+    let mut w = vec![0u64; filter::WORDS as usize];
     for s in services {
         let proto = s.key.protocol.number();
         for b in s
