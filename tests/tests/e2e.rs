@@ -2,7 +2,6 @@
 //! network namespaces joined by a bridge; real kernels' TCP stacks on both ends.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Mutex,
@@ -10,27 +9,13 @@ use std::{
 };
 
 use xlb_tests::{
-    require_root,
+    counts, require_root,
     testbed::{DrBench, KeepAlive, http_get, http_get_from, in_netns, run},
+    xlb_bin,
 };
 
 /// The benches share two CPUs; one at a time keeps timings sane.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// The `xlb` binary under test: `XLB_BIN`, else the one next to this test's build.
-fn xlb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLB_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("xlb");
-    assert!(
-        p.exists(),
-        "{} not found: build it first (cargo build -p lb-userspace) or set XLB_BIN",
-        p.display()
-    );
-    p
-}
 
 fn service(name: &str, addr: &str, sched: &str, backends: &[(String, u32)]) -> String {
     let mut s =
@@ -103,14 +88,6 @@ fn add_client_address(b: &DrBench, addr: impl AsRef<str>) {
         "eth0",
     ])
     .unwrap();
-}
-
-fn counts(v: &[String]) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for s in v {
-        *m.entry(s.clone()).or_default() += 1;
-    }
-    m
 }
 
 #[test]

@@ -7,9 +7,8 @@
 //! packets are decoded by tshark.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr, UdpSocket},
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -18,36 +17,15 @@ use std::{
 };
 
 use xlb_tests::{
-    require_root,
+    counts, require_root,
     testbed::{
         DrBench, NAT_PUBLIC_IF, NatBench, files_dir, http_get, http_request, in_netns, pattern, run,
     },
+    xlb_bin,
 };
 
 /// The benches share two CPUs; one at a time keeps timings sane.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn xlb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLB_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("xlb");
-    assert!(
-        p.exists(),
-        "{} not found: build it first or set XLB_BIN",
-        p.display()
-    );
-    p
-}
-
-fn counts(v: &[String]) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for s in v {
-        *m.entry(s.clone()).or_default() += 1;
-    }
-    m
-}
 
 /// `n` sequential HTTP requests from namespace `ns`, one connection each; who answered.
 fn requests(ns: &str, vip: SocketAddr, n: usize) -> Vec<String> {

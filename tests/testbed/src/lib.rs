@@ -327,10 +327,7 @@ impl DrBench {
 
     /// A configuration for the balancer with `services` (TOML `[[services]]` text).
     pub fn config(&self, services: &str) -> String {
-        format!(
-            "[dataplane]\ninterfaces = [\"{LB_IF}\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n[control]\nsocket = \"{}\"\n\n{services}",
-            self.socket().display()
-        )
+        balancer_config(&[LB_IF], &self.socket(), services)
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -343,6 +340,17 @@ impl DrBench {
         let (lb, socket) = (self.lb.clone(), self.socket());
         start_xlb_in(&mut self.bench, &lb, xlb, config, &socket)
     }
+}
+
+/// A bench balancer's configuration: attached natively to `interfaces`, small tables, the
+/// admin API on `socket`, then `services` (TOML `[[services]]` text).
+fn balancer_config(interfaces: &[&str], socket: &Path, services: &str) -> String {
+    let interfaces: Vec<String> = interfaces.iter().map(|i| format!("\"{i}\"")).collect();
+    format!(
+        "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n[control]\nsocket = \"{}\"\n\n{services}",
+        interfaces.join(", "),
+        socket.display()
+    )
 }
 
 /// Starts `xlb run` in namespace `ns` with `config` and waits until its admin API (at
@@ -617,10 +625,7 @@ impl NatBench {
 
     /// A configuration for the balancer (attached to both sides) with `services`.
     pub fn config(&self, services: &str) -> String {
-        format!(
-            "[dataplane]\ninterfaces = [\"{NAT_PUBLIC_IF}\", \"{NAT_PRIVATE_IF}\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n[control]\nsocket = \"{}\"\n\n{services}",
-            self.socket().display()
-        )
+        balancer_config(&[NAT_PUBLIC_IF, NAT_PRIVATE_IF], &self.socket(), services)
     }
 
     pub fn socket(&self) -> PathBuf {
