@@ -37,6 +37,50 @@ pub struct ServicesResponse {
     pub services: Vec<ServiceView>,
 }
 
+/// `GET /v1/connections`: the connection table (`ipvsadm -L -c`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnectionsResponse {
+    pub connections: Vec<ConnView>,
+}
+
+/// One connection or persistence template, as `ipvsadm -L -n -c` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnView {
+    /// `TCP`, `UDP`, or `IP` for a template of an all-protocol service.
+    pub protocol: String,
+    /// Whole seconds until it expires.
+    pub expire_secs: u32,
+    /// IPVS's state name: `ESTABLISHED`, `SYN_RECV`, `FIN_WAIT`, ..., `UDP`; templates
+    /// `NONE` (or `ASSURED`).
+    pub state: String,
+    pub client: std::net::SocketAddr,
+    pub vip: std::net::SocketAddr,
+    pub dest: std::net::SocketAddr,
+}
+
+/// `POST /v1/changes`: administrative changes, applied together.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChangesRequest {
+    pub changes: Vec<crate::change::Change>,
+    /// `false` (ipvsadm's commands, the API): any failing change rejects them all.
+    /// `true` (`ipvsadm -R`): a change failing with an IPVS error (e.g. "Service already
+    /// exists") is reported and skipped, as ipvsadm's restore goes on; the rest is still
+    /// validated as a whole and applied in one switch.
+    #[serde(default)]
+    pub skip_failed: bool,
+}
+
+/// The answer to [`ChangesRequest`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ChangesResponse {
+    /// One entry per change, in order: `None` = made, `Some(e)` = refused.
+    pub results: Vec<Option<crate::change::ChangeError>>,
+    /// Whether anything was applied.
+    pub applied: bool,
+    /// Why nothing was applied (validation of the result, or the data plane refused it).
+    pub error: Option<String>,
+}
+
 /// `GET /v1/counters`: every verdict/event counter of the data plane.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CountersResponse {
@@ -166,6 +210,34 @@ pub async fn get_json<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
         bail!("{}: {}", status, String::from_utf8_lossy(&body));
+    }
+    serde_json::from_slice(&body).context("decoding the daemon's answer")
+}
+
+/// Client side: `POST path` with a JSON body on the daemon's socket; a non-2xx answer is an
+/// error carrying the daemon's message.
+pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+    socket: &Path,
+    path: &str,
+    body: &B,
+) -> Result<T> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach the xlb daemon at {} (is `xlb run` running? --socket / XLB_SOCKET select another instance)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post(path)
+        .header(hyper::header::HOST, "xlb")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{}", String::from_utf8_lossy(&body));
     }
     serde_json::from_slice(&body).context("decoding the daemon's answer")
 }

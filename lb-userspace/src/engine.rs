@@ -225,6 +225,30 @@ pub struct BackendView {
     /// Resolved next-hop MAC, if any.
     pub mac: Option<String>,
     pub index: u32,
+    /// `-x` / `-y` (0 = none).
+    #[serde(default)]
+    pub upper_threshold: u32,
+    #[serde(default)]
+    pub lower_threshold: u32,
+    /// Tunnel settings of a tunnel server (`--tun-info`).
+    #[serde(default)]
+    pub tunnel: Option<crate::config::Tunnel>,
+    /// Persistence templates pointing at this server (`--persistent-conn`'s PersistConn).
+    #[serde(default)]
+    pub persist_conns: u64,
+    /// `--rate` figures.
+    #[serde(default)]
+    pub rate: RateView,
+}
+
+/// IPVS's rate estimates (`ipvsadm --rate`): connections, packets and bytes per second.
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct RateView {
+    pub cps: u64,
+    pub in_pps: u64,
+    pub out_pps: u64,
+    pub in_bps: u64,
+    pub out_bps: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -262,6 +286,9 @@ pub struct ServiceView {
     pub persistence: Option<crate::config::Persistence>,
     pub id: u32,
     pub stats: CountersView,
+    /// `--rate` figures.
+    #[serde(default)]
+    pub rate: RateView,
     pub backends: Vec<BackendView>,
 }
 
@@ -899,6 +926,11 @@ impl Engine {
                         .get(&b.config.addr)
                         .map(|n| mac_string(&n.dst_mac)),
                     index: b.index,
+                    upper_threshold: b.config.upper_threshold,
+                    lower_threshold: b.config.lower_threshold,
+                    tunnel: b.config.tunnel,
+                    persist_conns: 0,
+                    rate: RateView::default(),
                 });
             }
             out.push(ServiceView {
@@ -910,6 +942,7 @@ impl Engine {
                 persistence: st.config.persistence,
                 id: st.id,
                 stats: dp.service_stats(st.id)?.into(),
+                rate: RateView::default(),
                 backends,
             });
         }

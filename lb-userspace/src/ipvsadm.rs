@@ -243,6 +243,11 @@ mod tests {
             stats: CountersView::default(),
             mac: None,
             index: 0,
+            upper_threshold: 0,
+            lower_threshold: 0,
+            tunnel: None,
+            persist_conns: 0,
+            rate: Default::default(),
         }
     }
 
@@ -256,6 +261,7 @@ mod tests {
             persistence: None,
             id: 0,
             stats: CountersView::default(),
+            rate: Default::default(),
             backends,
         }
     }

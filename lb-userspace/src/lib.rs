@@ -2,6 +2,7 @@
 //! admin API and the ipvsadm-compatible output. The `xlb` binary is a thin CLI over this.
 
 pub mod api;
+pub mod change;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
