@@ -9,23 +9,21 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    routing::{get, post},
+};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::{net::UnixStream, sync::Mutex};
 
-use crate::{
-    dataplane::{Attachment, Dataplane},
-    engine::{Engine, ServiceView},
-};
+use crate::{dataplane::Attachment, engine::ServiceView};
 
-/// What the daemon shares between its tasks.
-pub struct Daemon {
-    pub dp: Dataplane,
-    pub engine: Engine,
-}
+pub use crate::control::Daemon;
 
 pub type Shared = Arc<Mutex<Daemon>>;
 
@@ -93,6 +91,30 @@ pub struct StatusResponse {
     pub version: String,
     pub attached: Vec<AttachmentView>,
     pub maps: Vec<MapMemory>,
+    /// The configuration file the daemon runs from.
+    #[serde(default)]
+    pub config: String,
+    /// Applied configurations since start-up.
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub last_reload: Option<crate::control::ReloadResult>,
+    /// Connections in the tables.
+    #[serde(default)]
+    pub connections: u64,
+}
+
+/// `POST /v1/handover`: the daemon saves its state, leaves the data plane running and exits,
+/// for a successor started with `xlb run --takeover`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HandoverResponse {
+    pub generation: u64,
+}
+
+/// `POST /v1/reload`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadResponse {
+    pub generation: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,7 +151,62 @@ async fn services(State(s): State<Shared>) -> Result<Json<ServicesResponse>, Api
     let d = s.lock().await;
     Ok(Json(ServicesResponse {
         conn_table_size: d.dp.limits.conn_table_size,
-        services: d.engine.view(&d.dp).map_err(internal)?,
+        services: d.view().map_err(internal)?,
+    }))
+}
+
+async fn connections(State(s): State<Shared>) -> Json<ConnectionsResponse> {
+    let d = s.lock().await;
+    Json(ConnectionsResponse {
+        connections: d.connections(),
+    })
+}
+
+async fn timeouts(State(s): State<Shared>) -> Json<crate::config::Timeouts> {
+    Json(s.lock().await.engine.timeouts())
+}
+
+async fn changes(
+    State(s): State<Shared>,
+    req: Result<Json<ChangesRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ChangesResponse>, ApiError> {
+    let Json(req) = req.map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("bad request: {}", e.body_text()),
+        )
+    })?;
+    let mut d = s.lock().await;
+    Ok(Json(d.apply_changes(&req)))
+}
+
+async fn reload(State(s): State<Shared>) -> Result<Json<ReloadResponse>, ApiError> {
+    let mut d = s.lock().await;
+    d.reload()
+        .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+    Ok(Json(ReloadResponse {
+        generation: d.generation,
+    }))
+}
+
+async fn handover(State(s): State<Shared>) -> Result<Json<HandoverResponse>, ApiError> {
+    let mut d = s.lock().await;
+    if d.state_path.is_none() {
+        return Err((
+            StatusCode::CONFLICT,
+            "this daemon's maps are not pinned: a successor could not adopt them".into(),
+        ));
+    }
+    d.handing_over = true;
+    d.save_state().map_err(|e| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("saving the state for the successor: {e:#}"),
+        )
+    })?;
+    d.handover.notify_one();
+    Ok(Json(HandoverResponse {
+        generation: d.generation,
     }))
 }
 
@@ -160,6 +237,10 @@ async fn status(State(s): State<Shared>) -> Json<StatusResponse> {
                 max_entries: m,
             })
             .collect(),
+        config: d.source.path().display().to_string(),
+        generation: d.generation,
+        last_reload: d.last_reload.clone(),
+        connections: d.dp.flows_in_table().unwrap_or(0),
     })
 }
 
@@ -182,6 +263,11 @@ pub async fn serve(path: &Path, state: Shared) -> Result<tokio::task::JoinHandle
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let app = Router::new()
         .route("/v1/services", get(services))
+        .route("/v1/connections", get(connections))
+        .route("/v1/timeouts", get(timeouts))
+        .route("/v1/changes", post(changes))
+        .route("/v1/reload", post(reload))
+        .route("/v1/handover", post(handover))
         .route("/v1/counters", get(counters))
         .route("/v1/status", get(status))
         .with_state(state);
@@ -232,7 +318,9 @@ pub async fn post_json<B: Serialize, T: DeserializeOwned>(
     let req = hyper::Request::post(path)
         .header(hyper::header::HOST, "xlb")
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
+        .body(http_body_util::Full::new(Bytes::from(serde_json::to_vec(
+            body,
+        )?)))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();

@@ -14,7 +14,9 @@ use crate::config::{BackendConfig, ServiceConfig, ServiceKey, Timeouts};
 pub enum Change {
     /// `-A`: a new service (its `backends` are ignored; servers come with `-a`).
     AddService { service: ServiceConfig },
-    /// `-E`: replaces the service's settings, keeping its real servers.
+    /// `-E`: replaces the settings ipvsadm has words for (scheduler, flags, persistence),
+    /// keeping the rest: the name, the port set, the real servers, the default forwarding
+    /// method, `conntrack`, and mh's table size while the scheduler stays mh.
     EditService { service: ServiceConfig },
     /// `-D`
     DeleteService { key: ServiceKey },
@@ -82,10 +84,13 @@ impl Change {
             }
             Change::EditService { service } => {
                 let i = find(m, &service.key).ok_or(ChangeError::NoService)?;
-                let mut s = service.clone();
-                s.backends = std::mem::take(&mut m.services[i].backends);
-                s.name = m.services[i].name.clone();
-                m.services[i] = s;
+                let old = &mut m.services[i];
+                old.scheduler = service.scheduler;
+                old.sched_flags = service.sched_flags;
+                old.persistence = service.persistence;
+                if service.scheduler != crate::config::Scheduler::Mh {
+                    old.mh_table_size = service.mh_table_size;
+                }
             }
             Change::DeleteService { key } => {
                 let i = find(m, key).ok_or(ChangeError::NoService)?;
@@ -95,8 +100,7 @@ impl Change {
             Change::AddServer { key, server } => {
                 let i = find(m, key).ok_or(ChangeError::NoService)?;
                 let s = &mut m.services[i];
-                if s
-                    .backends
+                if s.backends
                     .iter()
                     .any(|b| b.addr == server.addr && b.port == server.port)
                 {

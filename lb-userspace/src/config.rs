@@ -24,6 +24,12 @@ fn default_mh_size() -> u32 {
 /// Default Unix socket of the admin API.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 
+/// Default address of `/metrics` (loopback: exposing it is a deliberate choice).
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9469";
+
+/// Default bpffs directory the maps are pinned under (one subdirectory per instance).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}:{column}: {message}")]
@@ -566,6 +572,10 @@ pub struct Config {
     pub path: PathBuf,
     pub dataplane: DataplaneConfig,
     pub socket: PathBuf,
+    /// Where `/metrics` is served (`None`: not served).
+    pub metrics: Option<SocketAddr>,
+    /// bpffs directory of this instance's pinned maps and link (restarts reuse them).
+    pub pin_dir: PathBuf,
     pub timeouts: Timeouts,
     pub services: Vec<ServiceConfig>,
 }
@@ -606,6 +616,9 @@ struct FileDataplane {
 #[serde(deny_unknown_fields)]
 struct FileControl {
     socket: Option<PathBuf>,
+    /// "address:port", or "off".
+    metrics: Option<Spanned<String>>,
+    pin_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -902,6 +915,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         services.push(svc);
     }
+    let metrics = match &file.control.metrics {
+        None => Some(DEFAULT_METRICS.parse().expect("valid default")),
+        Some(m) if m.get_ref() == "off" => None,
+        Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|_| {
+            loc.err(
+                m.span(),
+                format!(
+                    "control.metrics \"{}\" is not an address:port (e.g. \"127.0.0.1:9469\") or \"off\"",
+                    m.get_ref()
+                ),
+            )
+        })?),
+    };
     if services.len() > limits.max_services as usize {
         return Err(ConfigError {
             file: loc.file.clone(),
@@ -938,6 +964,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .control
             .socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        metrics,
+        pin_dir: file
+            .control
+            .pin_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
         timeouts,
         services,
     })

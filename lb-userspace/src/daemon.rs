@@ -1,12 +1,7 @@
 //! `xlb run`: load, fill the maps, attach, serve the admin API, keep next hops current, and
 //! detach cleanly on SIGINT/SIGTERM.
 
-use std::{
-    net::IpAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
@@ -21,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, Daemon, Shared},
     config::{self, Config},
+    control::Source,
     dataplane::{self, Dataplane},
     engine::Engine,
     neigh,
@@ -37,8 +33,130 @@ const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long start-up waits for the kernel to resolve real servers before attaching.
 const NEIGH_STARTUP_WAIT: Duration = Duration::from_secs(2);
 
-pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
-    let config = config::load(path)?;
+/// How `xlb run` was asked to configure itself.
+pub enum Startup {
+    Toml(PathBuf),
+    Keepalived {
+        path: PathBuf,
+        interfaces: Vec<String>,
+    },
+}
+
+/// Reads the configuration; for a keepalived.conf, settles which interfaces to attach to.
+async fn startup_config(startup: Startup) -> Result<(Config, Source)> {
+    match startup {
+        Startup::Toml(p) => Ok((config::load(&p)?, Source::Toml(p))),
+        Startup::Keepalived { path, interfaces } => {
+            let loaded = crate::keepalived_config::read(&path, &interfaces)?;
+            for w in &loaded.warnings {
+                warn!("{w}");
+            }
+            let mut config = loaded.config;
+            if config.dataplane.interfaces.is_empty() {
+                let mut vips: Vec<IpAddr> = config.services.iter().map(|s| s.key.addr).collect();
+                vips.sort();
+                vips.dedup();
+                let chosen = crate::keepalived_config::vip_interfaces(&vips).await?;
+                info!(interfaces = ?chosen, "attaching to the interfaces that route the VIPs");
+                config.dataplane.interfaces = chosen
+                    .into_iter()
+                    .map(|value| config::Located {
+                        value,
+                        file: path.display().to_string(),
+                        line: 0,
+                        column: 0,
+                    })
+                    .collect();
+            }
+            if config.dataplane.interfaces.is_empty() {
+                anyhow::bail!(
+                    "{}: no interface to attach to (no --interface, no vrrp_instance, no virtual_server)",
+                    path.display()
+                );
+            }
+            let interfaces = config
+                .dataplane
+                .interfaces
+                .iter()
+                .map(|i| i.value.clone())
+                .collect();
+            Ok((config, Source::Keepalived { path, interfaces }))
+        }
+    }
+}
+
+/// Where a daemon keeps its state for a successor: beside its socket.
+pub fn state_path(socket: &std::path::Path) -> PathBuf {
+    socket.with_extension("state")
+}
+
+/// Asks the daemon on `socket` to hand over, and waits until it is gone.
+async fn take_over(socket: &std::path::Path) -> Result<()> {
+    if tokio::net::UnixStream::connect(socket).await.is_err() {
+        info!(socket = %socket.display(), "no running daemon to take over from");
+        return Ok(());
+    }
+    let _: api::HandoverResponse = api::post_json(socket, "/v1/handover", &())
+        .await
+        .context("asking the running daemon to hand over")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::UnixStream::connect(socket).await.is_ok() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the running daemon did not hand over within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    info!("the previous daemon handed over");
+    Ok(())
+}
+
+/// Loads the data plane with its maps pinned; a predecessor's maps and state are adopted.
+/// Pinned maps without a usable state cannot be adopted: they are removed (with what they
+/// held) and the data plane starts afresh.
+fn load_dataplane(config: &Config, state: &std::path::Path) -> Result<(Dataplane, Engine, u64)> {
+    let dp = Dataplane::load_pinned(config.dataplane.limits, &config.pin_dir)?;
+    if !dp.adopted() {
+        let engine = Engine::new(&dp);
+        return Ok((dp, engine, 0));
+    }
+    match crate::control::read_state(state)
+        .and_then(|(snap, generation)| Ok((Engine::adopt(&dp, snap)?, generation)))
+    {
+        Ok((engine, generation)) => {
+            info!(
+                pins = %config.pin_dir.display(),
+                flows = dp.flows_in_table().unwrap_or(0),
+                "adopted the previous daemon's data plane"
+            );
+            Ok((dp, engine, generation))
+        }
+        Err(e) => {
+            warn!(
+                pins = %config.pin_dir.display(),
+                "pinned maps found but the saved state is unusable ({e:#}); starting afresh, the previous connections are lost"
+            );
+            let mut dp = dp;
+            dp.detach_all();
+            drop(dp);
+            let dp = Dataplane::load_pinned(config.dataplane.limits, &config.pin_dir)?;
+            let engine = Engine::new(&dp);
+            Ok((dp, engine, 0))
+        }
+    }
+}
+
+/// On a failed start: a predecessor's data plane keeps running, a fresh one is removed.
+fn abandon(dp: &mut Dataplane) {
+    if dp.adopted() {
+        dp.leave_running();
+    } else {
+        dp.detach_all();
+    }
+}
+
+pub async fn run(startup: Startup, socket: Option<PathBuf>, takeover: bool) -> Result<()> {
+    let (config, source) = startup_config(startup).await?;
+    let path = source.path().to_path_buf();
     for i in &config.dataplane.interfaces {
         if dataplane::ifindex(&i.value).is_err() {
             return Err(i.error(format!("no interface named {}", i.value)).into());
@@ -46,8 +164,17 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
     }
     let socket = socket.unwrap_or_else(|| config.socket.clone());
     info!(config = %path.display(), services = config.services.len(), "starting");
+    let state = state_path(&socket);
+    if takeover {
+        take_over(&socket).await?;
+    } else if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        anyhow::bail!(
+            "another xlb daemon is serving {} (use a different [control] socket per instance, or --takeover to replace it without losing connections)",
+            socket.display()
+        );
+    }
 
-    let mut dp = Dataplane::load(config.dataplane.limits)?;
+    let (mut dp, mut engine, generation) = load_dataplane(&config, &state)?;
     for (name, bytes, entries) in dp.memory() {
         info!(
             map = name,
@@ -56,7 +183,6 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
             "map memory"
         );
     }
-    let mut engine = Engine::new(&dp);
     engine.set_timeouts(&mut dp, config.timeouts)?;
     engine.set_expire_nodest_conn(&mut dp, config.dataplane.expire_nodest_conn)?;
 
@@ -64,9 +190,18 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
     let (watcher, mut updates) = neigh::spawn_watcher(addrs.clone(), NEIGH_REFRESH)?;
     wait_for_next_hops(&mut dp, &mut engine, &mut updates, &addrs).await?;
 
-    engine
-        .apply(&mut dp, &config.services)
-        .context("installing the configured services")?;
+    if let Err(e) = crate::render::validate_services(&config.services, &dp.limits)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{}", path.display()))
+        .and_then(|()| {
+            engine
+                .apply(&mut dp, &config.services)
+                .context("installing the configured services")
+        })
+    {
+        abandon(&mut dp);
+        return Err(e);
+    }
     for s in &config.services {
         info!(service = %s.name, key = %s.key, scheduler = %s.scheduler, backends = s.backends.len(), "service installed");
     }
@@ -74,22 +209,52 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
         match dp.attach(&i.value, config.dataplane.xdp_mode) {
             Ok(a) => info!(interface = %a.interface, mode = a.mode, "XDP program attached"),
             Err(e) => {
-                dp.detach_all();
+                abandon(&mut dp);
                 return Err(e.context(format!("attaching to {}", i.value)));
             }
         }
     }
+    let names: Vec<String> = config
+        .dataplane
+        .interfaces
+        .iter()
+        .map(|i| i.value.clone())
+        .collect();
+    dp.drop_stale_links(&names);
 
     let events = dp.take_events();
-    let shared: Shared = Arc::new(Mutex::new(Daemon { dp, engine }));
+    let mut daemon = Daemon::new(dp, engine, source, config.dataplane.clone());
+    daemon.generation = generation + 1;
+    daemon.watch = Some(watcher.watch.clone());
+    daemon.state_path = Some(state.clone());
+    if let Err(e) = daemon.save_state() {
+        warn!("saving state for a successor: {e:#}");
+    }
+    let handover = daemon.handover.clone();
+    let shared: Shared = Arc::new(Mutex::new(daemon));
     let api_task = match api::serve(&socket, shared.clone()).await {
         Ok(t) => t,
         Err(e) => {
-            shared.lock().await.dp.detach_all();
+            abandon(&mut shared.lock().await.dp);
             return Err(e);
         }
     };
     info!(socket = %socket.display(), "admin API listening");
+    let metrics_task = match config.metrics {
+        Some(addr) => match crate::metrics::serve(addr, shared.clone()).await {
+            Ok(t) => {
+                info!(%addr, "metrics at http://{addr}/metrics");
+                Some(t)
+            }
+            Err(e) => {
+                api_task.abort();
+                abandon(&mut shared.lock().await.dp);
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     if let Some(rb) = events {
         tokio::spawn(relay_events(
             rb,
@@ -101,23 +266,47 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut rates = tokio::time::interval(crate::estimator::PERIOD);
+    rates.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reap = tokio::time::interval(REAP_INTERVAL);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut handing_over = false;
     loop {
         tokio::select! {
             _ = reap.tick() => {
                 let mut d = shared.lock().await;
-                let Daemon { dp, engine } = &mut *d;
-                if let Err(e) = dp.reap() {
+                if let Err(e) = d.dp.reap() {
                     error!("expiring idle connections: {e:#}");
                 }
-                engine.expire_trash(dp);
+                let Daemon { dp, engine, .. } = &mut *d;
+                if engine.expire_trash(dp) {
+                    d.dirty = true;
+                }
+                if d.dirty && let Err(e) = d.save_state() {
+                    warn!("saving state for a successor: {e:#}");
+                }
+            }
+            _ = handover.notified() => {
+                info!("handing over to a successor: the data plane keeps running");
+                handing_over = true;
+                break;
+            }
+            _ = rates.tick() => {
+                if let Err(e) = shared.lock().await.sample_rates() {
+                    error!("sampling rates: {e:#}");
+                }
+            }
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                // The outcome is logged and kept for `xlb status` and /metrics.
+                let _ = shared.lock().await.reload();
             }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             Some((addr, nh)) = updates.recv() => {
                 let mut d = shared.lock().await;
-                let Daemon { dp, engine } = &mut *d;
+                let Daemon { dp, engine, .. } = &mut *d;
                 match &nh {
                     Some(n) => info!(%addr, mac = %crate::engine::mac_string(&n.dst_mac), ifindex = n.ifindex, "next hop resolved"),
                     None => warn!(%addr, "next hop lost"),
@@ -125,13 +314,29 @@ pub async fn run(path: &Path, socket: Option<PathBuf>) -> Result<()> {
                 if let Err(e) = set_next_hop(dp, engine, addr, nh) {
                     error!(%addr, "updating next hop: {e:#}");
                 }
+                d.dirty = true;
             }
         }
     }
+    if handing_over {
+        // Let the successor's request be answered before the socket goes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     api_task.abort();
-    shared.lock().await.dp.detach_all();
-    let _ = std::fs::remove_file(&socket);
-    info!("stopped");
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let mut d = shared.lock().await;
+    if handing_over {
+        d.dp.leave_running();
+        let _ = std::fs::remove_file(&socket);
+        info!("handed over");
+    } else {
+        d.dp.detach_all();
+        let _ = std::fs::remove_file(&state);
+        let _ = std::fs::remove_file(&socket);
+        info!("stopped");
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap as StdHashMap,
     os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -37,6 +38,62 @@ pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// [`Dataplane::wait_for_readers`]), how long to wait instead. An XDP program runs for
 /// microseconds with bottom halves disabled; this is orders of magnitude more.
 const FALLBACK_GRACE: Duration = Duration::from_millis(50);
+
+/// The maps that hold state across daemons: pinned under the instance's pin directory and
+/// reused by the next daemon (connections, counters, services, servers, scheduler state).
+/// Scratch maps, the event ring and the tail-call table belong to one loaded object.
+pub const PINNED_MAPS: &[&str] = &[
+    names::BACKENDS,
+    names::BACKEND_CONNS,
+    names::BACKEND_STATS,
+    names::CONFIG_GEN,
+    names::FLOWS_V4,
+    names::FLOWS_V6,
+    names::FLOW_POOL,
+    names::FLOW_QUOTA,
+    names::FRAGS_V4,
+    names::FRAGS_V6,
+    names::GLOBALS,
+    names::GROUPS,
+    names::LOCALITY_V4,
+    names::LOCALITY_V6,
+    names::NAT_SOURCES,
+    names::NAT_V4,
+    names::NAT_V6,
+    names::PREFIX_V4,
+    names::PREFIX_V6,
+    names::REASONS,
+    names::RECENT_V4,
+    names::RECENT_V6,
+    names::SCHED_STATE,
+    names::SERVICES_V4,
+    names::SERVICES_V6,
+    names::SERVICE_FILTER,
+    names::SERVICE_STATS,
+    names::SLOTS,
+    names::TEMPLATES_V4,
+    names::TEMPLATES_V6,
+    names::TX_PORTS,
+    names::WIDE_V4,
+    names::WIDE_V6,
+];
+
+/// The pin of the XDP link on `interface` (the program stays attached while it exists).
+fn link_pin(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("link_{interface}"))
+}
+
+/// How an attachment is held.
+enum Held {
+    /// Owned by the program object: detached when dropped.
+    Owned(XdpLinkId),
+    /// Pinned: stays attached when this process exits, until the pin is removed.
+    Pinned {
+        link: aya::programs::links::PinnedLink,
+        /// The program's own handle, when the link was taken over from a predecessor.
+        adopted: Option<XdpLinkId>,
+    },
+}
 
 /// Where the program ended up attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,7 +145,11 @@ pub struct Dataplane {
     globals: Array<MapData, Globals>,
     tx_ports: DevMapHash<MapData>,
     events: Option<RingBuf<MapData>>,
-    links: Vec<(Attachment, XdpLinkId)>,
+    links: Vec<(Attachment, Held)>,
+    /// The pin directory, when the maps are pinned.
+    pin_dir: Option<PathBuf>,
+    /// The maps came from a predecessor (their content is live).
+    adopted: bool,
     /// When each backend slot last flipped halves (see [`Dataplane::write_backend`]).
     last_flip: StdHashMap<u32, Instant>,
     /// When the last completed wait for readers started: everything retired before it is
@@ -137,15 +198,27 @@ fn groups_for(slots: u32) -> u32 {
 
 impl Dataplane {
     /// Loads the program and creates its maps with the configured capacities. Nothing is
-    /// attached yet.
+    /// attached yet; nothing is pinned.
     pub fn load(limits: Limits) -> Result<Self> {
-        raise_memlock_limit();
-        let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
-        // The kernel tables are larger than the connections they may hold (see
-        // `flow_table_reserve`): the LRU must never evict a counted connection.
-        let reserve = lb_common::flow_table_reserve(ncpus as u32);
-        // NAT's reply tables follow the connection tables (one entry per NAT connection,
-        // never evicted while it lives), unless NAT is configured out.
+        Self::load_with(limits, None)
+    }
+
+    /// Like [`Dataplane::load`], with the state maps pinned under `dir`: maps a predecessor
+    /// pinned there are reused as they are (see [`Dataplane::adopted`]), after checking
+    /// that they have the capacities this configuration asks for.
+    pub fn load_pinned(limits: Limits, dir: &Path) -> Result<Self> {
+        ensure_bpffs_dir(dir)?;
+        Self::load_with(limits, Some(dir))
+    }
+
+    /// Whether the maps were a predecessor's.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The capacities the configuration gives the sized maps.
+    fn capacities(limits: &Limits, ncpus: u32) -> Vec<(&'static str, u32)> {
+        let reserve = lb_common::flow_table_reserve(ncpus);
         let nat_size = |conns: u32| {
             if limits.nat_tables {
                 conns + reserve
@@ -153,33 +226,67 @@ impl Dataplane {
                 1
             }
         };
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::FLOWS_V4, limits.conn_table_size + reserve)
-            .map_max_entries(names::FLOWS_V6, limits.conn_table_size_v6 + reserve)
-            .map_max_entries(names::NAT_V4, nat_size(limits.conn_table_size))
-            .map_max_entries(names::NAT_V6, nat_size(limits.conn_table_size_v6))
-            .map_max_entries(names::BACKEND_CONNS, limits.max_backends)
-            .map_max_entries(
+        vec![
+            (names::FLOWS_V4, limits.conn_table_size + reserve),
+            (names::FLOWS_V6, limits.conn_table_size_v6 + reserve),
+            (names::NAT_V4, nat_size(limits.conn_table_size)),
+            (names::NAT_V6, nat_size(limits.conn_table_size_v6)),
+            (names::BACKEND_CONNS, limits.max_backends),
+            (
                 names::RECENT_V4,
-                lb_common::recent_ring_size(limits.conn_table_size, ncpus as u32),
-            )
-            .map_max_entries(
+                lb_common::recent_ring_size(limits.conn_table_size, ncpus),
+            ),
+            (
                 names::RECENT_V6,
-                lb_common::recent_ring_size(limits.conn_table_size_v6, ncpus as u32),
-            )
-            .map_max_entries(names::SERVICES_V4, limits.max_services)
-            .map_max_entries(names::SERVICES_V6, limits.max_services)
-            .map_max_entries(names::SCHED_STATE, limits.max_services)
-            .map_max_entries(names::SERVICE_STATS, limits.max_services)
-            .map_max_entries(names::BACKENDS, limits.max_backends)
-            .map_max_entries(names::BACKEND_STATS, limits.max_backends)
-            .map_max_entries(names::SLOTS, limits.slot_table_size)
-            .map_max_entries(names::TEMPLATES_V4, limits.persistence_table_size)
-            .map_max_entries(names::TEMPLATES_V6, limits.persistence_table_size)
-            .map_max_entries(names::GROUPS, groups_for(limits.slot_table_size))
-            .map_max_entries(names::LOCALITY_V4, limits.locality_table_size)
-            .map_max_entries(names::LOCALITY_V6, limits.locality_table_size);
+                lb_common::recent_ring_size(limits.conn_table_size_v6, ncpus),
+            ),
+            (names::SERVICES_V4, limits.max_services),
+            (names::SERVICES_V6, limits.max_services),
+            (names::SCHED_STATE, limits.max_services),
+            (names::SERVICE_STATS, limits.max_services),
+            (names::BACKENDS, limits.max_backends),
+            (names::BACKEND_STATS, limits.max_backends),
+            (names::SLOTS, limits.slot_table_size),
+            (names::TEMPLATES_V4, limits.persistence_table_size),
+            (names::TEMPLATES_V6, limits.persistence_table_size),
+            (names::GROUPS, groups_for(limits.slot_table_size)),
+            (names::LOCALITY_V4, limits.locality_table_size),
+            (names::LOCALITY_V6, limits.locality_table_size),
+        ]
+    }
+
+    fn load_with(limits: Limits, pin_dir: Option<&Path>) -> Result<Self> {
+        raise_memlock_limit();
+        let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
+        // The kernel tables are larger than the connections they may hold (see
+        // `flow_table_reserve`): the LRU must never evict a counted connection. NAT's reply
+        // tables follow the connection tables (one entry per NAT connection, never evicted
+        // while it lives), unless NAT is configured out.
+        let capacities = Self::capacities(&limits, ncpus as u32);
+        let mut loader = EbpfLoader::new();
+        for (name, n) in &capacities {
+            loader.map_max_entries(name, *n);
+        }
+        let mut adopted = false;
+        if let Some(dir) = pin_dir {
+            for name in PINNED_MAPS {
+                let path = dir.join(name);
+                if path.exists() {
+                    adopted = true;
+                    check_pinned(&path, name, &capacities)?;
+                }
+                loader.map_pin_path(name, path);
+            }
+            if adopted {
+                // All or nothing: a partial set is not a predecessor's state.
+                if let Some(missing) = PINNED_MAPS.iter().find(|n| !dir.join(n).exists()) {
+                    bail!(
+                        "{} holds some of xlb's pinned maps but not {missing}: not a complete predecessor state; remove the directory to start afresh (its connections are lost)",
+                        dir.display()
+                    );
+                }
+            }
+        }
         let mut ebpf = loader
             .load(XDP_OBJECT)
             .context("loading the XDP object (are you root with CAP_BPF/CAP_NET_ADMIN?)")?;
@@ -256,10 +363,17 @@ impl Dataplane {
             ebpf,
             limits,
             links: Vec::new(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            adopted,
             last_flip: StdHashMap::new(),
             readers_done_since: Instant::now(),
             ncpus,
         };
+        if adopted {
+            // Live connections are counted in FLOW_POOL/FLOW_QUOTA and the globals are in
+            // force: nothing to initialise.
+            return Ok(dp);
+        }
         dp.set_globals(&Globals::default())?;
         for (i, capacity) in [limits.conn_table_size, limits.conn_table_size_v6]
             .into_iter()
@@ -371,14 +485,119 @@ impl Dataplane {
     /// Attaches the balancer to `interface`.
     pub fn attach(&mut self, interface: &str, mode: XdpModeSetting) -> Result<Attachment> {
         let ifindex = ifindex(interface)?;
-        let attachment = attach_program(&mut self.ebpf, PROGRAM_NAME, interface, ifindex, mode)?;
-        self.links.push((attachment.0.clone(), attachment.1));
+        let pin = self.pin_dir.as_deref().map(|d| link_pin(d, interface));
+        if let Some(path) = pin.as_deref().filter(|p| p.exists()) {
+            // A predecessor's program is attached here: replace it atomically (no packet
+            // sees no program), keeping its link and pin.
+            let attachment = self.replace_pinned(interface, ifindex, path, mode)?;
+            self.tx_ports
+                .insert(ifindex, ifindex, None, 0)
+                .with_context(|| format!("adding {interface} to the redirect map"))?;
+            return Ok(attachment);
+        }
+        let (attachment, id) =
+            attach_program(&mut self.ebpf, PROGRAM_NAME, interface, ifindex, mode)?;
+        let held = match &pin {
+            Some(path) => self.pin_link(id, path).with_context(|| {
+                format!("pinning the XDP link of {interface} at {}", path.display())
+            })?,
+            None => Held::Owned(id),
+        };
+        self.links.push((attachment.clone(), held));
         // A devmap entry per interface, so real servers behind another attached interface
         // are reached with XDP_REDIRECT.
         self.tx_ports
             .insert(ifindex, ifindex, None, 0)
             .with_context(|| format!("adding {interface} to the redirect map"))?;
-        Ok(attachment.0)
+        Ok(attachment)
+    }
+
+    fn xdp_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("loaded in Dataplane::load")
+    }
+
+    /// Pins a fresh attachment's link, so the program stays attached after this process.
+    fn pin_link(&mut self, id: XdpLinkId, path: &Path) -> Result<Held> {
+        let link = self.xdp_mut().take_link(id)?;
+        let fd: aya::programs::links::FdLink = link.try_into().map_err(|e| {
+            anyhow!("{e} (the kernel attached XDP through netlink, without a link to pin)")
+        })?;
+        let pinned = fd.pin(path)?;
+        Ok(Held::Pinned {
+            link: pinned,
+            adopted: None,
+        })
+    }
+
+    /// Takes over a predecessor's pinned link on `interface`: `bpf_link_update` swaps the
+    /// program in one step.
+    fn replace_pinned(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        path: &Path,
+        mode: XdpModeSetting,
+    ) -> Result<Attachment> {
+        use aya::programs::links::{FdLink, PinnedLink};
+        let keep = PinnedLink::from_pin(path)
+            .with_context(|| format!("opening the pinned link {}", path.display()))?;
+        let handle = FdLink::from(PinnedLink::from_pin(path)?);
+        let xdp_link = aya::programs::xdp::XdpLink::try_from(handle)
+            .map_err(|e| anyhow!("{} is not an XDP link: {e}", path.display()))?;
+        let id = self
+            .xdp_mut()
+            .attach_to_link(xdp_link)
+            .with_context(|| format!("replacing the program attached to {interface}"))?;
+        let attachment = Attachment {
+            interface: interface.to_string(),
+            ifindex,
+            // The link keeps the mode it was made with; `auto` resolved it then.
+            mode: match mode {
+                XdpModeSetting::Native => "native",
+                XdpModeSetting::Generic => "generic",
+                XdpModeSetting::Auto => "taken over",
+            },
+        };
+        self.links.push((
+            attachment.clone(),
+            Held::Pinned {
+                link: keep,
+                adopted: Some(id),
+            },
+        ));
+        info!(
+            interface,
+            "took over the attached program (atomic link update)"
+        );
+        Ok(attachment)
+    }
+
+    /// Pinned links of interfaces not in `interfaces` (a predecessor attached there): they
+    /// are detached, or they would keep running the old program.
+    pub fn drop_stale_links(&mut self, interfaces: &[String]) {
+        let Some(dir) = self.pin_dir.clone() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(ifname) = name.strip_prefix("link_")
+                && !interfaces.iter().any(|i| i == ifname)
+            {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => info!(
+                        interface = ifname,
+                        "detached the predecessor's program (interface no longer configured)"
+                    ),
+                    Err(err) => warn!(interface = ifname, "removing {}: {err}", e.path().display()),
+                }
+            }
+        }
     }
 
     /// Lets the program redirect to interface `ifindex` (a real server's egress interface
@@ -396,19 +615,47 @@ impl Dataplane {
         self.links.iter().map(|(a, _)| a.clone()).collect()
     }
 
-    /// Detaches from every interface.
+    /// Detaches from every interface, and removes the pinned state: a clean stop.
     pub fn detach_all(&mut self) {
-        let prog: Result<&mut Xdp, _> = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .expect("loaded")
-            .try_into();
-        if let Ok(prog) = prog {
-            for (a, id) in self.links.drain(..) {
-                match prog.detach(id) {
-                    Ok(()) => info!(interface = %a.interface, "detached"),
-                    Err(e) => warn!(interface = %a.interface, "detach failed: {e}"),
+        for (a, held) in std::mem::take(&mut self.links) {
+            let result = match held {
+                Held::Owned(id) => self.xdp_mut().detach(id).map_err(anyhow::Error::from),
+                Held::Pinned { link, adopted, .. } => {
+                    let r = link.unpin().map(drop).map_err(anyhow::Error::from);
+                    if let Some(id) = adopted {
+                        let _ = self.xdp_mut().detach(id);
+                    }
+                    r
                 }
+            };
+            match result {
+                Ok(()) => info!(interface = %a.interface, "detached"),
+                Err(e) => warn!(interface = %a.interface, "detach failed: {e:#}"),
+            }
+        }
+        if let Some(dir) = &self.pin_dir {
+            for name in PINNED_MAPS {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// Leaves the program attached and the maps pinned for a successor (a handover): only
+    /// this process's handles go.
+    pub fn leave_running(&mut self) {
+        let owned: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, h)| matches!(h, Held::Owned(_)))
+            .map(|(a, _)| a.interface.clone())
+            .collect();
+        for i in owned {
+            warn!(interface = %i, "attachment not pinned: it ends with this process");
+        }
+        for (_, held) in std::mem::take(&mut self.links) {
+            if let Held::Pinned { link, .. } = held {
+                drop(link);
             }
         }
     }
@@ -911,6 +1158,45 @@ pub async fn attach_pass_through(interface: &str) -> Result<()> {
         .execute()
         .await
         .with_context(|| format!("attaching the pass-through XDP program to {interface}"))?;
+    Ok(())
+}
+
+/// Makes sure `dir` exists on a bpffs; `/sys/fs/bpf` is mounted if it is not yet (as
+/// systemd does at boot).
+fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let on_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    let default_root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(default_root) && !on_bpffs(default_root) {
+        ensure_bpffs(default_root)?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !on_bpffs(dir) {
+        bail!(
+            "pin directory {} is not on a bpffs (mount one: mount -t bpf bpf DIR)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks a predecessor's pinned map against what this configuration asks for.
+fn check_pinned(path: &Path, name: &str, capacities: &[(&str, u32)]) -> Result<()> {
+    let map = MapData::from_pin(path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let info = map.info()?;
+    if let Some((_, want)) = capacities.iter().find(|(n, _)| *n == name)
+        && info.max_entries() != *want
+    {
+        bail!(
+            "the pinned map {} has {} entries, this configuration wants {want}: restore the previous [dataplane] sizes to keep the running connections, or remove {} to start afresh (they are lost)",
+            path.display(),
+            info.max_entries(),
+            path.parent()
+                .map_or_else(String::new, |p| p.display().to_string())
+        );
+    }
     Ok(())
 }
 

@@ -25,7 +25,7 @@ use lb_common::{
     BACKEND_F_AVAILABLE, BACKEND_F_NEIGH_VALID, Backend, FAMILY_V4, FAMILY_V6, Globals, Service,
     tcp,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{BackendConfig, Forwarding, Scheduler, ServiceConfig, ServiceKey, Timeouts},
@@ -41,7 +41,7 @@ pub const TRASH_PERIOD: Duration = Duration::from_secs(120);
 
 /// Where packets for a real server leave: egress interface and the two MACs, plus what
 /// tunnelling needs from the route.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NextHop {
     pub ifindex: u32,
     pub dst_mac: [u8; 6],
@@ -56,7 +56,7 @@ pub struct NextHop {
     pub source: Option<IpAddr>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct BackendState {
     index: u32,
     generation: u32,
@@ -65,7 +65,7 @@ struct BackendState {
     group: Option<u32>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct ServiceState {
     id: u32,
     config: ServiceConfig,
@@ -76,23 +76,60 @@ struct ServiceState {
     region: Option<Region>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Region {
     start: u32,
     len: u32,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Trashed {
     service: ServiceKey,
     backend: DestId,
     forwarding: Forwarding,
     index: u32,
     generation: u32,
+    /// Saved as the time left (an `Instant` means nothing to the next process).
+    #[serde(with = "instant_as_remaining")]
     until: Instant,
 }
 
-#[derive(Clone, Debug)]
+mod instant_as_remaining {
+    use std::time::{Duration, Instant};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Instant, s: S) -> Result<S::Ok, S::Error> {
+        t.saturating_duration_since(Instant::now())
+            .as_millis()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Instant, D::Error> {
+        let ms = u64::deserialize(d)?;
+        Ok(Instant::now() + Duration::from_millis(ms))
+    }
+}
+
+/// Everything the engine knows, as the next daemon adopts it (with the pinned maps it
+/// describes): allocations, scheduler sequences, retired servers still draining, next hops.
+#[derive(Serialize, Deserialize)]
+pub struct EngineSnapshot {
+    services: Vec<(ServiceKey, ServiceState)>,
+    service_ids: Ids,
+    backend_ids: Ids,
+    regions: Regions,
+    trash: Vec<Trashed>,
+    /// Retired ids and regions: by the time a successor reads this, no packet uses them.
+    deferred: Vec<Deferred>,
+    next_hops: Vec<(IpAddr, NextHop)>,
+    timeouts: Timeouts,
+    expire_nodest_conn: bool,
+    filter: Vec<u64>,
+    nat_sources: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 enum Deferred {
     Region(Region),
     ServiceId(u32),
@@ -141,7 +178,7 @@ fn grouped(s: crate::config::Scheduler, slots: usize) -> bool {
 }
 
 /// First-fit allocator of `SLOTS` ranges.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Regions {
     /// start → len of free ranges, non-adjacent.
     free: BTreeMap<u32, u32>,
@@ -188,10 +225,55 @@ impl Regions {
 }
 
 /// Free ids (lowest first) with a generation per id.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(into = "SavedIds", try_from = "SavedIds")]
 struct Ids {
     free: std::collections::BTreeSet<u32>,
     generation: Vec<u32>,
+}
+
+/// [`Ids`] as saved: the ids in use and the generations that are not zero (the free set of
+/// a large table is most of it).
+#[derive(Serialize, Deserialize)]
+struct SavedIds {
+    n: u32,
+    used: Vec<u32>,
+    generations: Vec<(u32, u32)>,
+}
+
+impl From<Ids> for SavedIds {
+    fn from(ids: Ids) -> Self {
+        let n = ids.generation.len() as u32;
+        SavedIds {
+            n,
+            used: (0..n).filter(|i| !ids.free.contains(i)).collect(),
+            generations: ids
+                .generation
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| **g != 0)
+                .map(|(i, g)| (i as u32, *g))
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<SavedIds> for Ids {
+    type Error = String;
+    fn try_from(s: SavedIds) -> Result<Self, String> {
+        let mut ids = Ids::new(s.n);
+        for u in s.used {
+            if !ids.free.remove(&u) {
+                return Err(format!("id {u} out of range or listed twice"));
+            }
+        }
+        for (i, g) in s.generations {
+            *ids.generation
+                .get_mut(i as usize)
+                .ok_or_else(|| format!("generation of id {i} out of range"))? = g;
+        }
+        Ok(ids)
+    }
 }
 
 impl Ids {
@@ -352,6 +434,19 @@ impl Engine {
         self.write_globals(dp)
     }
 
+    /// The idle timeouts in force (`ipvsadm -L --timeout`).
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The idle timeout of a connection state, in seconds.
+    pub fn state_timeout(&self, state: u8) -> u32 {
+        timeouts_secs(self.timeouts)
+            .get(state as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// IPVS `expire_nodest_conn`.
     pub fn set_expire_nodest_conn(&mut self, dp: &mut Dataplane, on: bool) -> Result<()> {
         self.expire_nodest_conn = on;
@@ -488,6 +583,51 @@ impl Engine {
         Ok(())
     }
 
+    /// The state a successor needs to take over the pinned maps (see [`Engine::adopt`]).
+    pub fn snapshot(&self) -> EngineSnapshot {
+        EngineSnapshot {
+            services: self.services.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            service_ids: self.service_ids.clone(),
+            backend_ids: self.backend_ids.clone(),
+            regions: self.regions.clone(),
+            trash: self.trash.clone(),
+            deferred: self.deferred.iter().map(|(_, d)| d.clone()).collect(),
+            next_hops: self.next_hops.iter().map(|(a, n)| (*a, *n)).collect(),
+            timeouts: self.timeouts,
+            expire_nodest_conn: self.expire_nodest_conn,
+            filter: self.filter.clone(),
+            nat_sources: self.nat_sources.clone(),
+        }
+    }
+
+    /// Takes over from a predecessor whose maps `dp` reuses: the same ids, indexes, slot
+    /// regions and sequences, so that every recorded connection still finds its server.
+    pub fn adopt(dp: &Dataplane, s: EngineSnapshot) -> Result<Self> {
+        let fresh = Engine::new(dp);
+        let sizes = |ids: &Ids| ids.generation.len();
+        if sizes(&s.service_ids) != sizes(&fresh.service_ids)
+            || sizes(&s.backend_ids) != sizes(&fresh.backend_ids)
+            || s.filter.len() != fresh.filter.len()
+            || s.nat_sources.len() != fresh.nat_sources.len()
+        {
+            bail!("the saved state was made for other map sizes");
+        }
+        let now = Instant::now();
+        Ok(Engine {
+            services: s.services.into_iter().collect(),
+            service_ids: s.service_ids,
+            backend_ids: s.backend_ids,
+            regions: s.regions,
+            trash: s.trash,
+            deferred: s.deferred.into_iter().map(|d| (now, d)).collect(),
+            next_hops: s.next_hops.into_iter().collect(),
+            timeouts: s.timeouts,
+            expire_nodest_conn: s.expire_nodest_conn,
+            filter: s.filter,
+            nat_sources: s.nat_sources,
+        })
+    }
+
     fn clone_state(&self) -> Engine {
         Engine {
             services: self.services.clone(),
@@ -540,14 +680,17 @@ impl Engine {
 
     /// Periodic housekeeping between configuration changes: frees trashed servers whose
     /// connections are all gone, and what earlier changes retired.
-    pub fn expire_trash(&mut self, dp: &mut Dataplane) {
+    /// Returns whether anything changed.
+    pub fn expire_trash(&mut self, dp: &mut Dataplane) -> bool {
         let now = Instant::now();
         let gone = self.take_expired_trash(dp, now);
+        let changed = !gone.is_empty() || !self.deferred.is_empty();
         self.deferred.extend(
             gone.into_iter()
                 .map(|t| (now, Deferred::BackendIndex(t.index))),
         );
         self.collect_deferred(dp);
+        changed
     }
 
     /// Marks a removed real server unavailable and keeps it in the trash for revival.

@@ -1,6 +1,6 @@
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use xlb::{
     api::{self, CountersResponse, ServicesResponse, StatusResponse},
@@ -20,11 +20,55 @@ enum Cmd {
     /// Run the balancer: load the XDP program, fill it from the config, attach, serve.
     Run {
         /// Configuration file (TOML).
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(
+            long,
+            short,
+            required_unless_present = "keepalived",
+            conflicts_with = "keepalived"
+        )]
+        config: Option<PathBuf>,
+        /// Run from a keepalived.conf instead (virtual_server blocks become services).
+        #[arg(long)]
+        keepalived: Option<PathBuf>,
+        /// With --keepalived: attach here (repeatable; default: the vrrp_instances'
+        /// interfaces, else the ones that route the VIPs).
+        #[arg(long = "interface", short = 'i', requires = "keepalived")]
+        interfaces: Vec<String>,
         /// Admin API socket (overrides the config's [control] socket).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Replace the daemon running on the same socket without losing a connection: it
+        /// hands over its pinned maps and attached program, and this one swaps in its program
+        /// atomically (an upgrade or restart).
+        #[arg(long)]
+        takeover: bool,
+    },
+    /// Re-read the running daemon's configuration and apply what changed (as SIGHUP does).
+    Reload {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// ipvsadm, against the running daemon: `xlb ipvsadm -Ln`, `xlb ipvsadm -A -t ...`,
+    /// `xlb ipvsadm -S`; also reached through links named ipvsadm, ipvsadm-save and
+    /// ipvsadm-restore (see `xlb links`). `--socket PATH` may come first.
+    #[command(disable_help_flag = true)]
+    Ipvsadm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Create links named ipvsadm, ipvsadm-save and ipvsadm-restore to this binary in DIR,
+    /// so that existing scripts drive xlb unchanged.
+    Links {
+        /// Directory for the links (e.g. /usr/local/sbin).
+        dir: PathBuf,
+        /// Replace existing files of those names.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
     },
     /// Print the running table as `ipvsadm -L -n` does.
     List {
@@ -81,6 +125,24 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print a keepalived.conf as the equivalent xlb TOML configuration.
+    Convert {
+        /// The keepalived.conf.
+        file: PathBuf,
+        /// Interfaces for [dataplane] (default: the file's vrrp_instance interfaces).
+        #[arg(long = "interface", short = 'i')]
+        interfaces: Vec<String>,
+    },
+    /// Validate a configuration file (TOML, or keepalived.conf with --keepalived).
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        keepalived: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum UtilCmd {
     /// Attach a pass-through XDP program that stays after exit (veth peers in test benches).
     XdpPass { interfaces: Vec<String> },
@@ -95,8 +157,39 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // Called as ipvsadm / ipvsadm-save / ipvsadm-restore: behave as that program.
+    let mut argv = std::env::args();
+    let invoked = argv
+        .next()
+        .map(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map_or(a.clone(), |n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    if matches!(
+        invoked.as_str(),
+        "ipvsadm" | "ipvsadm-save" | "ipvsadm-restore"
+    ) {
+        let (socket, args) = take_socket(argv.collect());
+        let code = rt.block_on(xlb::ipvsadm_cli::run(
+            &invoked,
+            args,
+            api::socket_path(socket),
+        ));
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
+    let cli = Cli::parse();
+    if let Cmd::Ipvsadm { args } = cli.cmd {
+        let (socket, args) = take_socket(args);
+        let code = rt.block_on(xlb::ipvsadm_cli::run(
+            "ipvsadm",
+            args,
+            api::socket_path(socket),
+        ));
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     match rt.block_on(dispatch(cli.cmd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -106,9 +199,107 @@ fn main() -> ExitCode {
     }
 }
 
+/// Removes a leading `--socket PATH` / `--socket=PATH` from ipvsadm's arguments (ipvsadm has
+/// no such option, so nothing is shadowed).
+fn take_socket(mut args: Vec<String>) -> (Option<PathBuf>, Vec<String>) {
+    let mut socket = None;
+    if let Some(first) = args.first() {
+        if let Some(p) = first.strip_prefix("--socket=") {
+            socket = Some(PathBuf::from(p));
+            args.remove(0);
+        } else if first == "--socket" && args.len() > 1 {
+            socket = Some(PathBuf::from(args[1].clone()));
+            args.drain(..2);
+        }
+    }
+    (socket, args)
+}
+
 async fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Run { config, socket } => daemon::run(&config, socket).await,
+        Cmd::Run {
+            config,
+            keepalived,
+            interfaces,
+            socket,
+            takeover,
+        } => {
+            let startup = match (config, keepalived) {
+                (Some(c), _) => daemon::Startup::Toml(c),
+                (None, Some(path)) => daemon::Startup::Keepalived { path, interfaces },
+                (None, None) => anyhow::bail!("give --config FILE or --keepalived FILE"),
+            };
+            daemon::run(startup, socket, takeover).await
+        }
+        Cmd::Reload { socket } => {
+            let r: api::ReloadResponse =
+                api::post_json(&api::socket_path(socket), "/v1/reload", &()).await?;
+            println!("reloaded (configuration generation {})", r.generation);
+            Ok(())
+        }
+        Cmd::Ipvsadm { .. } => unreachable!("handled before the runtime dispatch"),
+        Cmd::Links { dir, force } => {
+            let exe = std::env::current_exe().context("finding this binary")?;
+            for name in ["ipvsadm", "ipvsadm-save", "ipvsadm-restore"] {
+                let link = dir.join(name);
+                if force && link.symlink_metadata().is_ok() {
+                    std::fs::remove_file(&link)
+                        .with_context(|| format!("removing {}", link.display()))?;
+                }
+                std::os::unix::fs::symlink(&exe, &link).with_context(|| {
+                    format!(
+                        "linking {} → {} (--force replaces an existing file)",
+                        link.display(),
+                        exe.display()
+                    )
+                })?;
+                println!("{} -> {}", link.display(), exe.display());
+            }
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Convert { file, interfaces },
+        } => {
+            let loaded = xlb::keepalived_config::read(&file, &interfaces)?;
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            let mut c = loaded.config;
+            if c.dataplane.interfaces.is_empty() {
+                eprintln!(
+                    "warning: {}: no vrrp_instance names an interface; [dataplane] interfaces is a placeholder (use --interface)",
+                    file.display()
+                );
+                c.dataplane.interfaces.push(config::Located {
+                    value: "eth0".into(),
+                    file: String::new(),
+                    line: 0,
+                    column: 0,
+                });
+            }
+            print!("{}", xlb::render::to_toml(&c));
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file, keepalived },
+        } => {
+            let services = if keepalived {
+                let l = xlb::keepalived_config::read(&file, &[])?;
+                for w in &l.warnings {
+                    eprintln!("warning: {w}");
+                }
+                l.config.services
+            } else {
+                config::load(&file)?.services
+            };
+            println!(
+                "{}: ok ({} services, {} real servers)",
+                file.display(),
+                services.len(),
+                services.iter().map(|s| s.backends.len()).sum::<usize>()
+            );
+            Ok(())
+        }
         Cmd::List {
             numeric: _,
             stats,
@@ -135,6 +326,18 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             let resp: StatusResponse =
                 api::get_json(&api::socket_path(socket), "/v1/status").await?;
             println!("xlb {}", resp.version);
+            println!(
+                "config    {} (generation {}, {} connections)",
+                resp.config, resp.generation, resp.connections
+            );
+            if let Some(r) = &resp.last_reload {
+                println!(
+                    "reload    {} at {} (Unix time): {}",
+                    if r.ok { "applied" } else { "refused" },
+                    r.at_unix,
+                    r.message
+                );
+            }
             for a in resp.attached {
                 println!(
                     "attached  {} (ifindex {}, {} mode)",

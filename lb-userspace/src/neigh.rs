@@ -148,6 +148,35 @@ impl Resolver {
         }
     }
 
+    /// The interface packets for `addr` arrive on: the one with a connected subnet holding
+    /// it (longest prefix; loopback excluded), else the one the route to it leaves by.
+    pub async fn interface_towards(&self, addr: IpAddr) -> Result<Option<u32>> {
+        use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+        let mut addrs = self.handle.address().get().execute();
+        let mut best: Option<(u8, u32)> = None;
+        while let Some(m) = addrs.try_next().await.context("listing addresses")? {
+            let m: AddressMessage = m;
+            let plen = m.header.prefix_len;
+            for a in &m.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    let ip = *ip;
+                    if ip.is_loopback() || ip.is_ipv4() != addr.is_ipv4() {
+                        continue;
+                    }
+                    let same =
+                        crate::config::mask_addr(ip, plen) == crate::config::mask_addr(addr, plen);
+                    if same && best.is_none_or(|(p, _)| plen > p) {
+                        best = Some((plen, m.header.index));
+                    }
+                }
+            }
+        }
+        if let Some((_, i)) = best {
+            return Ok(Some(i));
+        }
+        Ok(self.route(addr).await?.map(|r| r.oif))
+    }
+
     /// The kernel's route to `addr`; `None` if unroutable or local.
     async fn route(&self, addr: IpAddr) -> Result<Option<Route>> {
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
@@ -285,6 +314,23 @@ fn entry(m: &NeighbourMessage) -> Option<NeighEntry> {
         (m.header.ifindex, dst?),
         (mac.unwrap_or([0; 6]), m.header.state),
     ))
+}
+
+/// The name of the interface VIP `addr` is served on (see [`Resolver::interface_towards`]).
+pub async fn interface_towards(addr: IpAddr) -> Result<Option<String>> {
+    let r = Resolver::new()?;
+    let Some(index) = r.interface_towards(addr).await? else {
+        return Ok(None);
+    };
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: on success the name is NUL-terminated within buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(Some(name.to_string_lossy().into_owned()))
 }
 
 /// Updates of next hops for the daemon: `(address, next hop or None)`.

@@ -29,14 +29,14 @@ use crate::config::Scheduler;
 pub type DestId = (IpAddr, u16);
 
 /// A real server as the schedulers see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Dest {
     pub id: DestId,
     pub weight: u32,
 }
 
 /// IPVS scheduler state that survives a configuration change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Resume {
     /// rr: the server returned last (`None` = the list head).
     Rr { cursor: Option<DestId> },
@@ -47,12 +47,77 @@ enum Resume {
 }
 
 /// What the data plane must hold for one service.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Table {
     /// Slot table.
+    #[serde(with = "compact_dests")]
     pub slots: Vec<DestId>,
     /// Offset added to the pick counter.
     pub offset: u32,
+}
+
+/// Slot tables repeat a few servers many times (mh: thousands of slots): saved as the
+/// distinct servers plus one small index per slot.
+mod compact_dests {
+    use super::DestId;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Compact {
+        dests: Vec<DestId>,
+        slots: Vec<u32>,
+    }
+
+    pub fn serialize<S: Serializer>(v: &[DestId], s: S) -> Result<S::Ok, S::Error> {
+        let mut dests: Vec<DestId> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        let slots = v
+            .iter()
+            .map(|d| {
+                *index.entry(*d).or_insert_with(|| {
+                    dests.push(*d);
+                    dests.len() as u32 - 1
+                })
+            })
+            .collect();
+        Compact { dests, slots }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DestId>, D::Error> {
+        let c = Compact::deserialize(d)?;
+        c.slots
+            .iter()
+            .map(|i| {
+                c.dests
+                    .get(*i as usize)
+                    .copied()
+                    .ok_or_else(|| serde::de::Error::custom(format!("slot names server {i}")))
+            })
+            .collect()
+    }
+}
+
+/// A map with tuple keys, saved as a list of pairs (JSON keys are strings).
+mod pairs {
+    use std::{collections::HashMap, hash::Hash};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        m: &HashMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<HashMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Eq + Hash,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 /// Largest table one service may use (wrr cycles grow with the weights).
@@ -70,12 +135,14 @@ pub enum SchedError {
     MhTooManyServers(usize, u32),
 }
 
-/// Per-service scheduler bookkeeping of the controller.
-#[derive(Clone, Debug)]
+/// Per-service scheduler bookkeeping of the controller (saved across restarts, see
+/// `Engine::snapshot`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sequencer {
     scheduler: Scheduler,
     /// IPVS list order.
     list: Vec<Dest>,
+    #[serde(with = "compact_dests")]
     table: Vec<DestId>,
     /// wrr: the pass (cw) each table position belongs to.
     table_cw: Vec<i64>,
@@ -87,6 +154,7 @@ pub struct Sequencer {
     /// A new scheduler was bound to existing servers and has no table yet.
     rebound: bool,
     /// Last non-zero weight of each server (IPVS `last_weight`; mh builds its table from it).
+    #[serde(with = "pairs")]
     last_weights: HashMap<DestId, u32>,
     /// mh's table size (a prime).
     mh_size: u32,

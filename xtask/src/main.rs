@@ -110,6 +110,49 @@ fn dpkg_installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// promtool (the metrics tests check the exposition format with it) comes out of Debian's
+/// prometheus package, unpacked rather than installed: installing would start a Prometheus
+/// server.
+fn install_promtool() -> Result<()> {
+    if succeeds("promtool", &["--version"]) {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("promtool is missing: run `cargo xtask setup` as root");
+    }
+    eprintln!("setup: installing promtool (from Debian's prometheus package)");
+    let dir = std::env::temp_dir().join(format!("xlb-promtool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut download = Command::new("apt-get");
+    download
+        .args(["download", "-q", "prometheus"])
+        .current_dir(&dir);
+    if status(download).is_err() {
+        let mut update = Command::new("apt-get");
+        update
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        status(update)?;
+        let mut download = Command::new("apt-get");
+        download
+            .args(["download", "-q", "prometheus"])
+            .current_dir(&dir);
+        status(download)?;
+    }
+    let deb = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| anyhow::anyhow!("apt-get download prometheus left no .deb"))?;
+    let mut unpack = Command::new("dpkg-deb");
+    unpack.arg("-x").arg(&deb).arg(dir.join("root"));
+    status(unpack)?;
+    std::fs::copy(dir.join("root/usr/bin/promtool"), "/usr/local/bin/promtool")
+        .context("installing /usr/local/bin/promtool")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn setup() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
@@ -133,6 +176,8 @@ fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive");
         status(install)?;
     }
+
+    install_promtool()?;
 
     if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
         eprintln!("setup: installing the nightly toolchain");

@@ -1,0 +1,585 @@
+//! The running daemon's state and every way it changes: administrative changes (ipvsadm,
+//! API), reloads of the configuration, zeroing, rate sampling. Each change is computed on a
+//! copy of the model, validated whole, and applied by the engine in one switch; a refused
+//! change leaves everything as it was.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result, bail};
+use lb_common::tcp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{
+    api::{ChangesRequest, ChangesResponse, ConnView},
+    change::{Change, ChangeError, Model},
+    config::{self, Config, DataplaneConfig, ServiceKey},
+    dataplane::Dataplane,
+    engine::{CountersView, Engine, ServiceView, monotonic_coarse_ticks},
+    estimator::Estimator,
+    render,
+};
+
+/// Where the configuration comes from, for reloads.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Toml(PathBuf),
+    Keepalived {
+        path: PathBuf,
+        /// `--interface` given on the command line.
+        interfaces: Vec<String>,
+    },
+}
+
+impl Source {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Source::Toml(p) | Source::Keepalived { path: p, .. } => p,
+        }
+    }
+}
+
+/// The outcome of the last reload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadResult {
+    pub at_unix: u64,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// What counters and rates are kept per: a service, or a real server of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum StatKey {
+    Service(ServiceKey),
+    Server(ServiceKey, IpAddr, u16),
+}
+
+/// A `-Z` snapshot: the raw counters at the time, for the id/index they were read at (an
+/// entry that got a new index since counts afresh).
+#[derive(Clone, Debug)]
+struct Baseline {
+    index: u32,
+    at: CountersView,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Rate {
+    index: u32,
+    est: Estimator,
+}
+
+/// What the daemon shares between its tasks (behind one async mutex: changes are rare and
+/// short; packets never wait for it).
+pub struct Daemon {
+    pub dp: Dataplane,
+    pub engine: Engine,
+    pub source: Source,
+    /// The data-plane settings in force (a reload cannot change them live).
+    pub dataplane: DataplaneConfig,
+    /// Tells the neighbour watcher which real servers to keep resolved.
+    pub watch: Option<UnboundedSender<Vec<IpAddr>>>,
+    /// Counts applied configurations (start-up is 1).
+    pub generation: u64,
+    pub last_reload: Option<ReloadResult>,
+    baselines: HashMap<StatKey, Baseline>,
+    rates: HashMap<StatKey, Rate>,
+    /// Where the engine's state is saved for a successor (`None`: not pinned, not saved).
+    pub state_path: Option<PathBuf>,
+    /// The engine changed since the state was last saved.
+    pub dirty: bool,
+    /// A successor asked to take over: no more changes.
+    pub handing_over: bool,
+    /// Wakes the main loop for a handover.
+    pub handover: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Bumped whenever the saved state or a pinned map's layout changes meaning.
+const STATE_VERSION: u32 = 1;
+
+/// The sizes of every pinned map's key and value type: a successor built with other layouts
+/// must not adopt the maps.
+pub fn layout_fingerprint() -> Vec<usize> {
+    use lb_common::*;
+    use std::mem::size_of;
+    vec![
+        size_of::<BackendSlot>(),
+        size_of::<ConnCounts>(),
+        size_of::<Counters>(),
+        size_of::<FlowKeyV4>(),
+        size_of::<FlowKeyV6>(),
+        size_of::<Flow>(),
+        size_of::<FlowPool>(),
+        size_of::<FlowQuota>(),
+        size_of::<FragKeyV4>(),
+        size_of::<FragKeyV6>(),
+        size_of::<Fragment>(),
+        size_of::<Globals>(),
+        size_of::<GroupState>(),
+        size_of::<LocalityKeyV4>(),
+        size_of::<LocalityKeyV6>(),
+        size_of::<Locality>(),
+        size_of::<NatV4>(),
+        size_of::<NatV6>(),
+        size_of::<SchedState>(),
+        size_of::<Service>(),
+        size_of::<ServiceKeyV4>(),
+        size_of::<ServiceKeyV6>(),
+        size_of::<TemplateKeyV4>(),
+        size_of::<TemplateKeyV6>(),
+        size_of::<Template>(),
+        wide::V4_LEN,
+        wide::V6_LEN,
+    ]
+}
+
+/// What a daemon leaves for its successor next to its socket.
+#[derive(Serialize, Deserialize)]
+pub struct SavedState {
+    version: u32,
+    layout: Vec<usize>,
+    xlb: String,
+    generation: u64,
+    engine: crate::engine::EngineSnapshot,
+}
+
+/// Reads a predecessor's saved state; `Err` says why it cannot be used.
+pub fn read_state(path: &std::path::Path) -> Result<(crate::engine::EngineSnapshot, u64)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let s: SavedState =
+        serde_json::from_slice(&bytes).with_context(|| format!("decoding {}", path.display()))?;
+    if s.version != STATE_VERSION || s.layout != layout_fingerprint() {
+        bail!(
+            "{} was written by xlb {} with other map layouts",
+            path.display(),
+            s.xlb
+        );
+    }
+    Ok((s.engine, s.generation))
+}
+
+fn sub(a: &CountersView, b: &CountersView) -> CountersView {
+    CountersView {
+        conns: a.conns.saturating_sub(b.conns),
+        in_packets: a.in_packets.saturating_sub(b.in_packets),
+        in_bytes: a.in_bytes.saturating_sub(b.in_bytes),
+        out_packets: a.out_packets.saturating_sub(b.out_packets),
+        out_bytes: a.out_bytes.saturating_sub(b.out_bytes),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Daemon {
+    pub fn new(dp: Dataplane, engine: Engine, source: Source, dataplane: DataplaneConfig) -> Self {
+        Daemon {
+            dp,
+            engine,
+            source,
+            dataplane,
+            watch: None,
+            generation: 0,
+            last_reload: None,
+            baselines: HashMap::new(),
+            rates: HashMap::new(),
+            state_path: None,
+            dirty: false,
+            handing_over: false,
+            handover: Default::default(),
+        }
+    }
+
+    /// Saves the engine's state for a successor (written whole, then renamed into place).
+    pub fn save_state(&mut self) -> Result<()> {
+        let Some(path) = &self.state_path else {
+            return Ok(());
+        };
+        let state = SavedState {
+            version: STATE_VERSION,
+            layout: layout_fingerprint(),
+            xlb: env!("CARGO_PKG_VERSION").to_string(),
+            generation: self.generation,
+            engine: self.engine.snapshot(),
+        };
+        let tmp = path.with_extension("state.tmp");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&tmp, serde_json::to_vec(&state)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// The model in force.
+    pub fn model(&self) -> Model {
+        Model {
+            services: self.engine.services(),
+            timeouts: self.engine.timeouts(),
+        }
+    }
+
+    /// Validates `model` completely and makes the data plane serve it; on error nothing
+    /// changed.
+    pub fn apply_model(&mut self, model: &Model) -> Result<()> {
+        if self.handing_over {
+            bail!("this daemon is handing over to a successor: no more changes");
+        }
+        render::validate_services(&model.services, &self.dp.limits).map_err(anyhow::Error::msg)?;
+        self.engine.apply(&mut self.dp, &model.services)?;
+        if model.timeouts != self.engine.timeouts() {
+            self.engine.set_timeouts(&mut self.dp, model.timeouts)?;
+        }
+        self.generation += 1;
+        self.dirty = true;
+        if let Some(w) = &self.watch {
+            let _ = w.send(self.engine.backend_addrs());
+        }
+        // Counters of what is gone, or counts afresh under a new index, are forgotten.
+        let live: HashMap<StatKey, u32> = self.indexes();
+        self.baselines
+            .retain(|k, b| live.get(k).is_some_and(|i| *i == b.index));
+        self.rates
+            .retain(|k, r| live.get(k).is_some_and(|i| *i == r.index));
+        Ok(())
+    }
+
+    /// Every service and server with its id / backend index.
+    fn indexes(&self) -> HashMap<StatKey, u32> {
+        let mut m = HashMap::new();
+        for s in self.engine.services() {
+            if let Some(id) = self.engine.service_id(&s.key) {
+                m.insert(StatKey::Service(s.key), id);
+            }
+            for b in &s.backends {
+                if let Some(i) = self.engine.backend_index(&s.key, b.addr, b.port) {
+                    m.insert(StatKey::Server(s.key, b.addr, b.port), i);
+                }
+            }
+        }
+        m
+    }
+
+    /// Applies a batch of changes (ipvsadm commands, `ipvsadm -R`, the API).
+    pub fn apply_changes(&mut self, req: &ChangesRequest) -> ChangesResponse {
+        let mut model = self.model();
+        let mut results = Vec::with_capacity(req.changes.len());
+        let mut zero = Vec::new();
+        let mut failed = false;
+        for c in &req.changes {
+            match c.apply(&mut model) {
+                Ok(()) => {
+                    if let Change::Zero { key } = c {
+                        zero.push(*key);
+                    }
+                    results.push(None);
+                }
+                Err(e) => {
+                    failed = true;
+                    results.push(Some(e));
+                }
+            }
+        }
+        if failed && !req.skip_failed {
+            return ChangesResponse {
+                results,
+                applied: false,
+                error: None,
+            };
+        }
+        let structural = req
+            .changes
+            .iter()
+            .zip(&results)
+            .any(|(c, r)| r.is_none() && !matches!(c, Change::Zero { .. }));
+        if structural && let Err(e) = self.apply_model(&model) {
+            tracing::warn!("change refused: {e:#}");
+            // A refusal of the result is reported on the changes that were to be made.
+            for (c, r) in req.changes.iter().zip(results.iter_mut()) {
+                if r.is_none() && !matches!(c, Change::Zero { .. }) {
+                    *r = Some(ChangeError::Invalid(format!("{e:#}")));
+                }
+            }
+            return ChangesResponse {
+                results,
+                applied: false,
+                error: Some(format!("{e:#}")),
+            };
+        }
+        for key in zero {
+            if let Err(e) = self.zero(key) {
+                return ChangesResponse {
+                    results,
+                    applied: structural,
+                    error: Some(format!("zeroing counters: {e:#}")),
+                };
+            }
+        }
+        if structural {
+            tracing::info!(
+                changes = req.changes.len(),
+                generation = self.generation,
+                "administrative change applied"
+            );
+        }
+        ChangesResponse {
+            results,
+            applied: true,
+            error: None,
+        }
+    }
+
+    /// `ipvsadm -Z [service]`: what ipvsadm shows starts again from zero; the data plane's
+    /// counters (and Prometheus') keep counting.
+    pub fn zero(&mut self, key: Option<ServiceKey>) -> Result<()> {
+        let views = self.engine.view(&self.dp)?;
+        for s in views.iter().filter(|s| key.is_none_or(|k| k == s.key)) {
+            let k = StatKey::Service(s.key);
+            self.rates.entry(k.clone()).or_default().est.reset(&s.stats);
+            self.baselines.insert(
+                k,
+                Baseline {
+                    index: s.id,
+                    at: s.stats.clone(),
+                },
+            );
+            for b in &s.backends {
+                let k = StatKey::Server(s.key, b.addr, b.port);
+                self.rates.entry(k.clone()).or_default().est.reset(&b.stats);
+                self.baselines.insert(
+                    k,
+                    Baseline {
+                        index: b.index,
+                        at: b.stats.clone(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// One 2-second sample of every estimator.
+    pub fn sample_rates(&mut self) -> Result<()> {
+        let views = self.engine.view(&self.dp)?;
+        let mut seen = HashSet::new();
+        let mut sample = |k: StatKey, index: u32, c: &CountersView| {
+            let r = self.rates.entry(k.clone()).or_default();
+            if r.index != index {
+                *r = Rate {
+                    index,
+                    est: Estimator::default(),
+                };
+            }
+            r.est.sample(c);
+            seen.insert(k);
+        };
+        for s in &views {
+            sample(StatKey::Service(s.key), s.id, &s.stats);
+            for b in &s.backends {
+                sample(StatKey::Server(s.key, b.addr, b.port), b.index, &b.stats);
+            }
+        }
+        self.rates.retain(|k, _| seen.contains(k));
+        Ok(())
+    }
+
+    /// The raw view (counters since each entry was created; what Prometheus exports).
+    pub fn raw_view(&self) -> Result<Vec<ServiceView>> {
+        let mut views = self.engine.view(&self.dp)?;
+        let mut persist: HashMap<u32, u64> = HashMap::new();
+        if views.iter().any(|s| s.persistence.is_some()) {
+            for (_, _, t) in self.dp.templates() {
+                *persist.entry(t.backend).or_default() += 1;
+            }
+        }
+        for s in &mut views {
+            if let Some(r) = self.rates.get(&StatKey::Service(s.key)) {
+                s.rate = r.est.read();
+            }
+            for b in &mut s.backends {
+                if let Some(r) = self.rates.get(&StatKey::Server(s.key, b.addr, b.port)) {
+                    b.rate = r.est.read();
+                }
+                b.persist_conns = persist.get(&b.index).copied().unwrap_or(0);
+            }
+        }
+        Ok(views)
+    }
+
+    /// The view ipvsadm shows: counters since the last `-Z`.
+    pub fn view(&self) -> Result<Vec<ServiceView>> {
+        let mut views = self.raw_view()?;
+        for s in &mut views {
+            if let Some(b) = self.baselines.get(&StatKey::Service(s.key))
+                && b.index == s.id
+            {
+                s.stats = sub(&s.stats, &b.at);
+            }
+            for be in &mut s.backends {
+                if let Some(b) = self
+                    .baselines
+                    .get(&StatKey::Server(s.key, be.addr, be.port))
+                    && b.index == be.index
+                {
+                    be.stats = sub(&be.stats, &b.at);
+                }
+            }
+        }
+        Ok(views)
+    }
+
+    /// The connection table as `ipvsadm -L -c` lists it (connections, then templates).
+    pub fn connections(&self) -> Vec<ConnView> {
+        let now = monotonic_coarse_ticks();
+        let secs_left = |last: u32, timeout_secs: u32| -> u32 {
+            let idle = now.wrapping_sub(last) as u64;
+            let idle_secs = (idle << lb_common::ticks::SHIFT) / 1_000_000_000;
+            (timeout_secs as u64).saturating_sub(idle_secs) as u32
+        };
+        let mut servers: HashMap<u32, SocketAddr> = HashMap::new();
+        let mut services: HashMap<u32, ServiceKey> = HashMap::new();
+        for s in self.engine.services() {
+            if let Some(id) = self.engine.service_id(&s.key) {
+                services.insert(id, s.key);
+            }
+            for b in &s.backends {
+                if let Some(i) = self.engine.backend_index(&s.key, b.addr, b.port) {
+                    servers.insert(i, SocketAddr::new(b.addr, b.port));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut push = |proto: u8, client: SocketAddr, vip: SocketAddr, f: &lb_common::Flow| {
+            if f.status & lb_common::FLOW_DEAD != 0 {
+                return;
+            }
+            let Some(dest) = servers.get(&f.backend) else {
+                return;
+            };
+            // DR and tunnel servers keep the packet's port.
+            let dest = if dest.port() == 0 {
+                SocketAddr::new(dest.ip(), vip.port())
+            } else {
+                *dest
+            };
+            let state = f.state();
+            out.push(ConnView {
+                protocol: if proto == lb_common::PROTO_UDP {
+                    "UDP"
+                } else {
+                    "TCP"
+                }
+                .into(),
+                expire_secs: secs_left(f.last_seen, self.engine.state_timeout(state)),
+                state: tcp::STATE_NAMES
+                    .get(state as usize)
+                    .copied()
+                    .unwrap_or("NONE")
+                    .into(),
+                client,
+                vip,
+                dest,
+            });
+        };
+        for (k, f) in self.dp.flows_v4() {
+            let client = SocketAddr::new(IpAddr::from(k.src.to_ne_bytes()), u16::from_be(k.sport));
+            let vip = SocketAddr::new(IpAddr::from(k.dst.to_ne_bytes()), u16::from_be(k.dport));
+            push(k.proto, client, vip, &f);
+        }
+        for (k, f) in self.dp.flows_v6() {
+            let client = SocketAddr::new(crate::engine::v6_of_words(k.src), u16::from_be(k.sport));
+            let vip = SocketAddr::new(crate::engine::v6_of_words(k.dst), u16::from_be(k.dport));
+            push(k.proto, client, vip, &f);
+        }
+        // Persistence templates: client network, port 0; state NONE as IPVS shows them.
+        for (id, net, t) in self.dp.templates() {
+            let (Some(key), Some(dest)) = (services.get(&id), servers.get(&t.backend)) else {
+                continue;
+            };
+            let timeout_secs =
+                ((t.timeout as u64) << lb_common::ticks::SHIFT).div_ceil(1_000_000_000) as u32;
+            out.push(ConnView {
+                protocol: key.protocol.label().into(),
+                expire_secs: secs_left(t.last_used, timeout_secs),
+                state: "NONE".into(),
+                client: SocketAddr::new(net, 0),
+                vip: SocketAddr::new(key.addr, key.port),
+                dest: *dest,
+            });
+        }
+        out
+    }
+
+    /// Re-reads the configuration and applies what changed. Data-plane settings (interfaces,
+    /// map sizes) cannot change while running: such a change is refused, naming them.
+    pub fn reload(&mut self) -> Result<()> {
+        let result = self.try_reload();
+        self.last_reload = Some(ReloadResult {
+            at_unix: unix_now(),
+            ok: result.is_ok(),
+            message: match &result {
+                Ok(()) => format!("generation {}", self.generation),
+                Err(e) => format!("{e:#}"),
+            },
+        });
+        match &result {
+            Ok(()) => tracing::info!(
+                config = %self.source.path().display(),
+                generation = self.generation,
+                "configuration reloaded"
+            ),
+            Err(e) => tracing::error!(
+                config = %self.source.path().display(),
+                "reload refused, running configuration kept: {e:#}"
+            ),
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<()> {
+        let config = load_source(&self.source)?;
+        let names = |d: &DataplaneConfig| -> Vec<String> {
+            d.interfaces.iter().map(|i| i.value.clone()).collect()
+        };
+        if names(&config.dataplane) != names(&self.dataplane) {
+            bail!(
+                "the interfaces changed ({:?} → {:?}): restart xlb to attach elsewhere",
+                names(&self.dataplane),
+                names(&config.dataplane)
+            );
+        }
+        if config.dataplane.limits != self.dataplane.limits {
+            bail!("[dataplane] map sizes changed: restart xlb to resize the maps");
+        }
+        if config.dataplane.xdp_mode != self.dataplane.xdp_mode {
+            bail!("[dataplane] xdp_mode changed: restart xlb to re-attach");
+        }
+        if config.dataplane.expire_nodest_conn != self.dataplane.expire_nodest_conn {
+            self.engine
+                .set_expire_nodest_conn(&mut self.dp, config.dataplane.expire_nodest_conn)?;
+            self.dataplane.expire_nodest_conn = config.dataplane.expire_nodest_conn;
+        }
+        self.apply_model(&Model {
+            services: config.services,
+            timeouts: config.timeouts,
+        })
+    }
+}
+
+/// Reads the configuration a daemon runs from.
+pub fn load_source(source: &Source) -> Result<Config> {
+    match source {
+        Source::Toml(p) => Ok(config::load(p)?),
+        Source::Keepalived { path, interfaces } => crate::keepalived_config::load(path, interfaces)
+            .with_context(|| format!("reading {}", path.display())),
+    }
+}

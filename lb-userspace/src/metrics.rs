@@ -1,0 +1,347 @@
+//! Prometheus metrics (`/metrics`, text exposition format 0.0.4).
+//!
+//! The IPVS families carry node_exporter's ipvs collector names and labels
+//! (`node_ipvs_*`, `local_address`, `local_port`, `remote_address`, `remote_port`, `proto`,
+//! `local_mark`), so dashboards and alerts written for IPVS hosts keep working; what IPVS
+//! cannot show is under `xlb_*`. Counters are the data plane's own and never go back:
+//! `ipvsadm -Z` zeroes only what ipvsadm lists.
+
+use std::{fmt::Write, net::SocketAddr};
+
+use anyhow::{Context, Result};
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+
+use crate::{api::Shared, control::Daemon, engine::CountersView};
+
+/// Writes metric families: `# HELP` and `# TYPE` once each, then the samples.
+struct Exposition {
+    out: String,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn as_refs(l: &Labels) -> Vec<(&str, &str)> {
+    l.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// The whole exposition.
+pub fn render(d: &Daemon) -> Result<String> {
+    let views = d.raw_view()?;
+    let mut e = Exposition {
+        out: String::with_capacity(256 + views.len() * 4096),
+    };
+
+    // Totals, as node_exporter's ipvs collector reads them from /proc/net/ip_vs_stats.
+    let mut total = CountersView::default();
+    for s in &views {
+        total.conns += s.stats.conns;
+        total.in_packets += s.stats.in_packets;
+        total.out_packets += s.stats.out_packets;
+        total.in_bytes += s.stats.in_bytes;
+        total.out_bytes += s.stats.out_bytes;
+    }
+    for (name, help, v) in [
+        (
+            "node_ipvs_connections_total",
+            "The total number of connections made.",
+            total.conns,
+        ),
+        (
+            "node_ipvs_incoming_packets_total",
+            "The total number of incoming packets.",
+            total.in_packets,
+        ),
+        (
+            "node_ipvs_outgoing_packets_total",
+            "The total number of outgoing packets.",
+            total.out_packets,
+        ),
+        (
+            "node_ipvs_incoming_bytes_total",
+            "The total amount of incoming data.",
+            total.in_bytes,
+        ),
+        (
+            "node_ipvs_outgoing_bytes_total",
+            "The total amount of outgoing data.",
+            total.out_bytes,
+        ),
+    ] {
+        e.family(name, "counter", help);
+        e.sample(name, &[], v);
+    }
+
+    let svc_labels = |s: &crate::engine::ServiceView| -> Labels {
+        vec![
+            ("local_address", s.key.addr.to_string()),
+            ("local_port", s.key.port.to_string()),
+            ("proto", s.key.protocol.label().to_string()),
+        ]
+    };
+    let be_labels = |s: &crate::engine::ServiceView, b: &crate::engine::BackendView| -> Labels {
+        vec![
+            ("local_address", s.key.addr.to_string()),
+            ("local_port", s.key.port.to_string()),
+            ("remote_address", b.addr.to_string()),
+            ("remote_port", b.port.to_string()),
+            ("proto", s.key.protocol.label().to_string()),
+            ("local_mark", String::new()),
+        ]
+    };
+
+    type Pick = fn(&crate::engine::BackendView) -> u64;
+    let backend_gauges: [(&str, &str, Pick); 3] = [
+        (
+            "node_ipvs_backend_connections_active",
+            "The current active connections by local and remote address.",
+            |b| b.active_conns,
+        ),
+        (
+            "node_ipvs_backend_connections_inactive",
+            "The current inactive connections by local and remote address.",
+            |b| b.inactive_conns,
+        ),
+        (
+            "node_ipvs_backend_weight",
+            "The current backend weight by local and remote address.",
+            |b| b.weight as u64,
+        ),
+    ];
+    for (name, help, pick) in backend_gauges {
+        e.family(name, "gauge", help);
+        for s in &views {
+            for b in &s.backends {
+                e.sample(name, &as_refs(&be_labels(s, b)), pick(b));
+            }
+        }
+    }
+
+    type Counter = fn(&CountersView) -> u64;
+    let counters: [(&str, &str, Counter); 5] = [
+        ("connections_total", "Connections scheduled.", |c| c.conns),
+        ("incoming_packets_total", "Packets from clients.", |c| {
+            c.in_packets
+        }),
+        (
+            "outgoing_packets_total",
+            "Packets from real servers to clients (NAT).",
+            |c| c.out_packets,
+        ),
+        (
+            "incoming_bytes_total",
+            "Bytes (IP packet lengths) from clients.",
+            |c| c.in_bytes,
+        ),
+        (
+            "outgoing_bytes_total",
+            "Bytes (IP packet lengths) from real servers to clients (NAT).",
+            |c| c.out_bytes,
+        ),
+    ];
+    for (suffix, help, pick) in counters {
+        let name = format!("xlb_service_{suffix}");
+        e.family(&name, "counter", &format!("{help} Per virtual service."));
+        for s in &views {
+            e.sample(&name, &as_refs(&svc_labels(s)), pick(&s.stats));
+        }
+        let name = format!("xlb_backend_{suffix}");
+        e.family(&name, "counter", &format!("{help} Per real server."));
+        for s in &views {
+            for b in &s.backends {
+                e.sample(&name, &as_refs(&be_labels(s, b)), pick(&b.stats));
+            }
+        }
+    }
+
+    type RatePick = fn(&crate::engine::RateView) -> u64;
+    let rates: [(&str, &str, RatePick); 5] = [
+        (
+            "connections_per_second",
+            "Connection rate (IPVS estimator, ipvsadm --rate CPS).",
+            |r| r.cps,
+        ),
+        (
+            "incoming_packets_per_second",
+            "Incoming packet rate (ipvsadm --rate InPPS).",
+            |r| r.in_pps,
+        ),
+        (
+            "outgoing_packets_per_second",
+            "Outgoing packet rate (ipvsadm --rate OutPPS).",
+            |r| r.out_pps,
+        ),
+        (
+            "incoming_bytes_per_second",
+            "Incoming byte rate (ipvsadm --rate InBPS).",
+            |r| r.in_bps,
+        ),
+        (
+            "outgoing_bytes_per_second",
+            "Outgoing byte rate (ipvsadm --rate OutBPS).",
+            |r| r.out_bps,
+        ),
+    ];
+    for (suffix, help, pick) in rates {
+        let name = format!("xlb_service_{suffix}");
+        e.family(&name, "gauge", help);
+        for s in &views {
+            e.sample(&name, &as_refs(&svc_labels(s)), pick(&s.rate));
+        }
+        let name = format!("xlb_backend_{suffix}");
+        e.family(&name, "gauge", help);
+        for s in &views {
+            for b in &s.backends {
+                e.sample(&name, &as_refs(&be_labels(s, b)), pick(&b.rate));
+            }
+        }
+    }
+
+    // Verdicts: every packet ends in exactly one; events happen on the way.
+    let reasons = d.dp.reasons()?;
+    let names = lb_common::reason::NAMES;
+    let verdicts = lb_common::reason::VERDICTS as usize;
+    e.family(
+        "xlb_packets_total",
+        "counter",
+        "Packets by what the data plane did with them (action) and why (reason).",
+    );
+    for (n, v) in names.iter().zip(&reasons).take(verdicts) {
+        let (action, reason) = n.split_once('_').unwrap_or((n, ""));
+        e.sample(
+            "xlb_packets_total",
+            &[("action", action), ("reason", reason)],
+            v,
+        );
+    }
+    e.family(
+        "xlb_events_total",
+        "counter",
+        "Events on the way of packets (flow-table pressure, NAT, ICMP, fragments).",
+    );
+    for (n, v) in names.iter().zip(&reasons).skip(verdicts) {
+        e.sample("xlb_events_total", &[("event", n)], v);
+    }
+
+    let free = d.dp.flow_entries_free()?;
+    let caps = [d.dp.limits.conn_table_size, d.dp.limits.conn_table_size_v6];
+    e.family(
+        "xlb_connection_table_entries",
+        "gauge",
+        "Connections in the connection table.",
+    );
+    for (i, fam) in ["ipv4", "ipv6"].iter().enumerate() {
+        let used = (caps[i] as i64 - free[i]).max(0);
+        e.sample("xlb_connection_table_entries", &[("family", fam)], used);
+    }
+    e.family(
+        "xlb_connection_table_capacity",
+        "gauge",
+        "Capacity of the connection table.",
+    );
+    for (i, fam) in ["ipv4", "ipv6"].iter().enumerate() {
+        e.sample("xlb_connection_table_capacity", &[("family", fam)], caps[i]);
+    }
+
+    e.family(
+        "xlb_attached_info",
+        "gauge",
+        "Interfaces the XDP program is attached to, with the attach mode.",
+    );
+    for a in d.dp.attachments() {
+        e.sample(
+            "xlb_attached_info",
+            &[("interface", &a.interface), ("mode", a.mode)],
+            1,
+        );
+    }
+    e.family(
+        "xlb_config_generation",
+        "gauge",
+        "Configurations applied since start-up (start-up, reloads and administrative changes).",
+    );
+    e.sample("xlb_config_generation", &[], d.generation);
+    e.family(
+        "xlb_config_last_reload_successful",
+        "gauge",
+        "Whether the last reload was applied (1) or refused (0); 1 before any reload.",
+    );
+    let ok = d.last_reload.as_ref().is_none_or(|r| r.ok);
+    e.sample("xlb_config_last_reload_successful", &[], u8::from(ok));
+    e.family(
+        "xlb_config_last_reload_timestamp_seconds",
+        "gauge",
+        "When the last reload was attempted (Unix time; 0 = never).",
+    );
+    e.sample(
+        "xlb_config_last_reload_timestamp_seconds",
+        &[],
+        d.last_reload.as_ref().map_or(0, |r| r.at_unix),
+    );
+    e.family("xlb_build_info", "gauge", "xlb's version.");
+    e.sample(
+        "xlb_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1,
+    );
+    Ok(e.out)
+}
+
+async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    let d = s.lock().await;
+    match render(&d) {
+        Ok(text) => (
+            axum::http::StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        ),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{e:#}\n"),
+        ),
+    }
+}
+
+/// Serves `/metrics` on `addr`.
+pub async fn serve(addr: SocketAddr, state: Shared) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics listener {addr}"))?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    }))
+}
