@@ -150,6 +150,8 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     /// The maps came from a predecessor (their content is live).
     adopted: bool,
+    /// The data plane was left running for a successor: its pins stay.
+    left_running: bool,
     /// When each backend slot last flipped halves (see [`Dataplane::write_backend`]).
     last_flip: StdHashMap<u32, Instant>,
     /// When the last completed wait for readers started: everything retired before it is
@@ -365,6 +367,7 @@ impl Dataplane {
             links: Vec::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
             adopted,
+            left_running: false,
             last_flip: StdHashMap::new(),
             readers_done_since: Instant::now(),
             ncpus,
@@ -633,7 +636,7 @@ impl Dataplane {
                 Err(e) => warn!(interface = %a.interface, "detach failed: {e:#}"),
             }
         }
-        if let Some(dir) = &self.pin_dir {
+        if let Some(dir) = self.pin_dir.as_ref().filter(|_| !self.left_running) {
             for name in PINNED_MAPS {
                 let _ = std::fs::remove_file(dir.join(name));
             }
@@ -658,6 +661,7 @@ impl Dataplane {
                 drop(link);
             }
         }
+        self.left_running = true;
     }
 
     pub fn set_globals(&mut self, g: &Globals) -> Result<()> {
@@ -985,6 +989,7 @@ impl Dataplane {
     }
 }
 
+/// A data plane dropped without [`Dataplane::leave_running`] is stopped cleanly.
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.detach_all();

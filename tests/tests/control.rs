@@ -571,9 +571,7 @@ fn restart_keeps_long_lived_connections() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    while !status(&b).contains("generation")
-        || !b.bench.log("xlb2.log").contains("admin API listening")
-    {
+    while !b.bench.log("xlb2.log").contains("admin API listening") {
         assert!(Instant::now() < deadline, "{}", b.bench.log("xlb2.log"));
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -742,8 +740,13 @@ fn metrics_follow_node_exporter_and_pass_promtool() {
     // -Z zeroes ipvsadm's figures, not the scraped counters.
     ipvsadm(&b, "-Z");
     let stats = ipvsadm(&b, "-L -n --stats");
-    assert!(
-        stats.contains("TCP  10.100.0.100:80                        0"),
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("TCP  10.100.0.100:80 "))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().skip(2).collect::<Vec<_>>(),
+        ["0"; 5],
         "{stats}"
     );
     let again = b
