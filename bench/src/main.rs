@@ -7,6 +7,7 @@
 //! their figure is `S(prog) − S(drop) + D(drop)`, i.e. the shim's own cost is removed. Every
 //! run checks, from the programs' own counters, that each iteration took the intended path.
 
+mod control;
 mod methods;
 mod schedulers;
 
@@ -221,6 +222,10 @@ fn main() -> Result<()> {
         nix::unistd::geteuid().is_root(),
         "the benchmark loads BPF programs: run it as root"
     );
+    if std::env::args().nth(1).as_deref() == Some("control") {
+        let _netns = methods::BenchNetns::enter()?;
+        return control::run();
+    }
     pin_to_last_cpu();
     // NAT replies are routed: the bench runs in a namespace of its own with a route and a
     // neighbour toward the client (never touching the host's).

@@ -44,10 +44,46 @@ impl Exposition {
     }
 }
 
-type Labels = Vec<(&'static str, String)>;
+impl Exposition {
+    /// A sample whose label set was formatted once (`{k="v",...}`): at 10,000 real servers
+    /// the same labels appear in a dozen families.
+    fn sample_with(&mut self, name: &str, labels: &str, value: u64) {
+        self.out.push_str(name);
+        self.out.push_str(labels);
+        self.out.push(' ');
+        push_decimal(&mut self.out, value);
+        self.out.push('\n');
+    }
+}
 
-fn as_refs(l: &Labels) -> Vec<(&str, &str)> {
-    l.iter().map(|(k, v)| (*k, v.as_str())).collect()
+/// Appends a decimal number without going through `fmt` (a scrape writes ~10^5 of them).
+fn push_decimal(out: &mut String, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for d in &digits[i..] {
+        out.push(*d as char);
+    }
+}
+
+/// `{k="v",...}` with the values escaped.
+fn label_text(labels: &[(&str, &str)]) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{k}=\"{}\"", escape(v));
+    }
+    s.push('}');
+    s
 }
 
 /// The whole exposition.
@@ -97,23 +133,36 @@ pub fn render(d: &Daemon) -> Result<String> {
         e.sample(name, &[], v);
     }
 
-    let svc_labels = |s: &crate::engine::ServiceView| -> Labels {
-        vec![
-            ("local_address", s.key.addr.to_string()),
-            ("local_port", s.key.port.to_string()),
-            ("proto", s.key.protocol.label().to_string()),
-        ]
-    };
-    let be_labels = |s: &crate::engine::ServiceView, b: &crate::engine::BackendView| -> Labels {
-        vec![
-            ("local_address", s.key.addr.to_string()),
-            ("local_port", s.key.port.to_string()),
-            ("remote_address", b.addr.to_string()),
-            ("remote_port", b.port.to_string()),
-            ("proto", s.key.protocol.label().to_string()),
-            ("local_mark", String::new()),
-        ]
-    };
+    // Label sets, formatted once per service and per real server.
+    let svc_labels: Vec<String> = views
+        .iter()
+        .map(|s| {
+            label_text(&[
+                ("local_address", &s.key.addr.to_string()),
+                ("local_port", &s.key.port.to_string()),
+                ("proto", s.key.protocol.label()),
+            ])
+        })
+        .collect();
+    let be_labels: Vec<Vec<String>> = views
+        .iter()
+        .map(|s| {
+            let (addr, port) = (s.key.addr.to_string(), s.key.port.to_string());
+            s.backends
+                .iter()
+                .map(|b| {
+                    label_text(&[
+                        ("local_address", &addr),
+                        ("local_port", &port),
+                        ("remote_address", &b.addr.to_string()),
+                        ("remote_port", &b.port.to_string()),
+                        ("proto", s.key.protocol.label()),
+                        ("local_mark", ""),
+                    ])
+                })
+                .collect()
+        })
+        .collect();
 
     type Pick = fn(&crate::engine::BackendView) -> u64;
     let backend_gauges: [(&str, &str, Pick); 3] = [
@@ -135,9 +184,9 @@ pub fn render(d: &Daemon) -> Result<String> {
     ];
     for (name, help, pick) in backend_gauges {
         e.family(name, "gauge", help);
-        for s in &views {
-            for b in &s.backends {
-                e.sample(name, &as_refs(&be_labels(s, b)), pick(b));
+        for (s, labels) in views.iter().zip(&be_labels) {
+            for (b, l) in s.backends.iter().zip(labels) {
+                e.sample_with(name, l, pick(b));
             }
         }
     }
@@ -167,14 +216,14 @@ pub fn render(d: &Daemon) -> Result<String> {
     for (suffix, help, pick) in counters {
         let name = format!("xlb_service_{suffix}");
         e.family(&name, "counter", &format!("{help} Per virtual service."));
-        for s in &views {
-            e.sample(&name, &as_refs(&svc_labels(s)), pick(&s.stats));
+        for (s, l) in views.iter().zip(&svc_labels) {
+            e.sample_with(&name, l, pick(&s.stats));
         }
         let name = format!("xlb_backend_{suffix}");
         e.family(&name, "counter", &format!("{help} Per real server."));
-        for s in &views {
-            for b in &s.backends {
-                e.sample(&name, &as_refs(&be_labels(s, b)), pick(&b.stats));
+        for (s, labels) in views.iter().zip(&be_labels) {
+            for (b, l) in s.backends.iter().zip(labels) {
+                e.sample_with(&name, l, pick(&b.stats));
             }
         }
     }
@@ -210,14 +259,14 @@ pub fn render(d: &Daemon) -> Result<String> {
     for (suffix, help, pick) in rates {
         let name = format!("xlb_service_{suffix}");
         e.family(&name, "gauge", help);
-        for s in &views {
-            e.sample(&name, &as_refs(&svc_labels(s)), pick(&s.rate));
+        for (s, l) in views.iter().zip(&svc_labels) {
+            e.sample_with(&name, l, pick(&s.rate));
         }
         let name = format!("xlb_backend_{suffix}");
         e.family(&name, "gauge", help);
-        for s in &views {
-            for b in &s.backends {
-                e.sample(&name, &as_refs(&be_labels(s, b)), pick(&b.rate));
+        for (s, labels) in views.iter().zip(&be_labels) {
+            for (b, l) in s.backends.iter().zip(labels) {
+                e.sample_with(&name, l, pick(&b.rate));
             }
         }
     }

@@ -318,9 +318,20 @@ fn bench() -> Result<()> {
     }
     setup()?;
     let mut c = cargo();
-    c.args(["build", "--release", "-p", "xlb-bench"]);
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "xlb-bench",
+        "-p",
+        "lb-userspace",
+    ]);
     status(c)?;
-    status(Command::new(root().join("target/release/xlb-bench")))
+    status(Command::new(root().join("target/release/xlb-bench")))?;
+    // The control plane at scale: a real daemon, its API and metrics.
+    let mut c = Command::new(root().join("target/release/xlb-bench"));
+    c.arg("control");
+    status(c)
 }
 
 // ---- demo ----
