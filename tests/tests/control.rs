@@ -230,6 +230,34 @@ fn ipvsadm_commands_listing_and_save_restore() {
     assert!(!err.is_empty());
     assert_eq!(ipvsadm(&b, "-Ln"), want, "a refused change left traces");
 
+    // The API itself: a malformed request is refused with what is wrong and where.
+    let bad = run(&[
+        "curl",
+        "-sS",
+        "--unix-socket",
+        &b.socket().to_string_lossy(),
+        "-H",
+        "Content-Type: application/json",
+        "-X",
+        "POST",
+        "-d",
+        r#"{"changes":[{"op":"clear"},{"op":"add_servce"}]}"#,
+        "-w",
+        "\n%{http_code}",
+        "http://xlb/v1/changes",
+    ])
+    .unwrap();
+    assert!(bad.ends_with("\n400"), "{bad}");
+    assert!(
+        bad.contains("changes[1]") && bad.contains("add_servce"),
+        "{bad}"
+    );
+    assert_eq!(
+        ipvsadm(&b, "-Ln"),
+        want,
+        "a refused request changed something"
+    );
+
     // -S, -C, -R: the same rules and the same table.
     let saved = ipvsadm(&b, "-S -n");
     assert!(
