@@ -765,6 +765,46 @@ fn metrics_follow_node_exporter_and_pass_promtool() {
     assert_eq!(value("xlb_connection_table_entries{family=\"ipv4\"} "), 10);
     assert_eq!(value("xlb_config_generation "), 1);
     assert!(text.contains("xlb_attached_info{interface=\"eth0\",mode=\"native\"} 1"));
+    // The connection table as ipvsadm -c lists it: the 10 closed connections, each from
+    // the client to the VIP and on to the server that answered.
+    let conns = ipvsadm(&b, "-L -n -c");
+    let mut lines = conns.lines();
+    assert_eq!(lines.next(), Some("IPVS connection entries"));
+    assert_eq!(
+        lines.next(),
+        Some("pro expire state       source             virtual            destination")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 10, "{conns}");
+    for r in &rows {
+        assert_eq!(r[0], "TCP", "{conns}");
+        // mm:ss left of the TIME_WAIT/FIN_WAIT timeout (2 min at most)
+        let (m, sec) = r[1].split_once(':').unwrap();
+        assert!(
+            m.parse::<u32>().unwrap() <= 2 && sec.parse::<u32>().unwrap() < 60,
+            "{conns}"
+        );
+        assert!(
+            ["TIME_WAIT", "FIN_WAIT", "CLOSE"].contains(&r[2]),
+            "{conns}"
+        );
+        assert!(r[3].starts_with("10.100.0.1:"), "{conns}");
+        assert_eq!(r[4], "10.100.0.100:80", "{conns}");
+        assert!(
+            ["10.100.0.11:80", "10.100.0.12:80"].contains(&r[5]),
+            "{conns}"
+        );
+    }
+    assert_eq!(
+        ipvsadm(&b, "-L --timeout"),
+        "Timeout (tcp tcpfin udp): 900 120 300\n"
+    );
+    ipvsadm(&b, "--set 600 0 60");
+    assert_eq!(
+        ipvsadm(&b, "-L --timeout"),
+        "Timeout (tcp tcpfin udp): 600 120 60\n"
+    );
+
     // -Z zeroes ipvsadm's figures, not the scraped counters.
     ipvsadm(&b, "-Z");
     let stats = ipvsadm(&b, "-L -n --stats");
