@@ -197,13 +197,14 @@ async fn handover(State(s): State<Shared>) -> Result<Json<HandoverResponse>, Api
             "this daemon's maps are not pinned: a successor could not adopt them".into(),
         ));
     }
-    d.handing_over = true;
     d.save_state().map_err(|e| {
         (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("saving the state for the successor: {e:#}"),
         )
     })?;
+    // Under the same lock as the save: nothing changes in between.
+    d.handing_over = true;
     d.handover.notify_one();
     Ok(Json(HandoverResponse {
         generation: d.generation,

@@ -27,7 +27,8 @@ pub enum Change {
         key: ServiceKey,
         server: BackendConfig,
     },
-    /// `-e`: replaces the server's settings (found by address and port).
+    /// `-e`: replaces the server's settings (found by address and port; a tunnel's outer
+    /// source, which ipvsadm cannot name, is kept).
     EditServer {
         key: ServiceKey,
         server: BackendConfig,
@@ -115,7 +116,14 @@ impl Change {
                     .iter_mut()
                     .find(|b| b.addr == server.addr && b.port == server.port)
                     .ok_or(ChangeError::NoDest)?;
+                // ipvsadm has no words for a tunnel's outer source: an edit keeps it.
+                let source = b.tunnel.and_then(|t| t.source);
                 *b = server.clone();
+                if let Some(t) = b.tunnel.as_mut()
+                    && t.source.is_none()
+                {
+                    t.source = source;
+                }
             }
             Change::DeleteServer { key, addr, port } => {
                 let i = find(m, key).ok_or(ChangeError::NoService)?;
@@ -133,16 +141,19 @@ impl Change {
                 }
             }
             Change::SetTimeouts { tcp, tcp_fin, udp } => {
+                if let Some(v) = [*tcp, *tcp_fin, *udp]
+                    .into_iter()
+                    .find(|v| *v > crate::config::MAX_PERSISTENCE_TIMEOUT)
+                {
+                    return Err(ChangeError::Invalid(format!(
+                        "timeout {v} is over 2678400 seconds"
+                    )));
+                }
                 for (v, slot) in [
                     (*tcp, &mut m.timeouts.tcp),
                     (*tcp_fin, &mut m.timeouts.tcp_fin),
                     (*udp, &mut m.timeouts.udp),
                 ] {
-                    if v > crate::config::MAX_PERSISTENCE_TIMEOUT {
-                        return Err(ChangeError::Invalid(format!(
-                            "timeout {v} is over 2678400 seconds"
-                        )));
-                    }
                     if v != 0 {
                         *slot = v;
                     }

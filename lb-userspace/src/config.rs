@@ -27,8 +27,28 @@ pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 /// Default address of `/metrics` (loopback: exposing it is a deliberate choice).
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9469";
 
-/// Default bpffs directory the maps are pinned under (one subdirectory per instance).
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+/// The bpffs directory instances pin their maps under by default: each in a subdirectory
+/// named after its socket (see [`default_pin_dir`]).
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xlb";
+
+/// The default pin directory of the instance serving `socket`: instances are told apart by
+/// their sockets, so their pins are too.
+pub fn default_pin_dir(socket: &Path) -> PathBuf {
+    let name: String = socket
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        // bpffs refuses names with a dot.
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Path::new(DEFAULT_PIN_ROOT).join(name)
+}
 
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
@@ -574,8 +594,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where `/metrics` is served (`None`: not served).
     pub metrics: Option<SocketAddr>,
-    /// bpffs directory of this instance's pinned maps and link (restarts reuse them).
-    pub pin_dir: PathBuf,
+    /// bpffs directory of this instance's pinned maps and link (restarts reuse them);
+    /// `None`: [`default_pin_dir`] of the socket in use.
+    pub pin_dir: Option<PathBuf>,
     pub timeouts: Timeouts,
     pub services: Vec<ServiceConfig>,
 }
@@ -965,10 +986,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
         metrics,
-        pin_dir: file
-            .control
-            .pin_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        pin_dir: file.control.pin_dir,
         timeouts,
         services,
     })

@@ -81,6 +81,9 @@ pub struct Daemon {
     pub source: Source,
     /// The data-plane settings in force (a reload cannot change them live).
     pub dataplane: DataplaneConfig,
+    /// The file's [control] settings at start (socket, metrics, pin_dir): a reload that
+    /// changes them is told they wait for a restart.
+    pub control: (PathBuf, Option<SocketAddr>, Option<PathBuf>),
     /// Tells the neighbour watcher which real servers to keep resolved.
     pub watch: Option<UnboundedSender<Vec<IpAddr>>>,
     /// Counts applied configurations (start-up is 1).
@@ -94,6 +97,8 @@ pub struct Daemon {
     pub dirty: bool,
     /// A successor asked to take over: no more changes.
     pub handing_over: bool,
+    /// Final counters of the services removed so far (they stay in the totals).
+    pub retired: CountersView,
     /// Wakes the main loop for a handover.
     pub handover: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -162,6 +167,14 @@ pub fn read_state(path: &std::path::Path) -> Result<(crate::engine::EngineSnapsh
     Ok((s.engine, s.generation))
 }
 
+fn add(a: &mut CountersView, b: &CountersView) {
+    a.conns += b.conns;
+    a.in_packets += b.in_packets;
+    a.in_bytes += b.in_bytes;
+    a.out_packets += b.out_packets;
+    a.out_bytes += b.out_bytes;
+}
+
 fn sub(a: &CountersView, b: &CountersView) -> CountersView {
     CountersView {
         conns: a.conns.saturating_sub(b.conns),
@@ -179,12 +192,17 @@ fn unix_now() -> u64 {
 }
 
 impl Daemon {
-    pub fn new(dp: Dataplane, engine: Engine, source: Source, dataplane: DataplaneConfig) -> Self {
+    pub fn new(dp: Dataplane, engine: Engine, source: Source, config: &Config) -> Self {
         Daemon {
             dp,
             engine,
             source,
-            dataplane,
+            dataplane: config.dataplane.clone(),
+            control: (
+                config.socket.clone(),
+                config.metrics,
+                config.pin_dir.clone(),
+            ),
             watch: None,
             generation: 0,
             last_reload: None,
@@ -193,6 +211,7 @@ impl Daemon {
             state_path: None,
             dirty: false,
             handing_over: false,
+            retired: CountersView::default(),
             handover: Default::default(),
         }
     }
@@ -235,12 +254,32 @@ impl Daemon {
             bail!("this daemon is handing over to a successor: no more changes");
         }
         render::validate_services(&model.services, &self.dp.limits).map_err(anyhow::Error::msg)?;
-        self.engine.apply(&mut self.dp, &model.services)?;
-        if model.timeouts != self.engine.timeouts() {
-            self.engine.set_timeouts(&mut self.dp, model.timeouts)?;
+        // Counters of services about to go are kept in the totals (node_ipvs_*_total never
+        // goes back, as IPVS's /proc/net/ip_vs_stats does not).
+        let leaving: Vec<ServiceKey> = self
+            .engine
+            .services()
+            .iter()
+            .map(|s| s.key)
+            .filter(|k| !model.services.iter().any(|s| s.key == *k))
+            .collect();
+        let mut gone = CountersView::default();
+        for k in &leaving {
+            if let Some(id) = self.engine.service_id(k)
+                && let Ok(c) = self.dp.service_stats(id)
+            {
+                add(&mut gone, &c.into());
+            }
         }
+        self.engine.apply(&mut self.dp, &model.services)?;
+        add(&mut self.retired, &gone);
         self.generation += 1;
         self.dirty = true;
+        let timeouts = if model.timeouts != self.engine.timeouts() {
+            self.engine.set_timeouts(&mut self.dp, model.timeouts)
+        } else {
+            Ok(())
+        };
         if let Some(w) = &self.watch {
             let _ = w.send(self.engine.backend_addrs());
         }
@@ -250,7 +289,12 @@ impl Daemon {
             .retain(|k, b| live.get(k).is_some_and(|i| *i == b.index));
         self.rates
             .retain(|k, r| live.get(k).is_some_and(|i| *i == r.index));
-        Ok(())
+        // A successor must find exactly what the maps hold now, even if this process dies
+        // in the next instant.
+        if let Err(e) = self.save_state() {
+            tracing::warn!("saving state for a successor: {e:#}");
+        }
+        timeouts
     }
 
     /// Every service and server with its id / backend index.
@@ -393,10 +437,11 @@ impl Daemon {
     }
 
     /// The raw view (counters since each entry was created; what Prometheus exports).
-    pub fn raw_view(&self) -> Result<Vec<ServiceView>> {
+    /// `persistent_conns` walks the template tables for `--persistent-conn`'s column.
+    pub fn raw_view(&self, persistent_conns: bool) -> Result<Vec<ServiceView>> {
         let mut views = self.engine.view(&self.dp)?;
         let mut persist: HashMap<u32, u64> = HashMap::new();
-        if views.iter().any(|s| s.persistence.is_some()) {
+        if persistent_conns && views.iter().any(|s| s.persistence.is_some()) {
             for (_, _, t) in self.dp.templates() {
                 *persist.entry(t.backend).or_default() += 1;
             }
@@ -417,7 +462,7 @@ impl Daemon {
 
     /// The view ipvsadm shows: counters since the last `-Z`.
     pub fn view(&self) -> Result<Vec<ServiceView>> {
-        let mut views = self.raw_view()?;
+        let mut views = self.raw_view(true)?;
         for s in &mut views {
             if let Some(b) = self.baselines.get(&StatKey::Service(s.key))
                 && b.index == s.id
@@ -563,15 +608,23 @@ impl Daemon {
         if config.dataplane.xdp_mode != self.dataplane.xdp_mode {
             bail!("[dataplane] xdp_mode changed: restart xlb to re-attach");
         }
+        if (&config.socket, config.metrics, &config.pin_dir)
+            != (&self.control.0, self.control.1, &self.control.2)
+        {
+            tracing::warn!(
+                "[control] settings changed in the file: they take effect at the next restart"
+            );
+        }
+        self.apply_model(&Model {
+            services: config.services,
+            timeouts: config.timeouts,
+        })?;
         if config.dataplane.expire_nodest_conn != self.dataplane.expire_nodest_conn {
             self.engine
                 .set_expire_nodest_conn(&mut self.dp, config.dataplane.expire_nodest_conn)?;
             self.dataplane.expire_nodest_conn = config.dataplane.expire_nodest_conn;
         }
-        self.apply_model(&Model {
-            services: config.services,
-            timeouts: config.timeouts,
-        })
+        Ok(())
     }
 }
 

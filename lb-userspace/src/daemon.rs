@@ -110,39 +110,35 @@ async fn take_over(socket: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads the data plane with its maps pinned; a predecessor's maps and state are adopted.
-/// Pinned maps without a usable state cannot be adopted: they are removed (with what they
-/// held) and the data plane starts afresh.
-fn load_dataplane(config: &Config, state: &std::path::Path) -> Result<(Dataplane, Engine, u64)> {
-    let dp = Dataplane::load_pinned(config.dataplane.limits, &config.pin_dir)?;
+/// Loads the data plane with its maps pinned under `pin_dir`; a predecessor's maps and saved
+/// state are adopted. Pinned maps without a usable saved state are not this instance's to
+/// take (another instance's, or a predecessor that died before saving): the start is refused
+/// and they are left alone.
+fn load_dataplane(
+    config: &Config,
+    pin_dir: &std::path::Path,
+    state: &std::path::Path,
+) -> Result<(Dataplane, Engine, u64)> {
+    let dp = Dataplane::load_pinned(config.dataplane.limits, pin_dir)?;
     if !dp.adopted() {
         let engine = Engine::new(&dp);
         return Ok((dp, engine, 0));
     }
-    match crate::control::read_state(state)
-        .and_then(|(snap, generation)| Ok((Engine::adopt(&dp, snap)?, generation)))
-    {
-        Ok((engine, generation)) => {
-            info!(
-                pins = %config.pin_dir.display(),
-                flows = dp.flows_in_table().unwrap_or(0),
-                "adopted the previous daemon's data plane"
-            );
-            Ok((dp, engine, generation))
-        }
-        Err(e) => {
-            warn!(
-                pins = %config.pin_dir.display(),
-                "pinned maps found but the saved state is unusable ({e:#}); starting afresh, the previous connections are lost"
-            );
-            let mut dp = dp;
-            dp.detach_all();
-            drop(dp);
-            let dp = Dataplane::load_pinned(config.dataplane.limits, &config.pin_dir)?;
-            let engine = Engine::new(&dp);
-            Ok((dp, engine, 0))
-        }
-    }
+    let (snap, generation) = crate::control::read_state(state).with_context(|| {
+        format!(
+            "{} holds a running data plane, but there is no usable saved state for it at {} (is it another instance's? give each instance its own socket and pin_dir; or remove {} to start afresh, losing its connections)",
+            pin_dir.display(),
+            state.display(),
+            pin_dir.display()
+        )
+    })?;
+    let engine = Engine::adopt(&dp, snap)?;
+    info!(
+        pins = %pin_dir.display(),
+        flows = dp.flows_in_table().unwrap_or(0),
+        "adopted the previous daemon's data plane"
+    );
+    Ok((dp, engine, generation))
 }
 
 /// On a failed start: a predecessor's data plane keeps running, a fresh one is removed.
@@ -154,8 +150,20 @@ fn abandon(dp: &mut Dataplane) {
     }
 }
 
-pub async fn run(startup: Startup, socket: Option<PathBuf>, takeover: bool) -> Result<()> {
-    let (config, source) = startup_config(startup).await?;
+/// Command-line settings of `xlb run` that override the configuration's.
+#[derive(Default)]
+pub struct Overrides {
+    pub socket: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+    /// "address:port" or "off".
+    pub metrics: Option<String>,
+    /// Take over from the daemon serving the same socket.
+    pub takeover: bool,
+}
+
+pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
+    let (mut config, source) = startup_config(startup).await?;
+    let (socket, takeover) = (o.socket, o.takeover);
     let path = source.path().to_path_buf();
     for i in &config.dataplane.interfaces {
         if dataplane::ifindex(&i.value).is_err() {
@@ -163,9 +171,29 @@ pub async fn run(startup: Startup, socket: Option<PathBuf>, takeover: bool) -> R
         }
     }
     let socket = socket.unwrap_or_else(|| config.socket.clone());
-    info!(config = %path.display(), services = config.services.len(), "starting");
+    let pin_dir = o
+        .pin_dir
+        .or_else(|| config.pin_dir.clone())
+        .unwrap_or_else(|| config::default_pin_dir(&socket));
+    match o.metrics.as_deref() {
+        None => {}
+        Some("off") => config.metrics = None,
+        Some(m) => {
+            config.metrics = Some(m.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--metrics {m} is not an address:port (e.g. 127.0.0.1:9469) or \"off\""
+                )
+            })?)
+        }
+    }
+    info!(config = %path.display(), services = config.services.len(), pins = %pin_dir.display(), "starting");
     let state = state_path(&socket);
+    // Everything that can be checked before the running daemon lets go is checked first.
+    crate::render::validate_services(&config.services, &config.dataplane.limits)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{}", path.display()))?;
     if takeover {
+        Dataplane::check_pins(&config.dataplane.limits, &pin_dir)?;
         take_over(&socket).await?;
     } else if tokio::net::UnixStream::connect(&socket).await.is_ok() {
         anyhow::bail!(
@@ -174,7 +202,26 @@ pub async fn run(startup: Startup, socket: Option<PathBuf>, takeover: bool) -> R
         );
     }
 
-    let (mut dp, mut engine, generation) = load_dataplane(&config, &state)?;
+    let (mut dp, mut engine, generation) = load_dataplane(&config, &pin_dir, &state)?;
+    if dp.adopted() {
+        // What ipvsadm changed at run time is not in the file: the file is what runs now.
+        let running = engine.services();
+        let differ = running
+            .iter()
+            .filter(|s| !config.services.contains(s))
+            .count()
+            + config
+                .services
+                .iter()
+                .filter(|s| !running.contains(s))
+                .count();
+        if differ > 0 {
+            warn!(
+                services = differ,
+                "the adopted services differ from the configuration file (changes made at run time); the file's are applied"
+            );
+        }
+    }
     for (name, bytes, entries) in dp.memory() {
         info!(
             map = name,
@@ -190,14 +237,9 @@ pub async fn run(startup: Startup, socket: Option<PathBuf>, takeover: bool) -> R
     let (watcher, mut updates) = neigh::spawn_watcher(addrs.clone(), NEIGH_REFRESH)?;
     wait_for_next_hops(&mut dp, &mut engine, &mut updates, &addrs).await?;
 
-    if let Err(e) = crate::render::validate_services(&config.services, &dp.limits)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("{}", path.display()))
-        .and_then(|()| {
-            engine
-                .apply(&mut dp, &config.services)
-                .context("installing the configured services")
-        })
+    if let Err(e) = engine
+        .apply(&mut dp, &config.services)
+        .context("installing the configured services")
     {
         abandon(&mut dp);
         return Err(e);
@@ -223,7 +265,7 @@ pub async fn run(startup: Startup, socket: Option<PathBuf>, takeover: bool) -> R
     dp.drop_stale_links(&names);
 
     let events = dp.take_events();
-    let mut daemon = Daemon::new(dp, engine, source, config.dataplane.clone());
+    let mut daemon = Daemon::new(dp, engine, source, &config);
     daemon.generation = generation + 1;
     daemon.watch = Some(watcher.watch.clone());
     daemon.state_path = Some(state.clone());
@@ -328,6 +370,12 @@ pub async fn run(startup: Startup, socket: Option<PathBuf>, takeover: bool) -> R
     }
     let mut d = shared.lock().await;
     if handing_over {
+        // Whatever changed since the handover request (a next hop) goes to the successor.
+        if d.dirty
+            && let Err(e) = d.save_state()
+        {
+            warn!("saving state for the successor: {e:#}");
+        }
         d.dp.leave_running();
         let _ = std::fs::remove_file(&socket);
         info!("handed over");

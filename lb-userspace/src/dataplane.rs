@@ -78,6 +78,10 @@ pub const PINNED_MAPS: &[&str] = &[
     names::WIDE_V6,
 ];
 
+/// Map flags the kernel adds on its own (devmaps are `BPF_F_RDONLY_PROG`): not a difference
+/// between builds.
+const KERNEL_SET_FLAGS: u32 = 1 << 7;
+
 /// The pin of the XDP link on `interface` (the program stays attached while it exists).
 fn link_pin(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link_{interface}"))
@@ -218,6 +222,81 @@ impl Dataplane {
         self.adopted
     }
 
+    /// Checks a predecessor's pins in `dir` against this build's object and `limits`,
+    /// without loading anything: every map of [`PINNED_MAPS`] must be there with the type,
+    /// key and value sizes, flags and capacity this build and configuration would create.
+    /// `Ok(false)`: there are none (a fresh start).
+    pub fn check_pins(limits: &Limits, dir: &Path) -> Result<bool> {
+        let present: Vec<&str> = PINNED_MAPS
+            .iter()
+            .copied()
+            .filter(|n| dir.join(n).exists())
+            .collect();
+        if present.is_empty() {
+            return Ok(false);
+        }
+        let afresh = format!(
+            "remove {} to start afresh (the connections it holds are lost)",
+            dir.display()
+        );
+        if present.len() != PINNED_MAPS.len() {
+            let missing: Vec<&&str> = PINNED_MAPS
+                .iter()
+                .filter(|n| !present.contains(n))
+                .collect();
+            bail!(
+                "{} holds only some of xlb's pinned maps (missing {missing:?}): not a complete state; {afresh}",
+                dir.display()
+            );
+        }
+        let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))? as u32;
+        let capacities = Self::capacities(limits, ncpus);
+        let object = aya_obj::Object::parse(XDP_OBJECT).context("parsing the XDP object")?;
+        let mut problems = Vec::new();
+        for name in PINNED_MAPS {
+            let def = object
+                .maps
+                .get(*name)
+                .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
+            let want_entries = capacities
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(def.max_entries(), |(_, n)| *n);
+            let info = aya::maps::MapInfo::from_pin(dir.join(name))
+                .with_context(|| format!("opening the pinned map {}", dir.join(name).display()))?;
+            let pinned_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+            if pinned_type != def.map_type()
+                || info.key_size() != def.key_size()
+                || info.value_size() != def.value_size()
+                || info.map_flags() & !KERNEL_SET_FLAGS != def.map_flags() & !KERNEL_SET_FLAGS
+            {
+                problems.push(format!(
+                    "{name} is a type {pinned_type} map of {}-byte keys and {}-byte values (flags {:#x}), this build makes type {} with {} and {} (flags {:#x})",
+                    info.key_size(),
+                    info.value_size(),
+                    info.map_flags(),
+                    def.map_type(),
+                    def.key_size(),
+                    def.value_size(),
+                    def.map_flags()
+                ));
+            } else if info.max_entries() != want_entries {
+                problems.push(format!(
+                    "{name} has {} entries, this configuration wants {want_entries}",
+                    info.max_entries()
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            bail!(
+                "the maps pinned in {} cannot be adopted: {}. Restore the previous [dataplane] sizes (or xlb version) to keep the running connections, or {afresh}",
+                dir.display(),
+                problems.join("; ")
+            );
+        }
+        Ok(true)
+    }
+
     /// The capacities the configuration gives the sized maps.
     fn capacities(limits: &Limits, ncpus: u32) -> Vec<(&'static str, u32)> {
         let reserve = lb_common::flow_table_reserve(ncpus);
@@ -271,22 +350,9 @@ impl Dataplane {
         }
         let mut adopted = false;
         if let Some(dir) = pin_dir {
+            adopted = Self::check_pins(&limits, dir)?;
             for name in PINNED_MAPS {
-                let path = dir.join(name);
-                if path.exists() {
-                    adopted = true;
-                    check_pinned(&path, name, &capacities)?;
-                }
-                loader.map_pin_path(name, path);
-            }
-            if adopted {
-                // All or nothing: a partial set is not a predecessor's state.
-                if let Some(missing) = PINNED_MAPS.iter().find(|n| !dir.join(n).exists()) {
-                    bail!(
-                        "{} holds some of xlb's pinned maps but not {missing}: not a complete predecessor state; remove the directory to start afresh (its connections are lost)",
-                        dir.display()
-                    );
-                }
+                loader.map_pin_path(name, dir.join(name));
             }
         }
         let mut ebpf = loader
@@ -491,12 +557,24 @@ impl Dataplane {
         let pin = self.pin_dir.as_deref().map(|d| link_pin(d, interface));
         if let Some(path) = pin.as_deref().filter(|p| p.exists()) {
             // A predecessor's program is attached here: replace it atomically (no packet
-            // sees no program), keeping its link and pin.
-            let attachment = self.replace_pinned(interface, ifindex, path, mode)?;
-            self.tx_ports
-                .insert(ifindex, ifindex, None, 0)
-                .with_context(|| format!("adding {interface} to the redirect map"))?;
-            return Ok(attachment);
+            // sees no program), keeping its link and pin. A link that cannot be updated (its
+            // interface was deleted and made again) is replaced by a fresh attachment.
+            match self.replace_pinned(interface, ifindex, path, mode) {
+                Ok(attachment) => {
+                    self.tx_ports
+                        .insert(ifindex, ifindex, None, 0)
+                        .with_context(|| format!("adding {interface} to the redirect map"))?;
+                    return Ok(attachment);
+                }
+                Err(e) => {
+                    warn!(
+                        interface,
+                        "cannot take the pinned link over ({e:#}); attaching afresh"
+                    );
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
         }
         let (attachment, id) =
             attach_program(&mut self.ebpf, PROGRAM_NAME, interface, ifindex, mode)?;
@@ -989,10 +1067,16 @@ impl Dataplane {
     }
 }
 
-/// A data plane dropped without [`Dataplane::leave_running`] is stopped cleanly.
+/// A pinned data plane outlives its daemon unless stopped with [`Dataplane::detach_all`]
+/// (a clean stop): an error or a panic in the controller must not take the connections with
+/// it; the next daemon adopts them. An unpinned one (tests, benchmarks) goes with it.
 impl Drop for Dataplane {
     fn drop(&mut self) {
-        self.detach_all();
+        if self.pin_dir.is_some() {
+            self.leave_running();
+        } else {
+            self.detach_all();
+        }
     }
 }
 
@@ -1181,25 +1265,6 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
         bail!(
             "pin directory {} is not on a bpffs (mount one: mount -t bpf bpf DIR)",
             dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// Checks a predecessor's pinned map against what this configuration asks for.
-fn check_pinned(path: &Path, name: &str, capacities: &[(&str, u32)]) -> Result<()> {
-    let map = MapData::from_pin(path)
-        .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    let info = map.info()?;
-    if let Some((_, want)) = capacities.iter().find(|(n, _)| *n == name)
-        && info.max_entries() != *want
-    {
-        bail!(
-            "the pinned map {} has {} entries, this configuration wants {want}: restore the previous [dataplane] sizes to keep the running connections, or remove {} to start afresh (they are lost)",
-            path.display(),
-            info.max_entries(),
-            path.parent()
-                .map_or_else(String::new, |p| p.display().to_string())
         );
     }
     Ok(())

@@ -464,6 +464,9 @@ impl Engine {
     /// Makes the data plane serve exactly `desired`. Validates and computes everything first;
     /// on error nothing changes.
     pub fn apply(&mut self, dp: &mut Dataplane, desired: &[ServiceConfig]) -> Result<()> {
+        let old: Vec<ServiceConfig> = self.services.values().map(|s| s.config.clone()).collect();
+        matching::check_capacity(&old, desired, dp.limits.max_services)
+            .map_err(anyhow::Error::msg)?;
         self.collect_deferred(dp);
         let mut next = self.clone_state();
         let mut ops = Vec::new();

@@ -823,10 +823,25 @@ impl Keepalived {
     pub fn vrrp_interfaces(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for i in &self.vrrp_instances {
-            if let Some(name) = &i.interface
-                && !out.contains(&name.value)
-            {
-                out.push(name.value.clone());
+            // The VIPs arrive where they are configured: `dev` of a virtual_ipaddress if
+            // given (VRRP may speak on another interface), else the instance's interface.
+            let devs: Vec<&String> = i
+                .virtual_ipaddress
+                .iter()
+                .chain(&i.virtual_ipaddress_excluded)
+                .filter_map(|v| v.dev.as_ref())
+                .collect();
+            let all_on_dev = !i.virtual_ipaddress.is_empty()
+                && i.virtual_ipaddress.iter().all(|v| v.dev.is_some());
+            let names: Vec<&String> = if all_on_dev {
+                devs
+            } else {
+                i.interface.iter().map(|n| &n.value).chain(devs).collect()
+            };
+            for name in names {
+                if !out.contains(name) {
+                    out.push(name.clone());
+                }
             }
         }
         out

@@ -8,8 +8,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     config::{
-        Config, DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_SOCKET, DataplaneConfig, Limits, Located,
-        XdpModeSetting,
+        Config, DEFAULT_METRICS, DEFAULT_SOCKET, DataplaneConfig, Limits, Located, XdpModeSetting,
     },
     keepalived,
 };
@@ -55,7 +54,7 @@ pub fn read(path: &Path, interfaces: &[String]) -> Result<Loaded> {
             },
             socket: DEFAULT_SOCKET.into(),
             metrics: Some(DEFAULT_METRICS.parse().expect("valid default")),
-            pin_dir: DEFAULT_PIN_DIR.into(),
+            pin_dir: None,
             timeouts: k.timeouts().unwrap_or_default(),
             services,
         },

@@ -42,6 +42,13 @@ enum Cmd {
         /// atomically (an upgrade or restart).
         #[arg(long)]
         takeover: bool,
+        /// bpffs directory for the pinned maps (overrides [control] pin_dir; default: one
+        /// per socket under /sys/fs/bpf/xlb).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// /metrics listener, address:port or "off" (overrides [control] metrics).
+        #[arg(long)]
+        metrics: Option<String>,
     },
     /// Re-read the running daemon's configuration and apply what changed (as SIGHUP does).
     Reload {
@@ -223,13 +230,24 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             interfaces,
             socket,
             takeover,
+            pin_dir,
+            metrics,
         } => {
             let startup = match (config, keepalived) {
                 (Some(c), _) => daemon::Startup::Toml(c),
                 (None, Some(path)) => daemon::Startup::Keepalived { path, interfaces },
                 (None, None) => anyhow::bail!("give --config FILE or --keepalived FILE"),
             };
-            daemon::run(startup, socket, takeover).await
+            daemon::run(
+                startup,
+                daemon::Overrides {
+                    socket,
+                    pin_dir,
+                    metrics,
+                    takeover,
+                },
+            )
+            .await
         }
         Cmd::Reload { socket } => {
             let r: api::ReloadResponse =
@@ -288,6 +306,8 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 for w in &l.warnings {
                     eprintln!("warning: {w}");
                 }
+                xlb::render::validate_services(&l.config.services, &l.config.dataplane.limits)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
                 l.config.services
             } else {
                 config::load(&file)?.services

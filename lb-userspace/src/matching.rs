@@ -159,6 +159,25 @@ pub fn nat_source_words(services: &[ServiceConfig]) -> Vec<u64> {
 mod tests {
     use super::*;
 
+    fn svc(text: &str) -> Vec<ServiceConfig> {
+        let t = format!("[dataplane]\ninterfaces = [\"x\"]\n{text}");
+        crate::config::parse(std::path::Path::new("t.toml"), &t)
+            .unwrap()
+            .services
+    }
+
+    /// Old and new entries coexist during a change: the union must fit.
+    #[test]
+    fn capacity_counts_the_union() {
+        let a = svc("[[services]]\nname = \"a\"\naddress = \"10.0.0.1\"\nports = [80, 443]\n");
+        let b = svc("[[services]]\nname = \"b\"\naddress = \"10.0.0.2\"\nports = [80, 443]\n");
+        assert!(check_capacity(&[], &a, 2).is_ok());
+        let e = check_capacity(&a, &b, 3).unwrap_err();
+        assert!(e.contains("4 entries in SERVICES_V4"), "{e}");
+        assert!(check_capacity(&a, &b, 4).is_ok());
+        assert!(check_capacity(&a, &a, 2).is_ok());
+    }
+
     fn blocks(a: u16, b: u16) -> Vec<(u16, u32)> {
         port_blocks(PortRange { first: a, last: b })
     }
@@ -190,4 +209,72 @@ mod tests {
         // At most 2 blocks per bit.
         assert!(blocks(1, 65534).len() <= 30);
     }
+}
+
+/// Checks that the match maps can hold a change from `old` to `desired`: while services are
+/// switched, the old entries and the new ones coexist (new ones are written before stale
+/// ones go), so the union must fit. `max_services` sizes the exact maps; the tries hold
+/// `lb_common::defaults::WIDE_ENTRIES` each.
+pub fn check_capacity(
+    old: &[ServiceConfig],
+    desired: &[ServiceConfig],
+    max_services: u32,
+) -> Result<(), String> {
+    let mut union = std::collections::HashSet::new();
+    for s in old.iter().chain(desired) {
+        union.extend(entries(s));
+    }
+    let mut counts = [0u32; 6];
+    for e in &union {
+        let i = match e {
+            MatchEntry::ExactV4(_) => 0,
+            MatchEntry::ExactV6(_) => 1,
+            MatchEntry::WideV4(..) => 2,
+            MatchEntry::WideV6(..) => 3,
+            MatchEntry::PrefixV4(..) => 4,
+            MatchEntry::PrefixV6(..) => 5,
+        };
+        counts[i] += 1;
+    }
+    let wide = lb_common::defaults::WIDE_ENTRIES;
+    let maps = [
+        (
+            "SERVICES_V4 (IPv4 address:port services)",
+            max_services,
+            "raise [dataplane] max_services",
+        ),
+        (
+            "SERVICES_V6 (IPv6 address:port services)",
+            max_services,
+            "raise [dataplane] max_services",
+        ),
+        (
+            "WIDE_V4 (IPv4 port ranges)",
+            wide,
+            "use fewer or wider aligned ranges",
+        ),
+        (
+            "WIDE_V6 (IPv6 port ranges)",
+            wide,
+            "use fewer or wider aligned ranges",
+        ),
+        (
+            "PREFIX_V4 (IPv4 prefix services, one entry per port)",
+            wide,
+            "use fewer ports or port 0",
+        ),
+        (
+            "PREFIX_V6 (IPv6 prefix services, one entry per port)",
+            wide,
+            "use fewer ports or port 0",
+        ),
+    ];
+    for ((name, cap, hint), n) in maps.iter().zip(counts) {
+        if n > *cap {
+            return Err(format!(
+                "the services need {n} entries in {name}, which holds {cap} (old and new entries coexist during a change): {hint}"
+            ));
+        }
+    }
+    Ok(())
 }

@@ -88,13 +88,13 @@ fn label_text(labels: &[(&str, &str)]) -> String {
 
 /// The whole exposition.
 pub fn render(d: &Daemon) -> Result<String> {
-    let views = d.raw_view()?;
+    let views = d.raw_view(false)?;
     let mut e = Exposition {
         out: String::with_capacity(256 + views.len() * 4096),
     };
 
     // Totals, as node_exporter's ipvs collector reads them from /proc/net/ip_vs_stats.
-    let mut total = CountersView::default();
+    let mut total = d.retired.clone();
     for s in &views {
         total.conns += s.stats.conns;
         total.in_packets += s.stats.in_packets;
@@ -134,11 +134,19 @@ pub fn render(d: &Daemon) -> Result<String> {
     }
 
     // Label sets, formatted once per service and per real server.
+    // A prefix service's address carries its length (two nested prefixes are two series).
+    let local = |s: &crate::engine::ServiceView| {
+        if s.key.is_host() {
+            s.key.addr.to_string()
+        } else {
+            format!("{}/{}", s.key.addr, s.key.prefix)
+        }
+    };
     let svc_labels: Vec<String> = views
         .iter()
         .map(|s| {
             label_text(&[
-                ("local_address", &s.key.addr.to_string()),
+                ("local_address", &local(s)),
                 ("local_port", &s.key.port.to_string()),
                 ("proto", s.key.protocol.label()),
             ])
@@ -147,7 +155,7 @@ pub fn render(d: &Daemon) -> Result<String> {
     let be_labels: Vec<Vec<String>> = views
         .iter()
         .map(|s| {
-            let (addr, port) = (s.key.addr.to_string(), s.key.port.to_string());
+            let (addr, port) = (local(s), s.key.port.to_string());
             s.backends
                 .iter()
                 .map(|b| {

@@ -154,8 +154,13 @@ impl Resolver {
         use netlink_packet_route::address::{AddressAttribute, AddressMessage};
         let mut addrs = self.handle.address().get().execute();
         let mut best: Option<(u8, u32)> = None;
+        // A VIP on the loopback (DR real servers, anycast) does not say where packets come in.
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap_or(0);
         while let Some(m) = addrs.try_next().await.context("listing addresses")? {
             let m: AddressMessage = m;
+            if m.header.index == lo {
+                continue;
+            }
             let plen = m.header.prefix_len;
             for a in &m.attributes {
                 if let AddressAttribute::Address(ip) = a {

@@ -211,9 +211,8 @@ pub fn to_toml(c: &Config) -> String {
         }
         Some(_) => {}
     }
-    let pin = c.pin_dir.display().to_string();
-    if pin != config::DEFAULT_PIN_DIR {
-        let _ = writeln!(control, "pin_dir = {}", quote(&pin));
+    if let Some(pin) = &c.pin_dir {
+        let _ = writeln!(control, "pin_dir = {}", quote(&pin.display().to_string()));
     }
     if !control.is_empty() {
         let _ = write!(out, "\n[control]\n{control}");

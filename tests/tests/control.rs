@@ -412,16 +412,18 @@ fn status(b: &DrBench) -> String {
     .unwrap()
 }
 
-/// The sum of a column of `ipvsadm -Ln --stats --exact` over the servers of the service on
-/// port 80.
+/// InPkts of the service on port 80 (`ipvsadm -Ln --stats --exact`): the service's own
+/// counter, which no server change resets.
 fn in_packets(b: &DrBench) -> u64 {
     let out = ipvsadm(b, "-L -n --stats --exact");
     out.lines()
-        .skip_while(|l| !l.starts_with("TCP  10.100.0.100:80 "))
-        .skip(1)
-        .take_while(|l| l.starts_with("  -> "))
-        .map(|l| l.split_whitespace().nth(3).unwrap().parse::<u64>().unwrap())
-        .sum()
+        .find(|l| l.starts_with("TCP  10.100.0.100:80 "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Reloads (SIGHUP and `xlb reload`) under continuous traffic and with a long-lived
@@ -618,8 +620,69 @@ fn restart_keeps_long_lived_connections() {
         b.bench.log("xlb2.log")
     );
 
-    // A crash: the data plane keeps forwarding without its controller, and the next
-    // daemon adopts it.
+    // Refused before anything is touched: a successor whose maps would differ (another
+    // table size) does not even ask for the handover; another instance (its own socket)
+    // pointed at these pins does not take them.
+    let resized = b.bench.dir.join("resized.toml");
+    std::fs::write(
+        &resized,
+        config.replace("conn_table_size = 65536", "conn_table_size = 131072"),
+    )
+    .unwrap();
+    let e = b
+        .bench
+        .exec(
+            &lb,
+            &[
+                &xlb.to_string_lossy(),
+                "run",
+                "--takeover",
+                "--config",
+                &resized.to_string_lossy(),
+            ],
+        )
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("cannot be adopted"), "{e:#}");
+    let other = b.bench.dir.join("other.toml");
+    std::fs::write(
+        &other,
+        config
+            .replace("xlb.sock", "other.sock")
+            .replace("eth0", "lo"),
+    )
+    .unwrap();
+    let e = b
+        .bench
+        .exec(
+            &lb,
+            &[
+                &xlb.to_string_lossy(),
+                "run",
+                "--config",
+                &other.to_string_lossy(),
+            ],
+        )
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("no usable saved state"), "{e:#}");
+    assert!(b.bench.running(pid2));
+    assert_eq!(
+        ask_all(&conns),
+        who.iter().map(|w| Ok(w.clone())).collect::<Vec<_>>()
+    );
+
+    // A crash right after a change: the data plane keeps forwarding without its
+    // controller, and the next daemon adopts exactly what the maps hold (the change
+    // included, which the file then takes back: no trace of it stays in the maps).
+    let v = b.vip4;
+    ipvsadm(&b, &format!("-A -t {v}:8080 -s rr"));
+    ipvsadm(&b, &format!("-a -t {v}:8080 -r 10.100.0.11:8080"));
+    let vip8080 = SocketAddr::new(IpAddr::V4(v), 8080);
+    assert_eq!(
+        in_netns(&b.cli, move || http_get(vip8080))
+            .unwrap()
+            .unwrap(),
+        "be1"
+    );
     run(&["kill", "-KILL", &pid2.to_string()]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -649,6 +712,13 @@ fn restart_keeps_long_lived_connections() {
         b.bench.log("xlb3.log").contains("adopted"),
         "{}",
         b.bench.log("xlb3.log")
+    );
+    assert!(!ipvsadm(&b, "-Ln").contains(":8080"));
+    assert!(
+        in_netns(&b.cli, move || http_get(vip8080))
+            .unwrap()
+            .is_err(),
+        "the removed service still answers"
     );
     assert_eq!(
         ask_all(&conns),
