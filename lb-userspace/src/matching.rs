@@ -155,62 +155,6 @@ pub fn nat_source_words(services: &[ServiceConfig]) -> Vec<u64> {
     w
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn svc(text: &str) -> Vec<ServiceConfig> {
-        let t = format!("[dataplane]\ninterfaces = [\"x\"]\n{text}");
-        crate::config::parse(std::path::Path::new("t.toml"), &t)
-            .unwrap()
-            .services
-    }
-
-    /// Old and new entries coexist during a change: the union must fit.
-    #[test]
-    fn capacity_counts_the_union() {
-        let a = svc("[[services]]\nname = \"a\"\naddress = \"10.0.0.1\"\nports = [80, 443]\n");
-        let b = svc("[[services]]\nname = \"b\"\naddress = \"10.0.0.2\"\nports = [80, 443]\n");
-        assert!(check_capacity(&[], &a, 2).is_ok());
-        let e = check_capacity(&a, &b, 3).unwrap_err();
-        assert!(e.contains("4 entries in SERVICES_V4"), "{e}");
-        assert!(check_capacity(&a, &b, 4).is_ok());
-        assert!(check_capacity(&a, &a, 2).is_ok());
-    }
-
-    fn blocks(a: u16, b: u16) -> Vec<(u16, u32)> {
-        port_blocks(PortRange { first: a, last: b })
-    }
-
-    /// Blocks cover the range exactly, each aligned to its size.
-    #[test]
-    fn port_blocks_cover_ranges_exactly() {
-        assert_eq!(blocks(0, 65535), vec![(0, 0)]);
-        assert_eq!(blocks(80, 80), vec![(80, 16)]);
-        assert_eq!(blocks(8000, 8003), vec![(8000, 14)]);
-        for (a, b) in [
-            (1, 65535),
-            (1000, 2000),
-            (7, 9),
-            (65535, 65535),
-            (1, 1),
-            (1024, 65535),
-        ] {
-            let v = blocks(a, b);
-            let mut next = a as u32;
-            for (first, bits) in v {
-                let size = 1u32 << (16 - bits);
-                assert_eq!(first as u32, next, "{a}-{b}");
-                assert_eq!(first as u32 % size, 0, "aligned");
-                next += size;
-            }
-            assert_eq!(next, b as u32 + 1, "{a}-{b}");
-        }
-        // At most 2 blocks per bit.
-        assert!(blocks(1, 65534).len() <= 30);
-    }
-}
-
 /// Checks that the match maps can hold a change from `old` to `desired`: while services are
 /// switched, the old entries and the new ones coexist (new ones are written before stale
 /// ones go), so the union must fit. `max_services` sizes the exact maps; the tries hold
@@ -277,4 +221,60 @@ pub fn check_capacity(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(text: &str) -> Vec<ServiceConfig> {
+        let t = format!("[dataplane]\ninterfaces = [\"x\"]\n{text}");
+        crate::config::parse(std::path::Path::new("t.toml"), &t)
+            .unwrap()
+            .services
+    }
+
+    /// Old and new entries coexist during a change: the union must fit.
+    #[test]
+    fn capacity_counts_the_union() {
+        let a = svc("[[services]]\nname = \"a\"\naddress = \"10.0.0.1\"\nports = [80, 443]\n");
+        let b = svc("[[services]]\nname = \"b\"\naddress = \"10.0.0.2\"\nports = [80, 443]\n");
+        assert!(check_capacity(&[], &a, 2).is_ok());
+        let e = check_capacity(&a, &b, 3).unwrap_err();
+        assert!(e.contains("4 entries in SERVICES_V4"), "{e}");
+        assert!(check_capacity(&a, &b, 4).is_ok());
+        assert!(check_capacity(&a, &a, 2).is_ok());
+    }
+
+    fn blocks(a: u16, b: u16) -> Vec<(u16, u32)> {
+        port_blocks(PortRange { first: a, last: b })
+    }
+
+    /// Blocks cover the range exactly, each aligned to its size.
+    #[test]
+    fn port_blocks_cover_ranges_exactly() {
+        assert_eq!(blocks(0, 65535), vec![(0, 0)]);
+        assert_eq!(blocks(80, 80), vec![(80, 16)]);
+        assert_eq!(blocks(8000, 8003), vec![(8000, 14)]);
+        for (a, b) in [
+            (1, 65535),
+            (1000, 2000),
+            (7, 9),
+            (65535, 65535),
+            (1, 1),
+            (1024, 65535),
+        ] {
+            let v = blocks(a, b);
+            let mut next = a as u32;
+            for (first, bits) in v {
+                let size = 1u32 << (16 - bits);
+                assert_eq!(first as u32, next, "{a}-{b}");
+                assert_eq!(first as u32 % size, 0, "aligned");
+                next += size;
+            }
+            assert_eq!(next, b as u32 + 1, "{a}-{b}");
+        }
+        // At most 2 blocks per bit.
+        assert!(blocks(1, 65534).len() <= 30);
+    }
 }
