@@ -189,11 +189,18 @@ fn timed(cmd: &mut Command) -> Result<(Duration, Vec<u8>)> {
     Ok((d, o.stdout))
 }
 
+struct EndToEnd {
+    start: Duration,
+    reload: Duration,
+    scrape_bytes: usize,
+    scrape: Duration,
+    list: Duration,
+    change: Duration,
+    state_bytes: usize,
+}
+
 /// End to end against a running daemon.
-fn end_to_end(
-    shape: &Shape,
-    dir: &Path,
-) -> Result<(Duration, Duration, usize, Duration, Duration)> {
+fn end_to_end(shape: &Shape, dir: &Path) -> Result<EndToEnd> {
     let socket = dir.join("xlb.sock");
     let path = dir.join("xlb.toml");
     std::fs::write(&path, config_text(shape, &socket, 0))?;
@@ -240,9 +247,38 @@ fn end_to_end(
         );
         lists.push(d);
     }
+    // One ipvsadm change at this size: the whole model is validated and the state saved
+    // for a successor with every change.
+    let mut changes = Vec::new();
+    for k in 0..5 {
+        let (d, _) = timed(
+            Command::new(&xlb)
+                .args(["ipvsadm", "--socket"])
+                .arg(&socket)
+                .args([
+                    "-e",
+                    "-t",
+                    "10.2.0.1:80",
+                    "-r",
+                    &server(shape, 0, 0),
+                    "-w",
+                    &(k + 2).to_string(),
+                ]),
+        )?;
+        changes.push(d);
+    }
+    let state = std::fs::metadata(dir.join("xlb.state"))?.len() as usize;
     std::fs::write(&path, config_text(shape, &socket, 1))?;
     let (reload, _) = timed(Command::new(&xlb).args(["reload", "--socket"]).arg(&socket))?;
-    Ok((start, reload, size, median(scrapes), median(lists)))
+    Ok(EndToEnd {
+        start,
+        reload,
+        scrape_bytes: size,
+        scrape: median(scrapes),
+        list: median(lists),
+        change: median(changes),
+        state_bytes: state,
+    })
 }
 
 /// Measures every shape and prints the table BENCHMARKS.md records.
@@ -268,7 +304,7 @@ pub fn run() -> Result<()> {
         "\n== control plane at scale (targets: load and 10 % reload < 1 s, /metrics < 100 ms, ipvsadm -Ln < 200 ms)"
     );
     println!(
-        "{:<34} {:>11} {:>11} {:>13} {:>13} {:>11} {:>11} {:>10}",
+        "{:<34} {:>10} {:>11} {:>10} {:>11} {:>9} {:>12} {:>11} {:>9} {:>9}",
         "configuration",
         "load",
         "reload 10%",
@@ -276,28 +312,33 @@ pub fn run() -> Result<()> {
         "xlb reload",
         "/metrics",
         "ipvsadm -Ln",
-        "scrape"
+        "ipvsadm -e",
+        "scrape",
+        "state"
     );
     for shape in &SHAPES {
         let (load, reload) = in_process(shape, &dir.join("unused.sock"))?;
-        let (start, reload_cli, size, scrape, list) = end_to_end(shape, &dir)?;
+        let e = end_to_end(shape, &dir)?;
         println!(
-            "{:<34} {:>11} {:>11} {:>13} {:>13} {:>11} {:>11} {:>7} KiB",
+            "{:<34} {:>10} {:>11} {:>10} {:>11} {:>9} {:>12} {:>11} {:>5} KiB {:>5} KiB",
             shape.name,
             ms(load),
             ms(reload),
-            ms(start),
-            ms(reload_cli),
-            ms(scrape),
-            ms(list),
-            size / 1024
+            ms(e.start),
+            ms(e.reload),
+            ms(e.scrape),
+            ms(e.list),
+            ms(e.change),
+            e.scrape_bytes / 1024,
+            e.state_bytes / 1024
         );
     }
     println!(
         "load / reload 10%: parse + validation + the engine's map writes, in process; xlb start: \
          process start to the admin API answering (program load and verification included); \
-         xlb reload: the CLI command against the daemon, file re-read included; /metrics and \
-         ipvsadm -Ln: medians of 7 and 5 runs against the daemon (-Ln includes starting the CLI process)."
+         xlb reload: the CLI command against the daemon, file re-read included; /metrics, \
+         ipvsadm -Ln and one ipvsadm -e: medians of 7, 5 and 5 runs against the daemon (the CLI \
+         process start included); state: what a daemon saves for its successor."
     );
     let _ = Command::new("ip").args(["link", "del", "ctl0"]).status();
     let _ = Command::new("umount").arg(dir.join("bpffs")).status();

@@ -253,7 +253,8 @@ impl Daemon {
         if self.handing_over {
             bail!("this daemon is handing over to a successor: no more changes");
         }
-        render::validate_services(&model.services, &self.dp.limits).map_err(anyhow::Error::msg)?;
+        render::validate_change(&self.engine.services(), &model.services, &self.dp.limits)
+            .map_err(anyhow::Error::msg)?;
         // Counters of services about to go are kept in the totals (node_ipvs_*_total never
         // goes back, as IPVS's /proc/net/ip_vs_stats does not).
         let leaving: Vec<ServiceKey> = self
