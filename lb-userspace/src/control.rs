@@ -335,6 +335,11 @@ impl Daemon {
             }
         }
         if failed && !req.skip_failed {
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = Some(ChangeError::Invalid(
+                    "not made: another change of the batch was refused".into(),
+                ));
+            }
             return ChangesResponse {
                 results,
                 applied: false,
@@ -348,11 +353,10 @@ impl Daemon {
             .any(|(c, r)| r.is_none() && !matches!(c, Change::Zero { .. }));
         if structural && let Err(e) = self.apply_model(&model) {
             tracing::warn!("change refused: {e:#}");
-            // A refusal of the result is reported on the changes that were to be made.
-            for (c, r) in req.changes.iter().zip(results.iter_mut()) {
-                if r.is_none() && !matches!(c, Change::Zero { .. }) {
-                    *r = Some(ChangeError::Invalid(format!("{e:#}")));
-                }
+            // A refusal of the result is reported on every change that was to be made
+            // (zeroing included: nothing of the batch happens).
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = Some(ChangeError::Invalid(format!("{e:#}")));
             }
             return ChangesResponse {
                 results,
