@@ -446,17 +446,24 @@ fn demo(config: Option<PathBuf>, requests: usize) -> Result<()> {
     }
 
     let socket = b.socket();
+    // ipvsadm's own command lines against the daemon, then the data plane's counters.
     for args in [
-        &["list", "-n"][..],
-        &["list", "-n", "--stats"],
+        &["ipvsadm", "-L", "-n"][..],
+        &["ipvsadm", "-L", "-n", "--stats"],
+        &["ipvsadm", "-S", "-n"],
         &["counters"],
     ] {
         println!("\n== xlb {}", args.join(" "));
-        let out = Command::new(&xlb)
-            .args(args)
-            .arg("--socket")
-            .arg(&socket)
-            .output()?;
+        let mut c = Command::new(&xlb);
+        if args[0] == "ipvsadm" {
+            c.arg("ipvsadm")
+                .arg("--socket")
+                .arg(&socket)
+                .args(&args[1..]);
+        } else {
+            c.args(args).arg("--socket").arg(&socket);
+        }
+        let out = c.output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         if args[0] == "counters" {
             for l in text.lines().filter(|l| !l.trim_end().ends_with(" 0")) {
@@ -464,6 +471,27 @@ fn demo(config: Option<PathBuf>, requests: usize) -> Result<()> {
             }
         } else {
             print!("{text}");
+        }
+    }
+    // A few lines of what Prometheus scrapes.
+    let lb = b.lb.clone();
+    if let Ok(metrics) = b.bench.exec(
+        &lb,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9469/metrics",
+        ],
+    ) {
+        println!("\n== curl http://127.0.0.1:9469/metrics (in the balancer's namespace; excerpt)");
+        for l in metrics.lines().filter(|l| {
+            l.starts_with("node_ipvs_connections_total")
+                || l.starts_with("node_ipvs_backend_connections_inactive{local_address=\"10.")
+                || l.starts_with("xlb_config_generation")
+        }) {
+            println!("{l}");
         }
     }
     println!("\n== tearing down (namespaces, nginx, xlb)");
