@@ -56,6 +56,21 @@ pub struct ConnView {
     pub dest: std::net::SocketAddr,
 }
 
+/// `GET /v1/health`: every checked real server.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HealthResponse {
+    pub servers: Vec<ServerHealthView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServerHealthView {
+    pub service: crate::config::ServiceKey,
+    pub addr: std::net::IpAddr,
+    pub port: u16,
+    #[serde(flatten)]
+    pub state: crate::health::state::ServerState,
+}
+
 /// `POST /v1/changes`: administrative changes, applied together.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChangesRequest {
@@ -162,6 +177,23 @@ async fn connections(State(s): State<Shared>) -> Json<ConnectionsResponse> {
     })
 }
 
+async fn health(State(s): State<Shared>) -> Json<HealthResponse> {
+    let d = s.lock().await;
+    let mut servers: Vec<ServerHealthView> = d
+        .health
+        .servers()
+        .filter(|(_, st)| !st.checks.is_empty())
+        .map(|(k, st)| ServerHealthView {
+            service: k.0,
+            addr: k.1,
+            port: k.2,
+            state: st.clone(),
+        })
+        .collect();
+    servers.sort_by_key(|a| (a.service, a.addr, a.port));
+    Json(HealthResponse { servers })
+}
+
 async fn timeouts(State(s): State<Shared>) -> Json<crate::config::Timeouts> {
     Json(s.lock().await.engine.timeouts())
 }
@@ -266,6 +298,7 @@ pub async fn serve(path: &Path, state: Shared) -> Result<tokio::task::JoinHandle
         .route("/v1/services", get(services))
         .route("/v1/connections", get(connections))
         .route("/v1/timeouts", get(timeouts))
+        .route("/v1/health", get(health))
         .route("/v1/changes", post(changes))
         .route("/v1/reload", post(reload))
         .route("/v1/handover", post(handover))

@@ -116,9 +116,14 @@ impl Change {
                     .iter_mut()
                     .find(|b| b.addr == server.addr && b.port == server.port)
                     .ok_or(ChangeError::NoDest)?;
-                // ipvsadm has no words for a tunnel's outer source: an edit keeps it.
+                // ipvsadm has no words for a tunnel's outer source or health checks: an edit
+                // keeps them.
                 let source = b.tunnel.and_then(|t| t.source);
+                let health = std::mem::take(&mut b.health);
                 *b = server.clone();
+                if b.health == Default::default() {
+                    b.health = health;
+                }
                 if let Some(t) = b.tunnel.as_mut()
                     && t.source.is_none()
                 {

@@ -470,6 +470,9 @@ pub struct ServiceConfig {
     pub forwarding: Forwarding,
     /// In the order they were added (configuration order).
     pub backends: Vec<BackendConfig>,
+    /// Sorry server and quorum (health checking).
+    #[serde(default)]
+    pub health: crate::health::config::ServiceHealth,
 }
 
 /// A validated real server.
@@ -489,6 +492,9 @@ pub struct BackendConfig {
     pub upper_threshold: u32,
     #[serde(default)]
     pub lower_threshold: u32,
+    /// Checks, inhibit_on_failure, notify programs.
+    #[serde(default)]
+    pub health: crate::health::config::BackendHealth,
 }
 
 /// IPVS idle timeouts (`ipvsadm --set tcp tcpfin udp`).
@@ -594,6 +600,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where `/metrics` is served (`None`: not served).
     pub metrics: Option<SocketAddr>,
+    /// Health-check programs and notify programs run as this user unless they name one
+    /// (keepalived `script_user`); `None`: as the daemon (root).
+    pub script_user: Option<String>,
     /// bpffs directory of this instance's pinned maps and link (restarts reuse them);
     /// `None`: [`default_pin_dir`] of the socket in use.
     pub pin_dir: Option<PathBuf>,
@@ -640,6 +649,7 @@ struct FileControl {
     /// "address:port", or "off".
     metrics: Option<Spanned<String>>,
     pin_dir: Option<PathBuf>,
+    script_user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -676,6 +686,22 @@ struct FileService {
     ports: Option<Spanned<Vec<Spanned<FilePort>>>>,
     #[serde(default)]
     persistence: Option<Spanned<FilePersistence>>,
+    /// Defaults for the checks of the service's real servers.
+    #[serde(default)]
+    health: Option<Spanned<crate::health::config::FileTiming>>,
+    #[serde(default)]
+    sorry_server: Option<Spanned<String>>,
+    /// Default of the real servers' `inhibit_on_failure`.
+    #[serde(default)]
+    inhibit_on_failure: Option<bool>,
+    #[serde(default)]
+    quorum: Option<u32>,
+    #[serde(default)]
+    hysteresis: Option<u32>,
+    #[serde(default)]
+    quorum_up: Option<Spanned<String>>,
+    #[serde(default)]
+    quorum_down: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<FileBackend>>,
 }
@@ -714,6 +740,11 @@ struct FileBackend {
     tunnel: Option<Spanned<FileTunnel>>,
     upper_threshold: Option<Spanned<i64>>,
     lower_threshold: Option<Spanned<i64>>,
+    #[serde(default)]
+    checks: Vec<Spanned<crate::health::config::FileCheck>>,
+    inhibit_on_failure: Option<bool>,
+    notify_up: Option<Spanned<String>>,
+    notify_down: Option<Spanned<String>>,
 }
 
 /// Byte offset → line/column.
@@ -987,6 +1018,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
         metrics,
         pin_dir: file.control.pin_dir,
+        script_user: file.control.script_user,
         timeouts,
         services,
     })
@@ -1497,6 +1529,26 @@ fn service(
                 ),
             ));
         }
+        let defaults = s
+            .health
+            .as_ref()
+            .map(|h| h.get_ref().clone())
+            .unwrap_or_default();
+        let mut checks = Vec::new();
+        for c in &b.checks {
+            checks.push(
+                crate::health::config::check(c.get_ref(), &defaults)
+                    .map_err(|m| loc.err(c.span(), m))?,
+            );
+        }
+        let command = |c: &Option<Spanned<String>>| -> Result<Option<Vec<String>>, ConfigError> {
+            c.as_ref()
+                .map(|c| {
+                    crate::health::config::split_command(c.get_ref())
+                        .map_err(|m| loc.err(c.span(), m))
+                })
+                .transpose()
+        };
         backends.push(BackendConfig {
             addr: baddr,
             port: bport,
@@ -1505,8 +1557,55 @@ fn service(
             tunnel,
             upper_threshold,
             lower_threshold,
+            health: crate::health::config::BackendHealth {
+                checks,
+                inhibit_on_failure: b
+                    .inhibit_on_failure
+                    .or(s.inhibit_on_failure)
+                    .unwrap_or(false),
+                notify_up: command(&b.notify_up)?,
+                notify_down: command(&b.notify_down)?,
+            },
         });
     }
+    let sorry_server = match &s.sorry_server {
+        None => None,
+        Some(a) => {
+            let default_port = if multi_port { 0 } else { port };
+            let (ip, p) = parse_endpoint(a.get_ref(), Some(default_port))
+                .map_err(|m| loc.err(a.span(), m))?;
+            check_unicast(ip).map_err(|m| loc.err(a.span(), m))?;
+            if forwarding != Forwarding::Tunnel && ip.is_ipv4() != addr.is_ipv4() {
+                return Err(loc.err(
+                    a.span(),
+                    "the sorry server and the service must be the same address family",
+                ));
+            }
+            if forwarding != Forwarding::Nat && p != default_port {
+                return Err(loc.err(
+                    a.span(),
+                    format!(
+                        "the sorry server's port {p} differs from the service's: only NAT can change ports"
+                    ),
+                ));
+            }
+            Some((ip, p))
+        }
+    };
+    let command = |c: &Option<Spanned<String>>| -> Result<Option<Vec<String>>, ConfigError> {
+        c.as_ref()
+            .map(|c| {
+                crate::health::config::split_command(c.get_ref()).map_err(|m| loc.err(c.span(), m))
+            })
+            .transpose()
+    };
+    let health = crate::health::config::ServiceHealth {
+        sorry_server,
+        quorum: s.quorum.unwrap_or(0),
+        hysteresis: s.hysteresis.unwrap_or(0),
+        quorum_up: command(&s.quorum_up)?,
+        quorum_down: command(&s.quorum_down)?,
+    };
     if let Some(t) = &s.tunnel
         && forwarding != Forwarding::Tunnel
         && backends.iter().all(|b| b.forwarding != Forwarding::Tunnel)
@@ -1533,6 +1632,7 @@ fn service(
             conntrack,
             forwarding,
             backends,
+            health,
         },
         name_span,
         addr_span,
@@ -1698,6 +1798,7 @@ weight = 1
         assert_eq!(
             s.backends,
             vec![BackendConfig {
+                health: Default::default(),
                 addr: "192.168.56.11".parse().unwrap(),
                 port: 80,
                 weight: 1,

@@ -18,7 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::{
     api::{ChangesRequest, ChangesResponse, ConnView},
     change::{Change, ChangeError, Model},
-    config::{self, Config, DataplaneConfig, ServiceKey},
+    config::{self, Config, DataplaneConfig, ServiceConfig, ServiceKey},
     dataplane::Dataplane,
     engine::{CountersView, Engine, ServiceView, monotonic_coarse_ticks},
     estimator::Estimator,
@@ -97,11 +97,22 @@ pub struct Daemon {
     pub dirty: bool,
     /// A successor asked to take over: no more changes.
     pub handing_over: bool,
+    /// The services as configured (file, reloads, ipvsadm); the engine serves them with the
+    /// health checks' verdicts applied.
+    pub configured: Vec<ServiceConfig>,
+    pub health: crate::health::state::Health,
+    /// The running checks (`None` in tests that do not check).
+    pub runner: Option<crate::health::runner::Runner>,
+    /// Notify programs and checks run as this user unless they name one.
+    pub script_user: Option<String>,
     /// Final counters of the services removed so far (they stay in the totals).
     pub retired: CountersView,
     /// Wakes the main loop for a handover.
     pub handover: std::sync::Arc<tokio::sync::Notify>,
 }
+
+/// How long a notify program may run.
+const NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Bumped whenever the saved state or a pinned map's layout changes meaning.
 const STATE_VERSION: u32 = 1;
@@ -211,6 +222,10 @@ impl Daemon {
             state_path: None,
             dirty: false,
             handing_over: false,
+            configured: Vec::new(),
+            health: Default::default(),
+            runner: None,
+            script_user: None,
             retired: CountersView::default(),
             handover: Default::default(),
         }
@@ -240,21 +255,164 @@ impl Daemon {
     }
 
     /// The model in force.
+    /// The model in force, as configured (health checks act on top of it).
     pub fn model(&self) -> Model {
         Model {
-            services: self.engine.services(),
+            services: self.configured.clone(),
             timeouts: self.engine.timeouts(),
         }
     }
 
-    /// Validates `model` completely and makes the data plane serve it; on error nothing
-    /// changed.
+    /// Takes over what start-up installed: the configured services, the health state they
+    /// were installed with (see [`initial_health`]), and starts the checks.
+    pub fn start_health(
+        &mut self,
+        configured: Vec<ServiceConfig>,
+        health: crate::health::state::Health,
+        events: Vec<crate::health::state::Event>,
+        runner: crate::health::runner::Runner,
+    ) {
+        self.configured = configured;
+        self.health = health;
+        let mut runner = runner;
+        runner.reconcile(&self.configured);
+        self.runner = Some(runner);
+        self.handle_events(events);
+    }
+
+    /// Applies the reports of the health checks (batched by the caller): transitions are
+    /// logged and notified, and if any server's state changed the data plane follows.
+    pub fn on_health(&mut self, reports: Vec<crate::health::runner::Report>) {
+        let mut changed = false;
+        let mut events = Vec::new();
+        for r in &reports {
+            let (c, e) = self.health.record(r, &self.configured);
+            changed |= c;
+            if !r.outcome.ok {
+                tracing::debug!(server = %std::net::SocketAddr::new(r.server.1, r.server.2), check = r.check, detail = %r.outcome.detail, "check failed");
+            }
+            events.extend(e);
+        }
+        if !changed || self.handing_over {
+            self.handle_events(events);
+            return;
+        }
+        let (effective, quorum_events) = self.health.effective(&self.configured);
+        events.extend(quorum_events);
+        match self.engine.apply(&mut self.dp, &effective) {
+            Ok(()) => {
+                self.generation += 1;
+                self.dirty = true;
+                if let Err(e) = self.save_state() {
+                    tracing::warn!("saving state for a successor: {e:#}");
+                }
+            }
+            Err(e) => tracing::error!("applying health changes: {e:#}"),
+        }
+        self.handle_events(events);
+    }
+
+    /// Logs state changes and runs their notify programs (in the background, with a
+    /// timeout, without a shell, as the script user).
+    fn handle_events(&self, events: Vec<crate::health::state::Event>) {
+        use crate::health::state::Event;
+        for e in events {
+            let (argv, addr, what) = match &e {
+                Event::Server { server, alive } => {
+                    let addr = SocketAddr::new(server.1, server.2);
+                    let detail = self
+                        .health
+                        .server(server)
+                        .map(|st| {
+                            st.checks
+                                .iter()
+                                .filter_map(|c| {
+                                    c.last.as_ref().map(|l| format!("{}: {}", c.kind, l.detail))
+                                })
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        })
+                        .unwrap_or_default();
+                    if *alive {
+                        tracing::info!(service = %server.0, server = %addr, %detail, "real server up");
+                    } else {
+                        tracing::warn!(service = %server.0, server = %addr, %detail, "real server down");
+                    }
+                    let b = self
+                        .configured
+                        .iter()
+                        .find(|s| s.key == server.0)
+                        .and_then(|s| {
+                            s.backends
+                                .iter()
+                                .find(|b| b.addr == server.1 && b.port == server.2)
+                        });
+                    let argv = b.and_then(|b| {
+                        if *alive {
+                            b.health.notify_up.clone()
+                        } else {
+                            b.health.notify_down.clone()
+                        }
+                    });
+                    (argv, addr, if *alive { "notify_up" } else { "notify_down" })
+                }
+                Event::Quorum { service, up } => {
+                    let addr = SocketAddr::new(service.addr, service.port);
+                    if *up {
+                        tracing::info!(%service, "quorum gained");
+                    } else {
+                        tracing::warn!(%service, "quorum lost");
+                    }
+                    let s = self.configured.iter().find(|s| s.key == *service);
+                    let argv = s.and_then(|s| {
+                        if *up {
+                            s.health.quorum_up.clone()
+                        } else {
+                            s.health.quorum_down.clone()
+                        }
+                    });
+                    (argv, addr, if *up { "quorum_up" } else { "quorum_down" })
+                }
+            };
+            if let Some(argv) = argv {
+                let user = self.script_user.clone();
+                tokio::spawn(async move {
+                    use crate::health::spec::{MiscProbe, Probe, Target};
+                    let probe = Probe::Misc(MiscProbe {
+                        argv,
+                        shell: false,
+                        dynamic: false,
+                        user: None,
+                        group: None,
+                    });
+                    let target = Target {
+                        addr,
+                        bind: None,
+                        timeout: NOTIFY_TIMEOUT,
+                        script_user: user,
+                    };
+                    let o = crate::health::probe::run(&probe, &target, 0).await;
+                    if o.ok {
+                        tracing::info!(script = what, %addr, "ran");
+                    } else {
+                        tracing::warn!(script = what, %addr, detail = %o.detail, "failed");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Validates `model` completely and makes the data plane serve it (with the health
+    /// checks' verdicts on top); on error nothing changed.
     pub fn apply_model(&mut self, model: &Model) -> Result<()> {
         if self.handing_over {
             bail!("this daemon is handing over to a successor: no more changes");
         }
-        render::validate_change(&self.engine.services(), &model.services, &self.dp.limits)
+        render::validate_change(&self.configured, &model.services, &self.dp.limits)
             .map_err(anyhow::Error::msg)?;
+        let mut health = self.health.clone();
+        health.sync(&model.services);
+        let (effective, events) = health.effective(&model.services);
         // Counters of services about to go are kept in the totals (node_ipvs_*_total never
         // goes back, as IPVS's /proc/net/ip_vs_stats does not).
         let leaving: Vec<ServiceKey> = self
@@ -262,7 +420,7 @@ impl Daemon {
             .services()
             .iter()
             .map(|s| s.key)
-            .filter(|k| !model.services.iter().any(|s| s.key == *k))
+            .filter(|k| !effective.iter().any(|s| s.key == *k))
             .collect();
         let mut gone = CountersView::default();
         for k in &leaving {
@@ -272,7 +430,13 @@ impl Daemon {
                 add(&mut gone, &c.into());
             }
         }
-        self.engine.apply(&mut self.dp, &model.services)?;
+        self.engine.apply(&mut self.dp, &effective)?;
+        self.health = health;
+        self.configured = model.services.clone();
+        if let Some(r) = &mut self.runner {
+            r.reconcile(&self.configured);
+        }
+        self.handle_events(events);
         add(&mut self.retired, &gone);
         self.generation += 1;
         self.dirty = true;
@@ -282,7 +446,7 @@ impl Daemon {
             Ok(())
         };
         if let Some(w) = &self.watch {
-            let _ = w.send(self.engine.backend_addrs());
+            let _ = w.send(watched_addrs(&self.configured));
         }
         // Counters of what is gone, or counts afresh under a new index, are forgotten.
         let live: HashMap<StatKey, u32> = self.indexes();
@@ -631,6 +795,38 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// The addresses whose next hops must be kept resolved: every real server and sorry server
+/// (a sorry server is served only when needed, and must be ready then).
+pub fn watched_addrs(services: &[ServiceConfig]) -> Vec<std::net::IpAddr> {
+    let mut v: Vec<std::net::IpAddr> = services
+        .iter()
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .map(|b| b.addr)
+                .chain(s.health.sorry_server.map(|(a, _)| a))
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The health state a configuration starts with (servers up, those with `alpha` checks
+/// down) and the services the data plane serves with it.
+pub fn initial_health(
+    configured: &[ServiceConfig],
+) -> (
+    crate::health::state::Health,
+    Vec<ServiceConfig>,
+    Vec<crate::health::state::Event>,
+) {
+    let mut health = crate::health::state::Health::default();
+    health.sync(configured);
+    let (effective, events) = health.effective(configured);
+    (health, effective, events)
 }
 
 /// Reads the configuration a daemon runs from.

@@ -237,8 +237,9 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
     let (watcher, mut updates) = neigh::spawn_watcher(addrs.clone(), NEIGH_REFRESH)?;
     wait_for_next_hops(&mut dp, &mut engine, &mut updates, &addrs).await?;
 
+    let (health, effective, health_events) = crate::control::initial_health(&config.services);
     if let Err(e) = engine
-        .apply(&mut dp, &config.services)
+        .apply(&mut dp, &effective)
         .context("installing the configured services")
     {
         abandon(&mut dp);
@@ -269,6 +270,16 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
     daemon.generation = generation + 1;
     daemon.watch = Some(watcher.watch.clone());
     daemon.state_path = Some(state.clone());
+    daemon.script_user = config.script_user.clone();
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let runner = crate::health::runner::Runner::new(health_tx, config.script_user.clone());
+    daemon.start_health(config.services.clone(), health, health_events, runner);
+    if !daemon.runner.as_ref().is_none_or(|r| r.is_empty()) {
+        info!(
+            checks = daemon.runner.as_ref().map_or(0, |r| r.len()),
+            "health checks running"
+        );
+    }
     if let Err(e) = daemon.save_state() {
         warn!("saving state for a successor: {e:#}");
     }
@@ -328,6 +339,14 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
                 if d.dirty && let Err(e) = d.save_state() {
                     warn!("saving state for a successor: {e:#}");
                 }
+            }
+            Some(first) = health_rx.recv() => {
+                // Every report waiting is applied in one change.
+                let mut reports = vec![first];
+                while let Ok(r) = health_rx.try_recv() {
+                    reports.push(r);
+                }
+                shared.lock().await.on_health(reports);
             }
             _ = handover.notified() => {
                 info!("handing over to a successor: the data plane keeps running");
@@ -413,14 +432,7 @@ fn set_next_hop(
 }
 
 fn backend_addrs(config: &Config) -> Vec<IpAddr> {
-    let mut v: Vec<IpAddr> = config
-        .services
-        .iter()
-        .flat_map(|s| s.backends.iter().map(|b| b.addr))
-        .collect();
-    v.sort();
-    v.dedup();
-    v
+    crate::control::watched_addrs(&config.services)
 }
 
 /// Collects next hops until every real server is resolved or the start-up wait is over

@@ -1186,6 +1186,7 @@ fn invocation(e: &Entry) -> Invocation {
                 conntrack: true,
                 forwarding: Forwarding::Dr,
                 backends: Vec::new(),
+                health: Default::default(),
             };
             Invocation::Change(if e.cmd == Cmd::Add {
                 Change::AddService { service }
@@ -1247,6 +1248,7 @@ fn invocation(e: &Entry) -> Invocation {
                 tunnel,
                 upper_threshold: e.u_threshold,
                 lower_threshold: e.l_threshold,
+                health: Default::default(),
             };
             Invocation::Change(if e.cmd == Cmd::AddDest {
                 Change::AddServer { key, server }
@@ -2028,6 +2030,7 @@ mod tests {
         assert_eq!(
             s,
             ServiceConfig {
+                health: Default::default(),
                 name: "TCP 10.0.0.1:80".into(),
                 key: key("10.0.0.1", 80, Protocol::Tcp),
                 ports: vec![PortRange::one(80)],
@@ -2169,6 +2172,7 @@ mod tests {
         assert_eq!(
             s,
             BackendConfig {
+                health: Default::default(),
                 addr: "192.168.1.10".parse().unwrap(),
                 port: 80,
                 weight: 1,

@@ -1146,6 +1146,15 @@ fn service(
             )));
             continue;
         }
+        let mut checks = Vec::new();
+        for ch in &rs.checkers {
+            match check_spec(ch, vs, rs) {
+                Ok(c) => checks.push(c),
+                Err(m) => {
+                    warnings.push(ch.loc.warning(format!("{}: {m}; ignored", ch.kind.name())))
+                }
+            }
+        }
         backends.push(BackendConfig {
             addr: rs.addr,
             port: bport,
@@ -1154,6 +1163,12 @@ fn service(
             tunnel,
             upper_threshold: upper,
             lower_threshold: lower,
+            health: crate::health::config::BackendHealth {
+                checks,
+                inhibit_on_failure: rs.inhibit(vs),
+                notify_up: rs.notify_up.as_ref().map(Script::argv),
+                notify_down: rs.notify_down.as_ref().map(Script::argv),
+            },
         });
     }
     if backends.is_empty() {
@@ -1162,12 +1177,20 @@ fn service(
         )));
         return Ok(None);
     }
-    if let Some(s) = &vs.sorry_server {
-        warnings.push(s.loc.warning(format!(
-            "sorry_server {} is not used by xlb (no quorum handling yet)",
-            s.addr
-        )));
-    }
+    let sorry_server = vs.sorry_server.as_ref().map(|s| {
+        let sp = match forwarding {
+            Forwarding::Nat => s.port.unwrap_or(port),
+            _ => port,
+        };
+        (s.addr, sp)
+    });
+    let health = crate::health::config::ServiceHealth {
+        sorry_server,
+        quorum: vs.quorum.unwrap_or(0),
+        hysteresis: vs.hysteresis.unwrap_or(0),
+        quorum_up: vs.quorum_up.as_ref().map(Script::argv),
+        quorum_down: vs.quorum_down.as_ref().map(Script::argv),
+    };
     Ok(Some(ServiceConfig {
         name,
         key: ServiceKey::new(addr, port, c.protocol),
@@ -1179,7 +1202,128 @@ fn service(
         conntrack: true,
         forwarding,
         backends,
+        health,
     }))
+}
+
+/// A checker block as xlb's check: keepalived's timing inheritance and defaults.
+fn check_spec(
+    ch: &Checker,
+    vs: &VirtualServer,
+    rs: &RealServer,
+) -> Result<crate::health::spec::CheckSpec, String> {
+    use crate::health::spec::{
+        CheckSpec, HttpProbe, HttpVersion, MiscProbe, Probe, Timing, TlsProbe, UrlProbe,
+    };
+    let t = ch.timing(vs, rs);
+    let http = |h: &HttpCheck, tls: bool| -> Result<Probe, String> {
+        let mut urls = Vec::new();
+        for u in &h.urls {
+            let digest = u
+                .digest
+                .as_deref()
+                .map(crate::health::config::digest)
+                .transpose()?;
+            urls.push(UrlProbe {
+                path: u.path.clone(),
+                status: u.status_codes.clone(),
+                digest,
+                virtualhost: u.virtualhost.clone(),
+            });
+        }
+        if urls.is_empty() {
+            return Err("no url { path } block".into());
+        }
+        Ok(Probe::Http(HttpProbe {
+            tls: tls.then(|| TlsProbe {
+                sni: if h.enable_sni.unwrap_or(false) {
+                    h.sni_name.clone().or_else(|| h.virtualhost.clone())
+                } else {
+                    None
+                },
+                verify: false,
+            }),
+            urls,
+            version: match h.http_protocol.as_deref() {
+                Some("1.1") => HttpVersion::Http11,
+                Some("1.0C") => HttpVersion::Http10Close,
+                _ => HttpVersion::Http10,
+            },
+            virtualhost: h
+                .virtualhost
+                .clone()
+                .or_else(|| rs.virtualhost.clone())
+                .or_else(|| vs.virtualhost.clone()),
+            fast_recovery: h.fast_recovery,
+        }))
+    };
+    let dns_type = |name: &str| {
+        crate::health::config::DNS_TYPES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    let hex = |s: &str| crate::health::config::hex(s, "payload");
+    let probe = match &ch.kind {
+        CheckerKind::Tcp => Probe::Tcp,
+        CheckerKind::Http(h) => http(h, false)?,
+        CheckerKind::Ssl(h) => http(h, true)?,
+        CheckerKind::Smtp(m) => Probe::Smtp {
+            helo: m
+                .helo_name
+                .clone()
+                .unwrap_or_else(|| "smtpchecker.keepalived.org".into()),
+        },
+        CheckerKind::Dns(d) => {
+            let tn = d.query_type.as_deref().unwrap_or("SOA");
+            Probe::Dns {
+                qtype: dns_type(tn).ok_or_else(|| format!("type {tn} is not supported"))?,
+                name: d.name.clone().unwrap_or_else(|| ".".into()),
+            }
+        }
+        CheckerKind::Udp(u) => Probe::Udp {
+            payload: u
+                .payload
+                .as_deref()
+                .map(hex)
+                .transpose()?
+                .unwrap_or_default(),
+            require_reply: u.require_reply,
+            reply: u.reply.as_deref().map(hex).transpose()?,
+        },
+        CheckerKind::Ping => Probe::Ping,
+        CheckerKind::File(f) => Probe::File {
+            path: f.track_file.clone(),
+        },
+        CheckerKind::Misc(m) => Probe::Misc(MiscProbe {
+            argv: m.script.argv(),
+            shell: false,
+            dynamic: m.dynamic,
+            user: m.script.user.clone(),
+            group: m.script.group.clone(),
+        }),
+    };
+    // MISC_CHECK's timeout is its misc_timeout (default: the virtual server's delay_loop).
+    let timeout = match &ch.kind {
+        CheckerKind::Misc(m) => m.timeout.or(vs.delay_loop).unwrap_or(DEFAULT_DELAY_LOOP),
+        _ => t.connect_timeout,
+    };
+    Ok(CheckSpec {
+        probe,
+        connect_ip: ch.common.connect_ip,
+        connect_port: ch.common.connect_port,
+        bind: ch.common.bindto,
+        timing: Timing {
+            interval: t.delay_loop,
+            timeout,
+            retry: t.retry,
+            delay_before_retry: t.delay_before_retry,
+            warmup: t.warmup,
+            alpha: t.alpha,
+            rise: 1,
+            fall: 0,
+        },
+    })
 }
 
 fn is_unicast(ip: IpAddr) -> bool {
@@ -3672,6 +3816,7 @@ mod tests {
 
         let (services, warnings) = k.services().unwrap();
         let backend = |a: &str, weight| BackendConfig {
+            health: Default::default(),
             addr: a.parse().unwrap(),
             port: 80,
             weight,
@@ -3683,6 +3828,7 @@ mod tests {
         assert_eq!(
             services,
             vec![ServiceConfig {
+                health: Default::default(),
                 name: "vs 192.168.1.10:80".into(),
                 key: ServiceKey::new("192.168.1.10".parse().unwrap(), 80, Protocol::Tcp),
                 ports: vec![PortRange::one(80)],

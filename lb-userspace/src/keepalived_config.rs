@@ -55,6 +55,7 @@ pub fn read(path: &Path, interfaces: &[String]) -> Result<Loaded> {
             socket: DEFAULT_SOCKET.into(),
             metrics: Some(DEFAULT_METRICS.parse().expect("valid default")),
             pin_dir: None,
+            script_user: k.global_defs.script_user.clone(),
             timeouts: k.timeouts().unwrap_or_default(),
             services,
         },

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod engine;
 pub mod estimator;
+pub mod health;
 pub mod ipvsadm;
 pub mod ipvsadm_cli;
 pub mod keepalived;

@@ -91,6 +91,11 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Print the health of every checked real server and its checks.
+    Health {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Print the data plane's verdict and event counters.
     Counters {
         #[arg(long)]
@@ -332,6 +337,39 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 "{}",
                 ipvsadm::list(&resp, ipvsadm::ListOptions { stats, exact })
             );
+            Ok(())
+        }
+        Cmd::Health { socket } => {
+            let resp: api::HealthResponse =
+                api::get_json(&api::socket_path(socket), "/v1/health").await?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            for s in resp.servers {
+                println!(
+                    "{} -> {} {} weight {} (for {:.0} s)",
+                    s.service,
+                    std::net::SocketAddr::new(s.addr, s.port),
+                    if s.state.alive { "UP" } else { "DOWN" },
+                    s.state.weight,
+                    (now - s.state.since_unix).max(0.0)
+                );
+                for (i, c) in s.state.checks.iter().enumerate() {
+                    let last = c.last.as_ref().map_or("not run yet".to_string(), |l| {
+                        format!(
+                            "{} in {:.1} ms: {}",
+                            if l.ok { "ok" } else { "failed" },
+                            l.latency.as_secs_f64() * 1e3,
+                            l.detail
+                        )
+                    });
+                    println!(
+                        "   check {i} {:<11} {:<4} {last}",
+                        c.kind,
+                        if c.up { "up" } else { "down" }
+                    );
+                }
+            }
             Ok(())
         }
         Cmd::Counters { socket } => {

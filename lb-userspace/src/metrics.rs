@@ -279,6 +279,104 @@ pub fn render(d: &Daemon) -> Result<String> {
         }
     }
 
+    // Health checks: per checked real server, and per check.
+    let mut checked: Vec<(
+        &crate::health::runner::ServerKey,
+        &crate::health::state::ServerState,
+    )> = d
+        .health
+        .servers()
+        .filter(|(_, st)| !st.checks.is_empty())
+        .collect();
+    checked.sort_by(|a, b| a.0.cmp(b.0));
+    let server_labels = |k: &crate::health::runner::ServerKey| {
+        let local = if k.0.is_host() {
+            k.0.addr.to_string()
+        } else {
+            format!("{}/{}", k.0.addr, k.0.prefix)
+        };
+        vec![
+            ("local_address", local),
+            ("local_port", k.0.port.to_string()),
+            ("remote_address", k.1.to_string()),
+            ("remote_port", k.2.to_string()),
+            ("proto", k.0.protocol.label().to_string()),
+        ]
+    };
+    let refs = |v: &Vec<(&'static str, String)>| -> Vec<(&str, String)> {
+        v.iter().map(|(k, s)| (*k, s.clone())).collect()
+    };
+    e.family(
+        "xlb_backend_up",
+        "gauge",
+        "Whether the health checks find the real server alive (1) or not (0).",
+    );
+    for (k, st) in &checked {
+        let l = refs(&server_labels(k));
+        let l: Vec<(&str, &str)> = l.iter().map(|(a, b)| (*a, b.as_str())).collect();
+        e.sample("xlb_backend_up", &l, u8::from(st.alive));
+    }
+    e.family(
+        "xlb_backend_health_change_timestamp_seconds",
+        "gauge",
+        "When the real server last went up or down (Unix time).",
+    );
+    for (k, st) in &checked {
+        let l = refs(&server_labels(k));
+        let l: Vec<(&str, &str)> = l.iter().map(|(a, b)| (*a, b.as_str())).collect();
+        e.sample(
+            "xlb_backend_health_change_timestamp_seconds",
+            &l,
+            format!("{:.3}", st.since_unix),
+        );
+    }
+    type CheckPick = fn(&crate::health::state::CheckState) -> Option<String>;
+    let check_families: [(&str, &str, CheckPick); 3] = [
+        (
+            "xlb_backend_check_up",
+            "Whether a health check is up (1) or down (0).",
+            |c| Some(u8::from(c.up).to_string()),
+        ),
+        (
+            "xlb_backend_check_latency_seconds",
+            "How long the last attempt of a health check took.",
+            |c| {
+                c.last
+                    .as_ref()
+                    .map(|l| format!("{:.6}", l.latency.as_secs_f64()))
+            },
+        ),
+        (
+            "xlb_backend_check_last_success",
+            "Whether the last attempt of a health check succeeded.",
+            |c| c.last.as_ref().map(|l| u8::from(l.ok).to_string()),
+        ),
+    ];
+    for (name, help, pick) in check_families {
+        e.family(name, "gauge", help);
+        for (k, st) in &checked {
+            for (i, c) in st.checks.iter().enumerate() {
+                let Some(v) = pick(c) else { continue };
+                let mut l = server_labels(k);
+                l.push(("check", i.to_string()));
+                l.push(("type", c.kind.clone()));
+                let l: Vec<(&str, &str)> = l.iter().map(|(a, b)| (*a, b.as_str())).collect();
+                e.sample(name, &l, v);
+            }
+        }
+    }
+    e.family(
+        "xlb_service_quorum_up",
+        "gauge",
+        "Whether a service with a quorum or a sorry server has its quorum (1) or not (0).",
+    );
+    for s in &views {
+        if let Some(up) = d.health.quorum_up(&s.key) {
+            let l = svc_labels[views.iter().position(|v| v.key == s.key).unwrap_or(0)].clone();
+            e.sample_with("xlb_service_quorum_up", &l, u64::from(up));
+        }
+    }
+
     // Verdicts: every packet ends in exactly one; events happen on the way.
     let reasons = d.dp.reasons()?;
     let names = lb_common::reason::NAMES;

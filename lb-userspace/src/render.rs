@@ -8,6 +8,7 @@ use crate::config::{
     self, BackendConfig, Config, DEFAULT_SOCKET, Forwarding, Limits, PortRange, ServiceConfig,
     Timeouts, TunnelChecksum, XdpModeSetting,
 };
+use crate::health::config::{command_text, render_check};
 
 fn quote(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
@@ -137,6 +138,22 @@ pub fn service(out: &mut String, s: &ServiceConfig) {
             p.timeout, p.prefix
         );
     }
+    let h = &s.health;
+    if let Some((ip, port)) = h.sorry_server {
+        let _ = writeln!(out, "sorry_server = {}", quote(&endpoint(ip, port)));
+    }
+    if h.quorum != 0 {
+        let _ = writeln!(out, "quorum = {}", h.quorum);
+    }
+    if h.hysteresis != 0 {
+        let _ = writeln!(out, "hysteresis = {}", h.hysteresis);
+    }
+    if let Some(c) = &h.quorum_up {
+        let _ = writeln!(out, "quorum_up = {}", quote(&command_text(c)));
+    }
+    if let Some(c) = &h.quorum_down {
+        let _ = writeln!(out, "quorum_down = {}", quote(&command_text(c)));
+    }
     // The service-level tunnel default is not kept in the model: every tunnel server
     // carries its own settings.
     let multi = !single;
@@ -178,6 +195,20 @@ fn backend(out: &mut String, s: &ServiceConfig, b: &BackendConfig, multi_port: b
     if b.lower_threshold != 0 {
         let _ = writeln!(out, "lower_threshold = {}", b.lower_threshold);
     }
+    let h = &b.health;
+    if h.inhibit_on_failure {
+        let _ = writeln!(out, "inhibit_on_failure = true");
+    }
+    if let Some(c) = &h.notify_up {
+        let _ = writeln!(out, "notify_up = {}", quote(&command_text(c)));
+    }
+    if let Some(c) = &h.notify_down {
+        let _ = writeln!(out, "notify_down = {}", quote(&command_text(c)));
+    }
+    if !h.checks.is_empty() {
+        let checks: Vec<String> = h.checks.iter().map(render_check).collect();
+        let _ = writeln!(out, "checks = [\n  {},\n]", checks.join(",\n  "));
+    }
 }
 
 /// The whole configuration as a TOML file `xlb run --config` accepts.
@@ -210,6 +241,9 @@ pub fn to_toml(c: &Config) -> String {
             let _ = writeln!(control, "metrics = \"{m}\"");
         }
         Some(_) => {}
+    }
+    if let Some(u) = &c.script_user {
+        let _ = writeln!(control, "script_user = {}", quote(u));
     }
     if let Some(pin) = &c.pin_dir {
         let _ = writeln!(control, "pin_dir = {}", quote(&pin.display().to_string()));
@@ -330,11 +364,20 @@ address = "10.0.0.1:80"
 scheduler = "wrr"
 persistence = { timeout = 600, netmask = "255.255.255.0" }
 
+sorry_server = "10.0.1.9:80"
+quorum = 2
+hysteresis = 1
+quorum_down = "/usr/local/bin/alert 'quorum lost'"
+health = { interval = 2, timeout = 1 }
+
 [[services.backends]]
 address = "10.0.1.1:80"
 weight = 3
 upper_threshold = 100
 lower_threshold = 50
+inhibit_on_failure = true
+notify_down = "/bin/logger down %h"
+checks = [{ type = "http", path = "/health", status = [200, "300-302"] }, { type = "tcp", retry = 3 }]
 
 [[services.backends]]
 address = "10.0.1.2:8080"
@@ -428,6 +471,7 @@ address = "10.0.9.9:0"
         copy.key.port = 81;
         copy.ports = vec![crate::config::PortRange::one(81)];
         copy.backends.clear();
+        copy.health = Default::default();
         dup.push(copy);
         let e = validate_change(&c.services, &dup, &c.dataplane.limits).unwrap_err();
         assert!(e.contains("is used twice"), "{e}");

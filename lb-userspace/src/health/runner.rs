@@ -1,0 +1,161 @@
+//! Runs the checks: one tokio task per (real server, check), sleeping between attempts as
+//! the state machine says, reporting every outcome to the daemon. Thousands of checks are
+//! thousands of sleeping tasks, not threads.
+
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::{
+    machine::{Checker, Transition},
+    probe,
+    spec::{CheckSpec, Outcome, Probe, Target},
+};
+use crate::config::{ServiceConfig, ServiceKey};
+
+/// A real server of a service.
+pub type ServerKey = (ServiceKey, IpAddr, u16);
+
+/// One attempt's result, with the checker's state after it.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub server: ServerKey,
+    pub check: usize,
+    pub outcome: Outcome,
+    pub up: bool,
+    pub weight: Option<u32>,
+    pub transition: Option<Transition>,
+    pub at: SystemTime,
+}
+
+/// The running checks.
+pub struct Runner {
+    tasks: HashMap<(ServerKey, usize), (CheckSpec, JoinHandle<()>)>,
+    tx: mpsc::UnboundedSender<Report>,
+    /// Programs run as this user unless a check names one (keepalived `script_user`).
+    script_user: Option<String>,
+}
+
+/// A draw in [0, 1) from a key and the clock: checks of many servers spread over the warmup
+/// instead of starting together.
+fn jitter(key: &impl Hash) -> f64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+        .hash(&mut h);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Where a check of `server` goes.
+pub fn target(spec: &CheckSpec, service: &ServiceConfig, addr: IpAddr, port: u16) -> Target {
+    let port = spec
+        .connect_port
+        .unwrap_or(if port != 0 { port } else { service.key.port });
+    Target {
+        addr: SocketAddr::new(spec.connect_ip.unwrap_or(addr), port),
+        bind: spec.bind,
+        timeout: spec.timing.timeout,
+        script_user: None,
+    }
+}
+
+impl Runner {
+    pub fn new(tx: mpsc::UnboundedSender<Report>, script_user: Option<String>) -> Self {
+        Runner {
+            tasks: HashMap::new(),
+            tx,
+            script_user,
+        }
+    }
+
+    /// Runs exactly the checks of `services`: new ones start (from their initial state),
+    /// changed ones restart, removed ones stop.
+    pub fn reconcile(&mut self, services: &[ServiceConfig]) {
+        let mut wanted: HashMap<(ServerKey, usize), (CheckSpec, Target)> = HashMap::new();
+        for s in services {
+            for b in &s.backends {
+                for (i, c) in b.health.checks.iter().enumerate() {
+                    let mut t = target(c, s, b.addr, b.port);
+                    t.script_user = self.script_user.clone();
+                    wanted.insert(((s.key, b.addr, b.port), i), (c.clone(), t));
+                }
+            }
+        }
+        self.tasks.retain(|k, (spec, handle)| {
+            let keep = wanted.get(k).is_some_and(|(w, _)| w == spec);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        for (k, (spec, target)) in wanted {
+            if self.tasks.contains_key(&k) {
+                continue;
+            }
+            let tx = self.tx.clone();
+            let task_spec = spec.clone();
+            let handle = tokio::spawn(check_loop(k.0, k.1, task_spec, target, tx));
+            self.tasks.insert(k, (spec, handle));
+        }
+    }
+
+    /// Checks running.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    pub fn stop(&mut self) {
+        for (_, (_, h)) in self.tasks.drain() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn check_loop(
+    server: ServerKey,
+    check: usize,
+    spec: CheckSpec,
+    target: Target,
+    tx: mpsc::UnboundedSender<Report>,
+) {
+    let (urls, fast) = match &spec.probe {
+        Probe::Http(h) => (h.urls.len(), h.fast_recovery),
+        _ => (1, false),
+    };
+    let mut m = Checker::new(spec.timing, urls, fast);
+    tokio::time::sleep(m.first_delay(jitter(&(server, check)))).await;
+    loop {
+        let outcome = probe::run(&spec.probe, &target, m.url()).await;
+        let (transition, next) = m.record(&outcome);
+        let report = Report {
+            server,
+            check,
+            outcome,
+            up: m.is_up(),
+            weight: m.weight(),
+            transition,
+            at: SystemTime::now(),
+        };
+        if tx.send(report).is_err() {
+            return;
+        }
+        tokio::time::sleep(next.max(Duration::from_millis(1))).await;
+    }
+}
