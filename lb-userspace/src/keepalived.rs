@@ -3633,69 +3633,14 @@ mod tests {
 
     /// The services as xlb's TOML: whatever `services()` makes must pass xlb's own parser
     /// and come out the same.
+    /// Through xlb's own writer and parser: what the conversion produces is a valid
+    /// configuration that reads back the same (health checks included).
     fn through_toml(services: &[ServiceConfig]) -> Vec<ServiceConfig> {
         let mut t = String::from("[dataplane]\ninterfaces = [\"eth0\"]\n");
         for s in services {
-            let fwd = |f: Forwarding| match f {
-                Forwarding::Dr => "dr",
-                Forwarding::Nat => "nat",
-                Forwarding::Tunnel => "tunnel",
-            };
-            writeln!(
-                t,
-                "[[services]]\nname = {:?}\naddress = \"{}\"\nprotocol = \"{}\"\nscheduler = \"{}\"\nforwarding = \"{}\"",
-                s.name,
-                SocketAddr::new(s.key.addr, s.key.port),
-                s.key.protocol.label().to_lowercase(),
-                s.scheduler,
-                fwd(s.forwarding)
-            )
-            .unwrap();
-            if let Some(p) = s.persistence {
-                writeln!(
-                    t,
-                    "persistence = {{ timeout = {}, netmask = {} }}",
-                    p.timeout, p.prefix
-                )
-                .unwrap();
-            }
-            let flags = s.sched_flags.names(s.scheduler);
-            if !flags.is_empty() {
-                let list: Vec<String> = flags.split(',').map(|f| format!("{f:?}")).collect();
-                writeln!(t, "flags = [{}]", list.join(", ")).unwrap();
-            }
-            for b in &s.backends {
-                writeln!(
-                    t,
-                    "[[services.backends]]\naddress = \"{}\"\nweight = {}\nforwarding = \"{}\"\nupper_threshold = {}\nlower_threshold = {}",
-                    SocketAddr::new(b.addr, b.port),
-                    b.weight,
-                    fwd(b.forwarding),
-                    b.upper_threshold,
-                    b.lower_threshold
-                )
-                .unwrap();
-                if let Some(tun) = b.tunnel {
-                    let csum = match tun.checksum {
-                        TunnelChecksum::None => "none",
-                        TunnelChecksum::Csum => "csum",
-                        TunnelChecksum::Remcsum => "remcsum",
-                    };
-                    let port = if tun.port != 0 {
-                        format!(", port = {}", tun.port)
-                    } else {
-                        String::new()
-                    };
-                    writeln!(
-                        t,
-                        "tunnel = {{ type = \"{}\"{port}, checksum = \"{csum}\" }}",
-                        tun.kind.name()
-                    )
-                    .unwrap();
-                }
-            }
+            crate::render::service(&mut t, s);
         }
-        config::parse(Path::new("converted.toml"), &t)
+        crate::config::parse(Path::new("through.toml"), &t)
             .unwrap_or_else(|e| panic!("{e}\n{t}"))
             .services
     }
@@ -3815,6 +3760,31 @@ mod tests {
         assert_eq!(tcp.timing(vs, &vs.real_servers[0]).retry, 3);
 
         let (services, warnings) = k.services().unwrap();
+        // The health settings are checked apart; the rest compared whole below.
+        let h = &services[0];
+        assert_eq!(
+            h.health.sorry_server,
+            Some(("192.168.1.100".parse().unwrap(), 80))
+        );
+        assert!(h.backends.iter().all(|b| b.health.inhibit_on_failure));
+        assert_eq!(h.backends[0].health.checks.len(), 1);
+        assert_eq!(
+            h.backends[0].health.checks[0].probe,
+            crate::health::spec::Probe::Tcp
+        );
+        assert_eq!(h.backends[0].health.checks[0].timing.retry, 3);
+        assert_eq!(h.backends[1].health.checks.len(), 2);
+        assert_eq!(through_toml(&services), services);
+        let services: Vec<ServiceConfig> = services
+            .into_iter()
+            .map(|mut s| {
+                s.health = Default::default();
+                for b in &mut s.backends {
+                    b.health = Default::default();
+                }
+                s
+            })
+            .collect();
         let backend = |a: &str, weight| BackendConfig {
             health: Default::default(),
             addr: a.parse().unwrap(),
@@ -3844,13 +3814,8 @@ mod tests {
                 backends: vec![backend("192.168.1.11", 3), backend("192.168.1.12", 1)],
             }]
         );
-        assert_eq!(
-            warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
-            vec![format!(
-                "keepalived.conf:{}: sorry_server 192.168.1.100 is not used by xlb (no quorum handling yet)",
-                line_of(TWO_NODE, "sorry_server")
-            )]
-        );
+        // The sorry server is used now: no warning about it.
+        assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(through_toml(&services), services);
     }
 
