@@ -3612,10 +3612,8 @@ impl Parser<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::fmt::Write as _;
 
     use super::*;
-    use crate::config;
 
     fn p(text: &str) -> Result<Keepalived, ConfigError> {
         parse_str(Path::new("keepalived.conf"), text)
