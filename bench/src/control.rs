@@ -281,6 +281,88 @@ fn end_to_end(shape: &Shape, dir: &Path) -> Result<EndToEnd> {
     })
 }
 
+/// Health checking at scale: `servers` real servers each with a TCP check every
+/// `interval`, all aimed at local listeners (connect_ip 127.0.0.1), for `secs` seconds.
+/// Returns (checks per second completed, the daemon's CPU use in cores).
+fn health_scale(dir: &Path, servers: usize, interval: f64, secs: u64) -> Result<(f64, f64)> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let (accepted, stop) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            listener.set_nonblocking(true).ok();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok(_) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        })
+    };
+    let socket = dir.join("hc.sock");
+    let mut t = format!(
+        "[dataplane]\ninterfaces = [\"ctl0\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 1024\nmax_services = 64\nmax_backends = 32768\nnat = false\n\n[control]\nsocket = \"{}\"\nmetrics = \"off\"\npin_dir = \"{}\"\n\n[[services]]\nname = \"hc\"\naddress = \"10.2.0.1:80\"\nscheduler = \"rr\"\nhealth = {{ interval = {interval}, timeout = 1, warmup = {interval} }}\n",
+        socket.display(),
+        dir.join("bpffs").join("hc").display()
+    );
+    for j in 0..servers {
+        t += &format!(
+            "[[services.backends]]\naddress = \"10.3.{}.{}\"\nchecks = [{{ type = \"tcp\", connect_ip = \"127.0.0.1\", connect_port = {port} }}]\n",
+            j / 250,
+            j % 250 + 1
+        );
+    }
+    let path = dir.join("hc.toml");
+    std::fs::write(&path, t)?;
+    let log = std::fs::File::create(dir.join("hc.log"))?;
+    let child = Command::new(xlb_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("XLB_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let pid = child.id();
+    let _daemon = Daemon { child };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "xlb did not start: {}",
+            std::fs::read_to_string(dir.join("hc.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cpu = || -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+        Ok(ticks / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64)
+    };
+    // Past the warmup: every check is running.
+    std::thread::sleep(Duration::from_secs_f64(1.5 + interval));
+    let (a0, c0, t0) = (accepted.load(Ordering::Relaxed), cpu()?, Instant::now());
+    std::thread::sleep(Duration::from_secs(secs));
+    let (a1, c1, el) = (accepted.load(Ordering::Relaxed), cpu()?, t0.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let _ = acceptor.join();
+    let per_s = (a1 - a0) as f64 / el.as_secs_f64();
+    Ok((per_s, (c1 - c0) / el.as_secs_f64()))
+}
+
 /// Measures every shape and prints the table BENCHMARKS.md records.
 pub fn run() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("xlb-bench-ctl-{}", std::process::id()));
@@ -339,6 +421,22 @@ pub fn run() -> Result<()> {
          xlb reload: the CLI command against the daemon, file re-read included; /metrics, \
          ipvsadm -Ln and one ipvsadm -e: medians of 7, 5 and 5 runs against the daemon (the CLI \
          process start included); state: what a daemon saves for its successor."
+    );
+    println!(
+        "\n== health checks at scale (target: 10,000 TCP checks/s with the daemon under half a core)"
+    );
+    println!("{:<44} {:>14} {:>14}", "checks", "checks/s", "daemon CPU");
+    for (servers, interval) in [(1000usize, 0.1f64), (2000, 0.2)] {
+        let (per_s, cores) = health_scale(&dir, servers, interval, 10)?;
+        println!(
+            "{:<44} {:>14.0} {:>9.2} cores",
+            format!("{servers} TCP checks every {} ms", (interval * 1e3) as u64),
+            per_s,
+            cores
+        );
+    }
+    println!(
+        "checks/s: connections the local listener accepted over 10 s; daemon CPU: its user + system time over the same 10 s."
     );
     let _ = Command::new("ip").args(["link", "del", "ctl0"]).status();
     let _ = Command::new("umount").arg(dir.join("bpffs")).status();

@@ -286,7 +286,7 @@ impl Daemon {
         let mut changed = false;
         let mut events = Vec::new();
         for r in &reports {
-            let (c, e) = self.health.record(r, &self.configured);
+            let (c, e) = self.health.record(r);
             changed |= c;
             if !r.outcome.ok {
                 tracing::debug!(server = %std::net::SocketAddr::new(r.server.1, r.server.2), check = r.check, detail = %r.outcome.detail, "check failed");

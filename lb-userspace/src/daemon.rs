@@ -30,6 +30,9 @@ const RESOLVE_INTERVAL: Duration = Duration::from_millis(500);
 /// How often idle connections are retired (IPVS's per-connection timers fire within a jiffy;
 /// counts here lag the timeout by at most this).
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often health-check reports are applied (a transition reaches the data plane at most
+/// this much later than its check).
+const HEALTH_TICK: Duration = Duration::from_millis(50);
 /// How long start-up waits for the kernel to resolve real servers before attaching.
 const NEIGH_STARTUP_WAIT: Duration = Duration::from_secs(2);
 
@@ -324,6 +327,8 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
     rates.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reap = tokio::time::interval(REAP_INTERVAL);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut health_tick = tokio::time::interval(HEALTH_TICK);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut handing_over = false;
     loop {
         tokio::select! {
@@ -340,13 +345,16 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
                     warn!("saving state for a successor: {e:#}");
                 }
             }
-            Some(first) = health_rx.recv() => {
-                // Every report waiting is applied in one change.
-                let mut reports = vec![first];
+            _ = health_tick.tick() => {
+                // The reports of the last tick are applied together: at thousands of checks
+                // per second one lock and at most one change per tick, not per report.
+                let mut reports = Vec::new();
                 while let Ok(r) = health_rx.try_recv() {
                     reports.push(r);
                 }
-                shared.lock().await.on_health(reports);
+                if !reports.is_empty() {
+                    shared.lock().await.on_health(reports);
+                }
             }
             _ = handover.notified() => {
                 info!("handing over to a successor: the data plane keeps running");

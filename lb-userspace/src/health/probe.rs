@@ -295,6 +295,16 @@ async fn connected_udp(target: &Target) -> Result<UdpSocket, String> {
 async fn tcp(target: &Target) -> Verdict {
     match connect(target).await {
         Ok(stream) => {
+            // Closed with a reset (SO_LINGER 0), as HAProxy closes its checks: no FIN
+            // exchange and no TIME_WAIT socket per check, on either side.
+            let _ = nix::sys::socket::setsockopt(
+                &stream,
+                nix::sys::socket::sockopt::Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
             drop(stream);
             Verdict::up("connected")
         }

@@ -45,6 +45,8 @@ pub struct ServerState {
     pub alive: bool,
     /// The weight it is served with when alive (the configured one, or what a probe set).
     pub weight: u32,
+    /// Its configured weight.
+    pub configured_weight: u32,
     pub since_unix: f64,
 }
 
@@ -95,8 +97,10 @@ impl Health {
                     checks: Vec::new(),
                     alive: true,
                     weight: b.weight,
+                    configured_weight: b.weight,
                     since_unix: now,
                 });
+                st.configured_weight = b.weight;
                 st.checks.truncate(b.health.checks.len());
                 for (i, c) in b.health.checks.iter().enumerate() {
                     let fresh = CheckState {
@@ -113,7 +117,7 @@ impl Health {
                         st.checks[i] = fresh;
                     }
                 }
-                Self::settle(st, b, now);
+                Self::settle(st, now);
             }
         }
         self.servers.retain(|k, _| seen.contains(k));
@@ -121,12 +125,13 @@ impl Health {
             .retain(|k, _| services.iter().any(|s| s.key == *k));
     }
 
-    fn settle(st: &mut ServerState, b: &BackendConfig, now: f64) -> bool {
+    fn settle(st: &mut ServerState, now: f64) -> bool {
         let alive = st.checks.iter().all(|c| c.up);
-        let mut w = b.weight as i64;
+        let configured = st.configured_weight as i64;
+        let mut w = configured;
         for c in &st.checks {
             if let Some(x) = c.weight {
-                w += x as i64 - b.weight as i64;
+                w += x as i64 - configured;
             }
         }
         let weight = w.clamp(0, 65535) as u32;
@@ -142,14 +147,7 @@ impl Health {
 
     /// Records a report; returns whether the server's alive/weight changed, and its
     /// transition if it went up or down.
-    pub fn record(&mut self, r: &Report, services: &[ServiceConfig]) -> (bool, Option<Event>) {
-        let Some(b) = services.iter().find(|s| s.key == r.server.0).and_then(|s| {
-            s.backends
-                .iter()
-                .find(|b| b.addr == r.server.1 && b.port == r.server.2)
-        }) else {
-            return (false, None);
-        };
+    pub fn record(&mut self, r: &Report) -> (bool, Option<Event>) {
         let Some(st) = self.servers.get_mut(&r.server) else {
             return (false, None);
         };
@@ -169,7 +167,7 @@ impl Health {
         c.up = r.up;
         c.weight = r.weight;
         let was = st.alive;
-        let changed = Self::settle(st, b, now);
+        let changed = Self::settle(st, now);
         let event = (st.alive != was).then_some(Event::Server {
             server: r.server,
             alive: st.alive,
