@@ -603,6 +603,9 @@ pub struct Config {
     /// Health-check programs and notify programs run as this user unless they name one
     /// (keepalived `script_user`); `None`: as the daemon (root).
     pub script_user: Option<String>,
+    /// keepalived's `enable_script_security`: programs that would run as root must not be
+    /// changeable by anyone else.
+    pub script_security: bool,
     /// bpffs directory of this instance's pinned maps and link (restarts reuse them);
     /// `None`: [`default_pin_dir`] of the socket in use.
     pub pin_dir: Option<PathBuf>,
@@ -650,6 +653,8 @@ struct FileControl {
     metrics: Option<Spanned<String>>,
     pin_dir: Option<PathBuf>,
     script_user: Option<String>,
+    #[serde(default)]
+    script_security: bool,
 }
 
 #[derive(Deserialize)]
@@ -691,6 +696,9 @@ struct FileService {
     health: Option<Spanned<crate::health::config::FileTiming>>,
     #[serde(default)]
     sorry_server: Option<Spanned<String>>,
+    /// Seconds a recovered real server waits before it takes connections again.
+    #[serde(default)]
+    reentry_delay: Option<Spanned<f64>>,
     /// Default of the real servers' `inhibit_on_failure`.
     #[serde(default)]
     inhibit_on_failure: Option<bool>,
@@ -1019,6 +1027,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         metrics,
         pin_dir: file.control.pin_dir,
         script_user: file.control.script_user,
+        script_security: file.control.script_security,
         timeouts,
         services,
     })
@@ -1599,8 +1608,24 @@ fn service(
             })
             .transpose()
     };
+    let reentry_delay = match &s.reentry_delay {
+        None => std::time::Duration::ZERO,
+        Some(d) if (0.0..=86400.0).contains(d.get_ref()) => {
+            std::time::Duration::from_secs_f64(*d.get_ref())
+        }
+        Some(d) => {
+            return Err(loc.err(
+                d.span(),
+                format!(
+                    "reentry_delay must be between 0 and 86400 seconds, not {}",
+                    d.get_ref()
+                ),
+            ));
+        }
+    };
     let health = crate::health::config::ServiceHealth {
         sorry_server,
+        reentry_delay,
         quorum: s.quorum.unwrap_or(0),
         hysteresis: s.hysteresis.unwrap_or(0),
         quorum_up: command(&s.quorum_up)?,

@@ -105,6 +105,8 @@ pub struct Daemon {
     pub runner: Option<crate::health::runner::Runner>,
     /// Notify programs and checks run as this user unless they name one.
     pub script_user: Option<String>,
+    /// When a recovered server's reentry delay runs out (Unix time).
+    pub reentry_due: Option<f64>,
     /// Final counters of the services removed so far (they stay in the totals).
     pub retired: CountersView,
     /// Wakes the main loop for a handover.
@@ -226,6 +228,7 @@ impl Daemon {
             health: Default::default(),
             runner: None,
             script_user: None,
+            reentry_due: None,
             retired: CountersView::default(),
             handover: Default::default(),
         }
@@ -283,7 +286,12 @@ impl Daemon {
     /// Applies the reports of the health checks (batched by the caller): transitions are
     /// logged and notified, and if any server's state changed the data plane follows.
     pub fn on_health(&mut self, reports: Vec<crate::health::runner::Report>) {
-        let mut changed = false;
+        // A recovered server whose reentry delay ran out since the last batch.
+        let mut changed = self.reentry_due.is_some_and(|t| {
+            t <= SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        });
         let mut events = Vec::new();
         for r in &reports {
             let (c, e) = self.health.record(r);
@@ -294,10 +302,12 @@ impl Daemon {
             events.extend(e);
         }
         if !changed || self.handing_over {
+            self.reentry_due = self.health.next_reentry();
             self.handle_events(events);
             return;
         }
         let (effective, quorum_events) = self.health.effective(&self.configured);
+        self.reentry_due = self.health.next_reentry();
         events.extend(quorum_events);
         match self.engine.apply(&mut self.dp, &effective) {
             Ok(()) => {
@@ -783,6 +793,10 @@ impl Daemon {
             tracing::warn!(
                 "[control] settings changed in the file: they take effect at the next restart"
             );
+        }
+        if config.script_security {
+            crate::health::security::check(&config.services, config.script_user.as_deref())
+                .map_err(anyhow::Error::msg)?;
         }
         self.apply_model(&Model {
             services: config.services,

@@ -195,6 +195,11 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
     crate::render::validate_services(&config.services, &config.dataplane.limits)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("{}", path.display()))?;
+    if config.script_security {
+        crate::health::security::check(&config.services, config.script_user.as_deref())
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("{}", path.display()))?;
+    }
     if takeover {
         Dataplane::check_pins(&config.dataplane.limits, &pin_dir)?;
         take_over(&socket).await?;
@@ -352,8 +357,9 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
                 while let Ok(r) = health_rx.try_recv() {
                     reports.push(r);
                 }
-                if !reports.is_empty() {
-                    shared.lock().await.on_health(reports);
+                let mut d = shared.lock().await;
+                if !reports.is_empty() || d.reentry_due.is_some() {
+                    d.on_health(reports);
                 }
             }
             _ = handover.notified() => {

@@ -1186,6 +1186,7 @@ fn service(
     });
     let health = crate::health::config::ServiceHealth {
         sorry_server,
+        reentry_delay: Duration::ZERO,
         quorum: vs.quorum.unwrap_or(0),
         hysteresis: vs.hysteresis.unwrap_or(0),
         quorum_up: vs.quorum_up.as_ref().map(Script::argv),

@@ -56,6 +56,7 @@ pub fn read(path: &Path, interfaces: &[String]) -> Result<Loaded> {
             metrics: Some(DEFAULT_METRICS.parse().expect("valid default")),
             pin_dir: None,
             script_user: k.global_defs.script_user.clone(),
+            script_security: k.global_defs.enable_script_security,
             timeouts: k.timeouts().unwrap_or_default(),
             services,
         },

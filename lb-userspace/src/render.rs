@@ -142,6 +142,9 @@ pub fn service(out: &mut String, s: &ServiceConfig) {
     if let Some((ip, port)) = h.sorry_server {
         let _ = writeln!(out, "sorry_server = {}", quote(&endpoint(ip, port)));
     }
+    if !h.reentry_delay.is_zero() {
+        let _ = writeln!(out, "reentry_delay = {}", h.reentry_delay.as_secs_f64());
+    }
     if h.quorum != 0 {
         let _ = writeln!(out, "quorum = {}", h.quorum);
     }
@@ -244,6 +247,9 @@ pub fn to_toml(c: &Config) -> String {
     }
     if let Some(u) = &c.script_user {
         let _ = writeln!(control, "script_user = {}", quote(u));
+    }
+    if c.script_security {
+        let _ = writeln!(control, "script_security = true");
     }
     if let Some(pin) = &c.pin_dir {
         let _ = writeln!(control, "pin_dir = {}", quote(&pin.display().to_string()));
@@ -365,6 +371,7 @@ scheduler = "wrr"
 persistence = { timeout = 600, netmask = "255.255.255.0" }
 
 sorry_server = "10.0.1.9:80"
+reentry_delay = 2.5
 quorum = 2
 hysteresis = 1
 quorum_down = "/usr/local/bin/alert 'quorum lost'"

@@ -27,6 +27,9 @@ pub struct ServiceHealth {
     /// Takes new connections while no real server is usable (or the quorum is lost).
     #[serde(default)]
     pub sorry_server: Option<(IpAddr, u16)>,
+    /// A recovered real server takes connections again only after this long.
+    #[serde(default)]
+    pub reentry_delay: Duration,
     /// Sum of alive servers' weights below which the service is "down" (0: no quorum).
     #[serde(default)]
     pub quorum: u32,

@@ -6,5 +6,6 @@ pub mod config;
 pub mod machine;
 pub mod probe;
 pub mod runner;
+pub mod security;
 pub mod spec;
 pub mod state;

@@ -48,6 +48,13 @@ pub struct ServerState {
     /// Its configured weight.
     pub configured_weight: u32,
     pub since_unix: f64,
+    /// After recovering, it takes connections again from this time (the service's
+    /// `reentry_delay`; 0: at once).
+    #[serde(default)]
+    pub usable_from_unix: f64,
+    /// The service's reentry delay.
+    #[serde(skip)]
+    pub reentry_delay: Duration,
 }
 
 /// A change of a real server's or a service's state, for logs and notify programs.
@@ -99,8 +106,11 @@ impl Health {
                     weight: b.weight,
                     configured_weight: b.weight,
                     since_unix: now,
+                    usable_from_unix: 0.0,
+                    reentry_delay: s.health.reentry_delay,
                 });
                 st.configured_weight = b.weight;
+                st.reentry_delay = s.health.reentry_delay;
                 st.checks.truncate(b.health.checks.len());
                 for (i, c) in b.health.checks.iter().enumerate() {
                     let fresh = CheckState {
@@ -168,11 +178,24 @@ impl Health {
         c.weight = r.weight;
         let was = st.alive;
         let changed = Self::settle(st, now);
+        if st.alive && !was {
+            st.usable_from_unix = now + st.reentry_delay.as_secs_f64();
+        }
         let event = (st.alive != was).then_some(Event::Server {
             server: r.server,
             alive: st.alive,
         });
         (changed, event)
+    }
+
+    /// The earliest time a recovered server waiting out its reentry delay becomes usable.
+    pub fn next_reentry(&self) -> Option<f64> {
+        let now = unix(SystemTime::now());
+        self.servers
+            .values()
+            .filter(|s| s.alive && s.usable_from_unix > now)
+            .map(|s| s.usable_from_unix)
+            .reduce(f64::min)
     }
 
     pub fn server(&self, k: &ServerKey) -> Option<&ServerState> {
@@ -200,7 +223,10 @@ impl Health {
             let mut alive_sum: u64 = 0;
             for b in &s.backends {
                 let st = self.servers.get(&(s.key, b.addr, b.port));
-                let (alive, weight) = st.map_or((true, b.weight), |st| (st.alive, st.weight));
+                let now = unix(SystemTime::now());
+                let (alive, weight) = st.map_or((true, b.weight), |st| {
+                    (st.alive && st.usable_from_unix <= now, st.weight)
+                });
                 if alive {
                     alive_sum += weight as u64;
                     let mut e = b.clone();
@@ -261,5 +287,112 @@ impl Health {
             out.push(svc);
         }
         (out, events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::spec::Outcome;
+
+    fn service(reentry: u64, sorry: bool) -> Vec<ServiceConfig> {
+        let text = format!(
+            "[dataplane]\ninterfaces = [\"x\"]\n[[services]]\nname = \"s\"\naddress = \"10.0.0.1:80\"\n{}reentry_delay = {reentry}\nquorum = 2\n\
+             [[services.backends]]\naddress = \"10.0.0.11\"\nchecks = [{{ type = \"tcp\" }}]\n\
+             [[services.backends]]\naddress = \"10.0.0.12\"\ninhibit_on_failure = true\nchecks = [{{ type = \"tcp\" }}]\n",
+            if sorry {
+                "sorry_server = \"10.0.0.99\"\n"
+            } else {
+                ""
+            }
+        );
+        crate::config::parse(std::path::Path::new("t.toml"), &text)
+            .unwrap()
+            .services
+    }
+
+    fn report(s: &ServiceConfig, i: usize, up: bool) -> Report {
+        let b = &s.backends[i];
+        Report {
+            server: (s.key, b.addr, b.port),
+            check: 0,
+            outcome: Outcome {
+                ok: up,
+                detail: String::new(),
+                weight: None,
+                latency: Duration::ZERO,
+            },
+            up,
+            weight: None,
+            transition: None,
+            at: SystemTime::now(),
+        }
+    }
+
+    fn weights(v: &[ServiceConfig]) -> Vec<(String, u32)> {
+        v[0].backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.weight))
+            .collect()
+    }
+
+    /// Removal, inhibit, sorry server and quorum events, reentry delay.
+    #[test]
+    fn dead_servers_inhibit_sorry_and_reentry() {
+        let cfg = service(3600, true);
+        let mut h = Health::default();
+        h.sync(&cfg);
+        let (eff, ev) = h.effective(&cfg);
+        assert_eq!(
+            weights(&eff),
+            [("10.0.0.11".into(), 1), ("10.0.0.12".into(), 1)]
+        );
+        assert!(ev.is_empty(), "quorum up from the start: no event");
+        let (changed, ev) = h.record(&report(&cfg[0], 0, false));
+        assert!(changed);
+        assert_eq!(
+            ev,
+            Some(Event::Server {
+                server: (cfg[0].key, "10.0.0.11".parse().unwrap(), 80),
+                alive: false
+            })
+        );
+        // be1 gone; below the quorum of 2: the sorry server in, be2 kept at weight 0.
+        let (eff, ev) = h.effective(&cfg);
+        assert_eq!(
+            weights(&eff),
+            [("10.0.0.12".into(), 0), ("10.0.0.99".into(), 1)]
+        );
+        assert_eq!(
+            ev,
+            [Event::Quorum {
+                service: cfg[0].key,
+                up: false
+            }]
+        );
+        // be1 back, but its reentry delay (an hour) keeps it out.
+        h.record(&report(&cfg[0], 0, true));
+        assert!(h.next_reentry().is_some());
+        let (eff, _) = h.effective(&cfg);
+        assert!(!weights(&eff).iter().any(|(a, _)| a == "10.0.0.11"));
+        // Without a delay it is back at once, the quorum (1 + 1) too.
+        let cfg0 = service(0, true);
+        let mut h = Health::default();
+        h.sync(&cfg0);
+        h.record(&report(&cfg0[0], 1, false));
+        h.effective(&cfg0);
+        h.record(&report(&cfg0[0], 1, true));
+        let (eff, ev) = h.effective(&cfg0);
+        assert_eq!(
+            weights(&eff),
+            [("10.0.0.11".into(), 1), ("10.0.0.12".into(), 1)]
+        );
+        assert_eq!(
+            ev,
+            [Event::Quorum {
+                service: cfg0[0].key,
+                up: true
+            }]
+        );
     }
 }
