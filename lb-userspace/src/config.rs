@@ -244,6 +244,15 @@ impl TunnelType {
             TunnelType::Gre => lb_common::tunnel::GRE,
         }
     }
+    /// ipvsadm's rule for which checksum options go with which tunnel type.
+    pub fn allows(self, c: TunnelChecksum) -> bool {
+        match self {
+            TunnelType::Ipip => c == TunnelChecksum::None,
+            TunnelType::Gue => true,
+            TunnelType::Gre => c != TunnelChecksum::Remcsum,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             TunnelType::Ipip => "ipip",
@@ -1740,12 +1749,7 @@ fn parse_tunnel(loc: &Locator<'_>, t: &Spanned<FileTunnel>) -> Result<Tunnel, Co
                     ));
                 }
             };
-            let allowed = match kind {
-                TunnelType::Ipip => v == TunnelChecksum::None,
-                TunnelType::Gue => true,
-                TunnelType::Gre => v != TunnelChecksum::Remcsum,
-            };
-            if !allowed {
+            if !kind.allows(v) {
                 return Err(loc.err(
                     c.span(),
                     format!(

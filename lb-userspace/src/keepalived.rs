@@ -3051,12 +3051,7 @@ impl Parser<'_> {
         let checksum = match checksum {
             None => TunnelChecksum::None,
             Some((c, at)) => {
-                let allowed = match kind {
-                    TunnelType::Ipip => c == TunnelChecksum::None,
-                    TunnelType::Gue => true,
-                    TunnelType::Gre => c != TunnelChecksum::Remcsum,
-                };
-                if !allowed {
+                if !kind.allows(c) {
                     return Err(self.err(
                         at,
                         format!(
