@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{InfoKind, LinkAttribute, LinkInfo},
@@ -392,21 +392,32 @@ pub fn spawn_watcher(initial: Vec<IpAddr>, refresh: Duration) -> Result<(Watcher
                     watched.iter().copied().filter(|a| !known.contains_key(a)).collect()
                 }
                 Some((msg, _)) = events.next() => {
-                    match msg.payload {
-                        netlink_packet_core::NetlinkPayload::InnerMessage(
-                            RouteNetlinkMessage::NewNeighbour(m) | RouteNetlinkMessage::DelNeighbour(m),
-                        ) => match entry(&m) {
-                            // The server itself, or the router in front of some.
-                            Some(((_, a), _)) => watched
-                                .get(&a)
-                                .copied()
-                                .into_iter()
-                                .chain(via.get(&a).into_iter().flatten().copied())
-                                .collect(),
-                            None => Vec::new(),
-                        },
-                        _ => Vec::new(),
+                    // Every notification already queued is handled with one neighbour dump
+                    // (hundreds of unresolved servers make a stream of them).
+                    let affected = |msg: netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>| -> Vec<IpAddr> {
+                        match msg.payload {
+                            netlink_packet_core::NetlinkPayload::InnerMessage(
+                                RouteNetlinkMessage::NewNeighbour(m) | RouteNetlinkMessage::DelNeighbour(m),
+                            ) => match entry(&m) {
+                                // The server itself, or the router in front of some.
+                                Some(((_, a), _)) => watched
+                                    .get(&a)
+                                    .copied()
+                                    .into_iter()
+                                    .chain(via.get(&a).into_iter().flatten().copied())
+                                    .collect(),
+                                None => Vec::new(),
+                            },
+                            _ => Vec::new(),
+                        }
+                    };
+                    let mut v = affected(msg);
+                    while let Some(Some((msg, _))) = events.next().now_or_never() {
+                        v.extend(affected(msg));
                     }
+                    v.sort();
+                    v.dedup();
+                    v
                 }
                 else => break,
             };
