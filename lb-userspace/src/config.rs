@@ -1554,10 +1554,22 @@ fn service(
             .unwrap_or_default();
         let mut checks = Vec::new();
         for c in &b.checks {
-            checks.push(
-                crate::health::config::check(c.get_ref(), &defaults)
-                    .map_err(|m| loc.err(c.span(), m))?,
-            );
+            let spec = crate::health::config::check(c.get_ref(), &defaults)
+                .map_err(|m| loc.err(c.span(), m))?;
+            // A server of a multi-port or all-ports service has no one port to probe.
+            let needs_port = !matches!(
+                spec.probe,
+                crate::health::spec::Probe::Ping
+                    | crate::health::spec::Probe::File { .. }
+                    | crate::health::spec::Probe::Misc(_)
+            ) && !matches!(&spec.probe, crate::health::spec::Probe::SendExpect(se) if se.program.is_some());
+            if needs_port && spec.connect_port.is_none() && bport == 0 {
+                return Err(loc.err(
+                    c.span(),
+                    "this real server has no port of its own (multi-port or all-ports service): give the check a connect_port",
+                ));
+            }
+            checks.push(spec);
         }
         let command = |c: &Option<Spanned<String>>| -> Result<Option<Vec<String>>, ConfigError> {
             c.as_ref()

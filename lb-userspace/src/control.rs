@@ -107,6 +107,8 @@ pub struct Daemon {
     pub script_user: Option<String>,
     /// When a recovered server's reentry delay runs out (Unix time).
     pub reentry_due: Option<f64>,
+    /// Health verdicts not yet applied (the last apply failed).
+    pub health_dirty: bool,
     /// Final counters of the services removed so far (they stay in the totals).
     pub retired: CountersView,
     /// Wakes the main loop for a handover.
@@ -163,10 +165,20 @@ pub struct SavedState {
     xlb: String,
     generation: u64,
     engine: crate::engine::EngineSnapshot,
+    /// The health checks' verdicts (a dead server stays out across a restart).
+    #[serde(default)]
+    health: crate::health::state::SavedHealth,
+}
+
+/// What a predecessor left: its engine, configuration generation and health verdicts.
+pub struct Predecessor {
+    pub engine: crate::engine::EngineSnapshot,
+    pub generation: u64,
+    pub health: crate::health::state::SavedHealth,
 }
 
 /// Reads a predecessor's saved state; `Err` says why it cannot be used.
-pub fn read_state(path: &std::path::Path) -> Result<(crate::engine::EngineSnapshot, u64)> {
+pub fn read_state(path: &std::path::Path) -> Result<Predecessor> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let s: SavedState =
         serde_json::from_slice(&bytes).with_context(|| format!("decoding {}", path.display()))?;
@@ -177,7 +189,11 @@ pub fn read_state(path: &std::path::Path) -> Result<(crate::engine::EngineSnapsh
             s.xlb
         );
     }
-    Ok((s.engine, s.generation))
+    Ok(Predecessor {
+        engine: s.engine,
+        generation: s.generation,
+        health: s.health,
+    })
 }
 
 fn add(a: &mut CountersView, b: &CountersView) {
@@ -229,6 +245,7 @@ impl Daemon {
             runner: None,
             script_user: None,
             reentry_due: None,
+            health_dirty: false,
             retired: CountersView::default(),
             handover: Default::default(),
         }
@@ -245,6 +262,7 @@ impl Daemon {
             xlb: env!("CARGO_PKG_VERSION").to_string(),
             generation: self.generation,
             engine: self.engine.snapshot(),
+            health: self.health.saved(),
         };
         let tmp = path.with_extension("state.tmp");
         if let Some(dir) = path.parent() {
@@ -293,7 +311,12 @@ impl Daemon {
                 .map_or(0.0, |d| d.as_secs_f64())
         });
         let mut events = Vec::new();
+        // A failed apply of an earlier batch is tried again.
+        changed |= self.health_dirty;
         for r in &reports {
+            if self.runner.as_ref().is_some_and(|run| !run.is_current(r)) {
+                continue;
+            }
             let (c, e) = self.health.record(r);
             changed |= c;
             if !r.outcome.ok {
@@ -311,13 +334,18 @@ impl Daemon {
         events.extend(quorum_events);
         match self.engine.apply(&mut self.dp, &effective) {
             Ok(()) => {
+                self.health_dirty = false;
                 self.generation += 1;
                 self.dirty = true;
                 if let Err(e) = self.save_state() {
                     tracing::warn!("saving state for a successor: {e:#}");
                 }
             }
-            Err(e) => tracing::error!("applying health changes: {e:#}"),
+            Err(e) => {
+                // Kept for the next tick: the verdicts stand, the data plane catches up.
+                self.health_dirty = true;
+                tracing::error!("applying health changes (retried): {e:#}");
+            }
         }
         self.handle_events(events);
     }
@@ -798,10 +826,22 @@ impl Daemon {
             crate::health::security::check(&config.services, config.script_user.as_deref())
                 .map_err(anyhow::Error::msg)?;
         }
-        self.apply_model(&Model {
+        // The user programs run as is part of the new configuration (checks that run
+        // programs restart under it).
+        let old_user = std::mem::replace(&mut self.script_user, config.script_user.clone());
+        if let Some(r) = &mut self.runner {
+            r.set_script_user(config.script_user.clone());
+        }
+        if let Err(e) = self.apply_model(&Model {
             services: config.services,
             timeouts: config.timeouts,
-        })?;
+        }) {
+            self.script_user = old_user.clone();
+            if let Some(r) = &mut self.runner {
+                r.set_script_user(old_user);
+            }
+            return Err(e);
+        }
         if config.dataplane.expire_nodest_conn != self.dataplane.expire_nodest_conn {
             self.engine
                 .set_expire_nodest_conn(&mut self.dp, config.dataplane.expire_nodest_conn)?;
@@ -832,12 +872,15 @@ pub fn watched_addrs(services: &[ServiceConfig]) -> Vec<std::net::IpAddr> {
 /// down) and the services the data plane serves with it.
 pub fn initial_health(
     configured: &[ServiceConfig],
+    predecessor: Option<crate::health::state::SavedHealth>,
 ) -> (
     crate::health::state::Health,
     Vec<ServiceConfig>,
     Vec<crate::health::state::Event>,
 ) {
-    let mut health = crate::health::state::Health::default();
+    let mut health = predecessor
+        .map(crate::health::state::Health::restore)
+        .unwrap_or_default();
     health.sync(configured);
     let (effective, events) = health.effective(configured);
     (health, effective, events)

@@ -121,13 +121,18 @@ fn load_dataplane(
     config: &Config,
     pin_dir: &std::path::Path,
     state: &std::path::Path,
-) -> Result<(Dataplane, Engine, u64)> {
+) -> Result<(
+    Dataplane,
+    Engine,
+    u64,
+    Option<crate::health::state::SavedHealth>,
+)> {
     let dp = Dataplane::load_pinned(config.dataplane.limits, pin_dir)?;
     if !dp.adopted() {
         let engine = Engine::new(&dp);
-        return Ok((dp, engine, 0));
+        return Ok((dp, engine, 0, None));
     }
-    let (snap, generation) = crate::control::read_state(state).with_context(|| {
+    let pred = crate::control::read_state(state).with_context(|| {
         format!(
             "{} holds a running data plane, but there is no usable saved state for it at {} (is it another instance's? give each instance its own socket and pin_dir; or remove {} to start afresh, losing its connections)",
             pin_dir.display(),
@@ -135,13 +140,13 @@ fn load_dataplane(
             pin_dir.display()
         )
     })?;
-    let engine = Engine::adopt(&dp, snap)?;
+    let engine = Engine::adopt(&dp, pred.engine)?;
     info!(
         pins = %pin_dir.display(),
         flows = dp.flows_in_table().unwrap_or(0),
         "adopted the previous daemon's data plane"
     );
-    Ok((dp, engine, generation))
+    Ok((dp, engine, pred.generation, Some(pred.health)))
 }
 
 /// On a failed start: a predecessor's data plane keeps running, a fresh one is removed.
@@ -210,7 +215,8 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
         );
     }
 
-    let (mut dp, mut engine, generation) = load_dataplane(&config, &pin_dir, &state)?;
+    let (mut dp, mut engine, generation, predecessor_health) =
+        load_dataplane(&config, &pin_dir, &state)?;
     if dp.adopted() {
         // What ipvsadm changed at run time is not in the file: the file is what runs now.
         let running = engine.services();
@@ -245,7 +251,8 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
     let (watcher, mut updates) = neigh::spawn_watcher(addrs.clone(), NEIGH_REFRESH)?;
     wait_for_next_hops(&mut dp, &mut engine, &mut updates, &addrs).await?;
 
-    let (health, effective, health_events) = crate::control::initial_health(&config.services);
+    let (health, effective, health_events) =
+        crate::control::initial_health(&config.services, predecessor_health);
     if let Err(e) = engine
         .apply(&mut dp, &effective)
         .context("installing the configured services")

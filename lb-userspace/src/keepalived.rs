@@ -1293,9 +1293,14 @@ fn check_spec(
             reply: u.reply.as_deref().map(hex).transpose()?,
         },
         CheckerKind::Ping => Probe::Ping,
-        CheckerKind::File(f) => Probe::File {
-            path: f.track_file.clone(),
-        },
+        CheckerKind::File(f) => {
+            // keepalived's track_file names a top-level track_file block (file and weight
+            // there), which xlb does not read yet.
+            return Err(format!(
+                "track_file {} (top-level track_file blocks are not supported yet)",
+                f.track_file
+            ));
+        }
         CheckerKind::Misc(m) => Probe::Misc(MiscProbe {
             argv: m.script.argv(),
             shell: false,

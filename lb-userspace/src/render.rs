@@ -280,7 +280,11 @@ pub fn validate_change(
     services: &[ServiceConfig],
     limits: &Limits,
 ) -> Result<(), String> {
-    let total: usize = services.iter().map(|s| s.backends.len()).sum();
+    // A sorry server takes a real-server entry when it is called in.
+    let total: usize = services
+        .iter()
+        .map(|s| s.backends.len() + usize::from(s.health.sorry_server.is_some()))
+        .sum();
     if total > limits.max_backends as usize {
         return Err(format!(
             "{total} real servers exceed dataplane.max_backends = {}",

@@ -286,8 +286,9 @@ fn https_check_against_self_signed_server() {
             "nginx-tls.log",
         )
         .unwrap();
-    // be1: HTTPS on 443 (body "secure\n", digest checked); be2: an HTTPS check of a path
-    // that answers 404.
+    // be1: HTTPS on 443 (body "secure\n", digest checked, SNI sent); be2: an HTTPS check
+    // of a server without TLS on 443 (refused) - and be1 with a path that answers 404 is
+    // checked apart below.
     let digest = {
         let out = run(&["sh", "-c", "printf 'secure\\n' | md5sum"]).unwrap();
         out.split_whitespace().next().unwrap().to_string()
@@ -311,6 +312,24 @@ fn https_check_against_self_signed_server() {
     assert!(h.contains("10.100.0.11:80 UP"), "{h}");
     assert!(h.matches("ok in").count() >= 1, "{h}");
     assert!(server_row(&b, "10.100.0.11:80").is_some());
+    // A reload points be1's check at a path that answers 404: down, with the status said.
+    std::fs::write(
+        b.bench.dir.join("xlb.toml"),
+        config.replace("path = \"/\", digest", "path = \"/missing\", digest"),
+    )
+    .unwrap();
+    run(&[
+        &xlb_bin().to_string_lossy(),
+        "reload",
+        "--socket",
+        &b.socket().to_string_lossy(),
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(10), "be1 down on 404", &b, || {
+        server_row(&b, "10.100.0.11:80").is_none()
+    });
+    let h = health(&b);
+    assert!(h.contains("status 404"), "{h}");
 }
 
 /// MISC_CHECK with misc_dynamic: the exit status sets the weight (2..255 → status - 2),

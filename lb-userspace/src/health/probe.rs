@@ -1041,6 +1041,15 @@ fn leading_integer(text: &[u8]) -> Option<i64> {
 }
 
 async fn file(path: &str) -> Verdict {
+    // Only a regular file: a FIFO without a writer would hold a blocking-pool thread for
+    // good, attempt after attempt.
+    match tokio::fs::metadata(path).await {
+        Ok(m) if !m.is_file() => {
+            return Verdict::down(format!("{path} is not a regular file"));
+        }
+        Err(e) => return Verdict::down(format!("cannot read {path}: {}", io_msg(&e))),
+        Ok(_) => {}
+    }
     let mut text = Vec::new();
     let read = async {
         let f = tokio::fs::File::open(path).await?;

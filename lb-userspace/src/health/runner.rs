@@ -26,6 +26,8 @@ pub type ServerKey = (ServiceKey, IpAddr, u16);
 pub struct Report {
     pub server: ServerKey,
     pub check: usize,
+    /// The task that made it: a report of a replaced task is stale.
+    pub task: u64,
     pub outcome: Outcome,
     pub up: bool,
     pub weight: Option<u32>,
@@ -33,9 +35,19 @@ pub struct Report {
     pub at: SystemTime,
 }
 
+/// A running check: its spec and the user programs run as when it started, the task's id
+/// and handle.
+struct Task {
+    spec: CheckSpec,
+    user: Option<String>,
+    id: u64,
+    handle: JoinHandle<()>,
+}
+
 /// The running checks.
 pub struct Runner {
-    tasks: HashMap<(ServerKey, usize), (CheckSpec, JoinHandle<()>)>,
+    tasks: HashMap<(ServerKey, usize), Task>,
+    next_task: u64,
     tx: mpsc::UnboundedSender<Report>,
     /// Programs run as this user unless a check names one (keepalived `script_user`).
     script_user: Option<String>,
@@ -70,9 +82,23 @@ impl Runner {
     pub fn new(tx: mpsc::UnboundedSender<Report>, script_user: Option<String>) -> Self {
         Runner {
             tasks: HashMap::new(),
+            next_task: 1,
             tx,
             script_user,
         }
+    }
+
+    /// Programs run as `user` from now on (checks that run programs restart).
+    pub fn set_script_user(&mut self, user: Option<String>) {
+        self.script_user = user;
+    }
+
+    /// Whether a report comes from the task now running its check (not one replaced by a
+    /// reload, whose last report may still be queued).
+    pub fn is_current(&self, r: &Report) -> bool {
+        self.tasks
+            .get(&(r.server, r.check))
+            .is_some_and(|t| t.id == r.task)
     }
 
     /// Runs exactly the checks of `services`: new ones start (from their initial state),
@@ -88,10 +114,11 @@ impl Runner {
                 }
             }
         }
-        self.tasks.retain(|k, (spec, handle)| {
-            let keep = wanted.get(k).is_some_and(|(w, _)| w == spec);
+        let user = self.script_user.clone();
+        self.tasks.retain(|k, t| {
+            let keep = wanted.get(k).is_some_and(|(w, _)| *w == t.spec) && t.user == user;
             if !keep {
-                handle.abort();
+                t.handle.abort();
             }
             keep
         });
@@ -101,8 +128,18 @@ impl Runner {
             }
             let tx = self.tx.clone();
             let task_spec = spec.clone();
-            let handle = tokio::spawn(check_loop(k.0, k.1, task_spec, target, tx));
-            self.tasks.insert(k, (spec, handle));
+            let id = self.next_task;
+            self.next_task += 1;
+            let handle = tokio::spawn(check_loop(k.0, k.1, id, task_spec, target, tx));
+            self.tasks.insert(
+                k,
+                Task {
+                    spec,
+                    user: user.clone(),
+                    id,
+                    handle,
+                },
+            );
         }
     }
 
@@ -116,8 +153,8 @@ impl Runner {
     }
 
     pub fn stop(&mut self) {
-        for (_, (_, h)) in self.tasks.drain() {
-            h.abort();
+        for (_, t) in self.tasks.drain() {
+            t.handle.abort();
         }
     }
 }
@@ -131,6 +168,7 @@ impl Drop for Runner {
 async fn check_loop(
     server: ServerKey,
     check: usize,
+    task: u64,
     spec: CheckSpec,
     target: Target,
     tx: mpsc::UnboundedSender<Report>,
@@ -147,6 +185,7 @@ async fn check_loop(
         let report = Report {
             server,
             check,
+            task,
             outcome,
             up: m.is_up(),
             weight: m.weight(),

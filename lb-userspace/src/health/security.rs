@@ -8,18 +8,39 @@ use crate::config::ServiceConfig;
 
 use super::spec::Probe;
 
-/// Why `path` is not safe to run as root, if it is not.
+/// Why `path` is not safe to run as root, if it is not: the program and every directory
+/// above it, on the path as written (links included) and on the one they lead to, must be
+/// root's and writable by no one else.
 fn unsafe_reason(path: &Path) -> Option<String> {
+    let real = match std::fs::canonicalize(path) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("{}: {e}", path.display())),
+    };
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map_or(path.to_path_buf(), |d| d.join(path))
+    };
+    for p in [absolute.as_path(), real.as_path()] {
+        if let Some(why) = unsafe_components(p) {
+            return Some(why);
+        }
+    }
+    None
+}
+
+fn unsafe_components(path: &Path) -> Option<String> {
     let mut p = Some(path);
     while let Some(x) = p {
-        match std::fs::metadata(x) {
+        match std::fs::symlink_metadata(x) {
             Err(e) => return Some(format!("{}: {e}", x.display())),
             Ok(m) => {
                 if m.uid() != 0 {
                     return Some(format!("{} is owned by uid {}", x.display(), m.uid()));
                 }
-                // Group or world writable (a sticky /tmp does not protect the program).
-                if m.mode() & 0o022 != 0 {
+                // Group or world writable (a sticky /tmp does not protect the program); a
+                // link's own mode means nothing, its owner does.
+                if !m.file_type().is_symlink() && m.mode() & 0o022 != 0 {
                     return Some(format!(
                         "{} is writable by group or others (mode {:o})",
                         x.display(),
@@ -45,9 +66,26 @@ fn program(argv0: &str) -> Option<std::path::PathBuf> {
     })
 }
 
+/// Whether `user` (a name or a number; `None`: the daemon's own, root) is root.
+fn is_root(user: Option<&str>) -> bool {
+    match user {
+        None => true,
+        Some(u) => {
+            let name = u.split_whitespace().next().unwrap_or(u);
+            match name.parse::<u32>() {
+                Ok(uid) => uid == 0,
+                Err(_) => nix::unistd::User::from_name(name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|u| u.uid.is_root()),
+            }
+        }
+    }
+}
+
 /// Checks every program of `services` that would run as root; the error names it and why.
 pub fn check(services: &[ServiceConfig], script_user: Option<&str>) -> Result<(), String> {
-    let as_root = |user: Option<&String>| user.is_none() && script_user.is_none();
+    let as_root = |user: Option<&String>| is_root(user.map(String::as_str).or(script_user));
     let vet = |what: &str, argv: &[String], shell: bool| -> Result<(), String> {
         if shell {
             return Err(format!(
@@ -94,7 +132,7 @@ pub fn check(services: &[ServiceConfig], script_user: Option<&str>) -> Result<()
                     Probe::Misc(m) if as_root(m.user.as_ref()) => {
                         vet(&format!("{who} check {i}"), &m.argv, m.shell)?
                     }
-                    Probe::SendExpect(se) if script_user.is_none() => {
+                    Probe::SendExpect(se) if is_root(script_user) => {
                         if let Some(p) = &se.program {
                             vet(&format!("{who} check {i}"), p, false)?;
                         }
@@ -131,9 +169,14 @@ mod tests {
         // As another user it is that user's business.
         check(&services, Some("nobody")).unwrap();
         std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
-        // /tmp itself is world writable: still refused.
+        // The temporary directory itself is world writable: still refused.
         let e = check(&services, None).unwrap_err();
-        assert!(e.contains("/tmp"), "{e}");
+        assert!(e.contains("writable by group or others"), "{e}");
+        // An explicit root user is root.
+        let e = check(&services, Some("root")).unwrap_err();
+        assert!(e.contains("would run as root"), "{e}");
+        let e = check(&services, Some("0")).unwrap_err();
+        assert!(e.contains("would run as root"), "{e}");
         // A system program is fine.
         let ok = text.replace(&prog.display().to_string(), "/bin/true");
         let services = crate::config::parse(Path::new("t.toml"), &ok)

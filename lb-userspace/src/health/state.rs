@@ -30,7 +30,7 @@ pub struct CheckState {
     /// `tcp`, `http`, ...
     pub kind: String,
     /// The check as configured: a changed one starts afresh (as its task does).
-    #[serde(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<CheckSpec>,
     pub up: bool,
     pub weight: Option<u32>,
@@ -53,7 +53,7 @@ pub struct ServerState {
     #[serde(default)]
     pub usable_from_unix: f64,
     /// The service's reentry delay.
-    #[serde(skip)]
+    #[serde(default)]
     pub reentry_delay: Duration,
 }
 
@@ -62,6 +62,13 @@ pub struct ServerState {
 pub enum Event {
     Server { server: ServerKey, alive: bool },
     Quorum { service: ServiceKey, up: bool },
+}
+
+/// [`Health`] as saved for a successor.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SavedHealth {
+    servers: Vec<(ServerKey, ServerState)>,
+    quorum: Vec<(ServiceKey, bool)>,
 }
 
 #[derive(Clone, Default)]
@@ -144,7 +151,12 @@ impl Health {
                 w += x as i64 - configured;
             }
         }
-        let weight = w.clamp(0, 65535) as u32;
+        // A server drained by hand (weight 0) stays drained whatever its probes say.
+        let weight = if configured == 0 {
+            0
+        } else {
+            w.clamp(0, 65535) as u32
+        };
         let changed = alive != st.alive;
         if changed {
             st.since_unix = now;
@@ -186,6 +198,24 @@ impl Health {
             alive: st.alive,
         });
         (changed, event)
+    }
+
+    /// What a successor needs to go on from this state (see [`Health::restore`]).
+    pub fn saved(&self) -> SavedHealth {
+        SavedHealth {
+            servers: self.servers.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            quorum: self.quorum.iter().map(|(k, v)| (*k, *v)).collect(),
+        }
+    }
+
+    /// A predecessor's state: its servers keep their verdicts (a dead server stays out
+    /// until a check says otherwise); `sync` then drops what the configuration no longer has
+    /// and resets changed checks.
+    pub fn restore(s: SavedHealth) -> Self {
+        Health {
+            servers: s.servers.into_iter().collect(),
+            quorum: s.quorum.into_iter().collect(),
+        }
     }
 
     /// The earliest time a recovered server waiting out its reentry delay becomes usable.
@@ -240,8 +270,10 @@ impl Health {
             }
             let h = &s.health;
             // keepalived's quorum with hysteresis (keepalived.md §5.4); without a quorum
-            // setting, "usable" means some alive server with a weight.
-            let quorum = h.quorum.max(1) as u64;
+            // setting, "usable" means some alive server with a weight. A quorum above what
+            // all servers weigh together is lowered to that sum, as keepalived does.
+            let total: u64 = s.backends.iter().map(|b| b.weight as u64).sum();
+            let quorum = (h.quorum.max(1) as u64).min(total.max(1));
             let was = self.quorum.get(&s.key).copied();
             let up = match was {
                 None => alive_sum >= quorum + h.hysteresis as u64,
@@ -250,7 +282,11 @@ impl Health {
                 }
                 Some(false) => alive_sum >= quorum + h.hysteresis as u64,
             };
-            if h.quorum > 0 || h.sorry_server.is_some() {
+            if h.quorum > 0
+                || h.sorry_server.is_some()
+                || h.quorum_up.is_some()
+                || h.quorum_down.is_some()
+            {
                 // At start-up only a lost quorum is announced (keepalived: quorum_up does not
                 // run when the quorum is up from the start).
                 if was != Some(up) && (was.is_some() || !up) {
@@ -259,8 +295,10 @@ impl Health {
                 self.quorum.insert(s.key, up);
             }
             if !up && let Some((addr, port)) = h.sorry_server {
-                // The sorry server replaces whatever is left (with weight 0 servers kept, so
-                // their connections go on).
+                // The sorry server replaces whatever is left, as keepalived does: alive
+                // servers are removed (a weight 0 would still hold sh/dh/mh buckets and
+                // persistence templates), inhibited ones stay at weight 0.
+                svc.backends.retain(|b| b.health.inhibit_on_failure);
                 for b in &mut svc.backends {
                     b.weight = 0;
                 }
@@ -269,8 +307,10 @@ impl Health {
                     port,
                     weight: 1,
                     forwarding: s.forwarding,
+                    // A tunnelling service's sorry server takes the tunnel settings of its
+                    // first tunnel server.
                     tunnel: (s.forwarding == crate::config::Forwarding::Tunnel)
-                        .then(crate::config::Tunnel::default),
+                        .then(|| s.backends.iter().find_map(|b| b.tunnel).unwrap_or_default()),
                     upper_threshold: 0,
                     lower_threshold: 0,
                     health: Default::default(),
@@ -316,6 +356,7 @@ mod tests {
         Report {
             server: (s.key, b.addr, b.port),
             check: 0,
+            task: 1,
             outcome: Outcome {
                 ok: up,
                 detail: String::new(),
