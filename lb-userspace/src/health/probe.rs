@@ -1165,6 +1165,16 @@ async fn drain<R: AsyncRead + Unpin>(from: Option<R>, keep: &mut Vec<u8>) {
     }
 }
 
+/// Kills a program's process group when dropped (its leader was started with
+/// `process_group(0)`, so the group id is its pid).
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        signal_group(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 fn signal_group(pid: Option<u32>, signal: nix::sys::signal::Signal) {
     if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
@@ -1234,6 +1244,9 @@ async fn run_program(
         .spawn()
         .map_err(|e| format!("cannot run {program}: {}", io_msg(&e)))?;
     let pid = child.id();
+    // Whatever happens to this attempt (done, timed out, or its task aborted by a reload),
+    // nothing of the program's process group outlives it.
+    let _group = GroupGuard(pid);
     let (out, err) = (child.stdout.take(), child.stderr.take());
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
@@ -2352,6 +2365,34 @@ mod tests {
             // A background child keeping the pipes open does not hold the result back.
             let o = run(&sh("sleep 5 & exit 0", false), &t, 0).await;
             assert!(o.ok && o.latency < Duration::from_secs(2), "{o:?}");
+            // ... and does not outlive the attempt: its process group is killed.
+            let pidfile = std::env::temp_dir().join(format!("xlb-probe-bg-{}", std::process::id()));
+            let o = run(
+                &sh(
+                    &format!("sleep 30 & echo $! > {}; exit 0", pidfile.display()),
+                    false,
+                ),
+                &t,
+                0,
+            )
+            .await;
+            assert!(o.ok, "{o:?}");
+            let pid: i32 = std::fs::read_to_string(&pidfile)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let _ = std::fs::remove_file(&pidfile);
+            let gone = (0..50).any(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                // A killed child of ours may linger as a zombie until reaped by init.
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z'))
+                })
+            });
+            assert!(gone, "the background child {pid} survived");
         })
         .await
     }
