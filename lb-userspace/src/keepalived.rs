@@ -1177,6 +1177,29 @@ fn service(
         )));
         return Ok(None);
     }
+    // What xlb does not do (yet) is said, not silently dropped.
+    if vs.ha_suspend {
+        warnings.push(t.loc.warning(format!(
+            "{name}: ha_suspend is not supported (checks run whichever node owns the VIP); ignored"
+        )));
+    }
+    if vs.omega {
+        warnings.push(t.loc.warning(format!(
+            "{name}: omega is not supported (no quorum_down or notify_down at shutdown); ignored"
+        )));
+    }
+    if let Some(s) = &vs.sorry_server {
+        if s.inhibit {
+            warnings.push(s.loc.warning(
+                "sorry_server_inhibit is not supported (the sorry server is added when needed); ignored",
+            ));
+        }
+        if s.method.is_some() {
+            warnings.push(s.loc.warning(
+                "sorry_server_lvs_method is not supported (the sorry server uses the service's method); ignored",
+            ));
+        }
+    }
     let sorry_server = vs.sorry_server.as_ref().map(|s| {
         let sp = match forwarding {
             Forwarding::Nat => s.port.unwrap_or(port),
