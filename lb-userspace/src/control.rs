@@ -424,6 +424,7 @@ impl Daemon {
                         group: None,
                     });
                     let target = Target {
+                        weight: 0,
                         addr,
                         bind: None,
                         timeout: NOTIFY_TIMEOUT,

@@ -116,8 +116,21 @@ pub struct Keepalived {
     pub virtual_servers: Vec<VirtualServer>,
     /// The top-level `SSL { }` block of SSL_GET checkers.
     pub ssl: Option<SslContext>,
+    /// Top-level `track_file` blocks (FILE_CHECK names them).
+    pub track_files: Vec<TrackFile>,
     /// Directives ignored while reading.
     pub warnings: Vec<Warning>,
+}
+
+/// `track_file NAME { file PATH; weight W [reverse] }` (also `vrrp_track_file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackFile {
+    pub name: String,
+    pub file: String,
+    /// Default 1.
+    pub weight: i32,
+    pub reverse: bool,
+    pub loc: Loc,
 }
 
 /// A directive kept as written.
@@ -873,7 +886,7 @@ impl Keepalived {
             }
             let common = ServiceCommon::of(vs, &mut warnings)?;
             for t in targets {
-                let Some(svc) = service(vs, &common, &t, &mut warnings)? else {
+                let Some(svc) = service(vs, &common, &t, &self.track_files, &mut warnings)? else {
                     continue;
                 };
                 if let Some(first) = keys.get(&svc.key) {
@@ -1037,6 +1050,7 @@ fn service(
     vs: &VirtualServer,
     c: &ServiceCommon,
     t: &Target,
+    track_files: &[TrackFile],
     warnings: &mut Vec<Warning>,
 ) -> Result<Option<ServiceConfig>, ConfigError> {
     let (addr, port) = (t.addr, t.port);
@@ -1148,7 +1162,7 @@ fn service(
         }
         let mut checks = Vec::new();
         for ch in &rs.checkers {
-            match check_spec(ch, vs, rs) {
+            match check_spec(ch, vs, rs, track_files) {
                 Ok(c) => checks.push(c),
                 Err(m) => {
                     warnings.push(ch.loc.warning(format!("{}: {m}; ignored", ch.kind.name())))
@@ -1235,6 +1249,7 @@ fn check_spec(
     ch: &Checker,
     vs: &VirtualServer,
     rs: &RealServer,
+    track_files: &[TrackFile],
 ) -> Result<crate::health::spec::CheckSpec, String> {
     use crate::health::spec::{
         CheckSpec, HttpProbe, HttpVersion, MiscProbe, Probe, Timing, TlsProbe, UrlProbe,
@@ -1317,12 +1332,21 @@ fn check_spec(
         },
         CheckerKind::Ping => Probe::Ping,
         CheckerKind::File(f) => {
-            // keepalived's track_file names a top-level track_file block (file and weight
-            // there), which xlb does not read yet.
-            return Err(format!(
-                "track_file {} (top-level track_file blocks are not supported yet)",
-                f.track_file
-            ));
+            // FILE_CHECK's track_file names a top-level track_file block; the checker's own
+            // weight, if set, replaces the block's (keepalived check_file.c).
+            let t = track_files
+                .iter()
+                .find(|t| t.name == f.track_file)
+                .ok_or_else(|| format!("track_file {} not found", f.track_file))?;
+            let (weight, reverse) = match f.weight {
+                Some(w) if w != 0 => (w, f.reverse),
+                _ => (t.weight, t.reverse),
+            };
+            Probe::File {
+                path: t.file.clone(),
+                weight: Some(weight),
+                reverse,
+            }
         }
         CheckerKind::Misc(m) => Probe::Misc(MiscProbe {
             argv: m.script.argv(),
@@ -2269,6 +2293,11 @@ impl Parser<'_> {
                 }
                 "virtual_server" => k.virtual_servers.push(self.virtual_server(n)?),
                 "SSL" => k.ssl = Some(self.ssl(n)?),
+                "track_file" | "vrrp_track_file" => {
+                    let t = self.track_file(n)?;
+                    once("track_file", &t.name, &t.loc)?;
+                    k.track_files.push(t);
+                }
                 _ => self.unsupported(n, "at top level"),
             }
         }
@@ -2419,6 +2448,41 @@ impl Parser<'_> {
             }
         }
         Ok(d)
+    }
+
+    fn track_file(&mut self, n: &Node) -> R<TrackFile> {
+        let name = self.block_name(n)?;
+        let loc = self.loc(n.pos());
+        let (mut file, mut weight, mut reverse) = (None, 1, false);
+        for c in self.block(n)? {
+            match c.name() {
+                "file" => file = Some(self.string(c)?),
+                "weight" => {
+                    let a = self.leaf(c, 1, 2)?;
+                    weight = self.int(&a[0], "weight", -65535, 65535)? as i32;
+                    reverse = match a.get(1).map(|w| w.text.as_str()) {
+                        None | Some("noreverse") => false,
+                        Some("reverse") => true,
+                        Some(x) => {
+                            return Err(self.err(
+                                a[1].pos,
+                                format!("weight takes \"reverse\" or \"noreverse\" after the number, not \"{x}\""),
+                            ));
+                        }
+                    };
+                }
+                _ => self.unsupported(c, "in track_file"),
+            }
+        }
+        let file =
+            file.ok_or_else(|| self.err(n.pos(), format!("track_file {name} has no file")))?;
+        Ok(TrackFile {
+            name,
+            file,
+            weight,
+            reverse,
+            loc,
+        })
     }
 
     fn vrrp_script(&mut self, n: &Node) -> R<VrrpScript> {
@@ -4139,6 +4203,50 @@ mod tests {
                 "G6 [2001:db8::b]:80",
                 "G6 [2001:db8::c]:80"
             ]
+        );
+    }
+
+    /// FILE_CHECK names a top-level track_file block; the checker's weight wins over the
+    /// block's.
+    #[test]
+    fn file_check_follows_its_track_file() {
+        let text = "track_file app {\n  file /run/app.state\n  weight 5 reverse\n}\n\
+            virtual_server 10.0.0.1 80 {\n  lb_kind DR\n  protocol TCP\n\
+              real_server 10.0.0.11 80 {\n    FILE_CHECK {\n      track_file app\n    }\n  }\n\
+              real_server 10.0.0.12 80 {\n    FILE_CHECK {\n      track_file app\n      weight 0\n    }\n  }\n\
+              real_server 10.0.0.13 80 {\n    FILE_CHECK {\n      track_file app\n      weight 2\n    }\n  }\n\
+              real_server 10.0.0.14 80 {\n    FILE_CHECK {\n      track_file nosuch\n    }\n  }\n}\n";
+        let k = parse_str(Path::new("keepalived.conf"), text).unwrap();
+        assert_eq!(k.track_files.len(), 1);
+        let (services, warnings) = k.services().unwrap();
+        let probe = |i: usize| {
+            services[0].backends[i]
+                .health
+                .checks
+                .first()
+                .map(|c| c.probe.clone())
+        };
+        use crate::health::spec::Probe;
+        let file = |w, r| {
+            Some(Probe::File {
+                path: "/run/app.state".into(),
+                weight: Some(w),
+                reverse: r,
+            })
+        };
+        assert_eq!(probe(0), file(5, true));
+        assert_eq!(
+            probe(1),
+            file(5, true),
+            "weight 0 on the checker: the block's"
+        );
+        assert_eq!(probe(2), file(2, false));
+        assert_eq!(probe(3), None);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.to_string().contains("track_file nosuch not found")),
+            "{warnings:?}"
         );
     }
 

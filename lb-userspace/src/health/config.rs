@@ -107,6 +107,9 @@ pub struct FileCheck {
     pub reply: Option<String>,
     // file
     pub file: Option<String>,
+    /// keepalived track_file semantics: value × weight added (0: value 0 = up).
+    pub weight: Option<i32>,
+    pub reverse: Option<bool>,
     // misc
     pub command: Option<String>,
     pub shell: Option<bool>,
@@ -379,12 +382,24 @@ pub fn check(c: &FileCheck, defaults: &FileTiming) -> Result<CheckSpec, String> 
             reply: c.reply.as_deref().map(|p| hex(p, "reply")).transpose()?,
         },
         "ping" => Probe::Ping,
-        "file" => Probe::File {
-            path: c
-                .file
-                .clone()
-                .ok_or("a file check needs file = \"/path\"")?,
-        },
+        "file" => {
+            if let Some(w) = c.weight
+                && !(-65535..=65535).contains(&w)
+            {
+                return Err(format!("weight must be between -65535 and 65535, not {w}"));
+            }
+            if c.reverse.is_some() && c.weight.is_none() {
+                return Err("reverse goes with a weight".into());
+            }
+            Probe::File {
+                path: c
+                    .file
+                    .clone()
+                    .ok_or("a file check needs file = \"/path\"")?,
+                weight: c.weight,
+                reverse: c.reverse.unwrap_or(false),
+            }
+        }
         "misc" => {
             let cmd = c
                 .command
@@ -429,6 +444,8 @@ pub fn check(c: &FileCheck, defaults: &FileTiming) -> Result<CheckSpec, String> 
         ("name", c.name.is_some() && kind != "dns"),
         ("payload", c.payload.is_some() && kind != "udp"),
         ("file", c.file.is_some() && kind != "file"),
+        ("weight", c.weight.is_some() && kind != "file"),
+        ("reverse", c.reverse.is_some() && kind != "file"),
         ("command", c.command.is_some() && kind != "misc"),
         ("send", c.send.is_some() && kind != "send_expect"),
         ("expect", c.expect.is_some() && kind != "send_expect"),
@@ -608,9 +625,17 @@ pub fn render_check(c: &CheckSpec) -> String {
             }
         }
         Probe::Ping => p.push("type = \"ping\"".into()),
-        Probe::File { path } => {
+        Probe::File {
+            path,
+            weight,
+            reverse,
+        } => {
             p.push("type = \"file\"".into());
             p.push(format!("file = {}", q(path)));
+            if let Some(w) = weight {
+                p.push(format!("weight = {w}"));
+                p.push(format!("reverse = {reverse}"));
+            }
         }
         Probe::Misc(m) => {
             p.push("type = \"misc\"".into());
@@ -755,6 +780,7 @@ mod tests {
             "type = \"udp\"\npayload = \"00ff\"\nrequire_reply = true\nreply = \"01\"",
             "type = \"ping\"\nalpha = true\nrise = 2\nfall = 3",
             "type = \"file\"\nfile = \"/run/weight\"",
+            "type = \"file\"\nfile = \"/run/weight\"\nweight = -3\nreverse = true",
             "type = \"misc\"\ncommand = \"/bin/x 'a b' %h\"\ndynamic = true\nuser = \"nobody\"",
             "type = \"misc\"\ncommand = \"exit $(cat /x)\"\nshell = true",
             "type = \"send_expect\"\nsend = \"GET / HTTP/1.0\\\\r\\\\n\\\\r\\\\n\"\nexpect = \"HTTP\"",

@@ -158,9 +158,14 @@ async fn attempt(probe: &Probe, target: &Target, url: usize) -> Verdict {
             reply,
         } => udp(payload, *require_reply, reply.as_deref(), target).await,
         Probe::Ping => ping(target).await,
-        Probe::File { path } => {
+        Probe::File {
+            path,
+            weight,
+            reverse,
+        } => {
             phase.set("reading the file");
-            bounded(timeout, &phase, |_| file(path)).await
+            let tracked = weight.map(|w| (w, *reverse, target.weight));
+            bounded(timeout, &phase, |_| file(path, tracked)).await
         }
         Probe::Misc(m) => misc(m, target).await,
         Probe::SendExpect(s) => match &s.program {
@@ -1040,7 +1045,8 @@ fn leading_integer(text: &[u8]) -> Option<i64> {
     Some(sign * value)
 }
 
-async fn file(path: &str) -> Verdict {
+/// `tracked`: keepalived's track_file weight, reverse flag and the server's configured weight.
+async fn file(path: &str, tracked: Option<(i32, bool, u32)>) -> Verdict {
     // Only a regular file: a FIFO without a writer would hold a blocking-pool thread for
     // good, attempt after attempt.
     match tokio::fs::metadata(path).await {
@@ -1057,6 +1063,25 @@ async fn file(path: &str) -> Verdict {
     };
     if let Err(e) = read.await {
         return Verdict::down(format!("cannot read {path}: {}", io_msg(&e)));
+    }
+    if let Some((w, reverse, configured)) = tracked {
+        let Some(v) = leading_integer(&text) else {
+            return Verdict::down(format!("no number in {path}: \"{}\"", show(&text, 40)));
+        };
+        if w == 0 {
+            return if v == 0 {
+                Verdict::up("value 0")
+            } else {
+                Verdict::down(format!("value {v}"))
+            };
+        }
+        let delta = v.saturating_mul(i64::from(w)) * if reverse { -1 } else { 1 };
+        let weight = (i64::from(configured) + delta).clamp(0, i64::from(i32::MAX)) as u32;
+        return Verdict {
+            ok: true,
+            detail: format!("value {v}: weight {weight}"),
+            weight: Some(weight),
+        };
     }
     match leading_integer(&text) {
         None => Verdict::down(format!("no number in {path}: \"{}\"", show(&text, 40))),
@@ -1475,6 +1500,7 @@ mod tests {
 
     fn target(addr: SocketAddr, timeout: Duration) -> Target {
         Target {
+            weight: 1,
             addr,
             bind: None,
             timeout,
@@ -2204,6 +2230,8 @@ mod tests {
                 let p = dir.join(name);
                 std::fs::write(&p, content).unwrap();
                 Probe::File {
+                    weight: None,
+                    reverse: false,
                     path: p.to_string_lossy().into_owned(),
                 }
             };
@@ -2220,7 +2248,29 @@ mod tests {
             let o = run(&probe("junk", b"abc"), &t, 0).await;
             assert!(!o.ok);
             assert!(o.detail.starts_with("no number in "), "{o:?}");
+            // keepalived's track_file: value × weight added to the configured weight (1
+            // here); weight 0: only value 0 is up.
+            let tracked = |content: &[u8], w: i32, reverse: bool| {
+                let p = dir.join("tracked");
+                std::fs::write(&p, content).unwrap();
+                Probe::File {
+                    path: p.to_string_lossy().into_owned(),
+                    weight: Some(w),
+                    reverse,
+                }
+            };
+            let t = target(local(0), Duration::from_secs(1));
+            let o = run(&tracked(b"3\n", 2, false), &t, 0).await;
+            assert_eq!((o.ok, o.weight), (true, Some(7)), "{o:?}");
+            let o = run(&tracked(b"3\n", 2, true), &t, 0).await;
+            assert_eq!((o.ok, o.weight), (true, Some(0)), "{o:?}");
+            let o = run(&tracked(b"0", 0, false), &t, 0).await;
+            assert!(o.ok, "{o:?}");
+            let o = run(&tracked(b"4", 0, false), &t, 0).await;
+            assert!(!o.ok, "{o:?}");
             let missing = Probe::File {
+                weight: None,
+                reverse: false,
                 path: dir.join("missing").to_string_lossy().into_owned(),
             };
             let o = run(&missing, &t, 0).await;

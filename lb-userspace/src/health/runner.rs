@@ -39,6 +39,7 @@ pub struct Report {
 /// and handle.
 struct Task {
     spec: CheckSpec,
+    target: Target,
     user: Option<String>,
     id: u64,
     handle: JoinHandle<()>,
@@ -66,11 +67,18 @@ fn jitter(key: &impl Hash) -> f64 {
 }
 
 /// Where a check of `server` goes.
-pub fn target(spec: &CheckSpec, service: &ServiceConfig, addr: IpAddr, port: u16) -> Target {
+pub fn target(
+    spec: &CheckSpec,
+    service: &ServiceConfig,
+    addr: IpAddr,
+    port: u16,
+    weight: u32,
+) -> Target {
     let port = spec
         .connect_port
         .unwrap_or(if port != 0 { port } else { service.key.port });
     Target {
+        weight,
         addr: SocketAddr::new(spec.connect_ip.unwrap_or(addr), port),
         bind: spec.bind,
         timeout: spec.timing.timeout,
@@ -108,7 +116,7 @@ impl Runner {
         for s in services {
             for b in &s.backends {
                 for (i, c) in b.health.checks.iter().enumerate() {
-                    let mut t = target(c, s, b.addr, b.port);
+                    let mut t = target(c, s, b.addr, b.port, b.weight);
                     t.script_user = self.script_user.clone();
                     wanted.insert(((s.key, b.addr, b.port), i), (c.clone(), t));
                 }
@@ -116,7 +124,10 @@ impl Runner {
         }
         let user = self.script_user.clone();
         self.tasks.retain(|k, t| {
-            let keep = wanted.get(k).is_some_and(|(w, _)| *w == t.spec) && t.user == user;
+            let keep = wanted
+                .get(k)
+                .is_some_and(|(w, target)| *w == t.spec && *target == t.target)
+                && t.user == user;
             if !keep {
                 t.handle.abort();
             }
@@ -128,6 +139,7 @@ impl Runner {
             }
             let tx = self.tx.clone();
             let task_spec = spec.clone();
+            let task_target = target.clone();
             let id = self.next_task;
             self.next_task += 1;
             let handle = tokio::spawn(check_loop(k.0, k.1, id, task_spec, target, tx));
@@ -135,6 +147,7 @@ impl Runner {
                 k,
                 Task {
                     spec,
+                    target: task_target,
                     user: user.clone(),
                     id,
                     handle,

@@ -69,8 +69,17 @@ pub enum Probe {
     },
     /// PING_CHECK: an ICMP / ICMPv6 echo reply.
     Ping,
-    /// FILE_CHECK: the file holds a number; its value sets the weight (0: down).
-    File { path: String },
+    /// FILE_CHECK: the file holds a number. Without `weight`: its value is the weight (0 or
+    /// less: down). With `weight` (keepalived's track_file): 0 = value 0 is up, anything
+    /// else down; otherwise up, and value × weight (negated with `reverse`) is added to the
+    /// server's configured weight.
+    File {
+        path: String,
+        #[serde(default)]
+        weight: Option<i32>,
+        #[serde(default)]
+        reverse: bool,
+    },
     /// MISC_CHECK: a program's exit status (0 = up; with `dynamic`, 2..255 = up with weight
     /// exit - 2, 1 = down).
     Misc(MiscProbe),
@@ -161,6 +170,8 @@ pub struct Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub addr: std::net::SocketAddr,
+    /// The real server's configured weight (FILE_CHECK's contributions add to it).
+    pub weight: u32,
     pub bind: Option<IpAddr>,
     pub timeout: Duration,
     /// User programs run as, when the probe names none (keepalived `script_user`).
