@@ -907,6 +907,14 @@ fn icmp_socket(target: &Target) -> Result<UdpSocket, String> {
         socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(local))
             .map_err(|e| format!("cannot bind to {}: {}", local.ip(), io_msg(&e.into())))?;
     }
+    // A raw socket gets every ICMP message of the host; connected, only those from the
+    // target: with a thousand servers pinged, each reply wakes one socket, not all of them
+    // (errors from routers on the way are not seen: the attempt times out instead).
+    socket::connect(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(target.addr.ip(), 0)),
+    )
+    .map_err(|e| format!("cannot connect the ICMP socket: {}", io_msg(&e.into())))?;
     UdpSocket::from_std(std::net::UdpSocket::from(fd))
         .map_err(|e| format!("cannot register the ICMP socket: {}", io_msg(&e)))
 }
