@@ -129,12 +129,15 @@ fn failed_server_leaves_and_returns() {
     require_root();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut b = bench("xthc-http", 3);
+    let notified = b.bench.dir.join("notified.log");
     let svc = format!(
         "[[services]]\nname = \"web\"\naddress = \"{}:80\"\nscheduler = \"rr\"\n{FAST}\n\
          [[services.backends]]\naddress = \"10.100.0.11\"\nweight = 2\ninhibit_on_failure = true\nchecks = [{{ type = \"http\", path = \"/\", status = [200] }}]\n\
          [[services.backends]]\naddress = \"10.100.0.12\"\nchecks = [{{ type = \"http\", path = \"/\" }}, {{ type = \"tcp\" }}]\n\
+         notify_down = \"/bin/sh -c 'echo down $0 >> {n}' %h\"\nnotify_up = \"/bin/sh -c 'echo up $0 >> {n}' %h\"\n\
          [[services.backends]]\naddress = \"10.100.0.13\"\nchecks = [{{ type = \"tcp\" }}]\n",
-        b.vip4
+        b.vip4,
+        n = notified.display()
     );
     let config = b.config(&svc);
     b.start_xlb(&xlb_bin(), &config).unwrap();
@@ -193,6 +196,10 @@ fn failed_server_leaves_and_returns() {
     });
     let got = requests(&b, 12);
     assert_eq!(counts(&got).len(), 3, "{got:?}");
+    // be2's notify programs ran, in order, with its address.
+    wait_for(Duration::from_secs(5), "notify programs", &b, || {
+        std::fs::read_to_string(&notified).is_ok_and(|s| s == "down 10.100.0.12\nup 10.100.0.12\n")
+    });
 }
 
 /// A server that accepts connections but never answers fails its HTTP check by timeout.
