@@ -146,14 +146,18 @@ fn failed_server_leaves_and_returns() {
         let h = health(&b);
         h.matches("ok in").count() == 4 && !h.contains("DOWN")
     });
-    let limit = Duration::from_secs_f64(2.0 * (1.0 + 1.0) + 2.0);
+    // The bound: retry × (interval + timeout) = 1 × (1 s + 1 s); keepalived's own
+    // worst case here is the wait for the next check (1 s), the retry delay (0.5 s) and two
+    // refused attempts; half a second more for polling and the 50 ms health tick.
+    let bound = Duration::from_secs_f64(1.0 * (1.0 + 1.0));
+    let limit = bound + Duration::from_millis(500);
 
     // be1 (inhibit_on_failure): stays listed with weight 0.
     stop_nginx(&b, 1);
     let took = wait_for(limit, "be1 at weight 0", &b, || {
         server_row(&b, "10.100.0.11:80").is_some_and(|r| r[3] == "0")
     });
-    eprintln!("be1 inhibited after {took:?}");
+    eprintln!("be1 inhibited after {took:?} (bound {bound:?})");
     // be2: removed.
     stop_nginx(&b, 2);
     wait_for(limit, "be2 removed", &b, || {

@@ -203,7 +203,13 @@ impl Health {
     /// What a successor needs to go on from this state (see [`Health::restore`]).
     pub fn saved(&self) -> SavedHealth {
         SavedHealth {
-            servers: self.servers.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            // Servers without checks are always alive: nothing to carry over.
+            servers: self
+                .servers
+                .iter()
+                .filter(|(_, v)| !v.checks.is_empty())
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
             quorum: self.quorum.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
