@@ -153,6 +153,31 @@ struct Daemon {
     child: Child,
 }
 
+impl Daemon {
+    /// Starts `xlb run --config path` and waits until its admin socket answers.
+    fn start(path: &Path, socket: &Path, log: &Path) -> Result<Daemon> {
+        let child = Command::new(xlb_bin())
+            .args(["run", "--config"])
+            .arg(path)
+            .env("XLB_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .context("starting xlb")?;
+        let daemon = Daemon { child };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "xlb did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(daemon)
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
@@ -205,26 +230,8 @@ fn end_to_end(shape: &Shape, dir: &Path) -> Result<EndToEnd> {
     let path = dir.join("xlb.toml");
     std::fs::write(&path, config_text(shape, &socket, 0))?;
     let xlb = xlb_bin();
-    let log = std::fs::File::create(dir.join("xlb.log"))?;
     let t = Instant::now();
-    let child = Command::new(&xlb)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("XLB_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting xlb")?;
-    let _daemon = Daemon { child };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        ensure!(
-            Instant::now() < deadline,
-            "xlb did not start: {}",
-            std::fs::read_to_string(dir.join("xlb.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let _daemon = Daemon::start(&path, &socket, &dir.join("xlb.log"))?;
     let start = t.elapsed();
     let mut scrapes = Vec::new();
     let mut size = 0;
@@ -330,25 +337,8 @@ fn health_scale(
     }
     let path = dir.join("hc.toml");
     std::fs::write(&path, t)?;
-    let log = std::fs::File::create(dir.join("hc.log"))?;
-    let child = Command::new(xlb_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("XLB_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let pid = child.id();
-    let _daemon = Daemon { child };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        ensure!(
-            Instant::now() < deadline,
-            "xlb did not start: {}",
-            std::fs::read_to_string(dir.join("hc.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let daemon = Daemon::start(&path, &socket, &dir.join("hc.log"))?;
+    let pid = daemon.child.id();
     let cpu = || -> Result<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         let f: Vec<&str> = stat

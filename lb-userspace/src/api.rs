@@ -15,7 +15,7 @@ use axum::{
     http::StatusCode,
     routing::{get, post},
 };
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -312,34 +312,12 @@ pub async fn serve(path: &Path, state: Shared) -> Result<tokio::task::JoinHandle
     }))
 }
 
-/// Client side: `GET path` on the daemon's socket, decoded from JSON.
-pub async fn get_json<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T> {
-    let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach the xlb daemon at {} (is `xlb run` running? --socket / XLB_SOCKET select another instance)",
-            socket.display()
-        )
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, "xlb")
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!("{}: {}", status, String::from_utf8_lossy(&body));
-    }
-    serde_json::from_slice(&body).context("decoding the daemon's answer")
-}
-
-/// Client side: `POST path` with a JSON body on the daemon's socket; a non-2xx answer is an
-/// error carrying the daemon's message.
-pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+/// Sends one request to the daemon on `socket` and decodes its JSON answer; a non-2xx
+/// answer is an error carrying the daemon's message (after the status if `with_status`).
+async fn call<T: DeserializeOwned>(
     socket: &Path,
-    path: &str,
-    body: &B,
+    req: hyper::Request<http_body_util::Full<Bytes>>,
+    with_status: bool,
 ) -> Result<T> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
@@ -349,19 +327,40 @@ pub async fn post_json<B: Serialize, T: DeserializeOwned>(
     })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        if with_status {
+            bail!("{}: {}", status, String::from_utf8_lossy(&body));
+        }
+        bail!("{}", String::from_utf8_lossy(&body));
+    }
+    serde_json::from_slice(&body).context("decoding the daemon's answer")
+}
+
+/// Client side: `GET path` on the daemon's socket, decoded from JSON.
+pub async fn get_json<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T> {
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, "xlb")
+        .body(http_body_util::Full::new(Bytes::new()))?;
+    call(socket, req, true).await
+}
+
+/// Client side: `POST path` with a JSON body on the daemon's socket; a non-2xx answer is an
+/// error carrying the daemon's message.
+pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+    socket: &Path,
+    path: &str,
+    body: &B,
+) -> Result<T> {
     let req = hyper::Request::post(path)
         .header(hyper::header::HOST, "xlb")
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(http_body_util::Full::new(Bytes::from(serde_json::to_vec(
             body,
         )?)))?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!("{}", String::from_utf8_lossy(&body));
-    }
-    serde_json::from_slice(&body).context("decoding the daemon's answer")
+    call(socket, req, false).await
 }
 
 /// The socket to use: `--socket`, else `XLB_SOCKET`, else the default.
