@@ -247,7 +247,7 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
     engine.set_timeouts(&mut dp, config.timeouts)?;
     engine.set_expire_nodest_conn(&mut dp, config.dataplane.expire_nodest_conn)?;
 
-    let addrs = backend_addrs(&config);
+    let addrs = crate::control::watched_addrs(&config.services);
     let (watcher, mut updates) = neigh::spawn_watcher(addrs.clone(), NEIGH_REFRESH)?;
     wait_for_next_hops(&mut dp, &mut engine, &mut updates, &addrs).await?;
 
@@ -450,10 +450,6 @@ fn set_next_hop(
         other => other,
     };
     engine.set_next_hop(dp, addr, nh)
-}
-
-fn backend_addrs(config: &Config) -> Vec<IpAddr> {
-    crate::control::watched_addrs(&config.services)
 }
 
 /// Collects next hops until every real server is resolved or the start-up wait is over

@@ -1030,18 +1030,6 @@ impl Engine {
         self.next_hops.get(&addr).copied()
     }
 
-    /// Addresses of every configured real server.
-    pub fn backend_addrs(&self) -> Vec<IpAddr> {
-        let mut v: Vec<IpAddr> = self
-            .services
-            .values()
-            .flat_map(|s| s.backends.iter().map(|b| b.config.addr))
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    }
-
     /// The real server address behind a backend index (for neighbour events).
     pub fn backend_addr(&self, index: u32) -> Option<IpAddr> {
         self.services
