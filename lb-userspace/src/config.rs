@@ -1248,7 +1248,7 @@ fn example(ip: IpAddr) -> String {
     SocketAddr::new(ip, 80).to_string()
 }
 
-fn check_unicast(ip: IpAddr) -> Result<(), String> {
+pub fn check_unicast(ip: IpAddr) -> Result<(), String> {
     let bad = match ip {
         IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
         IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),

@@ -305,11 +305,9 @@ impl Daemon {
     /// logged and notified, and if any server's state changed the data plane follows.
     pub fn on_health(&mut self, reports: Vec<crate::health::runner::Report>) {
         // A recovered server whose reentry delay ran out since the last batch.
-        let mut changed = self.reentry_due.is_some_and(|t| {
-            t <= SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64())
-        });
+        let mut changed = self
+            .reentry_due
+            .is_some_and(|t| t <= crate::health::state::unix(SystemTime::now()));
         let mut events = Vec::new();
         // A failed apply of an earlier batch is tried again.
         changed |= self.health_dirty;

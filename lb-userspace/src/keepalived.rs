@@ -154,7 +154,7 @@ pub struct Script {
 impl Script {
     /// The command split into arguments as keepalived does (shell-like quotes and escapes).
     pub fn argv(&self) -> Vec<String> {
-        split_command(&self.command)
+        crate::health::config::split_words(&self.command).0
     }
 }
 
@@ -1054,9 +1054,7 @@ fn service(
     warnings: &mut Vec<Warning>,
 ) -> Result<Option<ServiceConfig>, ConfigError> {
     let (addr, port) = (t.addr, t.port);
-    if !is_unicast(addr) {
-        return Err(t.loc.error(format!("{addr} is not a unicast address")));
-    }
+    crate::config::check_unicast(addr).map_err(|m| t.loc.error(m))?;
     let sa = SocketAddr::new(addr, port);
     let suffix = if c.protocol == Protocol::Udp {
         "/udp"
@@ -1122,11 +1120,7 @@ fn service(
             )));
             continue;
         }
-        if !is_unicast(rs.addr) {
-            return Err(rs
-                .loc
-                .error(format!("{} is not a unicast address", rs.addr)));
-        }
+        crate::config::check_unicast(rs.addr).map_err(|m| rs.loc.error(m))?;
         let bport = match (bfwd, rs.port) {
             (Forwarding::Nat, p) => p.unwrap_or(port),
             (_, Some(p)) if p != port => {
@@ -1377,13 +1371,6 @@ fn check_spec(
             fall: 0,
         },
     })
-}
-
-fn is_unicast(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
-        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
-    }
 }
 
 fn addr_bits(a: IpAddr) -> u128 {
@@ -1757,59 +1744,6 @@ fn lex(line: &str, braces: bool) -> Result<Vec<Lexeme>, (usize, String)> {
     }
     flush(&mut out, &mut word);
     Ok(out)
-}
-
-/// Shell-like splitting of a script command: whitespace, `"..."`, `'...'`, `\` escapes.
-fn split_command(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur: Option<String> = None;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if let Some(w) = cur.take() {
-                    out.push(w);
-                }
-            }
-            '\'' => {
-                let w = cur.get_or_insert_with(String::new);
-                for x in chars.by_ref() {
-                    if x == '\'' {
-                        break;
-                    }
-                    w.push(x);
-                }
-            }
-            '"' => {
-                let w = cur.get_or_insert_with(String::new);
-                while let Some(x) = chars.next() {
-                    match x {
-                        '"' => break,
-                        '\\' => {
-                            if let Some(n) = chars.next() {
-                                if !matches!(n, '"' | '\\' | '$' | '`') {
-                                    w.push('\\');
-                                }
-                                w.push(n);
-                            }
-                        }
-                        x => w.push(x),
-                    }
-                }
-            }
-            '\\' => {
-                let w = cur.get_or_insert_with(String::new);
-                if let Some(n) = chars.next() {
-                    w.push(n);
-                }
-            }
-            c => cur.get_or_insert_with(String::new).push(c),
-        }
-    }
-    if let Some(w) = cur {
-        out.push(w);
-    }
-    out
 }
 
 /// `a{b,c}d` → `abd`, `acd` (nested too). `false`: more than [`MAX_INCLUDE_NAMES`] (or

@@ -140,50 +140,79 @@ fn secs(v: f64, what: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// Splits a command line into words: blanks separate, double or single quotes group, a
-/// backslash escapes the next character. No expansion of any kind (no shell).
-pub fn split_command(s: &str) -> Result<Vec<String>, String> {
+/// Splits a command line into words as a shell would, without expanding anything: blanks
+/// separate; `'...'` is literal; in `"..."` a backslash escapes only `"`, `\`, `$` and
+/// `` ` ``; elsewhere it escapes any character. Returns the words and whether a quote was
+/// left open (the open quote runs to the end, as keepalived reads it).
+pub fn split_words(s: &str) -> (Vec<String>, bool) {
     let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut have = false;
-    let mut quote: Option<char> = None;
+    let mut cur: Option<String> = None;
+    let mut open = false;
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
-        match (quote, c) {
-            (None, c) if c.is_whitespace() => {
-                if have {
-                    out.push(std::mem::take(&mut cur));
-                    have = false;
+        match c {
+            c if c.is_whitespace() => {
+                if let Some(w) = cur.take() {
+                    out.push(w);
                 }
             }
-            (None, '"' | '\'') => {
-                quote = Some(c);
-                have = true;
-            }
-            (Some(q), c) if c == q => quote = None,
-            (_, '\\') => match chars.next() {
-                Some(n) => {
-                    cur.push(n);
-                    have = true;
+            '\'' => {
+                let w = cur.get_or_insert_with(String::new);
+                open = true;
+                for x in chars.by_ref() {
+                    if x == '\'' {
+                        open = false;
+                        break;
+                    }
+                    w.push(x);
                 }
-                None => return Err("a command line ends with a backslash".into()),
-            },
-            (_, c) => {
-                cur.push(c);
-                have = true;
             }
+            '"' => {
+                let w = cur.get_or_insert_with(String::new);
+                open = true;
+                while let Some(x) = chars.next() {
+                    match x {
+                        '"' => {
+                            open = false;
+                            break;
+                        }
+                        '\\' => {
+                            if let Some(n) = chars.next() {
+                                if !matches!(n, '"' | '\\' | '$' | '`') {
+                                    w.push('\\');
+                                }
+                                w.push(n);
+                            }
+                        }
+                        x => w.push(x),
+                    }
+                }
+            }
+            '\\' => {
+                let w = cur.get_or_insert_with(String::new);
+                if let Some(n) = chars.next() {
+                    w.push(n);
+                }
+            }
+            c => cur.get_or_insert_with(String::new).push(c),
         }
     }
-    if quote.is_some() {
+    if let Some(w) = cur {
+        out.push(w);
+    }
+    (out, open)
+}
+
+/// [`split_words`] for a configuration file: an open quote or an empty command is an error.
+pub fn split_command(s: &str) -> Result<Vec<String>, String> {
+    let (words, open) = split_words(s);
+    if open {
         return Err(format!("unterminated quote in command \"{s}\""));
     }
-    if have {
-        out.push(cur);
-    }
-    if out.is_empty() {
+    if words.is_empty() {
         return Err("empty command".into());
     }
-    Ok(out)
+    Ok(words)
 }
 
 /// Piranha's escapes in send/expect strings: `\n`, `\r`, `\t`, `\\`.
@@ -512,15 +541,19 @@ fn q(s: &str) -> String {
 fn command_line(argv: &[String]) -> String {
     argv.iter()
         .map(|a| {
-            if a.is_empty() || a.chars().any(|c| c.is_whitespace() || "\"'\\".contains(c)) {
-                let mut s = String::from("'");
+            if a.is_empty()
+                || a.chars()
+                    .any(|c| c.is_whitespace() || "\"'\\$`".contains(c))
+            {
+                // Double quotes: what split_words reads back unchanged.
+                let mut s = String::from("\"");
                 for c in a.chars() {
-                    if c == '\'' || c == '\\' {
+                    if matches!(c, '"' | '\\' | '$' | '`') {
                         s.push('\\');
                     }
                     s.push(c);
                 }
-                s.push('\'');
+                s.push('"');
                 s
             } else {
                 a.clone()

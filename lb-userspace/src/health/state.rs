@@ -77,7 +77,8 @@ pub struct Health {
     quorum: HashMap<ServiceKey, bool>,
 }
 
-fn unix(t: SystemTime) -> f64 {
+/// `t` as Unix time in seconds.
+pub fn unix(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
