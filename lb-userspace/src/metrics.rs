@@ -54,6 +54,11 @@ impl Exposition {
         push_decimal(&mut self.out, value);
         self.out.push('\n');
     }
+
+    /// Like [`Exposition::sample_with`], for values that are not whole numbers.
+    fn sample_text(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(self.out, "{name}{labels} {value}");
+    }
 }
 
 /// Appends a decimal number without going through `fmt` (a scrape writes ~10^5 of them).
@@ -70,6 +75,16 @@ fn push_decimal(out: &mut String, mut v: u64) {
     }
     for d in &digits[i..] {
         out.push(*d as char);
+    }
+}
+
+/// A service's `local_address`: a prefix service's carries its length (two nested prefixes
+/// are two series).
+fn local_address(k: &crate::config::ServiceKey) -> String {
+    if k.is_host() {
+        k.addr.to_string()
+    } else {
+        format!("{}/{}", k.addr, k.prefix)
     }
 }
 
@@ -135,13 +150,7 @@ pub fn render(d: &Daemon) -> Result<String> {
 
     // Label sets, formatted once per service and per real server.
     // A prefix service's address carries its length (two nested prefixes are two series).
-    let local = |s: &crate::engine::ServiceView| {
-        if s.key.is_host() {
-            s.key.addr.to_string()
-        } else {
-            format!("{}/{}", s.key.addr, s.key.prefix)
-        }
-    };
+    let local = |s: &crate::engine::ServiceView| local_address(&s.key);
     let svc_labels: Vec<String> = views
         .iter()
         .map(|s| {
@@ -280,53 +289,43 @@ pub fn render(d: &Daemon) -> Result<String> {
     }
 
     // Health checks: per checked real server, and per check.
-    let mut checked: Vec<(
-        &crate::health::runner::ServerKey,
-        &crate::health::state::ServerState,
-    )> = d
+    let mut checked: Vec<_> = d
         .health
         .servers()
         .filter(|(_, st)| !st.checks.is_empty())
         .collect();
     checked.sort_by(|a, b| a.0.cmp(b.0));
-    let server_labels = |k: &crate::health::runner::ServerKey| {
-        let local = if k.0.is_host() {
-            k.0.addr.to_string()
-        } else {
-            format!("{}/{}", k.0.addr, k.0.prefix)
-        };
-        vec![
-            ("local_address", local),
-            ("local_port", k.0.port.to_string()),
-            ("remote_address", k.1.to_string()),
-            ("remote_port", k.2.to_string()),
-            ("proto", k.0.protocol.label().to_string()),
-        ]
+    let server_labels = |k: &crate::health::runner::ServerKey, extra: &[(&str, &str)]| {
+        let (local, port) = (local_address(&k.0), k.0.port.to_string());
+        let (remote, rport) = (k.1.to_string(), k.2.to_string());
+        let mut l = vec![
+            ("local_address", local.as_str()),
+            ("local_port", port.as_str()),
+            ("remote_address", remote.as_str()),
+            ("remote_port", rport.as_str()),
+            ("proto", k.0.protocol.label()),
+        ];
+        l.extend_from_slice(extra);
+        label_text(&l)
     };
-    let refs = |v: &Vec<(&'static str, String)>| -> Vec<(&str, String)> {
-        v.iter().map(|(k, s)| (*k, s.clone())).collect()
-    };
+    let labels: Vec<String> = checked.iter().map(|(k, _)| server_labels(k, &[])).collect();
     e.family(
         "xlb_backend_up",
         "gauge",
         "Whether the health checks find the real server alive (1) or not (0).",
     );
-    for (k, st) in &checked {
-        let l = refs(&server_labels(k));
-        let l: Vec<(&str, &str)> = l.iter().map(|(a, b)| (*a, b.as_str())).collect();
-        e.sample("xlb_backend_up", &l, u8::from(st.alive));
+    for ((_, st), l) in checked.iter().zip(&labels) {
+        e.sample_with("xlb_backend_up", l, u64::from(st.alive));
     }
     e.family(
         "xlb_backend_health_change_timestamp_seconds",
         "gauge",
         "When the real server last went up or down (Unix time).",
     );
-    for (k, st) in &checked {
-        let l = refs(&server_labels(k));
-        let l: Vec<(&str, &str)> = l.iter().map(|(a, b)| (*a, b.as_str())).collect();
-        e.sample(
+    for ((_, st), l) in checked.iter().zip(&labels) {
+        e.sample_text(
             "xlb_backend_health_change_timestamp_seconds",
-            &l,
+            l,
             format!("{:.3}", st.since_unix),
         );
     }
@@ -352,16 +351,23 @@ pub fn render(d: &Daemon) -> Result<String> {
             |c| c.last.as_ref().map(|l| u8::from(l.ok).to_string()),
         ),
     ];
+    let check_labels: Vec<Vec<String>> = checked
+        .iter()
+        .map(|(k, st)| {
+            st.checks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| server_labels(k, &[("check", &i.to_string()), ("type", &c.kind)]))
+                .collect()
+        })
+        .collect();
     for (name, help, pick) in check_families {
         e.family(name, "gauge", help);
-        for (k, st) in &checked {
-            for (i, c) in st.checks.iter().enumerate() {
-                let Some(v) = pick(c) else { continue };
-                let mut l = server_labels(k);
-                l.push(("check", i.to_string()));
-                l.push(("type", c.kind.clone()));
-                let l: Vec<(&str, &str)> = l.iter().map(|(a, b)| (*a, b.as_str())).collect();
-                e.sample(name, &l, v);
+        for ((_, st), labels) in checked.iter().zip(&check_labels) {
+            for (c, l) in st.checks.iter().zip(labels) {
+                if let Some(v) = pick(c) {
+                    e.sample_text(name, l, v);
+                }
             }
         }
     }
@@ -370,10 +376,9 @@ pub fn render(d: &Daemon) -> Result<String> {
         "gauge",
         "Whether a service with a quorum or a sorry server has its quorum (1) or not (0).",
     );
-    for s in &views {
+    for (s, l) in views.iter().zip(&svc_labels) {
         if let Some(up) = d.health.quorum_up(&s.key) {
-            let l = svc_labels[views.iter().position(|v| v.key == s.key).unwrap_or(0)].clone();
-            e.sample_with("xlb_service_quorum_up", &l, u64::from(up));
+            e.sample_with("xlb_service_quorum_up", l, u64::from(up));
         }
     }
 

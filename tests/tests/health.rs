@@ -190,6 +190,20 @@ fn failed_server_leaves_and_returns() {
         metrics.contains("xlb_backend_up{local_address=\"10.100.0.100\",local_port=\"80\",remote_address=\"10.100.0.12\",remote_port=\"80\",proto=\"TCP\"} 0"),
         "{metrics}"
     );
+    // ... in a valid exposition (the health families included).
+    let file = b.bench.dir.join("metrics.txt");
+    std::fs::write(&file, &metrics).unwrap();
+    let check = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     // Back: at their configured weights.
     start_nginx(&mut b, 1, "nginx-be1b.log");
