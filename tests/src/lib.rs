@@ -37,3 +37,47 @@ pub fn counts(v: &[String]) -> std::collections::HashMap<String, usize> {
     }
     m
 }
+
+/// Runs `xlb args...` with `stdin` (the admin socket is a path: no namespace needed).
+pub fn xlb_with_input(args: &[&str], stdin: &str) -> std::process::Output {
+    use std::{
+        io::Write,
+        process::{Command, Stdio},
+    };
+    let mut child = Command::new(xlb_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `xlb ipvsadm --socket S args...`: (exit code, stdout, stderr).
+pub fn ipvsadm_in(socket: &std::path::Path, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let s = socket.to_string_lossy();
+    let mut v = vec!["ipvsadm", "--socket", &s];
+    v.extend_from_slice(args);
+    let o = xlb_with_input(&v, stdin);
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// An ipvsadm command line (blank-separated) that must succeed against the bench's
+/// balancer; its standard output.
+pub fn ipvsadm(b: &testbed::DrBench, line: &str) -> String {
+    let args: Vec<&str> = line.split_whitespace().collect();
+    let (code, out, err) = ipvsadm_in(&b.socket(), &args, "");
+    assert_eq!(code, 0, "ipvsadm {line}: exit {code}\n{err}");
+    out
+}

@@ -5,8 +5,8 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    path::PathBuf,
+    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -15,53 +15,13 @@ use std::{
 };
 
 use xlb_tests::{
-    counts, require_root,
+    counts, ipvsadm, ipvsadm_in, require_root,
     testbed::{DrBench, KeepAlive, http_get, in_netns, run},
-    xlb_bin,
+    xlb_bin, xlb_with_input,
 };
 
 /// The benches share two CPUs; one at a time keeps timings sane.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Runs `xlb args...` (the socket is a path: no namespace needed) with `stdin`.
-fn xlb_with_input(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(xlb_bin())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-/// `xlb ipvsadm --socket S args...`: (exit code, stdout, stderr).
-fn ipvsadm_in(socket: &Path, args: &[&str], stdin: &str) -> (i32, String, String) {
-    let s = socket.to_string_lossy();
-    let mut v = vec!["ipvsadm", "--socket", &s];
-    v.extend_from_slice(args);
-    let o = xlb_with_input(&v, stdin);
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-/// A command that must succeed; its standard output.
-fn ipvsadm(b: &DrBench, line: &str) -> String {
-    let args: Vec<&str> = line.split_whitespace().collect();
-    let (code, out, err) = ipvsadm_in(&b.socket(), &args, "");
-    assert_eq!(code, 0, "ipvsadm {line}: exit {code}\n{err}");
-    out
-}
 
 /// A server line of ipvsadm's default listing (`"  -> %-28s %-7s %-6d %-10u %-10u"`).
 fn server_line(addr: &str, fwd: &str, w: u32, active: u64, inactive: u64) -> String {

@@ -12,25 +12,13 @@ use std::{
 };
 
 use xlb_tests::{
-    counts, require_root,
+    counts, ipvsadm, require_root,
     testbed::{DrBench, http_get, in_netns, run},
     xlb_bin,
 };
 
 /// The benches share two CPUs; one at a time keeps timings sane.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn ipvsadm(b: &DrBench, args: &str) -> String {
-    let s = b.socket();
-    let mut v = vec!["ipvsadm", "--socket"];
-    let sock = s.to_string_lossy().to_string();
-    v.push(&sock);
-    v.extend(args.split_whitespace());
-    let mut argv = vec![xlb_bin().to_string_lossy().to_string()];
-    argv.extend(v.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
-    run(&refs).unwrap()
-}
 
 fn health(b: &DrBench) -> String {
     run(&[
