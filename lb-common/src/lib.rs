@@ -62,6 +62,7 @@ pub mod map_names {
     pub const NAT_SOURCES: &str = "NAT_SOURCES";
     pub const FRAGS_V4: &str = "FRAGS_V4";
     pub const FRAGS_V6: &str = "FRAGS_V6";
+    pub const SYNC_EVENTS: &str = "SYNC_EVENTS";
 }
 
 /// The service prefilter: bit `bit(addr, port, proto)` of a bitmap is set for every virtual
@@ -354,6 +355,9 @@ pub const HANDOFF_NO_ENTRY: u32 = 1;
 /// The program that retires expired connections (run by the controller with
 /// `BPF_PROG_TEST_RUN`; it never sees a packet).
 pub const REAPER_NAME: &str = "xlb_reap";
+/// The program that installs connections synchronised from another balancer
+/// ([`sync`]; run by the controller with `BPF_PROG_TEST_RUN` on a [`SyncBatch`] frame).
+pub const SYNC_INSTALL_NAME: &str = "xlb_sync_install";
 /// A pass-through XDP program shipped in the same object. On veth, frames sent with `XDP_TX` or
 /// `XDP_REDIRECT` are only delivered if the receiving peer runs an XDP program of its own.
 pub const PASS_PROGRAM_NAME: &str = "xlb_pass";
@@ -373,6 +377,8 @@ pub mod defaults {
     /// Entries of each wide-service trie (port-range blocks, prefixes).
     pub const WIDE_ENTRIES: u32 = 1 << 14;
     pub const EVENTS_BYTES: u32 = 1 << 14;
+    /// The connection-synchronisation ring (`SYNC_EVENTS`): 14563 events of 72 bytes.
+    pub const SYNC_EVENTS_BYTES: u32 = 1 << 20;
 }
 
 /// Schedulers, as stored in [`Service::scheduler`].
@@ -1137,6 +1143,9 @@ pub struct Globals {
 
 /// `Globals::flags`: IPVS `expire_nodest_conn=1`.
 pub const GLOBAL_F_EXPIRE_NODEST: u32 = 1;
+/// `Globals::flags`: this balancer is a synchronisation master: connections and templates
+/// worth synchronising are reported in `SYNC_EVENTS` ([`sync`]).
+pub const GLOBAL_F_SYNC_EVENTS: u32 = 2;
 
 /// Length of `Globals::timeouts`.
 pub const TIMEOUT_SLOTS: usize = 16;
@@ -1217,6 +1226,119 @@ pub const EVENT_NEIGH_MISSING: u32 = 1;
 /// "no neighbour"): make the kernel resolve `addr`.
 pub const EVENT_ROUTE_MISSING: u32 = 2;
 
+/// Connection synchronisation (the IPVS sync daemon's job): a master balancer reports its
+/// connections and templates as they are made and change state ([`SyncConn`] in the
+/// `SYNC_EVENTS` ring, when [`GLOBAL_F_SYNC_EVENTS`] is set); its controller sends them to the
+/// backups, whose controllers resolve them to their own services and real servers and install
+/// them with the `xlb_sync_install` program ([`SyncBatch`] frames).
+pub mod sync {
+    use crate::tcp::state;
+
+    /// `SyncConn::kind`: a connection, or a persistence template.
+    pub const CONN: u8 = 1;
+    pub const TEMPLATE: u8 = 2;
+
+    /// Records in one [`SyncBatch`](crate::SyncBatch) (one run of the install program).
+    pub const BATCH: usize = 32;
+
+    /// `SyncConn::result`, written by the install program for each record.
+    /// Not looked at (beyond the batch's count).
+    pub const R_NONE: u32 = 0;
+    /// A connection that was not in the table was installed (and counted).
+    pub const R_INSTALLED: u32 = 1;
+    /// The connection was there with the same real server: state and idle time refreshed.
+    pub const R_REFRESHED: u32 = 2;
+    /// The connection was there with another real server: retired, installed anew.
+    pub const R_REPLACED: u32 = 3;
+    /// A template was installed or refreshed.
+    pub const R_TEMPLATE: u32 = 4;
+    /// Refused: the connection table is full.
+    pub const R_TABLE_FULL: u32 = 5;
+    /// Refused: the real server (backend index and generation) is not usable here.
+    pub const R_NO_SERVER: u32 = 6;
+    /// Refused: a NAT connection whose reply tuple a live connection of another service
+    /// holds.
+    pub const R_NAT_TUPLE_TAKEN: u32 = 7;
+    /// Not done: another CPU was changing or retiring the entry at that moment (the next
+    /// refresh brings it again).
+    pub const R_BUSY: u32 = 8;
+    /// Refused: the record is malformed (family, protocol, state, kind).
+    pub const R_INVALID: u32 = 9;
+    /// Not done: the connection is here on another real server and the master's is not
+    /// active (IPVS keeps the local one then).
+    pub const R_KEPT: u32 = 10;
+
+    /// Whether a connection in `st` is worth synchronising (IPVS `ip_vs_sync_conn_needed()`:
+    /// TCP once established and while closing, not embryonic connections (a SYN flood would
+    /// flood the backups too); UDP always).
+    #[inline(always)]
+    pub fn worthy(st: u8) -> bool {
+        const STATES: u32 = 1 << state::ESTABLISHED
+            | 1 << state::FIN_WAIT
+            | 1 << state::CLOSE
+            | 1 << state::CLOSE_WAIT
+            | 1 << state::TIME_WAIT
+            | 1 << state::UDP;
+        (st as u32) < 32 && STATES & (1 << st as u32) != 0
+    }
+}
+
+/// A connection or template of the master (`SYNC_EVENTS`), or one to install on a backup
+/// (a [`SyncBatch`] record, resolved to this balancer's backend index, generation and
+/// service id). Addresses and ports as on the wire (IPv4 in word 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncConn {
+    /// [`sync::CONN`] or [`sync::TEMPLATE`].
+    pub kind: u8,
+    /// `FAMILY_V4` / `FAMILY_V6`.
+    pub family: u8,
+    pub proto: u8,
+    /// A connection's [`tcp::state`] (0 for a template).
+    pub state: u8,
+    /// Client address (a template: the client network).
+    pub src: [u32; 4],
+    /// Virtual address (a template: the VIP of the connection that made it).
+    pub dst: [u32; 4],
+    /// Client port (0 for a template) and virtual port.
+    pub sport: u16,
+    pub dport: u16,
+    /// The real server (`BACKENDS` index and generation) and the service id.
+    pub backend: u32,
+    pub generation: u32,
+    pub service_id: u32,
+    /// A connection: `Flow::template` (0, or controlled by a template: its service's client
+    /// prefix length + 1). A template: its client prefix length + 1.
+    pub template: u32,
+    /// A template's timeout, in [`ticks`]. A connection's is its state's (the balancer's
+    /// timeouts), so this is 0 in its events; to install one controlled by a template
+    /// (`template` ≠ 0), its service's persistence timeout (for a template made for it).
+    pub timeout: u32,
+    /// Install: the program's answer (`sync::R_*`).
+    pub result: u32,
+}
+
+/// The frame the install program runs on: a count and up to [`sync::BATCH`] records (the
+/// frame always has the full size; records past `count` are ignored). The program writes
+/// each record's `result` back into the frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncBatch {
+    pub count: u32,
+    pub _pad: [u32; 3],
+    pub records: [SyncConn; sync::BATCH],
+}
+
+impl Default for SyncBatch {
+    fn default() -> Self {
+        SyncBatch {
+            count: 0,
+            _pad: [0; 3],
+            records: [SyncConn::default(); sync::BATCH],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -1251,6 +1373,8 @@ mod pod {
     unsafe impl aya::Pod for FragKeyV4 {}
     unsafe impl aya::Pod for FragKeyV6 {}
     unsafe impl aya::Pod for Fragment {}
+    unsafe impl aya::Pod for SyncConn {}
+    unsafe impl aya::Pod for SyncBatch {}
 }
 
 #[cfg(test)]
@@ -1308,6 +1432,11 @@ mod layout_tests {
         assert_eq!(size_of::<Counters>(), 5 * 8);
         assert_eq!(size_of::<Globals>(), 4 * TIMEOUT_SLOTS + 4);
         assert_eq!(size_of::<Event>(), 28);
+        assert_eq!(size_of::<SyncConn>(), 4 + 16 + 16 + 4 + 6 * 4);
+        assert_eq!(
+            size_of::<SyncBatch>(),
+            16 + sync::BATCH * size_of::<SyncConn>()
+        );
         assert_eq!(
             size_of::<ServiceCache>(),
             20 + 1 + 3 + 8 + size_of::<Service>()

@@ -106,8 +106,14 @@ pub const EV_FRAGMENT_FIRST: u32 = 31;
 /// A later fragment followed its datagram's first one.
 pub const EV_FRAGMENT_LATER: u32 = 32;
 
+/// A connection or template worth synchronising was not reported to the controller: the
+/// `SYNC_EVENTS` ring was full (the backups learn of it at the next refresh).
+pub const EV_SYNC_DROPPED: u32 = 33;
+/// A synchronised connection could not be installed: the connection table was full.
+pub const EV_SYNC_REFUSED: u32 = 34;
+
 /// Size of the `REASONS` array.
-pub const COUNT: u32 = 33;
+pub const COUNT: u32 = 35;
 
 /// Metric/label names, indexed by counter.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -144,4 +150,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "icmp_relayed",
     "fragment_first",
     "fragment_later",
+    "sync_dropped",
+    "sync_refused",
 ];

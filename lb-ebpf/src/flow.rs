@@ -16,7 +16,7 @@ use crate::{
     maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS, RECENT_V4, RECENT_V6},
     nat,
     parse::Pkt,
-    persist, sched, service, stats,
+    persist, sched, service, stats, sync,
 };
 
 /// The real server a packet goes to (its index in `BACKENDS`).
@@ -42,6 +42,10 @@ pub trait FlowKey: persist::Templated + nat::NatKey {
     fn service_addr(&self) -> [u32; 4];
     /// A key from addresses (IPv4 in word 0) and ports as on the wire.
     fn from_parts(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> Self;
+    /// The source (client) address, IPv4 in word 0, and port, network byte order.
+    fn client_addr(&self) -> [u32; 4];
+    fn client_port(&self) -> u16;
+    fn protocol(&self) -> u8;
 }
 
 impl FlowKey for FlowKeyV4 {
@@ -71,6 +75,18 @@ impl FlowKey for FlowKeyV4 {
     fn service_addr(&self) -> [u32; 4] {
         [self.dst, 0, 0, 0]
     }
+    #[inline(always)]
+    fn client_addr(&self) -> [u32; 4] {
+        [self.src, 0, 0, 0]
+    }
+    #[inline(always)]
+    fn client_port(&self) -> u16 {
+        self.sport
+    }
+    #[inline(always)]
+    fn protocol(&self) -> u8 {
+        self.proto
+    }
 }
 
 impl FlowKey for FlowKeyV6 {
@@ -99,6 +115,18 @@ impl FlowKey for FlowKeyV6 {
     #[inline(always)]
     fn service_addr(&self) -> [u32; 4] {
         self.dst
+    }
+    #[inline(always)]
+    fn client_addr(&self) -> [u32; 4] {
+        self.src
+    }
+    #[inline(always)]
+    fn client_port(&self) -> u16 {
+        self.sport
+    }
+    #[inline(always)]
+    fn protocol(&self) -> u8 {
+        self.proto
     }
 }
 
@@ -244,6 +272,7 @@ fn on_entry<K: FlowKey>(
                 // Closing: its entry may now go to a new connection if the table fills.
                 admit::record(key);
             }
+            sync::conn(key, flow, next);
         }
         if flow.last_seen != now {
             flow.last_seen = now;
@@ -292,7 +321,7 @@ fn end_entry<K: FlowKey>(key: &K, status_ptr: *mut u32, status: u32, flow: &Flow
 
 /// `BPF_NOEXIST`: insert only if the key is absent. Every insert uses it: overwriting an
 /// entry would lose its connection's count.
-const BPF_NOEXIST: u64 = 1;
+pub const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
 /// The SYN program's part, the SYN of a new connection: insert the flow directly (one
@@ -452,6 +481,7 @@ fn schedule<K: FlowKey>(
     }
     if persistent && create && templated == u64::MAX {
         persist::create(key, svc, now, index, backend.generation, tracked);
+        sync::template(key, svc, index, backend.generation);
     }
     if !tracked {
         // sh, dh, mh: the hash keeps the connection on its server without an entry.
@@ -470,6 +500,7 @@ fn schedule<K: FlowKey>(
             acct::created(index, initial);
             admit::record(key);
             nat::record(key, pkt, index, backend);
+            sync::conn(key, &flow, initial);
         } else {
             // Another CPU recorded this tuple meanwhile (or the table refused): this packet
             // still goes to the server picked for it.

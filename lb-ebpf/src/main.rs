@@ -8,8 +8,8 @@
 //! server; `least` for the least-connection family, `locality` for lblc/lblcr),
 //! `xmit` (sending to the real server: direct routing and what every method shares), `nat`
 //! (NAT both ways), `tunnel` (encapsulation), `icmp` (ICMP errors), `stats` (per-CPU
-//! counters). All map layouts come from
-//! `lb-common`.
+//! counters), `sync` (connection synchronisation between balancers). All map layouts come
+//! from `lb-common`.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -35,6 +35,7 @@ mod reap;
 mod sched;
 mod service;
 mod stats;
+mod sync;
 mod tunnel;
 mod xmit;
 
@@ -133,6 +134,15 @@ pub fn xlb_reap(_ctx: XdpContext) -> u32 {
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
     reap::reap(now);
     xdp_action::XDP_PASS
+}
+
+/// Installs a batch of connections synchronised from another balancer (see `sync`): its
+/// frame is a `lb_common::SyncBatch`, which it returns with each record's result. Run by the
+/// controller with `BPF_PROG_TEST_RUN`; never attached to an interface.
+#[xdp]
+pub fn xlb_sync_install(ctx: XdpContext) -> u32 {
+    let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+    sync::install(&ctx, now)
 }
 
 /// Does nothing but `XDP_PASS`. Attached to the peer of a veth that xlb transmits on, it makes

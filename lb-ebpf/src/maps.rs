@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, FragKeyV4,
     FragKeyV6, Fragment, Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6, NatV4, NatV6,
-    SchedState, Service, ServiceCache, ServiceKeyV4, ServiceKeyV6, Template, TemplateKeyV4,
-    TemplateKeyV6, defaults, filter, reason, wide,
+    SchedState, Service, ServiceCache, ServiceKeyV4, ServiceKeyV6, SyncBatch, Template,
+    TemplateKeyV4, TemplateKeyV6, defaults, filter, reason, wide,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -198,6 +198,16 @@ pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);
 /// Requests to the controller (e.g. resolve a real server's MAC).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(defaults::EVENTS_BYTES, 0);
+
+/// Connections and templates for the backups (`sync`), when this balancer is a
+/// synchronisation master. A ring of its own, so a burst of them never crowds out the
+/// neighbour requests of `EVENTS`.
+#[map]
+pub static SYNC_EVENTS: RingBuf = RingBuf::with_byte_size(defaults::SYNC_EVENTS_BYTES, 0);
+
+/// Each CPU's copy of the batch `xlb_sync_install` works on (`sync::install`), off the stack.
+#[map]
+pub static SYNC_BATCH: PerCpuArray<SyncBatch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Egress interfaces for `XDP_REDIRECT`, keyed by ifindex.
 #[map]

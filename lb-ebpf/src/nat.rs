@@ -43,8 +43,8 @@ pub trait NatKey: Sized + 'static {
 }
 
 pub trait NatEntry: Copy + 'static {
-    /// Sets the VIP and service port from the client's packet.
-    fn set_service(&mut self, pkt: &Pkt);
+    /// Sets the VIP (IPv4 in word 0) and service port, as on the wire.
+    fn set_service(&mut self, vip: &[u32; 4], vport: u16);
     fn vip(&self) -> [u32; 4];
     fn vport(&self) -> u16;
     fn route(&self) -> &NatRoute;
@@ -101,9 +101,9 @@ impl NatEntry for NatV4 {
         &mut self.route
     }
     #[inline(always)]
-    fn set_service(&mut self, pkt: &Pkt) {
-        self.vip = pkt.dst[0];
-        self.vport = pkt.dport;
+    fn set_service(&mut self, vip: &[u32; 4], vport: u16) {
+        self.vip = vip[0];
+        self.vport = vport;
     }
     #[inline(always)]
     fn vip(&self) -> [u32; 4] {
@@ -125,9 +125,9 @@ impl NatEntry for NatV6 {
         &mut self.route
     }
     #[inline(always)]
-    fn set_service(&mut self, pkt: &Pkt) {
-        self.vip = pkt.dst;
-        self.vport = pkt.dport;
+    fn set_service(&mut self, vip: &[u32; 4], vport: u16) {
+        self.vip = *vip;
+        self.vport = vport;
     }
     #[inline(always)]
     fn vip(&self) -> [u32; 4] {
@@ -384,10 +384,17 @@ fn word_delta(old: u32, new: u32) -> u32 {
 /// Records a new NAT connection's reply tuple (`key` is the connection's).
 #[inline(always)]
 pub fn record<K: FlowKey>(key: &K, pkt: &Pkt, index: u32, be: &Backend) {
+    record_for(key, &pkt.dst, pkt.dport, index, be);
+}
+
+/// [`record`] for a connection to `vip`:`vport` (as on the wire) that no packet brought (a
+/// synchronised one).
+#[inline(always)]
+pub fn record_for<K: FlowKey>(key: &K, vip: &[u32; 4], vport: u16, index: u32, be: &Backend) {
     if be.forward != forward::NAT {
         return;
     }
-    let reply = key.reply_tuple(&be.addr, server_port(be, pkt.dport));
+    let reply = key.reply_tuple(&be.addr, server_port(be, vport));
     // Built in a per-CPU scratch entry: on the stack it would push the new-flow programs'
     // frames past the verifier's bounds.
     let Some(entry) = K::scratch().get_ptr_mut(0) else {
@@ -395,7 +402,7 @@ pub fn record<K: FlowKey>(key: &K, pkt: &Pkt, index: u32, be: &Backend) {
     };
     // Zeroed word by word (a struct literal would become a call to `memset`).
     let entry = crate::zeroed(unsafe { &mut *(entry as *mut core::mem::MaybeUninit<K::Entry>) });
-    entry.set_service(pkt);
+    entry.set_service(vip, vport);
     let r = entry.route_mut();
     r.backend = index;
     r.generation = be.generation;
@@ -411,15 +418,21 @@ pub fn record<K: FlowKey>(key: &K, pkt: &Pkt, index: u32, be: &Backend) {
 /// their replies could not be told apart.
 #[inline(always)]
 pub fn reply_tuple_free<K: FlowKey>(key: &K, pkt: &Pkt, be: &Backend) -> bool {
+    reply_tuple_free_for(key, &pkt.dst, pkt.dport, be)
+}
+
+/// [`reply_tuple_free`] for a connection to `vip`:`vport` (as on the wire).
+#[inline(always)]
+pub fn reply_tuple_free_for<K: FlowKey>(key: &K, vip: &[u32; 4], vport: u16, be: &Backend) -> bool {
     if be.forward != forward::NAT {
         return true;
     }
-    let reply = key.reply_tuple(&be.addr, server_port(be, pkt.dport));
+    let reply = key.reply_tuple(&be.addr, server_port(be, vport));
     let Some(e) = K::nat_table().get_ptr(&reply) else {
         return true;
     };
     let e = unsafe { &*e };
-    if e.vip() == pkt.dst && e.vport() == pkt.dport {
+    if e.vip() == *vip && e.vport() == vport {
         return true;
     }
     // A connection's entry goes when the connection ends (`forget`), unless its server
@@ -572,6 +585,7 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
             if tcp::is_active(st) && !tcp::is_active(next) {
                 admit::record(&key);
             }
+            crate::sync::conn(&key, flow, next);
         }
     }
     if flow.last_seen != now {

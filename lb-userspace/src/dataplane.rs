@@ -20,8 +20,9 @@ use aya::{
 use lb_common::{
     Backend, BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota,
     FragKeyV4, FragKeyV6, Fragment, Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6,
-    NatV4, NatV6, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME, SchedState, Service, ServiceKeyV4,
-    ServiceKeyV6, Template, TemplateKeyV4, TemplateKeyV6, map_names as names, reason, wide,
+    NatV4, NatV6, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME, SYNC_INSTALL_NAME, SchedState,
+    Service, ServiceKeyV4, ServiceKeyV6, SyncBatch, SyncConn, Template, TemplateKeyV4,
+    TemplateKeyV6, map_names as names, reason, wide,
 };
 use tracing::{info, warn};
 
@@ -149,6 +150,10 @@ pub struct Dataplane {
     globals: Array<MapData, Globals>,
     tx_ports: DevMapHash<MapData>,
     events: Option<RingBuf<MapData>>,
+    /// Connections and templates for the backups (`SYNC_EVENTS`), until taken.
+    sync_events: Option<RingBuf<MapData>>,
+    /// `GLOBAL_F_SYNC_EVENTS` is on (kept across [`Dataplane::set_globals`]).
+    sync_on: bool,
     links: Vec<(Attachment, Held)>,
     /// The pin directory, when the maps are pinned.
     pin_dir: Option<PathBuf>,
@@ -358,9 +363,14 @@ impl Dataplane {
         let mut ebpf = loader
             .load(XDP_OBJECT)
             .context("loading the XDP object (are you root with CAP_BPF/CAP_NET_ADMIN?)")?;
-        let names_to_load = [PROGRAM_NAME, PASS_PROGRAM_NAME, REAPER_NAME]
-            .into_iter()
-            .chain(lb_common::NEW_FLOW_PROGRAMS.iter().map(|(_, n)| *n));
+        let names_to_load = [
+            PROGRAM_NAME,
+            PASS_PROGRAM_NAME,
+            REAPER_NAME,
+            SYNC_INSTALL_NAME,
+        ]
+        .into_iter()
+        .chain(lb_common::NEW_FLOW_PROGRAMS.iter().map(|(_, n)| *n));
         for name in names_to_load {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -427,6 +437,8 @@ impl Dataplane {
             globals: take(&mut ebpf, names::GLOBALS)?,
             tx_ports: take(&mut ebpf, names::TX_PORTS)?,
             events: Some(take(&mut ebpf, names::EVENTS)?),
+            sync_events: Some(take(&mut ebpf, names::SYNC_EVENTS)?),
+            sync_on: false,
             new_flow,
             ebpf,
             limits,
@@ -441,6 +453,10 @@ impl Dataplane {
         if adopted {
             // Live connections are counted in FLOW_POOL/FLOW_QUOTA and the globals are in
             // force: nothing to initialise.
+            dp.sync_on = dp
+                .globals
+                .get(&0, 0)
+                .is_ok_and(|g| g.flags & lb_common::GLOBAL_F_SYNC_EVENTS != 0);
             return Ok(dp);
         }
         dp.set_globals(&Globals::default())?;
@@ -497,6 +513,80 @@ impl Dataplane {
         })
         .context("running the connection reaper")?;
         Ok(())
+    }
+
+    /// Installs up to [`lb_common::sync::BATCH`] synchronised connections and templates
+    /// (records resolved to this balancer's backend indexes, generations and service ids)
+    /// with the `xlb_sync_install` program; returns each record's result (`sync::R_*`).
+    pub fn install_sync(&self, records: &[SyncConn]) -> Result<Vec<u32>> {
+        if records.len() > lb_common::sync::BATCH {
+            bail!(
+                "{} records in one install batch (at most {})",
+                records.len(),
+                lb_common::sync::BATCH
+            );
+        }
+        let prog: &Xdp = self
+            .ebpf
+            .program(SYNC_INSTALL_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("loaded in Dataplane::load");
+        let mut batch = SyncBatch {
+            count: records.len() as u32,
+            ..SyncBatch::default()
+        };
+        batch.records[..records.len()].copy_from_slice(records);
+        let size = std::mem::size_of::<SyncBatch>();
+        // SAFETY: `SyncBatch` is plain words without padding (lb-common's layout tests).
+        let frame = unsafe { std::slice::from_raw_parts(&raw const batch as *const u8, size) };
+        let mut out = vec![0u8; size];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .context("running the sync install program")?;
+        if r.return_value != 2 || r.data_size_out as usize != size {
+            bail!(
+                "the sync install program answered {} with {} bytes",
+                r.return_value,
+                r.data_size_out
+            );
+        }
+        // SAFETY: `size` bytes of a `SyncBatch` as the program wrote it back.
+        let done: SyncBatch = unsafe { std::ptr::read_unaligned(out.as_ptr() as *const SyncBatch) };
+        Ok(done.records[..records.len()]
+            .iter()
+            .map(|r| r.result)
+            .collect())
+    }
+
+    /// Makes the data plane report new and changed connections and new templates in
+    /// `SYNC_EVENTS` (a synchronisation master), or stop.
+    pub fn set_sync_events(&mut self, on: bool) -> Result<()> {
+        self.sync_on = on;
+        let g = self.globals.get(&0, 0).context("reading GLOBALS")?;
+        self.set_globals(&g)
+    }
+
+    /// Whether the data plane reports connections for synchronisation.
+    pub fn sync_events(&self) -> bool {
+        self.sync_on
+    }
+
+    /// The ring buffer of connections to synchronise (taken once, by the task that sends
+    /// them; see `connsync::SyncEvents`).
+    pub fn take_sync_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.sync_events.take()
+    }
+
+    /// What `SYNC_EVENTS` holds now, oldest first (empty once the ring was taken).
+    pub fn drain_sync_events(&mut self) -> Vec<SyncConn> {
+        self.sync_events
+            .as_mut()
+            .map(crate::connsync::drain)
+            .unwrap_or_default()
     }
 
     /// ActiveConn / InActConn (and the overload flag) of the real server at `index`.
@@ -742,7 +832,14 @@ impl Dataplane {
         self.left_running = true;
     }
 
+    /// Writes the settings; the synchronisation flag stays as [`Dataplane::set_sync_events`]
+    /// left it.
     pub fn set_globals(&mut self, g: &Globals) -> Result<()> {
+        let mut g = *g;
+        g.flags &= !lb_common::GLOBAL_F_SYNC_EVENTS;
+        if self.sync_on {
+            g.flags |= lb_common::GLOBAL_F_SYNC_EVENTS;
+        }
         self.globals.set(0, g, 0).context("writing GLOBALS")
     }
 

@@ -1097,6 +1097,41 @@ impl Engine {
     pub fn service_id(&self, svc: &ServiceKey) -> Option<u32> {
         self.services.get(svc).map(|s| s.id)
     }
+
+    /// Every service with its id and its real servers' backend indexes and generations
+    /// (configuration order): what connection synchronisation resolves records against.
+    pub fn service_refs(&self) -> Vec<ServiceRef<'_>> {
+        self.services
+            .values()
+            .map(|st| ServiceRef {
+                id: st.id,
+                config: &st.config,
+                backends: st
+                    .backends
+                    .iter()
+                    .map(|b| BackendRef {
+                        index: b.index,
+                        generation: b.generation,
+                        config: &b.config,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// A service as [`Engine::service_refs`] shows it.
+pub struct ServiceRef<'a> {
+    pub id: u32,
+    pub config: &'a ServiceConfig,
+    pub backends: Vec<BackendRef<'a>>,
+}
+
+/// A real server of a [`ServiceRef`]: its backend index and generation.
+pub struct BackendRef<'a> {
+    pub index: u32,
+    pub generation: u32,
+    pub config: &'a BackendConfig,
 }
 
 fn execute(dp: &mut Dataplane, op: Op) -> Result<()> {

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod change;
 pub mod config;
+pub mod connsync;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
