@@ -117,6 +117,12 @@ pub struct StatusResponse {
     /// Connections in the tables.
     #[serde(default)]
     pub connections: u64,
+    /// VRRP instances.
+    #[serde(default)]
+    pub vrrp: Vec<crate::vrrp::run::InstanceStatus>,
+    /// Connection sync, if configured.
+    #[serde(default)]
+    pub conn_sync: Option<crate::vrrp::syncd::SyncStatus>,
 }
 
 /// `POST /v1/handover`: the daemon saves its state, leaves the data plane running and exits,
@@ -274,7 +280,15 @@ async fn status(State(s): State<Shared>) -> Json<StatusResponse> {
         generation: d.generation,
         last_reload: d.last_reload.clone(),
         connections: d.dp.flows_in_table().unwrap_or(0),
+        vrrp: d.vrrp.as_ref().map(|v| v.get()).unwrap_or_default(),
+        conn_sync: d.conn_sync.as_ref().map(|s| s.status()),
     })
+}
+
+/// `GET /v1/vrrp`: the VRRP instances.
+async fn vrrp(State(s): State<Shared>) -> Json<Vec<crate::vrrp::run::InstanceStatus>> {
+    let d = s.lock().await;
+    Json(d.vrrp.as_ref().map(|v| v.get()).unwrap_or_default())
 }
 
 /// Binds the socket (refusing to steal one a live daemon answers on) and serves the API.
@@ -304,6 +318,7 @@ pub async fn serve(path: &Path, state: Shared) -> Result<tokio::task::JoinHandle
         .route("/v1/handover", post(handover))
         .route("/v1/counters", get(counters))
         .route("/v1/status", get(status))
+        .route("/v1/vrrp", get(vrrp))
         .with_state(state);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

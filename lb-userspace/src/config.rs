@@ -620,6 +620,8 @@ pub struct Config {
     pub pin_dir: Option<PathBuf>,
     pub timeouts: Timeouts,
     pub services: Vec<ServiceConfig>,
+    /// VRRP instances, their scripts and sync groups, connection sync.
+    pub ha: crate::vrrp::config::Ha,
 }
 
 // ---- the file as written ----
@@ -634,6 +636,14 @@ struct FileConfig {
     timeouts: Option<Spanned<FileTimeouts>>,
     #[serde(default)]
     services: Vec<FileService>,
+    #[serde(default)]
+    vrrp_script: Vec<Spanned<crate::vrrp::config::FileScript>>,
+    #[serde(default)]
+    vrrp: Vec<Spanned<crate::vrrp::config::FileInstance>>,
+    #[serde(default)]
+    vrrp_sync_group: Vec<Spanned<crate::vrrp::config::FileSyncGroup>>,
+    #[serde(default)]
+    conn_sync: Option<crate::vrrp::config::FileConnSync>,
 }
 
 #[derive(Deserialize)]
@@ -1021,6 +1031,40 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         });
     }
 
+    let ha = {
+        use crate::vrrp::config as vc;
+        let mut ha = vc::Ha::default();
+        let first = file
+            .vrrp
+            .first()
+            .map(|v| v.span())
+            .or_else(|| file.vrrp_script.first().map(|v| v.span()))
+            .unwrap_or(0..0);
+        for s in file.vrrp_script {
+            let span = s.span();
+            ha.scripts
+                .push(vc::script_from_file(s.into_inner()).map_err(|e| loc.err(span, e))?);
+        }
+        for i in file.vrrp {
+            let span = i.span();
+            ha.instances.push(
+                vc::instance_from_file(i.into_inner(), &ha.scripts)
+                    .map_err(|e| loc.err(span, e))?,
+            );
+        }
+        for g in file.vrrp_sync_group {
+            let span = g.span();
+            ha.groups.push(
+                vc::group_from_file(g.into_inner(), &ha.scripts).map_err(|e| loc.err(span, e))?,
+            );
+        }
+        ha.conn_sync = file.conn_sync.map(vc::conn_sync_from_file);
+        for w in vc::complete(&mut ha).map_err(|e| loc.err(first, e))? {
+            tracing::warn!("{}: {w}", loc.file);
+        }
+        ha
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
         dataplane: DataplaneConfig {
@@ -1039,6 +1083,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         script_security: file.control.script_security,
         timeouts,
         services,
+        ha,
     })
 }
 

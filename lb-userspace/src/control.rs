@@ -113,6 +113,15 @@ pub struct Daemon {
     pub retired: CountersView,
     /// Wakes the main loop for a handover.
     pub handover: std::sync::Arc<tokio::sync::Notify>,
+    /// VRRP and connection sync as running (changes take effect at a restart).
+    pub ha: crate::vrrp::config::Ha,
+    /// The VRRP instances' state, as the VRRP task publishes it.
+    pub vrrp: Option<crate::vrrp::run::StatusHandle>,
+    /// The connection sync's counters, if it runs.
+    pub conn_sync: Option<std::sync::Arc<crate::vrrp::syncd::SyncStats>>,
+    /// The kernel still has an XDP program on every attached interface (checked
+    /// periodically; an operator's `ip link set dev X xdp off` clears it).
+    pub xdp_present: bool,
 }
 
 /// How long a notify program may run.
@@ -248,7 +257,36 @@ impl Daemon {
             health_dirty: false,
             retired: CountersView::default(),
             handover: Default::default(),
+            ha: config.ha.clone(),
+            vrrp: None,
+            conn_sync: None,
+            xdp_present: true,
         }
+    }
+
+    /// xlb's data plane as each VRRP instance with `track_dataplane` sees it (by instance
+    /// index): down when the program is off an interface, or when a tracked service has no
+    /// real server left to take connections.
+    pub fn dataplane_health(&self) -> HashMap<usize, bool> {
+        let attached = self.xdp_present
+            && self
+                .dataplane
+                .interfaces
+                .iter()
+                .all(|i| self.dp.attachments().iter().any(|a| a.interface == i.value));
+        let services = self.engine.services();
+        let mut out = HashMap::new();
+        for (idx, inst) in self.ha.instances.iter().enumerate() {
+            let Some(t) = &inst.track_dataplane else {
+                continue;
+            };
+            let serving = services
+                .iter()
+                .filter(|s| t.services.is_empty() || t.services.contains(&s.name))
+                .all(|s| s.backends.iter().any(|b| b.weight > 0));
+            out.insert(idx, attached && serving);
+        }
+        out
     }
 
     /// Saves the engine's state for a successor (written whole, then renamed into place).
@@ -824,6 +862,11 @@ impl Daemon {
         if config.script_security {
             crate::health::security::check(&config.services, config.script_user.as_deref())
                 .map_err(anyhow::Error::msg)?;
+        }
+        if config.ha != self.ha {
+            tracing::warn!(
+                "VRRP / conn_sync settings changed in the file: they take effect at the next restart (restarting VRRP here would hand the VIPs over)"
+            );
         }
         // The user programs run as is part of the new configuration (checks that run
         // programs restart under it).

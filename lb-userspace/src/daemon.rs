@@ -33,6 +33,8 @@ const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often health-check reports are applied (a transition reaches the data plane at most
 /// this much later than its check).
 const HEALTH_TICK: Duration = Duration::from_millis(50);
+/// How often xlb's own data plane is checked for VRRP's `track_dataplane`.
+const DATAPLANE_TRACK: Duration = Duration::from_millis(500);
 /// How long start-up waits for the kernel to resolve real servers before attaching.
 const NEIGH_STARTUP_WAIT: Duration = Duration::from_secs(2);
 
@@ -323,6 +325,34 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
         },
         None => None,
     };
+    // VRRP last: the VIPs are taken only once the data plane serves them.
+    let vrrp = match crate::vrrp::run::start(config.ha.clone(), config.script_user.clone()).await {
+        Ok(v) => v,
+        Err(e) => {
+            api_task.abort();
+            if let Some(t) = &metrics_task {
+                t.abort();
+            }
+            abandon(&mut shared.lock().await.dp);
+            let _ = std::fs::remove_file(&socket);
+            return Err(e.context("starting VRRP"));
+        }
+    };
+    if let Some(v) = &vrrp {
+        shared.lock().await.vrrp = Some(v.status());
+        info!(instances = config.ha.instances.len(), "VRRP running");
+    }
+    let sync_task = match (&config.ha.conn_sync, &vrrp) {
+        (Some(cs), Some(v)) => Some(
+            crate::vrrp::syncd::start(cs.clone(), v.states.clone(), shared.clone())
+                .await
+                .context("starting the connection sync")?,
+        ),
+        _ => None,
+    };
+    let links = crate::vrrp::net::Addresses::new()?;
+    let mut dp_track = tokio::time::interval(DATAPLANE_TRACK);
+    dp_track.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if let Some(rb) = events {
         tokio::spawn(relay_events(
             rb,
@@ -374,6 +404,22 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
                 handing_over = true;
                 break;
             }
+            _ = dp_track.tick(), if vrrp.is_some() => {
+                let attached: Vec<u32> = shared.lock().await.dp.attachments().iter().map(|a| a.ifindex).collect();
+                let mut present = true;
+                for ifindex in attached {
+                    if !links.xdp_attached(ifindex).await.unwrap_or(true) {
+                        present = false;
+                    }
+                }
+                let mut d = shared.lock().await;
+                d.xdp_present = present;
+                let up = d.dataplane_health();
+                drop(d);
+                if let Some(v) = &vrrp && !up.is_empty() {
+                    v.set_dataplane(up);
+                }
+            }
             _ = rates.tick() => {
                 if let Err(e) = shared.lock().await.sample_rates() {
                     error!("sampling rates: {e:#}");
@@ -399,6 +445,14 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
                 d.dirty = true;
             }
         }
+    }
+    // VRRP lets go first (priority 0, VIPs removed) while the data plane still forwards, so
+    // the peer takes over at once; a successor re-elects.
+    if let Some(t) = sync_task {
+        t.abort();
+    }
+    if let Some(v) = vrrp {
+        v.shutdown().await;
     }
     if handing_over {
         // Let the successor's request be answered before the socket goes.

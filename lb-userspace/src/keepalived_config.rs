@@ -27,6 +27,9 @@ pub fn read(path: &Path, interfaces: &[String]) -> Result<Loaded> {
     let k = keepalived::load(path)?;
     let (services, warnings) = k.services()?;
     let mut warnings: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
+    let (ha, ha_warnings) = crate::vrrp::config::from_keepalived(&k)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    warnings.extend(ha_warnings);
     warnings.extend(k.warnings.iter().map(|w| w.to_string()));
     let vrrp_interfaces = k.vrrp_interfaces();
     let chosen = if interfaces.is_empty() {
@@ -59,6 +62,7 @@ pub fn read(path: &Path, interfaces: &[String]) -> Result<Loaded> {
             script_security: k.global_defs.enable_script_security,
             timeouts: k.timeouts().unwrap_or_default(),
             services,
+            ha,
         },
         warnings,
         vrrp_interfaces,

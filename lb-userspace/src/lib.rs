@@ -21,3 +21,4 @@ pub mod metrics;
 pub mod neigh;
 pub mod render;
 pub mod sched;
+pub mod vrrp;

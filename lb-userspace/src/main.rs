@@ -410,6 +410,42 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                     m.bytes / 1024
                 );
             }
+            for v in &resp.vrrp {
+                let master = match v.master {
+                    Some((a, p)) => format!("{a} prio {p}"),
+                    None => "-".into(),
+                };
+                println!(
+                    "vrrp      {} {} vrid {} v{} {} prio {}/{} master {} transitions {} ({})",
+                    v.name,
+                    v.interface,
+                    v.vrid,
+                    v.version,
+                    v.state.name(),
+                    v.priority,
+                    v.base_priority,
+                    master,
+                    v.transitions,
+                    v.reason
+                );
+                if !v.fault.is_empty() {
+                    println!("          fault: {}", v.fault.join("; "));
+                }
+            }
+            if let Some(s) = &resp.conn_sync {
+                println!(
+                    "sync      {} for {} (id {}): sent {} records, installed {} (skipped {}, refused {}), lag {}",
+                    s.role,
+                    s.instance,
+                    s.sync_id,
+                    s.sent_records,
+                    s.installed,
+                    s.skipped,
+                    s.refused,
+                    s.lag_seconds
+                        .map_or("-".to_string(), |l| format!("{l:.1} s"))
+                );
+            }
             Ok(())
         }
         Cmd::Check { config } => {

@@ -440,6 +440,7 @@ pub fn render(d: &Daemon) -> Result<String> {
             1,
         );
     }
+    vrrp_metrics(&mut e, d);
     e.family(
         "xlb_config_generation",
         "gauge",
@@ -470,6 +471,180 @@ pub fn render(d: &Daemon) -> Result<String> {
         1,
     );
     Ok(e.out)
+}
+
+/// VRRP instances and the connection sync.
+fn vrrp_metrics(e: &mut Exposition, d: &Daemon) {
+    let insts = d.vrrp.as_ref().map(|v| v.get()).unwrap_or_default();
+    if !insts.is_empty() {
+        let labels: Vec<String> = insts
+            .iter()
+            .map(|i| {
+                let vrid = i.vrid.to_string();
+                label_text(&[
+                    ("instance", i.name.as_str()),
+                    ("interface", i.interface.as_str()),
+                    ("vrid", vrid.as_str()),
+                ])
+            })
+            .collect();
+        type Pick = fn(&crate::vrrp::run::InstanceStatus) -> u64;
+        let gauges: [(&str, &str, &str, Pick); 7] = [
+            (
+                "xlb_vrrp_state",
+                "gauge",
+                "VRRP state: 0 init, 1 backup, 2 master, 3 fault.",
+                |i| i.state.number() as u64,
+            ),
+            (
+                "xlb_vrrp_master",
+                "gauge",
+                "Whether this node is the instance's master (1) or not (0).",
+                |i| u64::from(i.state == crate::vrrp::machine::State::Master),
+            ),
+            (
+                "xlb_vrrp_priority",
+                "gauge",
+                "Effective VRRP priority (base plus trackers).",
+                |i| i.priority as u64,
+            ),
+            (
+                "xlb_vrrp_base_priority",
+                "gauge",
+                "Configured VRRP priority.",
+                |i| i.base_priority as u64,
+            ),
+            (
+                "xlb_vrrp_transitions_total",
+                "counter",
+                "VRRP state transitions.",
+                |i| i.transitions,
+            ),
+            (
+                "xlb_vrrp_adverts_sent_total",
+                "counter",
+                "VRRP advertisements sent.",
+                |i| i.adverts_sent,
+            ),
+            (
+                "xlb_vrrp_adverts_received_total",
+                "counter",
+                "Valid VRRP advertisements received and processed.",
+                |i| i.adverts_received,
+            ),
+        ];
+        for (name, kind, help, pick) in gauges {
+            e.family(name, kind, help);
+            for (i, l) in insts.iter().zip(&labels) {
+                e.sample_with(name, l, pick(i));
+            }
+        }
+        e.family(
+            "xlb_vrrp_priority_zero_received_total",
+            "counter",
+            "Priority-0 advertisements (a master stepping down) received.",
+        );
+        for (i, l) in insts.iter().zip(&labels) {
+            e.sample_with(
+                "xlb_vrrp_priority_zero_received_total",
+                l,
+                i.priority_zero_received,
+            );
+        }
+        e.family(
+            "xlb_vrrp_adverts_dropped_total",
+            "counter",
+            "VRRP advertisements dropped, by reason.",
+        );
+        for i in &insts {
+            let vrid = i.vrid.to_string();
+            for (reason, n) in &i.dropped {
+                let l = label_text(&[
+                    ("instance", i.name.as_str()),
+                    ("interface", i.interface.as_str()),
+                    ("vrid", vrid.as_str()),
+                    ("reason", reason.as_str()),
+                ]);
+                e.sample_with("xlb_vrrp_adverts_dropped_total", &l, *n);
+            }
+        }
+        e.family(
+            "xlb_vrrp_last_transition_timestamp_seconds",
+            "gauge",
+            "When the instance last changed state (Unix time).",
+        );
+        for (i, l) in insts.iter().zip(&labels) {
+            e.sample_text(
+                "xlb_vrrp_last_transition_timestamp_seconds",
+                l,
+                format!("{:.3}", i.since),
+            );
+        }
+    }
+    if let Some(s) = &d.conn_sync {
+        let st = s.status();
+        let l = label_text(&[("instance", st.instance.as_str())]);
+        e.family(
+            "xlb_conn_sync_master",
+            "gauge",
+            "Whether this node sends its connections (1) or installs the master's (0).",
+        );
+        e.sample_with("xlb_conn_sync_master", &l, u64::from(st.role == "master"));
+        let counters: [(&str, &str, u64); 8] = [
+            (
+                "xlb_conn_sync_sent_messages_total",
+                "Sync messages sent.",
+                st.sent_messages,
+            ),
+            (
+                "xlb_conn_sync_sent_records_total",
+                "Connection records sent.",
+                st.sent_records,
+            ),
+            (
+                "xlb_conn_sync_received_messages_total",
+                "Sync messages received.",
+                st.received_messages,
+            ),
+            (
+                "xlb_conn_sync_received_records_total",
+                "Connection records received.",
+                st.received_records,
+            ),
+            (
+                "xlb_conn_sync_installed_total",
+                "Received connections installed in the connection table.",
+                st.installed,
+            ),
+            (
+                "xlb_conn_sync_skipped_total",
+                "Received connections of services or real servers not configured here.",
+                st.skipped,
+            ),
+            (
+                "xlb_conn_sync_refused_total",
+                "Received connections refused (table full).",
+                st.refused,
+            ),
+            (
+                "xlb_conn_sync_errors_total",
+                "Malformed or undeliverable sync messages.",
+                st.errors,
+            ),
+        ];
+        for (name, help, v) in counters {
+            e.family(name, "counter", help);
+            e.sample_with(name, &l, v);
+        }
+        e.family(
+            "xlb_conn_sync_lag_seconds",
+            "gauge",
+            "Seconds since the last sync message received (backup) or sent (master).",
+        );
+        if let Some(lag) = st.lag_seconds {
+            e.sample_text("xlb_conn_sync_lag_seconds", &l, format!("{lag:.3}"));
+        }
+    }
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {

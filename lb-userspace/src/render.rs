@@ -261,6 +261,7 @@ pub fn to_toml(c: &Config) -> String {
     for s in &c.services {
         service(&mut out, s);
     }
+    out.push_str(&crate::vrrp::config::to_toml(&c.ha));
     out
 }
 

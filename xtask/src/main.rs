@@ -90,7 +90,7 @@ fn main() -> Result<()> {
 // ---- setup ----
 
 /// Debian packages: the LLVM bpf-linker links against, the kernel tools the tests drive, and
-/// nginx as the real servers' HTTP server, tshark to decode captured tunnel packets.
+/// nginx as the real servers' HTTP server, tshark/tcpdump to capture and decode packets.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -100,6 +100,10 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "nginx",
     "tshark",
+    "tcpdump",
+    // The real keepalived the VRRP tests interoperate with (Debian's policy-rc.d keeps it
+    // from starting as a service).
+    "keepalived",
 ];
 
 fn dpkg_installed(pkg: &str) -> bool {

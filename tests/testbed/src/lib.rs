@@ -796,3 +796,160 @@ impl KeepAlive {
         Ok(String::from_utf8_lossy(&body).trim().to_string())
     }
 }
+
+/// Balancers on one shared segment (a bridge in its own namespace), for VRRP: node `i`
+/// (1-based) is namespace `<prefix>-<name>` with `eth0` at 10.100.0.2i/24 and
+/// 2001:db8:100::2i/64; a client namespace sits on the same segment at 10.100.0.10.
+pub struct HaBench {
+    pub bench: Bench,
+    pub sw: String,
+    pub nodes: Vec<String>,
+    pub client: String,
+}
+
+impl HaBench {
+    pub fn new(prefix: &str, names: &[&str]) -> Result<HaBench> {
+        let mut bench = Bench::new(prefix)?;
+        let sw = bench.netns("sw")?;
+        ip(&format!("-n {sw} link add br0 type bridge"))?;
+        ip(&format!("-n {sw} link set br0 up"))?;
+        let mut nodes = Vec::new();
+        let all: Vec<&str> = names.iter().copied().chain(["client"]).collect();
+        for (i, name) in all.iter().enumerate() {
+            let ns = bench.netns(name)?;
+            let port = format!("p-{name}");
+            ip(&format!(
+                "link add eth0 netns {ns} type veth peer name {port} netns {sw}"
+            ))?;
+            ip(&format!("-n {sw} link set {port} master br0 up"))?;
+            let host = if *name == "client" { 10 } else { 21 + i };
+            ip(&format!("-n {ns} addr add 10.100.0.{host}/24 dev eth0"))?;
+            ip(&format!(
+                "-n {ns} addr add 2001:db8:100::{host}/64 dev eth0"
+            ))?;
+            ip(&format!("-n {ns} link set eth0 up"))?;
+            // Frames the balancers' XDP program transmits arrive only at peers running XDP.
+            bench.sh(
+                &sw,
+                &format!("ethtool -K {port} tx off >/dev/null 2>&1 || true"),
+            )?;
+            if *name != "client" {
+                nodes.push(ns);
+            }
+        }
+        let client = format!("{prefix}-client");
+        Ok(HaBench {
+            bench,
+            sw,
+            nodes,
+            client,
+        })
+    }
+
+    /// Whether namespace `ns` holds `addr` on an interface.
+    pub fn has_addr(&self, ns: &str, addr: &str) -> bool {
+        self.bench
+            .exec(ns, &["ip", "-o", "addr", "show"])
+            .map(|o| {
+                o.split_whitespace()
+                    .any(|w| w.split('/').next() == Some(addr))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Waits (up to `limit`) until `addr` is (`present`) or is not on `ns`; the time it took.
+    pub fn wait_addr(
+        &self,
+        ns: &str,
+        addr: &str,
+        present: bool,
+        limit: Duration,
+    ) -> Option<Duration> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if self.has_addr(ns, addr) == present {
+                return Some(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// Starts keepalived (Debian's) in `ns` with `conf`; logs to `<name>.log`. Returns the
+    /// parent's pid (SIGTERM to it stops keepalived cleanly, priority 0 included).
+    pub fn start_keepalived(&mut self, ns: &str, name: &str, conf: &str) -> Result<u32> {
+        let dir = self.bench.dir.clone();
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, conf)?;
+        let p = |s: &str| {
+            dir.join(format!("{name}{s}"))
+                .to_string_lossy()
+                .into_owned()
+        };
+        self.bench.spawn(
+            ns,
+            &[
+                "keepalived",
+                "-n",
+                "-l",
+                "-D",
+                "-P",
+                "-f",
+                &path.to_string_lossy(),
+                "-p",
+                &p(".pid"),
+                "-r",
+                &p("-vrrp.pid"),
+                "-c",
+                &p("-checkers.pid"),
+            ],
+            &format!("{name}.log"),
+        )
+    }
+
+    /// Starts `xlb run` in `ns` with the TOML `config` (`args` added, e.g. `--keepalived`);
+    /// waits for its API on `socket`.
+    pub fn start_xlb(
+        &mut self,
+        ns: &str,
+        name: &str,
+        xlb: &Path,
+        args: &[&str],
+        socket: &Path,
+    ) -> Result<u32> {
+        let mut argv: Vec<String> = vec![xlb.to_string_lossy().into_owned(), "run".into()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv.extend(["--socket".into(), socket.to_string_lossy().into_owned()]);
+        if !args.contains(&"--metrics") {
+            argv.extend(["--metrics".into(), "off".into()]);
+        }
+        let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+        let log = format!("{name}.log");
+        let pid = self.bench.spawn(ns, &argv, &log)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if run(&[
+                &xlb.to_string_lossy(),
+                "status",
+                "--socket",
+                &socket.to_string_lossy(),
+            ])
+            .is_ok()
+            {
+                return Ok(pid);
+            }
+            if !self.bench.running(pid) || Instant::now() > deadline {
+                bail!("xlb did not start:\n{}", self.bench.log(&log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A TOML configuration of a balancer on this segment: attached to `eth0`, no services
+    /// unless given, then `rest` (`[[vrrp]]` sections and so on).
+    pub fn xlb_config(&self, rest: &str) -> String {
+        format!(
+            "[dataplane]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n{rest}"
+        )
+    }
+}

@@ -1,0 +1,542 @@
+//! End to end: xlb's VRRP against Debian's keepalived on one shared segment (a bridge between
+//! namespaces). Election by priority both ways, preemption and nopreempt, failover when the
+//! master dies within 3 × advert_int + skew (+0.5 s), immediate takeover on priority 0, one
+//! master in steady state, adverts tshark decodes as valid VRRP; v2 and v3, IPv4 and IPv6,
+//! multicast and unicast with PASS authentication; a keepalived.conf with nopreempt, unicast
+//! peers, PASS and a track_script run by xlb as written; sync groups, track_interface and
+//! notify programs.
+
+use std::{
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{
+    require_root,
+    testbed::{HaBench, run},
+    xlb_bin,
+};
+
+/// The benches share two CPUs; one at a time keeps timings sane.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const VIP: &str = "10.100.0.200";
+
+/// keepalived's Skew_Time and Master_Down_Interval (keepalived.md §2.1), seconds.
+fn skew(prio: u32, adv: f64) -> f64 {
+    (256 - prio) as f64 / 256.0 * adv
+}
+fn mdi(prio: u32, adv: f64) -> f64 {
+    3.0 * adv + skew(prio, adv)
+}
+/// The issue's allowance on top of the protocol's own time.
+const ALLOWANCE: f64 = 0.5;
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+fn socket(b: &HaBench, name: &str) -> PathBuf {
+    b.bench.dir.join(format!("{name}.sock"))
+}
+
+/// The `vrrp` line of `xlb status` for `instance`.
+fn vrrp_line(sock: &std::path::Path, instance: &str) -> String {
+    let out = run(&[
+        &xlb_bin().to_string_lossy(),
+        "status",
+        "--socket",
+        &sock.to_string_lossy(),
+    ])
+    .unwrap();
+    out.lines()
+        .find(|l| l.starts_with(&format!("vrrp      {instance} ")))
+        .unwrap_or_else(|| panic!("no {instance} in:\n{out}"))
+        .to_string()
+}
+
+/// Sends `sig` without waiting for the exit (timings start at the signal; keepalived takes
+/// a second to exit after its priority-0 advert).
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+fn keepalived_conf(body: &str) -> String {
+    format!(
+        "global_defs {{\n  router_id ka\n  script_user root\n  enable_script_security\n}}\n{body}"
+    )
+}
+
+/// Polls for `dur`: the VIP must be on exactly one of the nodes all along.
+fn assert_one_master(b: &HaBench, vip: &str, dur: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < dur {
+        let holders = b.nodes.iter().filter(|n| b.has_addr(n, vip)).count();
+        assert_eq!(holders, 1, "{vip} held by {holders} nodes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Captures VRRP/ARP on the segment while `f` runs, decoded by tshark (`-V`).
+fn capture(b: &HaBench, dur: Duration) -> String {
+    let pcap = b.bench.dir.join("vrrp.pcap");
+    let t = format!("{}", dur.as_secs_f64());
+    let _ = b.bench.exec(
+        &b.sw,
+        &[
+            "timeout",
+            &t,
+            "tcpdump",
+            "-ni",
+            "br0",
+            "-w",
+            &pcap.to_string_lossy(),
+            "ip proto 112 or ip6 proto 112 or arp",
+        ],
+    );
+    run(&["tshark", "-r", &pcap.to_string_lossy(), "-V"]).unwrap()
+}
+
+/// tshark's decodes of the adverts `src` sent.
+fn adverts_from<'a>(decoded: &'a str, src: &str) -> Vec<&'a str> {
+    decoded
+        .split("\nFrame ")
+        .filter(|f| f.contains("Virtual Router Redundancy Protocol"))
+        .filter(|f| f.contains(&format!("Source Address: {src}")))
+        .collect()
+}
+
+#[test]
+fn xlb_master_keepalived_backup_v2_multicast() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut b = HaBench::new("xv2", &["a", "b"]).unwrap();
+    let (a, bn) = (b.nodes[0].clone(), b.nodes[1].clone());
+    let ka = keepalived_conf(&format!(
+        "vrrp_instance VI_1 {{\n state BACKUP\n interface eth0\n virtual_router_id 51\n priority 100\n advert_int 1\n virtual_ipaddress {{ {VIP}/24 dev eth0 }}\n}}\n"
+    ));
+    let ka_pid = b.start_keepalived(&bn, "ka", &ka).unwrap();
+    // keepalived alone becomes master after its MDI.
+    assert!(
+        b.wait_addr(&bn, VIP, true, secs(mdi(100, 1.0) + 2.0))
+            .is_some(),
+        "{}",
+        b.bench.log("ka.log")
+    );
+    let notify = b.bench.dir.join("notify.out");
+    let cfg = b.xlb_config(&format!(
+        "[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = 150\nvirtual_ipaddress = [\"{VIP}/24\"]\ngarp_master_delay = 1\nnotify = \"/bin/sh -c 'echo \\\"$*\\\" >> {}' notify\"\n",
+        notify.display()
+    ));
+    let path = b.bench.dir.join("a.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let sock = socket(&b, "a");
+    let t0 = Instant::now();
+    let x_pid = b
+        .start_xlb(
+            &a,
+            "xa",
+            &xlb_bin(),
+            &["--config", &path.to_string_lossy()],
+            &sock,
+        )
+        .unwrap();
+    // Higher priority: xlb preempts one MDI(150) after its start; keepalived lets go.
+    let took = b.wait_addr(&a, VIP, true, secs(mdi(150, 1.0) + 2.0));
+    assert!(took.is_some(), "{}", b.bench.log("xa.log"));
+    assert!(
+        t0.elapsed() >= secs(mdi(150, 1.0) - 0.1),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        b.wait_addr(&bn, VIP, false, secs(1.0)).is_some(),
+        "keepalived kept the VIP"
+    );
+    let line = vrrp_line(&sock, "VI_1");
+    assert!(line.contains("MASTER prio 150/150"), "{line}");
+    assert!(
+        line.contains("preempting master 10.100.0.22 (priority 100 < 150)"),
+        "{line}"
+    );
+    assert!(
+        b.bench.log("ka.log").contains("higher priority 150"),
+        "{}",
+        b.bench.log("ka.log")
+    );
+    // Steady state: one master; the adverts decode as valid VRRPv2 with xlb's fields, and
+    // GARPs announce the VIP.
+    let decoded = capture(&b, secs(2.5));
+    let ours = adverts_from(&decoded, "10.100.0.21");
+    assert!(ours.len() >= 2, "{decoded}");
+    for f in &ours {
+        for want in [
+            "Version 2, Packet type 1 (Advertisement)",
+            "Virtual Rtr ID: 51",
+            "Priority: 150",
+            "Adver Int: 1",
+            "[Checksum Status: Good]",
+            "IP Address: 10.100.0.200",
+            "Time to Live: 255",
+            "Destination Address: 224.0.0.18",
+        ] {
+            assert!(f.contains(want), "{want} missing in:\n{f}");
+        }
+    }
+    assert!(
+        adverts_from(&decoded, "10.100.0.22").is_empty(),
+        "keepalived still advertises:\n{decoded}"
+    );
+    assert!(
+        decoded.contains("Gratuitous ARP for 10.100.0.200")
+            || decoded.contains("Is gratuitous: True"),
+        "{decoded}"
+    );
+    assert_one_master(&b, VIP, secs(2.0));
+    // A clean stop sends priority 0: keepalived takes over after its skew time.
+    let t0 = Instant::now();
+    signal(x_pid, nix::sys::signal::Signal::SIGTERM);
+    let took = b
+        .wait_addr(&bn, VIP, true, secs(3.0))
+        .expect("keepalived did not take over");
+    let since_stop = t0.elapsed();
+    assert!(
+        since_stop <= secs(skew(100, 1.0) + ALLOWANCE),
+        "{since_stop:?} ({took:?})"
+    );
+    assert!(!b.has_addr(&a, VIP));
+    b.bench
+        .stop(x_pid, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    assert!(
+        b.bench
+            .log("ka.log")
+            .contains("Backup received priority 0 advertisement"),
+        "{}",
+        b.bench.log("ka.log")
+    );
+    let n = std::fs::read_to_string(&notify).unwrap_or_default();
+    assert_eq!(
+        n.lines().collect::<Vec<_>>(),
+        [
+            "INSTANCE VI_1 BACKUP 150",
+            "INSTANCE VI_1 MASTER 150",
+            "INSTANCE VI_1 STOP 150"
+        ],
+        "notify calls"
+    );
+    b.bench
+        .stop(ka_pid, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+}
+
+#[test]
+fn keepalived_master_xlb_backup_failover_and_preemption() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut b = HaBench::new("xfo", &["a", "b"]).unwrap();
+    let (a, bn) = (b.nodes[0].clone(), b.nodes[1].clone());
+    let ka = keepalived_conf(&format!(
+        "vrrp_instance VI_1 {{\n state MASTER\n interface eth0\n virtual_router_id 51\n priority 150\n advert_int 1\n virtual_ipaddress {{ {VIP}/24 dev eth0 }}\n}}\n"
+    ));
+    let ka_pid = b.start_keepalived(&a, "ka", &ka).unwrap();
+    assert!(
+        b.wait_addr(&a, VIP, true, secs(mdi(150, 1.0) + 2.0))
+            .is_some()
+    );
+    let cfg = b.xlb_config(&format!(
+        "[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = 100\nvirtual_ipaddress = [\"{VIP}/24\"]\n"
+    ));
+    let path = b.bench.dir.join("b.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let sock = socket(&b, "b");
+    b.start_xlb(
+        &bn,
+        "xb",
+        &xlb_bin(),
+        &["--config", &path.to_string_lossy()],
+        &sock,
+    )
+    .unwrap();
+    // Lower priority: xlb stays backup behind keepalived.
+    assert_one_master(&b, VIP, secs(mdi(100, 1.0) + 1.0));
+    assert!(b.has_addr(&a, VIP));
+    let line = vrrp_line(&sock, "VI_1");
+    assert!(
+        line.contains("BACKUP prio 100/100 master 10.100.0.21 prio 150"),
+        "{line}"
+    );
+    // The master dies (its link goes): xlb takes over within MDI(100) + allowance.
+    let t0 = Instant::now();
+    b.bench
+        .exec(&a, &["ip", "link", "set", "eth0", "down"])
+        .unwrap();
+    let took = b
+        .wait_addr(&bn, VIP, true, secs(mdi(100, 1.0) + 2.0))
+        .expect("xlb did not take over");
+    assert!(took <= secs(mdi(100, 1.0) + ALLOWANCE), "took {took:?}");
+    // At least the down interval's worth of missed adverts before that (less up to one
+    // interval that passed since the last advert).
+    assert!(
+        t0.elapsed() >= secs(mdi(100, 1.0) - 1.0 - 0.05),
+        "too early: {:?}",
+        t0.elapsed()
+    );
+    let line = vrrp_line(&sock, "VI_1");
+    assert!(line.contains("MASTER prio 100/100"), "{line}");
+    // It comes back: keepalived (150) preempts, xlb yields.
+    b.bench
+        .exec(&a, &["ip", "link", "set", "eth0", "up"])
+        .unwrap();
+    assert!(
+        b.wait_addr(&bn, VIP, false, secs(mdi(150, 1.0) + 3.0))
+            .is_some(),
+        "xlb kept the VIP:\n{}",
+        b.bench.log("xb.log")
+    );
+    assert!(b.wait_addr(&a, VIP, true, secs(1.0)).is_some());
+    assert_one_master(&b, VIP, secs(2.0));
+    // keepalived stops cleanly (priority 0): xlb takes over at once (skew time).
+    let t0 = Instant::now();
+    signal(ka_pid, nix::sys::signal::Signal::SIGTERM);
+    b.wait_addr(&bn, VIP, true, secs(3.0))
+        .expect("no takeover after priority 0");
+    assert!(
+        t0.elapsed() <= secs(skew(100, 1.0) + ALLOWANCE),
+        "{:?}",
+        t0.elapsed()
+    );
+    let line = vrrp_line(&sock, "VI_1");
+    assert!(
+        line.contains("master 10.100.0.21 stopped (priority 0)"),
+        "{line}"
+    );
+}
+
+#[test]
+fn nopreempt_and_v3_with_keepalived() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut b = HaBench::new("xnp", &["a", "b"]).unwrap();
+    let (a, bn) = (b.nodes[0].clone(), b.nodes[1].clone());
+    let adv = 0.5;
+    let ka = format!(
+        "global_defs {{\n router_id ka\n vrrp_version 3\n}}\nvrrp_instance VI_1 {{\n state BACKUP\n interface eth0\n virtual_router_id 51\n priority 100\n advert_int {adv}\n virtual_ipaddress {{ {VIP}/24 dev eth0 }}\n}}\n"
+    );
+    let ka_pid = b.start_keepalived(&bn, "ka", &ka).unwrap();
+    assert!(
+        b.wait_addr(&bn, VIP, true, secs(mdi(100, adv) + 2.0))
+            .is_some()
+    );
+    let cfg = b.xlb_config(&format!(
+        "[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = 150\nversion = 3\nadvert_int = {adv}\nnopreempt = true\nvirtual_ipaddress = [\"{VIP}/24\"]\n"
+    ));
+    let path = b.bench.dir.join("a.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let sock = socket(&b, "a");
+    b.start_xlb(
+        &a,
+        "xa",
+        &xlb_bin(),
+        &["--config", &path.to_string_lossy()],
+        &sock,
+    )
+    .unwrap();
+    // nopreempt: the higher priority does not take over a running master.
+    assert_one_master(&b, VIP, secs(3.0 * mdi(150, adv)));
+    assert!(b.has_addr(&bn, VIP));
+    let line = vrrp_line(&sock, "VI_1");
+    assert!(line.contains("v3 BACKUP"), "{line}");
+    // v3 adverts of keepalived decode and are accepted; keepalived leaves: xlb takes over
+    // after Skew_Time(150) of v3 at 50 cs.
+    let decoded = capture(&b, secs(1.2));
+    let theirs = adverts_from(&decoded, "10.100.0.22");
+    assert!(
+        !theirs.is_empty() && theirs[0].contains("Version 3"),
+        "{decoded}"
+    );
+    let t0 = Instant::now();
+    signal(ka_pid, nix::sys::signal::Signal::SIGTERM);
+    b.wait_addr(&a, VIP, true, secs(3.0)).expect("no takeover");
+    assert!(
+        t0.elapsed() <= secs(skew(150, adv) + ALLOWANCE),
+        "{:?}",
+        t0.elapsed()
+    );
+    // xlb's own v3 adverts decode as valid (checksum with the IPv4 pseudo-header).
+    let decoded = capture(&b, secs(1.2));
+    let ours = adverts_from(&decoded, "10.100.0.21");
+    assert!(!ours.is_empty(), "{decoded}");
+    for f in ours {
+        assert!(
+            f.contains("Version 3, Packet type 1 (Advertisement)"),
+            "{f}"
+        );
+        assert!(f.contains("[Checksum Status: Good]"), "{f}");
+        assert!(f.contains("Priority: 150"), "{f}");
+    }
+}
+
+/// The seeds' two-node example as written: keepalived.conf with state BACKUP and nopreempt
+/// on both, unicast peers, PASS authentication and a track_script; xlb runs one node's file,
+/// keepalived the other's.
+#[test]
+fn keepalived_conf_unicast_pass_track_script() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut b = HaBench::new("xuc", &["a", "b"]).unwrap();
+    let (a, bn) = (b.nodes[0].clone(), b.nodes[1].clone());
+    // Each node's script checks its own file.
+    let flag = b.bench.dir.join("healthy-a");
+    std::fs::write(&flag, "").unwrap();
+    let flag_b = b.bench.dir.join("healthy-b");
+    std::fs::write(&flag_b, "").unwrap();
+    let conf = |me: &str, peer: &str, prio: u32, flag: &std::path::Path| {
+        keepalived_conf(&format!(
+            "vrrp_script chk_lb {{\n  script \"/usr/bin/test -e {}\"\n  interval 1\n  fall 1\n  rise 1\n}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int 1\n  nopreempt\n  unicast_src_ip {me}\n  unicast_peer {{\n    {peer}\n  }}\n  authentication {{\n    auth_type PASS\n    auth_pass secret12345\n  }}\n  track_script {{\n    chk_lb\n  }}\n  virtual_ipaddress {{\n    {VIP}/24 dev eth0\n  }}\n}}\n",
+            flag.display()
+        ))
+    };
+    let ka1 = b.bench.dir.join("ka1.conf");
+    std::fs::write(&ka1, conf("10.100.0.21", "10.100.0.22", 150, &flag)).unwrap();
+    let sock = socket(&b, "a");
+    b.start_xlb(
+        &a,
+        "xa",
+        &xlb_bin(),
+        &["--keepalived", &ka1.to_string_lossy()],
+        &sock,
+    )
+    .unwrap();
+    assert!(
+        b.wait_addr(&a, VIP, true, secs(mdi(150, 1.0) + 2.0))
+            .is_some(),
+        "{}",
+        b.bench.log("xa.log")
+    );
+    b.start_keepalived(&bn, "ka", &conf("10.100.0.22", "10.100.0.21", 100, &flag_b))
+        .unwrap();
+    assert_one_master(&b, VIP, secs(mdi(100, 1.0) + 1.0));
+    assert!(b.has_addr(&a, VIP), "{}", b.bench.log("ka.log"));
+    // Unicast, PASS: the adverts go to the peer, with the password's first 8 bytes.
+    let decoded = capture(&b, secs(1.5));
+    let ours = adverts_from(&decoded, "10.100.0.21");
+    assert!(!ours.is_empty(), "{decoded}");
+    for f in &ours {
+        assert!(f.contains("Destination Address: 10.100.0.22"), "{f}");
+        assert!(f.contains("Auth Type: Simple Text Authentication"), "{f}");
+        assert!(f.contains("secret12"), "{f}");
+        assert!(f.contains("[Checksum Status: Good]"), "{f}");
+    }
+    // The track_script fails (weight 0): xlb's instance faults, sends priority 0, and
+    // keepalived takes over at once.
+    let t0 = Instant::now();
+    std::fs::remove_file(&flag).unwrap();
+    b.wait_addr(&bn, VIP, true, secs(4.0))
+        .expect("keepalived did not take over");
+    // One script interval to notice, then the skew time.
+    assert!(
+        t0.elapsed() <= secs(1.0 + skew(100, 1.0) + ALLOWANCE + 0.3),
+        "{:?}",
+        t0.elapsed()
+    );
+    let line = vrrp_line(&sock, "VI_1");
+    assert!(line.contains("FAULT"), "{line}");
+    // Healthy again: back to BACKUP, and nopreempt keeps keepalived master.
+    std::fs::write(&flag, "").unwrap();
+    let t0 = Instant::now();
+    while !vrrp_line(&sock, "VI_1").contains("BACKUP") {
+        assert!(t0.elapsed() < secs(3.0), "{}", vrrp_line(&sock, "VI_1"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_one_master(&b, VIP, secs(mdi(150, 1.0) + 1.0));
+    assert!(b.has_addr(&bn, VIP));
+}
+
+#[test]
+fn sync_group_faults_together_and_ipv6() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut b = HaBench::new("xsg", &["a", "b"]).unwrap();
+    let (a, bn) = (b.nodes[0].clone(), b.nodes[1].clone());
+    let vip6 = "2001:db8:100::200";
+    // A second link of node a (no dummy module here: a veth pair inside the namespace).
+    b.bench
+        .sh(&a, "ip link add eth1 type veth peer name eth1p && ip link set eth1p up && ip link set eth1 up")
+        .unwrap();
+    let ka = keepalived_conf(&format!(
+        "vrrp_sync_group G {{\n group {{\n  VI_1\n  VI_6\n }}\n}}\nvrrp_instance VI_1 {{\n state BACKUP\n interface eth0\n virtual_router_id 51\n priority 100\n advert_int 1\n virtual_ipaddress {{ {VIP}/24 dev eth0 }}\n}}\nvrrp_instance VI_6 {{\n state BACKUP\n interface eth0\n virtual_router_id 61\n priority 100\n advert_int 1\n virtual_ipaddress {{ {vip6}/64 dev eth0 }}\n}}\n"
+    ));
+    b.start_keepalived(&bn, "ka", &ka).unwrap();
+    let out = b.bench.dir.join("group.out");
+    let cfg = b.xlb_config(&format!(
+        "[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = 150\nvirtual_ipaddress = [\"{VIP}/24\"]\ntrack_interface = [\"eth1\"]\n\n[[vrrp]]\nname = \"VI_6\"\ninterface = \"eth0\"\nvirtual_router_id = 61\npriority = 150\nvirtual_ipaddress = [\"{vip6}/64\"]\n\n[[vrrp_sync_group]]\nname = \"G\"\ngroup = [\"VI_1\", \"VI_6\"]\nnotify = \"/bin/sh -c 'echo \\\"$*\\\" >> {}' notify\"\n",
+        out.display()
+    ));
+    let path = b.bench.dir.join("a.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let sock = socket(&b, "a");
+    b.start_xlb(
+        &a,
+        "xa",
+        &xlb_bin(),
+        &["--config", &path.to_string_lossy()],
+        &sock,
+    )
+    .unwrap();
+    for vip in [VIP, vip6] {
+        assert!(
+            b.wait_addr(&a, vip, true, secs(mdi(150, 1.0) + 2.0))
+                .is_some(),
+            "{vip}: {}",
+            b.bench.log("xa.log")
+        );
+        assert!(
+            b.wait_addr(&bn, vip, false, secs(1.0)).is_some(),
+            "{vip} on keepalived"
+        );
+    }
+    assert_one_master(&b, vip6, secs(2.0));
+    // IPv6 adverts: v3 to ff02::12 from the link-local address, valid for tshark.
+    let decoded = capture(&b, secs(2.5));
+    let v6: Vec<&str> = decoded
+        .split("\nFrame ")
+        .filter(|f| f.contains("Virtual Rtr ID: 61") && f.contains("Destination Address: ff02::12"))
+        .collect();
+    assert!(!v6.is_empty(), "{decoded}");
+    assert!(
+        v6.iter()
+            .all(|f| f.contains("Version 3") && f.contains("[Checksum Status: Good]")),
+        "{v6:?}"
+    );
+    // eth1 goes down: VI_1 faults, and its sync group with it; keepalived takes both over
+    // at once (priority 0).
+    let t0 = Instant::now();
+    b.bench
+        .exec(&a, &["ip", "link", "set", "eth1", "down"])
+        .unwrap();
+    for vip in [VIP, vip6] {
+        b.wait_addr(&bn, vip, true, secs(3.0))
+            .unwrap_or_else(|| panic!("{vip} not taken over"));
+        assert!(!b.has_addr(&a, vip));
+    }
+    assert!(
+        t0.elapsed() <= secs(0.1 + skew(100, 1.0) + ALLOWANCE),
+        "{:?}",
+        t0.elapsed()
+    );
+    for i in ["VI_1", "VI_6"] {
+        assert!(
+            vrrp_line(&sock, i).contains("FAULT"),
+            "{}",
+            vrrp_line(&sock, i)
+        );
+    }
+    let lines = std::fs::read_to_string(&out).unwrap_or_default();
+    assert_eq!(
+        lines.lines().collect::<Vec<_>>(),
+        ["GROUP G BACKUP 0", "GROUP G MASTER 0", "GROUP G FAULT 0"],
+        "group notify calls"
+    );
+}
