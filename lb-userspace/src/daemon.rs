@@ -343,11 +343,23 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
         info!(instances = config.ha.instances.len(), "VRRP running");
     }
     let sync_task = match (&config.ha.conn_sync, &vrrp) {
-        (Some(cs), Some(v)) => Some(
-            crate::vrrp::syncd::start(cs.clone(), v.states.clone(), shared.clone())
-                .await
-                .context("starting the connection sync")?,
-        ),
+        (Some(cs), Some(v)) => {
+            match crate::vrrp::syncd::start(cs.clone(), v.states.clone(), shared.clone()).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    if let Some(v) = vrrp {
+                        v.shutdown().await;
+                    }
+                    api_task.abort();
+                    if let Some(t) = &metrics_task {
+                        t.abort();
+                    }
+                    abandon(&mut shared.lock().await.dp);
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(e.context("starting the connection sync"));
+                }
+            }
+        }
         _ => None,
     };
     let links = crate::vrrp::net::Addresses::new()?;

@@ -540,3 +540,188 @@ fn sync_group_faults_together_and_ipv6() {
         "group notify calls"
     );
 }
+
+/// Two xlb balancers with VRRP and connection sync in front of two real servers (direct
+/// routing, lc): long-lived connections opened through the master continue on the same real
+/// server through the backup after a failover, without a reset; the backup counted them.
+#[test]
+fn connections_survive_failover_with_conn_sync() {
+    use xlb_tests::testbed::{DrBench, KeepAlive, in_netns};
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let xlb = xlb_bin();
+    let mut b = DrBench::new("xcs", 2, &xlb).unwrap();
+    b.start_http().unwrap();
+    // VRRP owns the VIP: not configured statically on the first balancer.
+    let lb1 = b.lb.clone();
+    b.bench
+        .exec(
+            &lb1,
+            &["ip", "addr", "del", "10.100.0.100/32", "dev", "eth0"],
+        )
+        .unwrap();
+    let lb2 = b.bench.netns("lb2").unwrap();
+    let sw = b.sw.clone();
+    b.bench
+        .sh(
+            &sw,
+            &format!("ip link add p-lb2 type veth peer name eth0 netns {lb2} && ip link set p-lb2 master br0 up"),
+        )
+        .unwrap();
+    b.bench
+        .sh(
+            &lb2,
+            "ip addr add 10.100.0.3/24 dev eth0 && ip link set eth0 up",
+        )
+        .unwrap();
+    b.bench
+        .exec(&sw, &[&xlb.to_string_lossy(), "util", "xdp-pass", "p-lb2"])
+        .unwrap();
+    let dir = b.bench.dir.clone();
+    let config = |name: &str, prio: u32| {
+        let sock = dir.join(format!("{name}.sock"));
+        format!(
+            "[dataplane]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n[control]\nsocket = \"{}\"\nmetrics = \"off\"\n\n[[services]]\nname = \"web\"\naddress = \"10.100.0.100:80\"\nscheduler = \"lc\"\nforwarding = \"dr\"\n[[services.backends]]\naddress = \"10.100.0.11:80\"\n[[services.backends]]\naddress = \"10.100.0.12:80\"\n\n[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = {prio}\nvirtual_ipaddress = [\"10.100.0.100/32\"]\n\n[conn_sync]\ninterface = \"eth0\"\ninstance = \"VI_1\"\nid = 7\n",
+            sock.display()
+        )
+    };
+    let start = |b: &mut DrBench, ns: &str, name: &str, prio: u32| {
+        let path = b.bench.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config(name, prio)).unwrap();
+        let sock = b.bench.dir.join(format!("{name}.sock"));
+        let log = format!("{name}.log");
+        let pid = b
+            .bench
+            .spawn(
+                ns,
+                &[
+                    &xlb.to_string_lossy(),
+                    "run",
+                    "--config",
+                    &path.to_string_lossy(),
+                ],
+                &log,
+            )
+            .unwrap();
+        let t0 = Instant::now();
+        while run(&[
+            &xlb.to_string_lossy(),
+            "status",
+            "--socket",
+            &sock.to_string_lossy(),
+        ])
+        .is_err()
+        {
+            assert!(
+                t0.elapsed() < secs(20.0) && b.bench.running(pid),
+                "{}",
+                b.bench.log(&log)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (pid, sock)
+    };
+    let (pid1, sock1) = start(&mut b, &lb1, "lb1", 150);
+    let (_pid2, sock2) = start(&mut b, &lb2, "lb2", 100);
+    let has = |ns: &str| {
+        b.bench
+            .exec(ns, &["ip", "-o", "addr", "show", "dev", "eth0"])
+            .unwrap()
+            .contains("10.100.0.100/32")
+    };
+    let t0 = Instant::now();
+    while !has(&lb1) {
+        assert!(
+            t0.elapsed() < secs(mdi(150, 1.0) + 2.0),
+            "{}",
+            b.bench.log("lb1.log")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        vrrp_line(&sock2, "VI_1").contains("BACKUP"),
+        "{}",
+        vrrp_line(&sock2, "VI_1")
+    );
+    // Long-lived connections through the master, spread by lc.
+    let vip: std::net::SocketAddr = "10.100.0.100:80".parse().unwrap();
+    let mut conns: Vec<(KeepAlive, String)> = Vec::new();
+    for _ in 0..6 {
+        let mut c = in_netns(&b.cli, move || KeepAlive::connect(vip))
+            .unwrap()
+            .unwrap();
+        let server = c.get().unwrap();
+        conns.push((c, server));
+    }
+    let on = |s: &str| conns.iter().filter(|(_, x)| x == s).count();
+    assert_eq!((on("be1"), on("be2")), (3, 3));
+    // The backup learns them: its lc counts them as active.
+    let active = |sock: &std::path::Path| {
+        let (_, out, _) = xlb_tests::ipvsadm_in(sock, &["-Ln"], "");
+        out.lines()
+            .filter(|l| l.trim_start().starts_with("-> 10.100.0.1"))
+            .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u32>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let t0 = Instant::now();
+    while active(&sock2) != vec![3, 3] {
+        assert!(
+            t0.elapsed() < secs(3.0),
+            "backup counts {:?}\n{}",
+            active(&sock2),
+            run(&[
+                &xlb.to_string_lossy(),
+                "status",
+                "--socket",
+                &sock2.to_string_lossy()
+            ])
+            .unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = run(&[
+        &xlb.to_string_lossy(),
+        "status",
+        "--socket",
+        &sock2.to_string_lossy(),
+    ])
+    .unwrap();
+    assert!(
+        status.contains("sync      backup for VI_1 (id 7)"),
+        "{status}"
+    );
+    let status = run(&[
+        &xlb.to_string_lossy(),
+        "status",
+        "--socket",
+        &sock1.to_string_lossy(),
+    ])
+    .unwrap();
+    assert!(
+        status.contains("sync      master for VI_1 (id 7)"),
+        "{status}"
+    );
+    // Failover: the master stops; the backup takes the VIP over and the connections go on.
+    signal(pid1, nix::sys::signal::Signal::SIGTERM);
+    let t0 = Instant::now();
+    while !has(&lb2) {
+        assert!(t0.elapsed() < secs(3.0), "{}", b.bench.log("lb2.log"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (i, (c, server)) in conns.iter_mut().enumerate() {
+        for _ in 0..3 {
+            let got = c
+                .get()
+                .unwrap_or_else(|e| panic!("connection {i} broke after the failover: {e:#}"));
+            assert_eq!(&got, server, "connection {i} moved");
+        }
+    }
+    // New connections are scheduled by the new master, whose lc counts the synced ones.
+    assert_eq!(active(&sock2), vec![3, 3]);
+    let fresh = in_netns(&b.cli, move || {
+        KeepAlive::connect(vip).and_then(|mut c| c.get())
+    })
+    .unwrap()
+    .unwrap();
+    assert!(fresh == "be1" || fresh == "be2", "{fresh}");
+}
