@@ -326,7 +326,10 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
         None => None,
     };
     // VRRP last: the VIPs are taken only once the data plane serves them.
-    let vrrp = match crate::vrrp::run::start(config.ha.clone(), config.script_user.clone()).await {
+    let adopted = shared.lock().await.dp.adopted();
+    let vrrp = match crate::vrrp::run::start(config.ha.clone(), config.script_user.clone(), adopted)
+        .await
+    {
         Ok(v) => v,
         Err(e) => {
             api_task.abort();
@@ -458,13 +461,18 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
             }
         }
     }
-    // VRRP lets go first (priority 0, VIPs removed) while the data plane still forwards, so
-    // the peer takes over at once; a successor re-elects.
+    // A stopping VRRP lets go first (priority 0, VIPs removed) while the data plane still
+    // forwards, so the peer takes over at once; handing over leaves the VIPs to the
+    // successor, which resumes as master.
     if let Some(t) = sync_task {
         t.abort();
     }
     if let Some(v) = vrrp {
-        v.shutdown().await;
+        if handing_over {
+            v.hand_over();
+        } else {
+            v.shutdown().await;
+        }
     }
     if handing_over {
         // Let the successor's request be answered before the socket goes.

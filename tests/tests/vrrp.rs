@@ -194,6 +194,39 @@ fn xlb_master_keepalived_backup_v2_multicast() {
         "{decoded}"
     );
     assert_one_master(&b, VIP, secs(2.0));
+    // xlb's node dies (link down): keepalived takes over within its MDI (+ allowance); xlb's
+    // instance faults (its interface is tracked) and lets go of the VIP.
+    let t0 = Instant::now();
+    b.bench
+        .exec(&a, &["ip", "link", "set", "eth0", "down"])
+        .unwrap();
+    let took = b
+        .wait_addr(&bn, VIP, true, secs(mdi(100, 1.0) + 2.0))
+        .expect("keepalived did not take over");
+    assert!(took <= secs(mdi(100, 1.0) + ALLOWANCE), "took {took:?}");
+    assert!(
+        t0.elapsed() >= secs(mdi(100, 1.0) - 1.0 - 0.05),
+        "too early: {:?}",
+        t0.elapsed()
+    );
+    assert!(b.wait_addr(&a, VIP, false, secs(1.0)).is_some());
+    assert!(
+        vrrp_line(&sock, "VI_1").contains("FAULT"),
+        "{}",
+        vrrp_line(&sock, "VI_1")
+    );
+    // Back up: BACKUP first, then xlb preempts (150 > 100) one MDI(150) later.
+    b.bench
+        .exec(&a, &["ip", "link", "set", "eth0", "up"])
+        .unwrap();
+    assert!(
+        b.wait_addr(&a, VIP, true, secs(mdi(150, 1.0) + 2.0))
+            .is_some(),
+        "{}",
+        b.bench.log("xa.log")
+    );
+    assert!(b.wait_addr(&bn, VIP, false, secs(1.0)).is_some());
+    assert_one_master(&b, VIP, secs(1.5));
     // A clean stop sends priority 0: keepalived takes over after its skew time.
     let t0 = Instant::now();
     signal(x_pid, nix::sys::signal::Signal::SIGTERM);
@@ -220,6 +253,9 @@ fn xlb_master_keepalived_backup_v2_multicast() {
     assert_eq!(
         n.lines().collect::<Vec<_>>(),
         [
+            "INSTANCE VI_1 BACKUP 150",
+            "INSTANCE VI_1 MASTER 150",
+            "INSTANCE VI_1 FAULT 150",
             "INSTANCE VI_1 BACKUP 150",
             "INSTANCE VI_1 MASTER 150",
             "INSTANCE VI_1 STOP 150"
@@ -578,11 +614,16 @@ fn connections_survive_failover_with_conn_sync() {
         .exec(&sw, &[&xlb.to_string_lossy(), "util", "xdp-pass", "p-lb2"])
         .unwrap();
     let dir = b.bench.dir.clone();
+    // The pins outlive each daemon (for the takeover below): a bpffs of the bench's own.
+    let pins = dir.join("bpffs");
+    std::fs::create_dir_all(&pins).unwrap();
+    run(&["mount", "-t", "bpf", "bpf", &pins.to_string_lossy()]).unwrap();
     let config = |name: &str, prio: u32| {
         let sock = dir.join(format!("{name}.sock"));
         format!(
-            "[dataplane]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n[control]\nsocket = \"{}\"\nmetrics = \"off\"\n\n[[services]]\nname = \"web\"\naddress = \"10.100.0.100:80\"\nscheduler = \"lc\"\nforwarding = \"dr\"\n[[services.backends]]\naddress = \"10.100.0.11:80\"\n[[services.backends]]\naddress = \"10.100.0.12:80\"\n\n[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = {prio}\nvirtual_ipaddress = [\"10.100.0.100/32\"]\n\n[conn_sync]\ninterface = \"eth0\"\ninstance = \"VI_1\"\nid = 7\n",
-            sock.display()
+            "[dataplane]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nconn_table_size = 65536\nconn_table_size_v6 = 65536\nmax_services = 64\nmax_backends = 256\nslot_table_size = 65536\n\n[control]\nsocket = \"{}\"\nmetrics = \"127.0.0.1:9469\"\npin_dir = \"{}/{name}\"\n\n[[services]]\nname = \"web\"\naddress = \"10.100.0.100:80\"\nscheduler = \"lc\"\nforwarding = \"dr\"\n[[services.backends]]\naddress = \"10.100.0.11:80\"\n[[services.backends]]\naddress = \"10.100.0.12:80\"\n\n[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = {prio}\nvirtual_ipaddress = [\"10.100.0.100/32\"]\ntrack_dataplane = {{ services = [\"web\"] }}\n\n[conn_sync]\ninterface = \"eth0\"\ninstance = \"VI_1\"\nid = 7\n",
+            sock.display(),
+            pins.display()
         )
     };
     let start = |b: &mut DrBench, ns: &str, name: &str, prio: u32| {
@@ -623,14 +664,9 @@ fn connections_survive_failover_with_conn_sync() {
     };
     let (pid1, sock1) = start(&mut b, &lb1, "lb1", 150);
     let (_pid2, sock2) = start(&mut b, &lb2, "lb2", 100);
-    let has = |ns: &str| {
-        b.bench
-            .exec(ns, &["ip", "-o", "addr", "show", "dev", "eth0"])
-            .unwrap()
-            .contains("10.100.0.100/32")
-    };
+    let has = |bench: &xlb_tests::testbed::Bench, ns: &str| holds_vip(bench, ns);
     let t0 = Instant::now();
-    while !has(&lb1) {
+    while !has(&b.bench, &lb1) {
         assert!(
             t0.elapsed() < secs(mdi(150, 1.0) + 2.0),
             "{}",
@@ -701,13 +737,133 @@ fn connections_survive_failover_with_conn_sync() {
         status.contains("sync      master for VI_1 (id 7)"),
         "{status}"
     );
-    // Failover: the master stops; the backup takes the VIP over and the connections go on.
-    signal(pid1, nix::sys::signal::Signal::SIGTERM);
+    // /metrics of both ends: valid for promtool, with the VRRP and sync families.
+    let metrics = |ns: &str| {
+        let text = b
+            .bench
+            .exec(
+                ns,
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "http://127.0.0.1:9469/metrics",
+                ],
+            )
+            .unwrap();
+        let file = b.bench.dir.join(format!("{ns}.metrics"));
+        std::fs::write(&file, &text).unwrap();
+        let check = run(&[
+            "sh",
+            "-c",
+            &format!("promtool check metrics < {}", file.display()),
+        ]);
+        assert!(check.is_ok(), "promtool: {check:?}");
+        text
+    };
+    let sample = |text: &str, prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let m1 = metrics(&lb1);
+    let m2 = metrics(&lb2);
+    let labels = "{instance=\"VI_1\",interface=\"eth0\",vrid=\"51\"}";
+    assert_eq!(sample(&m1, &format!("xlb_vrrp_master{labels}")), 1.0);
+    assert_eq!(sample(&m1, &format!("xlb_vrrp_state{labels}")), 2.0);
+    assert_eq!(sample(&m2, &format!("xlb_vrrp_state{labels}")), 1.0);
+    assert_eq!(sample(&m2, &format!("xlb_vrrp_priority{labels}")), 100.0);
+    assert_eq!(sample(&m1, "xlb_conn_sync_master{instance=\"VI_1\"}"), 1.0);
+    assert!(sample(&m1, "xlb_conn_sync_sent_records_total{instance=\"VI_1\"}") >= 6.0);
+    assert!(sample(&m2, "xlb_conn_sync_installed_total{instance=\"VI_1\"}") >= 6.0);
+    assert!(sample(&m2, "xlb_conn_sync_lag_seconds{instance=\"VI_1\"}") < 30.0);
+    // An upgrade of the master in place (--takeover): the VIP never moves, the backup stays
+    // backup, the connections go on.
+    let path1 = b.bench.dir.join("lb1.toml");
+    let pid1b = b
+        .bench
+        .spawn(
+            &lb1,
+            &[
+                &xlb.to_string_lossy(),
+                "run",
+                "--takeover",
+                "--config",
+                &path1.to_string_lossy(),
+            ],
+            "lb1b.log",
+        )
+        .unwrap();
     let t0 = Instant::now();
-    while !has(&lb2) {
+    while b.bench.running(pid1)
+        || !run(&[
+            &xlb.to_string_lossy(),
+            "status",
+            "--socket",
+            &sock1.to_string_lossy(),
+        ])
+        .is_ok_and(|s| s.contains("MASTER"))
+    {
+        assert!(
+            has(&b.bench, &lb1),
+            "the VIP left during the takeover:\n{}",
+            b.bench.log("lb1b.log")
+        );
+        assert!(t0.elapsed() < secs(20.0), "{}", b.bench.log("lb1b.log"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        b.bench.log("lb1b.log").contains("resuming"),
+        "{}",
+        b.bench.log("lb1b.log")
+    );
+    assert_one_master_ns(&b.bench, &[&lb1, &lb2], secs(mdi(100, 1.0) + 0.5));
+    assert!(
+        vrrp_line(&sock2, "VI_1").contains("BACKUP"),
+        "{}",
+        vrrp_line(&sock2, "VI_1")
+    );
+    for (i, (c, server)) in conns.iter_mut().enumerate() {
+        let got = c
+            .get()
+            .unwrap_or_else(|e| panic!("connection {i} broke in the takeover: {e:#}"));
+        assert_eq!(&got, server);
+    }
+    let _ = pid1;
+    // Failover: the master's XDP program goes away (track_dataplane): it faults, and the
+    // backup takes the VIP over at once; the connections go on.
+    // (An XDP link is not removed by `ip link set xdp off`: detach it by its pin.)
+    run(&[
+        "bpftool",
+        "link",
+        "detach",
+        "pinned",
+        &pins.join("lb1/link_eth0").to_string_lossy(),
+    ])
+    .unwrap();
+    let t0 = Instant::now();
+    while !has(&b.bench, &lb2) {
         assert!(t0.elapsed() < secs(3.0), "{}", b.bench.log("lb2.log"));
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The data-plane check runs every 0.5 s; then priority 0 and the skew time.
+    assert!(
+        t0.elapsed() <= secs(0.5 + skew(100, 1.0) + ALLOWANCE),
+        "{:?}",
+        t0.elapsed()
+    );
+    let line = vrrp_line(&sock1, "VI_1");
+    assert!(
+        line.contains("FAULT") && line.contains("xlb's data plane is down"),
+        "{line}"
+    );
+    assert!(!has(&b.bench, &lb1));
     for (i, (c, server)) in conns.iter_mut().enumerate() {
         for _ in 0..3 {
             let got = c
@@ -724,4 +880,25 @@ fn connections_survive_failover_with_conn_sync() {
     .unwrap()
     .unwrap();
     assert!(fresh == "be1" || fresh == "be2", "{fresh}");
+    signal(pid1b, nix::sys::signal::Signal::SIGTERM);
+    b.bench.cleanup();
+    let _ = run(&["umount", &pins.to_string_lossy()]);
+}
+
+/// Whether namespace `ns` holds the sync test's VIP.
+fn holds_vip(bench: &xlb_tests::testbed::Bench, ns: &str) -> bool {
+    bench
+        .exec(ns, &["ip", "-o", "addr", "show", "dev", "eth0"])
+        .unwrap()
+        .contains("10.100.0.100/32")
+}
+
+/// [`assert_one_master`] for namespaces of any bench: the VIP on exactly one all along.
+fn assert_one_master_ns(bench: &xlb_tests::testbed::Bench, nodes: &[&str], dur: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < dur {
+        let holders = nodes.iter().filter(|n| holds_vip(bench, n)).count();
+        assert_eq!(holders, 1, "the VIP is held by {holders} nodes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

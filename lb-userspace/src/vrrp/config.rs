@@ -1120,3 +1120,180 @@ pub fn to_toml(ha: &Ha) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const HEAD: &str = "[dataplane]\ninterfaces = [\"eth0\"]\n";
+
+    fn parse(text: &str) -> Result<Ha, String> {
+        crate::config::parse(Path::new("t.toml"), &format!("{HEAD}{text}"))
+            .map(|c| c.ha)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The seeds' two-node example, as keepalived.conf.
+    const SEED: &str = r#"
+global_defs {
+    router_id LB1
+    vrrp_garp_master_delay 1
+    lvs_sync_daemon eth0 VI_1 id 7
+}
+vrrp_script chk_xlb {
+    script "/usr/bin/pgrep -x xlb"
+    interval 2
+    weight -20
+    fall 2
+    rise 1
+}
+vrrp_instance VI_1 {
+    state BACKUP
+    interface eth0
+    virtual_router_id 51
+    priority 150
+    advert_int 1
+    nopreempt
+    unicast_src_ip 10.0.0.2
+    unicast_peer {
+        10.0.0.3
+    }
+    authentication {
+        auth_type PASS
+        auth_pass s3cr3t-longer-than-8
+    }
+    track_script {
+        chk_xlb
+    }
+    virtual_ipaddress {
+        10.0.0.100/24 dev eth0
+    }
+    notify_master "/etc/xlb/master.sh up"
+}
+vrrp_sync_group G1 {
+    group {
+        VI_1
+    }
+}
+"#;
+
+    #[test]
+    fn keepalived_seed_converts_with_keepalived_defaults() {
+        let k = crate::keepalived::parse_str(Path::new("k.conf"), SEED).unwrap();
+        let (ha, warnings) = from_keepalived(&k).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let i = &ha.instances[0];
+        assert_eq!(
+            (i.vrid, i.priority, i.version, i.advert_int_cs),
+            (51, 150, 2, 100)
+        );
+        assert!(i.nopreempt && !i.initial_master);
+        assert_eq!(i.auth_pass, Some(*b"s3cr3t-l"));
+        assert_eq!(i.unicast_src_ip, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(i.unicast_peers, vec!["10.0.0.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            i.vips,
+            vec![Vip {
+                addr: "10.0.0.100".parse().unwrap(),
+                prefix: 24,
+                dev: Some("eth0".into())
+            }]
+        );
+        // The script's weight is the track_script default; the global GARP delay applies.
+        assert_eq!(i.track_scripts[0].weight, -20);
+        assert_eq!(i.garp.master_delay, Duration::from_secs(1));
+        assert_eq!(i.garp.master_repeat, 5);
+        assert_eq!(
+            i.notify.master,
+            Some(vec!["/etc/xlb/master.sh".into(), "up".into()])
+        );
+        assert_eq!(ha.scripts[0].interval, Duration::from_secs(2));
+        assert_eq!((ha.scripts[0].rise, ha.scripts[0].fall), (1, 2));
+        assert_eq!(ha.groups[0].members, vec!["VI_1".to_string()]);
+        let sync = ha.conn_sync.as_ref().unwrap();
+        assert_eq!(
+            (
+                sync.interface.as_str(),
+                sync.instance.as_str(),
+                sync.sync_id
+            ),
+            ("eth0", "VI_1", 7)
+        );
+        assert_eq!(sync.group, IpAddr::V4(SYNC_GROUP_V4));
+        // `xlb config convert`: the TOML reads back to the same model.
+        assert_eq!(parse(&to_toml(&ha)).unwrap(), ha);
+    }
+
+    #[test]
+    fn keepalived_defaults_for_state_master_and_ipv6() {
+        let k = crate::keepalived::parse_str(
+            Path::new("k.conf"),
+            "vrrp_instance A { state MASTER\n interface eth0\n virtual_router_id 9\n virtual_ipaddress { 2001:db8::1/64 }\n}\n",
+        )
+        .unwrap();
+        let (ha, _) = from_keepalived(&k).unwrap();
+        // state MASTER without priority: an address owner; IPv6: version 3.
+        assert_eq!(
+            (ha.instances[0].priority, ha.instances[0].version),
+            (255, 3)
+        );
+        assert!(ha.instances[0].initial_master);
+    }
+
+    #[test]
+    fn toml_defaults_and_errors() {
+        let ha = parse(
+            "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1\"]\nadvert_int = 1.4\n",
+        )
+        .unwrap();
+        let i = &ha.instances[0];
+        // v2 rounds the interval to whole seconds; /32 by default.
+        assert_eq!(
+            (i.priority, i.version, i.advert_int_cs, i.vips[0].prefix),
+            (100, 2, 100, 32)
+        );
+        for (text, want) in [
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = []\n",
+                "t.toml:3:1: vrrp instance \"V\" has no virtual_ipaddress",
+            ),
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1\", \"2001:db8::1\"]\n",
+                "is not of the family of",
+            ),
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1\"]\ntrack_script = [\"nope\"]\n",
+                "track_script \"nope\" names no vrrp_script",
+            ),
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nversion = 3\nauth_pass = \"x\"\nvirtual_ipaddress = [\"10.1.1.1\"]\n",
+                "authentication exists only in VRRP version 2",
+            ),
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1/33\"]\n",
+                "prefix length 33",
+            ),
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1\"]\nstate = \"leader\"\n",
+                "state \"leader\" is not master or backup",
+            ),
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1\"]\n[[vrrp]]\nname = \"W\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.2\"]\n",
+                "virtual_router_id 5 is used twice on eth0",
+            ),
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1\"]\n[conn_sync]\ninterface = \"eth0\"\ninstance = \"X\"\n",
+                "conn_sync names vrrp instance \"X\"",
+            ),
+            (
+                "[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1\"]\nprority = 5\n",
+                "unknown field `prority`",
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains(want), "{e}\nwanted: {want}");
+        }
+    }
+}

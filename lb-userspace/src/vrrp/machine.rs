@@ -425,7 +425,11 @@ impl Machine {
     }
 
     /// Starts every instance (keepalived's `vrrp_init_state`).
-    pub fn start(&mut self, now: Instant) -> Vec<Action> {
+    /// `resume[i]`: instance `i` was master in the daemon this one takes over from (its
+    /// addresses are still in place): it stays master without an election, so an upgrade
+    /// does not move the VIPs (a peer that became master meanwhile is settled by the
+    /// adverts, as between any two masters).
+    pub fn start(&mut self, now: Instant, resume: &[bool]) -> Vec<Action> {
         let mut out = Vec::new();
         self.started = true;
         for i in 0..self.insts.len() {
@@ -434,6 +438,8 @@ impl Machine {
             self.insts[i].fault = fault.clone();
             if !fault.is_empty() {
                 self.enter_fault(i, now, fault.join("; "), &mut out);
+            } else if resume.get(i) == Some(&true) {
+                self.become_master(i, now, "resumed from the previous daemon".into(), &mut out);
             } else if self.insts[i].priority == 255 && self.insts[i].cfg.initial_master {
                 // An owner takes over at once (no BACKUP notification).
                 self.insts[i].down_at = Some(now);
@@ -960,7 +966,7 @@ mod tests {
 
     fn start(node: &mut Node, t0: Instant, t: Duration) {
         node.up = true;
-        for a in node.m.start(t0 + t) {
+        for a in node.m.start(t0 + t, &[]) {
             node.log.push((t, a));
         }
     }
@@ -994,6 +1000,26 @@ mod tests {
             .filter(|(_, a)| matches!(a, Action::Advert { priority: 100, .. }))
             .count();
         assert_eq!(adverts, 2, "{:?}", nodes[0].log);
+    }
+
+    #[test]
+    fn a_resumed_master_stays_master_without_an_election() {
+        let t0 = Instant::now();
+        let mut n = node(ha(vec![instance("VI_1", 100)]), "10.9.0.2");
+        n.up = true;
+        let acts = n.m.start(t0, &[true]);
+        assert_eq!(n.m.insts[0].state, State::Master);
+        assert_eq!(
+            acts[..3],
+            [
+                Action::Advert {
+                    inst: 0,
+                    priority: 100
+                },
+                Action::AddVips(0),
+                Action::Garp { inst: 0, repeat: 5 }
+            ]
+        );
     }
 
     #[test]
@@ -1229,7 +1255,7 @@ mod tests {
         i.auth_pass = Some(*b"secret12");
         let mut m = Machine::new(&ha(vec![i]));
         m.insts[0].source = Some("10.9.0.2".parse().unwrap());
-        m.start(Instant::now());
+        m.start(Instant::now(), &[]);
         let src: IpAddr = "10.9.0.1".parse().unwrap();
         let good = Advert {
             version: 2,

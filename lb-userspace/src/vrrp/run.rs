@@ -94,6 +94,12 @@ impl Vrrp {
         let _ = self.cmds.send(Cmd::Dataplane(up));
     }
 
+    /// Hands over to a successor (`xlb run --takeover`): the addresses stay where they are
+    /// and nothing is sent; the successor resumes.
+    pub fn hand_over(self) {
+        self.task.abort();
+    }
+
     /// Stops cleanly: masters send priority 0 and give up their VIPs; notify_stop runs.
     pub async fn shutdown(self) {
         let (tx, rx) = oneshot::channel();
@@ -105,11 +111,14 @@ impl Vrrp {
 }
 
 /// Starts VRRP for `ha` (nothing to do without instances: `None`).
-pub async fn start(ha: Ha, script_user: Option<String>) -> Result<Option<Vrrp>> {
+/// `resume`: this daemon took over a running data plane (an upgrade, or after a crash):
+/// instances whose addresses are all still in place were master and stay master.
+pub async fn start(ha: Ha, script_user: Option<String>, resume: bool) -> Result<Option<Vrrp>> {
     if ha.instances.is_empty() {
         return Ok(None);
     }
     let mut rt = Runtime::new(ha, script_user).await?;
+    rt.resume = resume;
     let (cmds, cmd_rx) = mpsc::unbounded_channel();
     let status = rt.status.clone();
     let (states_tx, states) = watch::channel(HashMap::new());
@@ -140,6 +149,8 @@ struct Runtime {
     states: Option<watch::Sender<HashMap<String, State>>>,
     /// SystemTime of each instance's last transition.
     since: Vec<SystemTime>,
+    /// See [`start`].
+    resume: bool,
 }
 
 impl Runtime {
@@ -214,6 +225,7 @@ impl Runtime {
             status: Arc::new(Mutex::new(Vec::new())),
             states: None,
             since: vec![SystemTime::now(); n],
+            resume: false,
         })
     }
 
@@ -232,9 +244,16 @@ impl Runtime {
     }
 
     async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) -> Result<()> {
-        // keepalived removes VIPs left over from an earlier run before it starts.
-        for i in 0..self.ha.instances.len() {
-            self.remove_vips(i, true).await;
+        // keepalived removes VIPs left over from an earlier run before it starts; a daemon
+        // taking over keeps those of the instances that were master.
+        let mut resume = vec![false; self.ha.instances.len()];
+        for (i, r) in resume.iter_mut().enumerate() {
+            if self.resume && self.vips_in_place(i).await {
+                info!(instance = %self.ha.instances[i].name, "the previous daemon was master: resuming");
+                *r = true;
+            } else {
+                self.remove_vips(i, true).await;
+            }
         }
         let links = self.tracked_links();
         for l in &links {
@@ -268,7 +287,7 @@ impl Runtime {
             ));
         }
         let now = Instant::now();
-        let acts = self.m.start(now.into_std());
+        let acts = self.m.start(now.into_std(), &resume);
         self.execute(acts).await;
         self.publish();
 
@@ -572,6 +591,18 @@ impl Runtime {
     fn vip_link(&self, i: usize, dev: &Option<String>) -> &Link {
         let name = dev.as_ref().unwrap_or(&self.ha.instances[i].interface);
         &self.links[name]
+    }
+
+    /// Whether every address of instance `i` is on its interface.
+    async fn vips_in_place(&self, i: usize) -> bool {
+        let c = &self.ha.instances[i];
+        for v in c.vips.iter().chain(&c.excluded_vips) {
+            let l = self.vip_link(i, &v.dev).ifindex;
+            if !self.addrs.has(l, v.addr).await.unwrap_or(false) {
+                return false;
+            }
+        }
+        true
     }
 
     async fn add_vips(&mut self, i: usize) {
