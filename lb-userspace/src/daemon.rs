@@ -469,7 +469,7 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
     }
     if let Some(v) = vrrp {
         if handing_over {
-            v.hand_over();
+            v.hand_over().await;
         } else {
             v.shutdown().await;
         }

@@ -954,6 +954,31 @@ virtual_server 10.100.0.100 8080 {
         assert!(Instant::now() < deadline, "{}", b.bench.log("xlb.log"));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The file's vrrp_instance runs: VI_1 (state MASTER, priority 100: not an owner) takes
+    // the VIP after one master-down interval, having removed the one the bench put there
+    // (as keepalived does at start).
+    while !b.bench.log("xlb.log").contains("to=\"MASTER\"") {
+        assert!(Instant::now() < deadline, "{}", b.bench.log("xlb.log"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        b.bench
+            .log("xlb.log")
+            .contains("removed a virtual address left over"),
+        "{}",
+        b.bench.log("xlb.log")
+    );
+    let status = run(&[
+        &xlb_bin().to_string_lossy(),
+        "status",
+        "--socket",
+        &b.socket().to_string_lossy(),
+    ])
+    .unwrap();
+    assert!(
+        status.contains("vrrp      VI_1 eth0 vrid 51 v2 MASTER prio 100/100"),
+        "{status}"
+    );
     let mut want = String::from(
         "IP Virtual Server version 1.2.1 (size=1048576)\n\
          Prot LocalAddress:Port Scheduler Flags\n  \

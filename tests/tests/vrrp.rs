@@ -107,6 +107,45 @@ fn adverts_from<'a>(decoded: &'a str, src: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The master `dead` loses its link: `survivor` (priority `prio`, advert_int 1 s) must take
+/// the VIP over within its master-down interval plus the allowance, and not before the
+/// interval's worth of missed adverts (less the part of one interval that had passed since
+/// the last advert).
+fn master_link_dies(b: &HaBench, dead: &str, survivor: &str, prio: u32) {
+    let t0 = Instant::now();
+    b.bench
+        .exec(dead, &["ip", "link", "set", "eth0", "down"])
+        .unwrap();
+    let took = b
+        .wait_addr(survivor, VIP, true, secs(mdi(prio, 1.0) + 2.0))
+        .unwrap_or_else(|| panic!("{survivor} did not take over"));
+    assert!(took <= secs(mdi(prio, 1.0) + ALLOWANCE), "took {took:?}");
+    assert!(
+        t0.elapsed() >= secs(mdi(prio, 1.0) - 1.0 - 0.05),
+        "too early: {:?}",
+        t0.elapsed()
+    );
+}
+
+/// `node`'s link comes back and it (priority `prio`, the higher) preempts `other` one
+/// master-down interval later; then one master.
+fn link_returns_and_preempts(b: &HaBench, node: &str, other: &str, prio: u32, log: &str) {
+    b.bench
+        .exec(node, &["ip", "link", "set", "eth0", "up"])
+        .unwrap();
+    assert!(
+        b.wait_addr(node, VIP, true, secs(mdi(prio, 1.0) + 3.0))
+            .is_some(),
+        "{node} did not take the VIP back:\n{}",
+        b.bench.log(log)
+    );
+    assert!(
+        b.wait_addr(other, VIP, false, secs(1.0)).is_some(),
+        "{other} kept the VIP"
+    );
+    assert_one_master(b, VIP, secs(1.5));
+}
+
 #[test]
 fn xlb_master_keepalived_backup_v2_multicast() {
     require_root();
@@ -196,19 +235,7 @@ fn xlb_master_keepalived_backup_v2_multicast() {
     assert_one_master(&b, VIP, secs(2.0));
     // xlb's node dies (link down): keepalived takes over within its MDI (+ allowance); xlb's
     // instance faults (its interface is tracked) and lets go of the VIP.
-    let t0 = Instant::now();
-    b.bench
-        .exec(&a, &["ip", "link", "set", "eth0", "down"])
-        .unwrap();
-    let took = b
-        .wait_addr(&bn, VIP, true, secs(mdi(100, 1.0) + 2.0))
-        .expect("keepalived did not take over");
-    assert!(took <= secs(mdi(100, 1.0) + ALLOWANCE), "took {took:?}");
-    assert!(
-        t0.elapsed() >= secs(mdi(100, 1.0) - 1.0 - 0.05),
-        "too early: {:?}",
-        t0.elapsed()
-    );
+    master_link_dies(&b, &a, &bn, 100);
     assert!(b.wait_addr(&a, VIP, false, secs(1.0)).is_some());
     assert!(
         vrrp_line(&sock, "VI_1").contains("FAULT"),
@@ -216,17 +243,7 @@ fn xlb_master_keepalived_backup_v2_multicast() {
         vrrp_line(&sock, "VI_1")
     );
     // Back up: BACKUP first, then xlb preempts (150 > 100) one MDI(150) later.
-    b.bench
-        .exec(&a, &["ip", "link", "set", "eth0", "up"])
-        .unwrap();
-    assert!(
-        b.wait_addr(&a, VIP, true, secs(mdi(150, 1.0) + 2.0))
-            .is_some(),
-        "{}",
-        b.bench.log("xa.log")
-    );
-    assert!(b.wait_addr(&bn, VIP, false, secs(1.0)).is_some());
-    assert_one_master(&b, VIP, secs(1.5));
+    link_returns_and_preempts(&b, &a, &bn, 150, "xa.log");
     // A clean stop sends priority 0: keepalived takes over after its skew time.
     let t0 = Instant::now();
     signal(x_pid, nix::sys::signal::Signal::SIGTERM);
@@ -304,35 +321,11 @@ fn keepalived_master_xlb_backup_failover_and_preemption() {
         "{line}"
     );
     // The master dies (its link goes): xlb takes over within MDI(100) + allowance.
-    let t0 = Instant::now();
-    b.bench
-        .exec(&a, &["ip", "link", "set", "eth0", "down"])
-        .unwrap();
-    let took = b
-        .wait_addr(&bn, VIP, true, secs(mdi(100, 1.0) + 2.0))
-        .expect("xlb did not take over");
-    assert!(took <= secs(mdi(100, 1.0) + ALLOWANCE), "took {took:?}");
-    // At least the down interval's worth of missed adverts before that (less up to one
-    // interval that passed since the last advert).
-    assert!(
-        t0.elapsed() >= secs(mdi(100, 1.0) - 1.0 - 0.05),
-        "too early: {:?}",
-        t0.elapsed()
-    );
+    master_link_dies(&b, &a, &bn, 100);
     let line = vrrp_line(&sock, "VI_1");
     assert!(line.contains("MASTER prio 100/100"), "{line}");
     // It comes back: keepalived (150) preempts, xlb yields.
-    b.bench
-        .exec(&a, &["ip", "link", "set", "eth0", "up"])
-        .unwrap();
-    assert!(
-        b.wait_addr(&bn, VIP, false, secs(mdi(150, 1.0) + 3.0))
-            .is_some(),
-        "xlb kept the VIP:\n{}",
-        b.bench.log("xb.log")
-    );
-    assert!(b.wait_addr(&a, VIP, true, secs(1.0)).is_some());
-    assert_one_master(&b, VIP, secs(2.0));
+    link_returns_and_preempts(&b, &a, &bn, 150, "ka.log");
     // keepalived stops cleanly (priority 0): xlb takes over at once (skew time).
     let t0 = Instant::now();
     signal(ka_pid, nix::sys::signal::Signal::SIGTERM);

@@ -181,7 +181,8 @@ pub struct SyncGroup {
 pub struct ConnSync {
     pub interface: String,
     pub instance: String,
-    pub sync_id: u8,
+    /// Default: the instance's virtual_router_id (keepalived).
+    pub sync_id: Option<u8>,
     /// Multicast group, or a unicast peer (send) / local address (receive).
     pub group: IpAddr,
     /// Unicast instead of multicast: the peer to send to.
@@ -196,7 +197,7 @@ impl Default for ConnSync {
         ConnSync {
             interface: String::new(),
             instance: String::new(),
-            sync_id: 0,
+            sync_id: None,
             group: IpAddr::V4(SYNC_GROUP_V4),
             peer: None,
             port: SYNC_PORT,
@@ -341,13 +342,14 @@ pub fn complete(ha: &mut Ha) -> Result<Vec<String>, String> {
             }
         }
     }
-    if let Some(s) = &ha.conn_sync
-        && !inst_names.contains(&s.instance)
-    {
-        return Err(format!(
-            "conn_sync names vrrp instance \"{}\", which is not defined",
-            s.instance
-        ));
+    if let Some(s) = &mut ha.conn_sync {
+        let Some(i) = ha.instances.iter().find(|i| i.name == s.instance) else {
+            return Err(format!(
+                "conn_sync names vrrp instance \"{}\", which is not defined",
+                s.instance
+            ));
+        };
+        s.sync_id.get_or_insert(i.vrid);
     }
     Ok(warnings)
 }
@@ -538,8 +540,7 @@ pub(crate) struct FileSyncGroup {
 pub(crate) struct FileConnSync {
     interface: String,
     instance: String,
-    #[serde(default)]
-    id: u8,
+    id: Option<u8>,
     group: Option<IpAddr>,
     peer: Option<IpAddr>,
     port: Option<u16>,
@@ -569,7 +570,8 @@ fn notify(
     })
 }
 
-fn tracks(v: &[FileTrack], default: impl Fn(&str) -> i32) -> Result<Vec<Track>, String> {
+/// `default`: the (weight, reverse) of an entry that gives no weight (a script's own).
+fn tracks(v: &[FileTrack], default: impl Fn(&str) -> (i32, bool)) -> Result<Vec<Track>, String> {
     v.iter()
         .map(|t| {
             let (name, weight, reverse) = match t {
@@ -580,7 +582,10 @@ fn tracks(v: &[FileTrack], default: impl Fn(&str) -> i32) -> Result<Vec<Track>, 
                     reverse,
                 } => (name.clone(), *weight, *reverse),
             };
-            let weight = weight.unwrap_or_else(|| default(&name));
+            let (weight, reverse) = match weight {
+                Some(w) => (w, reverse),
+                None => default(&name),
+            };
             if !(-253..=253).contains(&weight) {
                 return Err(format!(
                     "track \"{name}\": weight {weight} is not -253..=253"
@@ -626,8 +631,14 @@ pub(crate) fn script_from_file(s: FileScript) -> Result<Script, String> {
     })
 }
 
-fn script_weight(scripts: &[Script]) -> impl Fn(&str) -> i32 + '_ {
-    |n: &str| scripts.iter().find(|s| s.name == n).map_or(0, |s| s.weight)
+/// A track_script entry without a weight takes its script's weight and direction.
+fn script_weight(scripts: &[Script]) -> impl Fn(&str) -> (i32, bool) + '_ {
+    |n: &str| {
+        scripts
+            .iter()
+            .find(|s| s.name == n)
+            .map_or((0, false), |s| (s.weight, s.reverse))
+    }
 }
 
 /// A `[[vrrp]]` as written → the model (`scripts`: the file's vrrp_scripts, whose weights
@@ -708,7 +719,7 @@ pub(crate) fn instance_from_file(f: FileInstance, scripts: &[Script]) -> Result<
         down_timer_adverts: f.down_timer_adverts.unwrap_or(3).clamp(1, 100),
         dont_track_primary: f.dont_track_primary,
         track_scripts: tracks(&f.track_script, script_weight(scripts)).map_err(ctx)?,
-        track_interfaces: tracks(&f.track_interface, |_| 0).map_err(ctx)?,
+        track_interfaces: tracks(&f.track_interface, |_| (0, false)).map_err(ctx)?,
         track_dataplane: f.track_dataplane.map(|t| TrackDataplane {
             services: t.services,
             weight: t.weight,
@@ -732,7 +743,7 @@ pub(crate) fn group_from_file(g: FileSyncGroup, scripts: &[Script]) -> Result<Sy
     Ok(SyncGroup {
         members: g.group.clone(),
         track_scripts: tracks(&g.track_script, script_weight(scripts)).map_err(ctx)?,
-        track_interfaces: tracks(&g.track_interface, |_| 0).map_err(ctx)?,
+        track_interfaces: tracks(&g.track_interface, |_| (0, false)).map_err(ctx)?,
         tracking_weight: g.sync_group_tracking_weight,
         notify: notify(
             &g.notify_master,
@@ -767,12 +778,21 @@ fn script_cmd(s: &Option<crate::keepalived::Script>) -> Option<Command> {
     s.as_ref().map(|s| s.argv()).filter(|a| !a.is_empty())
 }
 
-fn ka_tracks(v: &[crate::keepalived::TrackEntry], default: impl Fn(&str) -> i32) -> Vec<Track> {
+fn ka_tracks(
+    v: &[crate::keepalived::TrackEntry],
+    default: impl Fn(&str) -> (i32, bool),
+) -> Vec<Track> {
     v.iter()
-        .map(|t| Track {
-            name: t.name.clone(),
-            weight: t.weight.unwrap_or_else(|| default(&t.name)),
-            reverse: t.reverse,
+        .map(|t| {
+            let (weight, reverse) = match t.weight {
+                Some(w) => (w, t.reverse),
+                None => default(&t.name),
+            };
+            Track {
+                name: t.name.clone(),
+                weight,
+                reverse,
+            }
         })
         .collect()
 }
@@ -782,6 +802,29 @@ fn ka_tracks(v: &[crate::keepalived::TrackEntry], default: impl Fn(&str) -> i32)
 pub fn from_keepalived(k: &crate::keepalived::Keepalived) -> Result<(Ha, Vec<String>), String> {
     let g = &k.global_defs;
     let mut warnings = Vec::new();
+    // Global defaults of instance settings (`vrrp_lower_prio_no_advert [true|false]`, ...).
+    let global_flag = |name: &str| {
+        g.raw
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.args.first().is_none_or(|a| a != "false"))
+    };
+    for (name, standard) in [
+        ("vrrp_mcast_group4", "224.0.0.18"),
+        ("vrrp_mcast_group6", "ff02::12"),
+    ] {
+        if let Some(d) = g.raw.iter().find(|d| d.name == name)
+            && d.args.first().and_then(|a| a.parse::<IpAddr>().ok())
+                != standard.parse::<IpAddr>().ok()
+        {
+            // Peers on another group would never hear each other: both would be master.
+            return Err(format!(
+                "{}: {name} {}: xlb advertises to the standard group {standard} only",
+                d.loc,
+                d.args.join(" ")
+            ));
+        }
+    }
     let mut ha = Ha::default();
     for s in &k.vrrp_scripts {
         ha.scripts.push(Script {
@@ -860,7 +903,13 @@ pub fn from_keepalived(k: &crate::keepalived::Keepalived) -> Result<(Ha, Vec<Str
             unicast_src_ip: i.unicast_src_ip,
             unicast_peers: i.unicast_peers.iter().map(|p| p.addr).collect(),
             unicast_ttl: i.unicast_ttl,
-            check_unicast_src: i.check_unicast_src,
+            // A peer's min_ttl/max_ttl implies checking the source (the TTL range itself
+            // is not checked).
+            check_unicast_src: i.check_unicast_src
+                || global_flag("vrrp_check_unicast_src") == Some(true)
+                || i.unicast_peers
+                    .iter()
+                    .any(|p| p.min_ttl.is_some() || p.max_ttl.is_some()),
             vips,
             excluded_vips: i.virtual_ipaddress_excluded.iter().map(vip).collect(),
             garp: Garp {
@@ -875,13 +924,19 @@ pub fn from_keepalived(k: &crate::keepalived::Keepalived) -> Result<(Ha, Vec<Str
                 lower_prio_repeat: repeat,
                 lower_prio_delay: delay,
             },
-            lower_prio_no_advert: i.lower_prio_no_advert.unwrap_or(false),
-            higher_prio_send_advert: i.higher_prio_send_advert.unwrap_or(false),
+            lower_prio_no_advert: i
+                .lower_prio_no_advert
+                .or(global_flag("vrrp_lower_prio_no_advert"))
+                .unwrap_or(false),
+            higher_prio_send_advert: i
+                .higher_prio_send_advert
+                .or(global_flag("vrrp_higher_prio_send_advert"))
+                .unwrap_or(false),
             v3_checksum_as_v2: i.v3_checksum_as_v2.unwrap_or(false),
             down_timer_adverts: i.down_timer_adverts.unwrap_or(3),
             dont_track_primary: i.dont_track_primary,
             track_scripts: ka_tracks(&i.track_script, script_weight(&ha.scripts)),
-            track_interfaces: ka_tracks(&i.track_interface, |_| 0),
+            track_interfaces: ka_tracks(&i.track_interface, |_| (0, false)),
             track_dataplane: None,
             notify: Notify {
                 master: script_cmd(&i.notify_master),
@@ -897,7 +952,7 @@ pub fn from_keepalived(k: &crate::keepalived::Keepalived) -> Result<(Ha, Vec<Str
             name: s.name.clone(),
             members: s.group.clone(),
             track_scripts: ka_tracks(&s.track_script, script_weight(&ha.scripts)),
-            track_interfaces: ka_tracks(&s.track_interface, |_| 0),
+            track_interfaces: ka_tracks(&s.track_interface, |_| (0, false)),
             tracking_weight: s.sync_group_tracking_weight,
             notify: Notify {
                 master: script_cmd(&s.notify_master),
@@ -913,7 +968,7 @@ pub fn from_keepalived(k: &crate::keepalived::Keepalived) -> Result<(Ha, Vec<Str
         ha.conn_sync = Some(ConnSync {
             interface: s.interface.clone(),
             instance: s.vrrp_instance.clone(),
-            sync_id: s.id.unwrap_or(0),
+            sync_id: s.id,
             group: s.group.unwrap_or(d.group),
             peer: None,
             port: s.port.unwrap_or(d.port),
@@ -1108,7 +1163,7 @@ pub fn to_toml(ha: &Ha) -> String {
             "interface = {}\ninstance = {}\nid = {}\ngroup = {}\nport = {}\nmaxlen = {}\nttl = {}\n",
             q(&s.interface),
             q(&s.instance),
-            s.sync_id,
+            s.sync_id.unwrap_or(0),
             q(&s.group.to_string()),
             s.port,
             s.maxlen,
@@ -1219,11 +1274,24 @@ vrrp_sync_group G1 {
                 sync.instance.as_str(),
                 sync.sync_id
             ),
-            ("eth0", "VI_1", 7)
+            ("eth0", "VI_1", Some(7))
         );
         assert_eq!(sync.group, IpAddr::V4(SYNC_GROUP_V4));
         // `xlb config convert`: the TOML reads back to the same model.
         assert_eq!(parse(&to_toml(&ha)).unwrap(), ha);
+    }
+
+    #[test]
+    fn track_entries_inherit_the_scripts_weight_and_direction() {
+        let ha = parse(
+            "[[vrrp_script]]\nname = \"s\"\nscript = \"/bin/true\"\nweight = 20\nreverse = true\n\n[[vrrp]]\nname = \"V\"\ninterface = \"eth0\"\nvirtual_router_id = 5\nvirtual_ipaddress = [\"10.1.1.1\"]\ntrack_script = [\"s\", { name = \"s\", weight = -5 }]\n\n[conn_sync]\ninterface = \"eth0\"\ninstance = \"V\"\n",
+        )
+        .unwrap();
+        let t = &ha.instances[0].track_scripts;
+        assert_eq!((t[0].weight, t[0].reverse), (20, true));
+        assert_eq!((t[1].weight, t[1].reverse), (-5, false));
+        // keepalived: the sync id defaults to the instance's VRID.
+        assert_eq!(ha.conn_sync.unwrap().sync_id, Some(5));
     }
 
     #[test]

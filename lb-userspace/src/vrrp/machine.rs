@@ -415,13 +415,18 @@ impl Machine {
             }
             out.push(Action::RemoveVips(i));
         }
+        self.clear_timers(i);
+        self.transition(i, State::Fault, reason, now, out);
+    }
+
+    /// No timer of instance `i` runs (FAULT, stopped).
+    fn clear_timers(&mut self, i: usize) {
         let inst = &mut self.insts[i];
         inst.down_at = None;
         inst.advert_at = None;
         inst.garp_at = None;
         inst.refresh_at = None;
         inst.want_master = false;
-        self.transition(i, State::Fault, reason, now, out);
     }
 
     /// Starts every instance (keepalived's `vrrp_init_state`).
@@ -437,11 +442,18 @@ impl Machine {
             self.insts[i].priority = prio;
             self.insts[i].fault = fault.clone();
             if !fault.is_empty() {
+                if resume.get(i) == Some(&true) {
+                    // The previous daemon's addresses are still in place: let go of them.
+                    out.push(Action::RemoveVips(i));
+                }
                 self.enter_fault(i, now, fault.join("; "), &mut out);
             } else if resume.get(i) == Some(&true) {
                 self.become_master(i, now, "resumed from the previous daemon".into(), &mut out);
             } else if self.insts[i].priority == 255 && self.insts[i].cfg.initial_master {
-                // An owner takes over at once (no BACKUP notification).
+                // An owner takes over at once: BACKUP with an expired timer, without the
+                // BACKUP notification (keepalived), so a sync group sees it wanting MASTER.
+                self.insts[i].state = State::Backup;
+                self.insts[i].want_master = true;
                 self.insts[i].down_at = Some(now);
             } else {
                 self.enter_backup(i, now, "starting".into(), &mut out);
@@ -504,22 +516,21 @@ impl Machine {
                     inst.down_at = Some(now + iv + iv / 256);
                     continue;
                 }
-                let reason =
-                    if self.insts[i].priority == 255 && self.insts[i].state != State::Backup {
-                        "address owner".to_string()
-                    } else {
-                        let local = self.insts[i].priority;
-                        match self.insts[i].master {
-                            Some((a, 0)) => format!("master {a} stopped (priority 0)"),
-                            Some((a, p)) if p < local => {
-                                format!("preempting master {a} (priority {p} < {local})")
-                            }
-                            Some((a, _)) => format!(
-                                "no advertisement from master {a} within the master down interval"
-                            ),
-                            None => "no master heard within the master down interval".to_string(),
+                let reason = if self.insts[i].priority == 255 && self.insts[i].transitions == 0 {
+                    "address owner".to_string()
+                } else {
+                    let local = self.insts[i].priority;
+                    match self.insts[i].master {
+                        Some((a, 0)) => format!("master {a} stopped (priority 0)"),
+                        Some((a, p)) if p < local => {
+                            format!("preempting master {a} (priority {p} < {local})")
                         }
-                    };
+                        Some((a, _)) => format!(
+                            "no advertisement from master {a} within the master down interval"
+                        ),
+                        None => "no master heard within the master down interval".to_string(),
+                    }
+                };
                 self.become_master(i, now, reason, &mut out);
                 // The rest of the group follows.
                 if let Some(g) = self.insts[i].group {
@@ -718,6 +729,10 @@ impl Machine {
                             inst: i,
                             repeat: g.lower_prio_repeat,
                         });
+                        if !g.lower_prio_delay.is_zero() {
+                            self.insts[i].garp_at =
+                                Some((now + g.lower_prio_delay, g.lower_prio_repeat));
+                        }
                     }
                 }
             }
@@ -795,18 +810,23 @@ impl Machine {
                 self.insts[i].adverts_sent += 1;
                 out.push(Action::RemoveVips(i));
             }
+            self.clear_timers(i);
             let inst = &mut self.insts[i];
-            inst.down_at = None;
-            inst.advert_at = None;
-            inst.garp_at = None;
-            inst.refresh_at = None;
             let from = inst.state;
             inst.state = State::Init;
-            out.push(Action::Transition {
-                inst: i,
-                from,
-                to: State::Init,
-                reason: "stopping".into(),
+            if from != State::Init {
+                out.push(Action::Transition {
+                    inst: i,
+                    from,
+                    to: State::Init,
+                    reason: "stopping".into(),
+                });
+            }
+        }
+        for g in 0..self.groups.len() {
+            out.push(Action::GroupTransition {
+                group: g,
+                state: State::Init,
             });
         }
         out
@@ -1020,6 +1040,27 @@ mod tests {
                 Action::Garp { inst: 0, repeat: 5 }
             ]
         );
+    }
+
+    #[test]
+    fn an_owner_in_a_sync_group_waits_for_the_group_then_all_go_master() {
+        let t0 = Instant::now();
+        let mut owner = instance("VI_1", 255);
+        owner.initial_master = true;
+        let mut other = instance("VI_2", 100);
+        other.vrid = 52;
+        let mut h = ha(vec![owner, other]);
+        h.groups.push(config::SyncGroup {
+            name: "G".into(),
+            members: vec!["VI_1".into(), "VI_2".into()],
+            ..Default::default()
+        });
+        let mut nodes = [node(h, "10.9.0.2")];
+        start(&mut nodes[0], t0, ms(0));
+        run(&mut nodes, t0, ms(0), ms(5000));
+        // The other member's timer (MDI(100)) decides; the owner goes with it.
+        assert!(nodes[0].m.insts.iter().all(|i| i.state == State::Master));
+        assert_eq!(became(&nodes[0], State::Master), vec![ms(3610), ms(3610)]);
     }
 
     #[test]

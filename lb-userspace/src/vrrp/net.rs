@@ -127,14 +127,8 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Opens the sockets; `multicast` joins the VRRP group on the interface. `v6_source` is
-    /// the IPv6 source adverts leave with (link-local, or the unicast source).
-    pub fn open(
-        link: &Link,
-        v6: bool,
-        multicast: bool,
-        v6_source: Option<Ipv6Addr>,
-    ) -> Result<Socket> {
+    /// Opens the sockets; `multicast` joins the VRRP group on the interface.
+    pub fn open(link: &Link, v6: bool, multicast: bool) -> Result<Socket> {
         let ifindex = link.ifindex as i32;
         let one: libc::c_int = 1;
         let zero: libc::c_int = 0;
@@ -269,12 +263,6 @@ impl Socket {
                 "IPV6_MULTICAST_LOOP",
             )?;
             setsockopt(&tx, libc::SOL_SOCKET, libc::SO_RCVBUF, &zero, "SO_RCVBUF")?;
-            if let Some(src) = v6_source {
-                // The source of every advert (bound, so the kernel uses it).
-                let sa = SockaddrIn6::from(SocketAddrV6::new(src, 0, 0, link.ifindex));
-                nix::sys::socket::bind(tx.as_raw_fd(), &sa)
-                    .with_context(|| format!("binding the VRRP socket to {src}%{}", link.name))?;
-            }
             (rx, tx)
         };
         Ok(Socket {
@@ -316,7 +304,22 @@ impl Socket {
                 let to = SockaddrIn6::from(SocketAddrV6::new(d, 0, 0, scope));
                 let iov = [io::IoSlice::new(msg)];
                 let hops: libc::c_int = ttl as libc::c_int;
-                let cmsg = [ControlMessage::Ipv6HopLimit(&hops)];
+                // The source of this instance's adverts, per packet (instances on one
+                // interface may have different ones; nothing is bound, so a tentative
+                // link-local address does not stop the socket from opening).
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: match src {
+                            IpAddr::V6(a) => a.octets(),
+                            IpAddr::V4(_) => unreachable!("matched above"),
+                        },
+                    },
+                    ipi6_ifindex: self.link.ifindex,
+                };
+                let cmsg = [
+                    ControlMessage::Ipv6HopLimit(&hops),
+                    ControlMessage::Ipv6PacketInfo(&info),
+                ];
                 sendmsg(
                     self.tx.as_raw_fd(),
                     &iov,

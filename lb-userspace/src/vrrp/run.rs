@@ -80,6 +80,8 @@ pub struct Vrrp {
 
 enum Cmd {
     Shutdown(oneshot::Sender<()>),
+    /// Stop without a word: the successor resumes.
+    HandOver(oneshot::Sender<()>),
     /// The data plane's health per instance index (see `track_dataplane`).
     Dataplane(HashMap<usize, bool>),
 }
@@ -96,7 +98,11 @@ impl Vrrp {
 
     /// Hands over to a successor (`xlb run --takeover`): the addresses stay where they are
     /// and nothing is sent; the successor resumes.
-    pub fn hand_over(self) {
+    pub async fn hand_over(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::HandOver(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), rx).await;
+        }
         self.task.abort();
     }
 
@@ -174,14 +180,10 @@ impl Runtime {
         let mut m = Machine::new(&ha);
         // Sources: configured, else the interface's (its first IPv4 that is not a VIP, or
         // its link-local IPv6 address).
+        // No instance's VIP may become a source (leftovers may still be on the interface).
+        let vips = all_vips(&ha);
         for (idx, i) in ha.instances.iter().enumerate() {
             let link = &links[&i.interface];
-            let vips: Vec<IpAddr> = i
-                .vips
-                .iter()
-                .chain(&i.excluded_vips)
-                .map(|v| v.addr)
-                .collect();
             let src = match i.unicast_src_ip.or(i.mcast_src_ip) {
                 Some(a) => Some(a),
                 None => addrs.source(link.ifindex, i.is_ipv6(), &vips).await?,
@@ -192,7 +194,7 @@ impl Runtime {
             m.insts[idx].source = src;
         }
         let mut sockets: Vec<((String, bool), Arc<Socket>)> = Vec::new();
-        for (idx, i) in ha.instances.iter().enumerate() {
+        for i in &ha.instances {
             let key = (i.interface.clone(), i.is_ipv6());
             let multicast = ha
                 .instances
@@ -201,11 +203,7 @@ impl Runtime {
             if sockets.iter().any(|(k, _)| *k == key) {
                 continue;
             }
-            let v6_source = match m.insts[idx].source {
-                Some(IpAddr::V6(a)) => Some(a),
-                _ => None,
-            };
-            let s = Socket::open(&links[&i.interface], i.is_ipv6(), multicast, v6_source)
+            let s = Socket::open(&links[&i.interface], i.is_ipv6(), multicast)
                 .with_context(|| format!("vrrp instance {}: opening its sockets", i.name))?;
             sockets.push((key, Arc::new(s)));
         }
@@ -320,8 +318,10 @@ impl Runtime {
                 .next_deadline()
                 .map(Instant::from_std)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            // Received adverts first: one already waiting must count before a timer that
+            // expires at the same moment.
             let acts = tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => self.m.tick(Instant::now().into_std()),
+                biased;
                 Some((r, p)) = rx_rx.recv() => {
                     let mut acts = self.received(r, p);
                     // Whatever else arrived meanwhile, in one go.
@@ -331,6 +331,7 @@ impl Runtime {
                     }
                     acts
                 }
+                _ = tokio::time::sleep_until(deadline) => self.m.tick(Instant::now().into_std()),
                 Some((name, up)) = track_rx.recv() => {
                     self.m.trackers.scripts.insert(name, up);
                     self.m.retrack(Instant::now().into_std())
@@ -373,11 +374,13 @@ impl Runtime {
                         let _ = done.send(());
                         break Ok(());
                     }
-                    None => {
-                        let acts = self.m.shutdown(Instant::now().into_std());
-                        self.execute(acts).await;
+                    Some(Cmd::HandOver(done)) => {
+                        let _ = done.send(());
                         break Ok(());
                     }
+                    // The handle went away without a word (the daemon is dying): leave
+                    // everything as it is, as a crash would.
+                    None => break Ok(()),
                 },
             };
             if !acts.is_empty() {
@@ -399,12 +402,7 @@ impl Runtime {
                 continue;
             }
             let c = &self.ha.instances[i];
-            let vips: Vec<IpAddr> = c
-                .vips
-                .iter()
-                .chain(&c.excluded_vips)
-                .map(|v| v.addr)
-                .collect();
+            let vips = all_vips(&self.ha);
             let ifindex = self.links[&c.interface].ifindex;
             if let Ok(Some(a)) = self.addrs.source(ifindex, c.is_ipv6(), &vips).await {
                 info!(instance = %c.name, source = %a, "source address found");
@@ -430,14 +428,23 @@ impl Runtime {
             IpAddr::V4(d) => d.is_multicast(),
             IpAddr::V6(d) => d.is_multicast(),
         };
-        let Some(i) = (0..self.ha.instances.len()).find(|i| {
-            let c = &self.ha.instances[*i];
-            c.interface == iface
-                && c.is_ipv6() == v6
-                && c.vrid == adv.vrid
-                && (multicast != c.unicast())
-                && (!c.unicast() || self.m.insts[*i].source == Some(p.dst))
-        }) else {
+        let candidates: Vec<usize> = (0..self.ha.instances.len())
+            .filter(|i| {
+                let c = &self.ha.instances[*i];
+                c.interface == iface
+                    && c.is_ipv6() == v6
+                    && c.vrid == adv.vrid
+                    && (multicast != c.unicast())
+                    && (!c.unicast() || self.m.insts[*i].source == Some(p.dst))
+            })
+            .collect();
+        // One VRID may serve several unicast peer sets: the instance that lists the sender.
+        let Some(i) = candidates
+            .iter()
+            .copied()
+            .find(|i| self.ha.instances[*i].unicast_peers.contains(&p.src))
+            .or(candidates.first().copied())
+        else {
             return Vec::new();
         };
         if self.m.insts[i].source == Some(p.src) {
@@ -722,6 +729,15 @@ impl Runtime {
             });
         }
     }
+}
+
+/// Every instance's virtual addresses.
+fn all_vips(ha: &Ha) -> Vec<IpAddr> {
+    ha.instances
+        .iter()
+        .flat_map(|i| i.vips.iter().chain(&i.excluded_vips))
+        .map(|v| v.addr)
+        .collect()
 }
 
 /// Runs a program (no shell) with a timeout; logs a failure.

@@ -107,7 +107,7 @@ fn transport(cfg: &ConnSync, receiver: bool) -> SyncConfig {
         ),
     };
     SyncConfig {
-        sync_id: cfg.sync_id,
+        sync_id: cfg.sync_id.unwrap_or(0),
         addr,
         interface: Some(cfg.interface.clone()),
         ttl: cfg.ttl as u32,
@@ -127,7 +127,7 @@ pub async fn start(
     let mut receiver = SyncReceiver::new(&transport(&cfg, true)).context("the sync receiver")?;
     let stats = Arc::new(SyncStats {
         instance: cfg.instance.clone(),
-        sync_id: cfg.sync_id,
+        sync_id: cfg.sync_id.unwrap_or(0),
         master: AtomicBool::new(false),
         sender: sender.counters(),
         receiver: receiver.counters(),
@@ -147,7 +147,7 @@ pub async fn start(
                 .context("the data plane's sync ring is taken already")?;
         SyncEvents::new(rb)?
     };
-    info!(instance = %cfg.instance, interface = %cfg.interface, sync_id = cfg.sync_id, group = %cfg.group, peer = ?cfg.peer, "connection sync running");
+    info!(instance = %cfg.instance, interface = %cfg.interface, sync_id = cfg.sync_id.unwrap_or(0), group = %cfg.group, peer = ?cfg.peer, "connection sync running");
     Ok(tokio::spawn(async move {
         let mut refresh = tokio::time::interval(REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
