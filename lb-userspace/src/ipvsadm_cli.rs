@@ -116,7 +116,7 @@ pub enum ListTarget {
     Connections,
     /// `-L --timeout`
     Timeout,
-    /// `-L --daemon` (xlb runs no sync daemon: nothing to print).
+    /// `-L --daemon` (the sync daemon's role, if `[conn_sync]` is configured).
     Daemon,
 }
 
@@ -124,8 +124,7 @@ const FWMARK_REFUSED: &str = "Firewall-mark services (-f) are not supported by x
 const SCTP_REFUSED: &str = "SCTP services are not supported by xlb (TCP and UDP only)";
 const OPS_REFUSED: &str = "One-packet scheduling (-o) is not supported by xlb (yet)";
 const PE_REFUSED: &str = "Persistence engines (--pe) are not supported by xlb (yet)";
-const SYNC_REFUSED: &str =
-    "The connection synchronisation daemon (--start-daemon) is not supported by xlb (yet)";
+const SYNC_REFUSED: &str = "xlb's connection synchronisation daemon follows VRRP: configure [conn_sync] (keepalived's lvs_sync_daemon) instead of --start-daemon/--stop-daemon";
 
 // ---------------------------------------------------------------------------------------
 // ipvsadm's tables
@@ -1952,8 +1951,20 @@ async fn list(socket: &Path, req: ListRequest) -> i32 {
                 return EXIT_LIST;
             }
         },
-        // No sync daemon runs in xlb.
-        ListTarget::Daemon => String::new(),
+        // The sync daemon's role of the moment, as ipvsadm prints a kernel daemon.
+        ListTarget::Daemon => match api::get_json::<api::StatusResponse>(socket, "/v1/status").await
+        {
+            Ok(r) => r.conn_sync.map_or(String::new(), |s| {
+                format!(
+                    "{} sync daemon (mcast={}, syncid={}, maxlen={}, group={}, port={}, ttl={})\n",
+                    s.role, s.interface, s.sync_id, s.maxlen, s.group, s.port, s.ttl
+                )
+            }),
+            Err(e) => {
+                stderr_line(&format!("{e:#}"));
+                return EXIT_LIST;
+            }
+        },
     };
     stdout_write(&text);
     0
@@ -3021,6 +3032,19 @@ ipvsadm -A -t 10.0.0.1:80 -s rr\n\
         async fn connections() -> Json<ConnectionsResponse> {
             Json(ConnectionsResponse::default())
         }
+        async fn status() -> Json<api::StatusResponse> {
+            Json(api::StatusResponse {
+                version: String::new(),
+                attached: Vec::new(),
+                maps: Vec::new(),
+                config: String::new(),
+                generation: 0,
+                last_reload: None,
+                connections: 0,
+                vrrp: Vec::new(),
+                conn_sync: None,
+            })
+        }
         async fn changes(
             State(m): State<Shared>,
             Json(req): Json<ChangesRequest>,
@@ -3057,6 +3081,7 @@ ipvsadm -A -t 10.0.0.1:80 -s rr\n\
             .route("/v1/services", get(services))
             .route("/v1/timeouts", get(timeouts))
             .route("/v1/connections", get(connections))
+            .route("/v1/status", get(status))
             .route("/v1/changes", axum::routing::post(changes))
             .with_state(model.clone());
         let listener = tokio::net::UnixListener::bind(&sock).unwrap();

@@ -730,6 +730,17 @@ fn connections_survive_failover_with_conn_sync() {
         status.contains("sync      master for VI_1 (id 7)"),
         "{status}"
     );
+    // ipvsadm -L --daemon shows each end's role as ipvsadm shows the kernel's daemons.
+    for (sock, role) in [(&sock1, "master"), (&sock2, "backup")] {
+        let (code, out, _) = xlb_tests::ipvsadm_in(sock, &["-L", "--daemon"], "");
+        assert_eq!(code, 0);
+        assert_eq!(
+            out,
+            format!(
+                "{role} sync daemon (mcast=eth0, syncid=7, maxlen=1472, group=224.0.0.81, port=8848, ttl=1)\n"
+            )
+        );
+    }
     // /metrics of both ends: valid for promtool, with the VRRP and sync families.
     let metrics = |ns: &str| {
         let text = b

@@ -30,8 +30,7 @@ pub const REFRESH: Duration = Duration::from_secs(30);
 
 /// Counters of the sync daemon (shared with the API and /metrics).
 pub struct SyncStats {
-    pub instance: String,
-    pub sync_id: u8,
+    pub cfg: ConnSync,
     pub master: AtomicBool,
     pub sender: Arc<SyncCounters>,
     pub receiver: Arc<SyncCounters>,
@@ -48,6 +47,12 @@ pub struct SyncStatus {
     pub instance: String,
     pub role: String,
     pub sync_id: u8,
+    pub interface: String,
+    /// The multicast group, or the unicast peer.
+    pub group: IpAddr,
+    pub port: u16,
+    pub maxlen: u16,
+    pub ttl: u8,
     pub sent_messages: u64,
     pub sent_records: u64,
     pub received_messages: u64,
@@ -75,10 +80,16 @@ impl SyncStats {
         } else {
             r.last_receive
         };
+        let c = &self.cfg;
         SyncStatus {
-            instance: self.instance.clone(),
+            instance: c.instance.clone(),
             role: if master { "master" } else { "backup" }.into(),
-            sync_id: self.sync_id,
+            sync_id: c.sync_id.unwrap_or(0),
+            interface: c.interface.clone(),
+            group: c.peer.unwrap_or(c.group),
+            port: c.port,
+            maxlen: c.maxlen,
+            ttl: c.ttl,
             sent_messages: s.messages_sent,
             sent_records: s.records_sent,
             received_messages: r.messages_received,
@@ -126,8 +137,7 @@ pub async fn start(
     let sender = SyncSender::new(&transport(&cfg, false)).context("the sync sender")?;
     let mut receiver = SyncReceiver::new(&transport(&cfg, true)).context("the sync receiver")?;
     let stats = Arc::new(SyncStats {
-        instance: cfg.instance.clone(),
-        sync_id: cfg.sync_id.unwrap_or(0),
+        cfg: cfg.clone(),
         master: AtomicBool::new(false),
         sender: sender.counters(),
         receiver: receiver.counters(),
