@@ -1064,6 +1064,60 @@ mod tests {
     }
 
     #[test]
+    fn garp_bursts_follow_garp_master_options() {
+        let t0 = Instant::now();
+        let mut i = instance("VI_1", 100);
+        i.garp = Garp {
+            master_delay: Duration::from_secs(2),
+            master_repeat: 3,
+            master_refresh: Some(Duration::from_secs(4)),
+            master_refresh_repeat: 2,
+            lower_prio_repeat: 1,
+            lower_prio_delay: Duration::from_secs(1),
+        };
+        let mut nodes = [node(ha(vec![i]), "10.9.0.2")];
+        start(&mut nodes[0], t0, ms(0));
+        run(&mut nodes, t0, ms(0), ms(12000));
+        let garps: Vec<(Duration, u32)> = nodes[0]
+            .log
+            .iter()
+            .filter_map(|(t, a)| match a {
+                Action::Garp { repeat, .. } => Some((*t, *repeat)),
+                _ => None,
+            })
+            .collect();
+        // Master at 3.61 s: a burst of 3 at once, 3 more after the 2 s delay, then 2 every
+        // 4 s from delay + refresh.
+        assert_eq!(garps, vec![(ms(3610), 3), (ms(5610), 3), (ms(9610), 2)]);
+        // A lower priority heard: an advert at once, a burst of 1, another 1 s later.
+        let now = t0 + ms(12000);
+        let low = Advert {
+            version: 2,
+            vrid: 51,
+            priority: 50,
+            interval_cs: 100,
+            auth: None,
+            addrs: vec![],
+        };
+        let acts = nodes[0].m.advert(0, now, "10.9.0.9".parse().unwrap(), &low);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Advert {
+                    inst: 0,
+                    priority: 100
+                },
+                Action::Garp { inst: 0, repeat: 1 }
+            ]
+        );
+        let later = nodes[0].m.tick(now + ms(1000));
+        assert!(
+            later.contains(&Action::Garp { inst: 0, repeat: 1 }),
+            "{later:?}"
+        );
+    }
+
+    #[test]
     fn owner_takes_over_at_once() {
         let t0 = Instant::now();
         let mut i = instance("VI_1", 255);
