@@ -219,6 +219,19 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
 
     let (mut dp, mut engine, generation, predecessor_health) =
         load_dataplane(&config, &pin_dir, &state)?;
+    // Taking over a running data plane: VRRP resumes at once (the previous daemon stopped
+    // advertising when it handed over), well before the peer's master-down interval runs
+    // out; the rest of the start-up does not delay it.
+    let mut early_vrrp = None;
+    if dp.adopted() {
+        match crate::vrrp::run::start(config.ha.clone(), config.script_user.clone(), true).await {
+            Ok(v) => early_vrrp = v,
+            Err(e) => {
+                abandon(&mut dp);
+                return Err(e.context("starting VRRP"));
+            }
+        }
+    }
     if dp.adopted() {
         // What ipvsadm changed at run time is not in the file: the file is what runs now.
         let running = engine.services();
@@ -326,10 +339,11 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
         None => None,
     };
     // VRRP last: the VIPs are taken only once the data plane serves them.
-    let adopted = shared.lock().await.dp.adopted();
-    let vrrp = match crate::vrrp::run::start(config.ha.clone(), config.script_user.clone(), adopted)
-        .await
-    {
+    let vrrp = match early_vrrp {
+        Some(v) => Ok(Some(v)),
+        None => crate::vrrp::run::start(config.ha.clone(), config.script_user.clone(), false).await,
+    };
+    let vrrp = match vrrp {
         Ok(v) => v,
         Err(e) => {
             api_task.abort();

@@ -814,6 +814,7 @@ fn connections_survive_failover_with_conn_sync() {
         ])
         .is_ok_and(|s| s.contains("MASTER"))
     {
+        assert!(!has(&b.bench, &lb2), "the backup took over during the takeover");
         assert!(
             has(&b.bench, &lb1),
             "the VIP left during the takeover:\n{}",
