@@ -611,6 +611,7 @@ fn connections_survive_failover_with_conn_sync() {
     let pins = dir.join("bpffs");
     std::fs::create_dir_all(&pins).unwrap();
     run(&["mount", "-t", "bpf", "bpf", &pins.to_string_lossy()]).unwrap();
+    let _unmount = Unmount(pins.clone());
     let config = |name: &str, prio: u32| {
         let sock = dir.join(format!("{name}.sock"));
         format!(
@@ -814,7 +815,10 @@ fn connections_survive_failover_with_conn_sync() {
         ])
         .is_ok_and(|s| s.contains("MASTER"))
     {
-        assert!(!has(&b.bench, &lb2), "the backup took over during the takeover");
+        assert!(
+            !has(&b.bench, &lb2),
+            "the backup took over during the takeover"
+        );
         assert!(
             has(&b.bench, &lb1),
             "the VIP left during the takeover:\n{}",
@@ -886,8 +890,17 @@ fn connections_survive_failover_with_conn_sync() {
     .unwrap();
     assert!(fresh == "be1" || fresh == "be2", "{fresh}");
     signal(pid1b, nix::sys::signal::Signal::SIGTERM);
+    // The daemons go before the bpffs (the guard unmounts it, also when a check fails).
     b.bench.cleanup();
-    let _ = run(&["umount", &pins.to_string_lossy()]);
+}
+
+/// Unmounts a bench's bpffs when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = run(&["umount", &self.0.to_string_lossy()]);
+    }
 }
 
 /// Whether namespace `ns` holds the sync test's VIP.
