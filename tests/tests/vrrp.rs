@@ -62,6 +62,24 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }
 
+/// Writes `cfg` (a TOML configuration) as `<name>.toml` and starts `xlb run` with it in
+/// `ns` (log `x<name>.log`, socket `<name>.sock`); its pid and socket.
+fn start_xlb_toml(b: &mut HaBench, ns: &str, name: &str, cfg: &str) -> (u32, PathBuf) {
+    let path = b.bench.dir.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    let sock = socket(b, name);
+    let pid = b
+        .start_xlb(
+            ns,
+            &format!("x{name}"),
+            &xlb_bin(),
+            &["--config", &path.to_string_lossy()],
+            &sock,
+        )
+        .unwrap();
+    (pid, sock)
+}
+
 fn keepalived_conf(body: &str) -> String {
     format!(
         "global_defs {{\n  router_id ka\n  script_user root\n  enable_script_security\n}}\n{body}"
@@ -168,19 +186,8 @@ fn xlb_master_keepalived_backup_v2_multicast() {
         "[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = 150\nvirtual_ipaddress = [\"{VIP}/24\"]\ngarp_master_delay = 1\nnotify = \"/bin/sh -c 'echo \\\"$*\\\" >> {}' notify\"\n",
         notify.display()
     ));
-    let path = b.bench.dir.join("a.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let sock = socket(&b, "a");
     let t0 = Instant::now();
-    let x_pid = b
-        .start_xlb(
-            &a,
-            "xa",
-            &xlb_bin(),
-            &["--config", &path.to_string_lossy()],
-            &sock,
-        )
-        .unwrap();
+    let (x_pid, sock) = start_xlb_toml(&mut b, &a, "a", &cfg);
     // Higher priority: xlb preempts one MDI(150) after its start; keepalived lets go.
     let took = b.wait_addr(&a, VIP, true, secs(mdi(150, 1.0) + 2.0));
     assert!(took.is_some(), "{}", b.bench.log("xa.log"));
@@ -301,17 +308,7 @@ fn keepalived_master_xlb_backup_failover_and_preemption() {
     let cfg = b.xlb_config(&format!(
         "[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = 100\nvirtual_ipaddress = [\"{VIP}/24\"]\n"
     ));
-    let path = b.bench.dir.join("b.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let sock = socket(&b, "b");
-    b.start_xlb(
-        &bn,
-        "xb",
-        &xlb_bin(),
-        &["--config", &path.to_string_lossy()],
-        &sock,
-    )
-    .unwrap();
+    let (_, sock) = start_xlb_toml(&mut b, &bn, "b", &cfg);
     // Lower priority: xlb stays backup behind keepalived.
     assert_one_master(&b, VIP, secs(mdi(100, 1.0) + 1.0));
     assert!(b.has_addr(&a, VIP));
@@ -361,17 +358,7 @@ fn nopreempt_and_v3_with_keepalived() {
     let cfg = b.xlb_config(&format!(
         "[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = 150\nversion = 3\nadvert_int = {adv}\nnopreempt = true\nvirtual_ipaddress = [\"{VIP}/24\"]\n"
     ));
-    let path = b.bench.dir.join("a.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let sock = socket(&b, "a");
-    b.start_xlb(
-        &a,
-        "xa",
-        &xlb_bin(),
-        &["--config", &path.to_string_lossy()],
-        &sock,
-    )
-    .unwrap();
+    let (_, sock) = start_xlb_toml(&mut b, &a, "a", &cfg);
     // nopreempt: the higher priority does not take over a running master.
     assert_one_master(&b, VIP, secs(3.0 * mdi(150, adv)));
     assert!(b.has_addr(&bn, VIP));
@@ -503,17 +490,7 @@ fn sync_group_faults_together_and_ipv6() {
         "[[vrrp]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\npriority = 150\nvirtual_ipaddress = [\"{VIP}/24\"]\ntrack_interface = [\"eth1\"]\n\n[[vrrp]]\nname = \"VI_6\"\ninterface = \"eth0\"\nvirtual_router_id = 61\npriority = 150\nvirtual_ipaddress = [\"{vip6}/64\"]\n\n[[vrrp_sync_group]]\nname = \"G\"\ngroup = [\"VI_1\", \"VI_6\"]\nnotify = \"/bin/sh -c 'echo \\\"$*\\\" >> {}' notify\"\n",
         out.display()
     ));
-    let path = b.bench.dir.join("a.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let sock = socket(&b, "a");
-    b.start_xlb(
-        &a,
-        "xa",
-        &xlb_bin(),
-        &["--config", &path.to_string_lossy()],
-        &sock,
-    )
-    .unwrap();
+    let (_, sock) = start_xlb_toml(&mut b, &a, "a", &cfg);
     for vip in [VIP, vip6] {
         assert!(
             b.wait_addr(&a, vip, true, secs(mdi(150, 1.0) + 2.0))
