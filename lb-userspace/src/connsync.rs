@@ -50,7 +50,7 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -69,6 +69,7 @@ use crate::{
     config::{BackendConfig, Forwarding, ServiceConfig},
     dataplane::Dataplane,
     engine::{Engine, ServiceRef, addr_words, monotonic_coarse_ticks, v6_of_words},
+    sockopt,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -965,24 +966,6 @@ impl SyncCounters {
     }
 }
 
-fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, v: &T) -> io::Result<()> {
-    // SAFETY: `v` points at a live value of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            v as *const T as *const libc::c_void,
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 fn bind(fd: &OwnedFd, addr: SocketAddr, scope_id: u32) -> io::Result<()> {
     let r = match addr {
         SocketAddr::V4(a) => {
@@ -1040,47 +1023,22 @@ fn open_socket(cfg: &SyncConfig, receiver: bool) -> Result<tokio::net::UdpSocket
     let v6 = cfg.addr.is_ipv6();
     let multicast = cfg.addr.ip().is_multicast();
     let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain syscall; the fd is owned right away.
-    let raw = unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error()).context("creating the sync socket");
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = sockopt::socket(domain, libc::SOCK_DGRAM, 0).context("creating the sync socket")?;
     let ifindex = match &cfg.interface {
         Some(name) => {
             let i = crate::dataplane::ifindex(name)?;
-            let mut dev = name.as_bytes().to_vec();
-            dev.push(0);
-            // SAFETY: a NUL-terminated name of the length given.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_BINDTODEVICE,
-                    dev.as_ptr() as *const libc::c_void,
-                    dev.len() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                return Err(io::Error::last_os_error())
-                    .with_context(|| format!("binding the sync socket to {name}"));
-            }
+            sockopt::bind_to_device(&fd, name)
+                .with_context(|| format!("binding the sync socket to {name}"))?;
             i
         }
         None => 0,
     };
     let one: libc::c_int = 1;
     if receiver {
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one).context("SO_REUSEADDR")?;
+        sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one).context("SO_REUSEADDR")?;
         if v6 {
-            setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &one).context("IPV6_V6ONLY")?;
+            sockopt::set(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &one)
+                .context("IPV6_V6ONLY")?;
         }
         bind(&fd, cfg.addr, ifindex)
             .with_context(|| format!("binding the sync socket to {}", cfg.addr))?;
@@ -1094,7 +1052,7 @@ fn open_socket(cfg: &SyncConfig, receiver: bool) -> Result<tokio::net::UdpSocket
                         imr_address: libc::in_addr { s_addr: 0 },
                         imr_ifindex: ifindex as libc::c_int,
                     };
-                    setsockopt(&fd, libc::IPPROTO_IP, libc::IP_ADD_MEMBERSHIP, &m)
+                    sockopt::set(&fd, libc::IPPROTO_IP, libc::IP_ADD_MEMBERSHIP, &m)
                 }
                 IpAddr::V6(g) => {
                     let m = libc::ipv6_mreq {
@@ -1103,7 +1061,7 @@ fn open_socket(cfg: &SyncConfig, receiver: bool) -> Result<tokio::net::UdpSocket
                         },
                         ipv6mr_interface: ifindex,
                     };
-                    setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_ADD_MEMBERSHIP, &m)
+                    sockopt::set(&fd, libc::IPPROTO_IPV6, libc::IPV6_ADD_MEMBERSHIP, &m)
                 }
             }
             .with_context(|| format!("joining the sync group {}", cfg.addr.ip()))?;
@@ -1113,11 +1071,11 @@ fn open_socket(cfg: &SyncConfig, receiver: bool) -> Result<tokio::net::UdpSocket
         let lp = cfg.multicast_loop as libc::c_int;
         if v6 {
             let i = ifindex as libc::c_int;
-            setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF, &i)
+            sockopt::set(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF, &i)
                 .context("IPV6_MULTICAST_IF")?;
-            setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, &ttl)
+            sockopt::set(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, &ttl)
                 .context("IPV6_MULTICAST_HOPS")?;
-            setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, &lp)
+            sockopt::set(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, &lp)
                 .context("IPV6_MULTICAST_LOOP")?;
         } else {
             let m = libc::ip_mreqn {
@@ -1125,11 +1083,11 @@ fn open_socket(cfg: &SyncConfig, receiver: bool) -> Result<tokio::net::UdpSocket
                 imr_address: libc::in_addr { s_addr: 0 },
                 imr_ifindex: ifindex as libc::c_int,
             };
-            setsockopt(&fd, libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &m)
+            sockopt::set(&fd, libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &m)
                 .context("IP_MULTICAST_IF")?;
-            setsockopt(&fd, libc::IPPROTO_IP, libc::IP_MULTICAST_TTL, &ttl)
+            sockopt::set(&fd, libc::IPPROTO_IP, libc::IP_MULTICAST_TTL, &ttl)
                 .context("IP_MULTICAST_TTL")?;
-            setsockopt(&fd, libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP, &lp)
+            sockopt::set(&fd, libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP, &lp)
                 .context("IP_MULTICAST_LOOP")?;
         }
     }

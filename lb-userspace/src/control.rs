@@ -451,22 +451,8 @@ impl Daemon {
             if let Some(argv) = argv {
                 let user = self.script_user.clone();
                 tokio::spawn(async move {
-                    use crate::health::spec::{MiscProbe, Probe, Target};
-                    let probe = Probe::Misc(MiscProbe {
-                        argv,
-                        shell: false,
-                        dynamic: false,
-                        user: None,
-                        group: None,
-                    });
-                    let target = Target {
-                        weight: 0,
-                        addr,
-                        bind: None,
-                        timeout: NOTIFY_TIMEOUT,
-                        script_user: user,
-                    };
-                    let o = crate::health::probe::run(&probe, &target, 0).await;
+                    let o =
+                        crate::health::probe::run_command(argv, addr, user, NOTIFY_TIMEOUT).await;
                     if o.ok {
                         tracing::info!(script = what, %addr, "ran");
                     } else {

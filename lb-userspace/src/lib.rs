@@ -21,4 +21,5 @@ pub mod metrics;
 pub mod neigh;
 pub mod render;
 pub mod sched;
+pub mod sockopt;
 pub mod vrrp;

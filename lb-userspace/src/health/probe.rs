@@ -59,6 +59,31 @@ const OUTPUT_GRACE: Duration = Duration::from_millis(250);
 /// UDP without `require_reply`: how long an ICMP port unreachable is waited for at most.
 const UDP_QUIET_WAIT: Duration = Duration::from_secs(1);
 
+/// Runs a program (no shell) as a notify program runs: `argv` (`%h`/`%p` naming `addr`),
+/// as `script_user` if one is set, killed (its whole process group) after `timeout`.
+pub async fn run_command(
+    argv: Vec<String>,
+    addr: std::net::SocketAddr,
+    script_user: Option<String>,
+    timeout: std::time::Duration,
+) -> Outcome {
+    let probe = Probe::Misc(crate::health::spec::MiscProbe {
+        argv,
+        shell: false,
+        dynamic: false,
+        user: None,
+        group: None,
+    });
+    let target = Target {
+        weight: 0,
+        addr,
+        bind: None,
+        timeout,
+        script_user,
+    };
+    run(&probe, &target, 0).await
+}
+
 /// Runs one attempt of `probe` against `target`. `url` selects the URL of an HTTP probe
 /// (modulo their count); other probes ignore it.
 pub async fn run(probe: &Probe, target: &Target, url: usize) -> Outcome {

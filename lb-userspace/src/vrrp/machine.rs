@@ -380,11 +380,7 @@ impl Machine {
     fn become_master(&mut self, i: usize, now: Instant, reason: String, out: &mut Vec<Action>) {
         let prio = self.insts[i].priority;
         // The advert first, so the old master can drop the VIPs (keepalived's order).
-        out.push(Action::Advert {
-            inst: i,
-            priority: prio,
-        });
-        self.insts[i].adverts_sent += 1;
+        self.advertise(i, prio, out);
         out.push(Action::AddVips(i));
         let g = self.insts[i].cfg.garp;
         out.push(Action::Garp {
@@ -403,15 +399,24 @@ impl Machine {
         self.transition(i, State::Master, reason, now, out);
     }
 
+    /// Instance `i` sends an advertisement with `priority`.
+    fn advertise(&mut self, i: usize, priority: u8, out: &mut Vec<Action>) {
+        out.push(Action::Advert { inst: i, priority });
+        self.insts[i].adverts_sent += 1;
+    }
+
+    /// A master advertises its priority now; the next advert is one interval away.
+    fn readvertise(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
+        let iv = self.own_interval(i);
+        self.advertise(i, self.insts[i].priority, out);
+        self.insts[i].advert_at = Some(now + iv);
+    }
+
     fn enter_fault(&mut self, i: usize, now: Instant, reason: String, out: &mut Vec<Action>) {
         if self.insts[i].state == State::Master {
             // keepalived sends two priority-0 adverts back to back, then lets go.
             for _ in 0..2 {
-                out.push(Action::Advert {
-                    inst: i,
-                    priority: 0,
-                });
-                self.insts[i].adverts_sent += 1;
+                self.advertise(i, 0, out);
             }
             out.push(Action::RemoveVips(i));
         }
@@ -550,14 +555,7 @@ impl Machine {
             }
             if inst.state == State::Master {
                 if inst.advert_at.is_some_and(|t| t <= now) {
-                    let iv = self.own_interval(i);
-                    let inst = &mut self.insts[i];
-                    out.push(Action::Advert {
-                        inst: i,
-                        priority: inst.priority,
-                    });
-                    inst.adverts_sent += 1;
-                    inst.advert_at = Some(now + iv);
+                    self.readvertise(i, now, &mut out);
                 }
                 let inst = &mut self.insts[i];
                 if let Some((t, repeat)) = inst.garp_at
@@ -665,13 +663,7 @@ impl Machine {
             }
             State::Master => {
                 if adv.priority == 0 {
-                    let iv = self.own_interval(i);
-                    out.push(Action::Advert {
-                        inst: i,
-                        priority: local,
-                    });
-                    self.insts[i].adverts_sent += 1;
-                    self.insts[i].advert_at = Some(now + iv);
+                    self.readvertise(i, now, &mut out);
                     return out;
                 }
                 let own = self.insts[i].source;
@@ -679,11 +671,7 @@ impl Machine {
                     || (adv.priority == local && own.is_some_and(|o| ip_greater(src, o)));
                 if higher {
                     if self.insts[i].cfg.higher_prio_send_advert {
-                        out.push(Action::Advert {
-                            inst: i,
-                            priority: local,
-                        });
-                        self.insts[i].adverts_sent += 1;
+                        self.advertise(i, local, &mut out);
                     }
                     if self.insts[i].cfg.version == 3 {
                         self.insts[i].master_adver_cs = adv.interval_cs;
@@ -716,13 +704,7 @@ impl Machine {
                     // Our own advert looped back: nothing to do.
                 } else if !self.insts[i].cfg.lower_prio_no_advert {
                     // Reassert at once (RFC 9568, keepalived's default) and re-announce.
-                    let iv = self.own_interval(i);
-                    out.push(Action::Advert {
-                        inst: i,
-                        priority: local,
-                    });
-                    self.insts[i].adverts_sent += 1;
-                    self.insts[i].advert_at = Some(now + iv);
+                    self.readvertise(i, now, &mut out);
                     let g = self.insts[i].cfg.garp;
                     if g.lower_prio_repeat > 0 {
                         out.push(Action::Garp {
@@ -803,11 +785,7 @@ impl Machine {
         let mut out = Vec::new();
         for i in 0..self.insts.len() {
             if self.insts[i].state == State::Master {
-                out.push(Action::Advert {
-                    inst: i,
-                    priority: 0,
-                });
-                self.insts[i].adverts_sent += 1;
+                self.advertise(i, 0, &mut out);
                 out.push(Action::RemoveVips(i));
             }
             self.clear_timers(i);

@@ -5,7 +5,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -18,6 +18,7 @@ use nix::sys::socket::{
 use tokio::io::unix::AsyncFd;
 
 use super::packet::{IPPROTO_VRRP, MCAST_V4, MCAST_V6};
+use crate::sockopt;
 
 /// An interface as VRRP needs it.
 #[derive(Clone, Debug)]
@@ -57,52 +58,15 @@ pub fn link_up(name: &str) -> bool {
 }
 
 fn setsockopt<T>(fd: &OwnedFd, level: i32, name: i32, value: &T, what: &str) -> Result<()> {
-    // SAFETY: `value` is a live T and its size is passed.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            value as *const T as *const libc::c_void,
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error()).context(format!("setsockopt {what}"));
-    }
-    Ok(())
+    sockopt::set(fd, level, name, value).with_context(|| format!("setsockopt {what}"))
 }
 
 fn raw_socket(family: i32, protocol: i32) -> Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            protocol,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("opening a raw socket");
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sockopt::socket(family, libc::SOCK_RAW, protocol).context("opening a raw socket")
 }
 
 fn bind_to_device(fd: &OwnedFd, name: &str) -> Result<()> {
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr() as *const libc::c_void,
-            name.len() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error()).context(format!("binding a socket to {name}"));
-    }
-    Ok(())
+    sockopt::bind_to_device(fd, name).with_context(|| format!("binding a socket to {name}"))
 }
 
 /// A received advertisement's packet.
@@ -413,20 +377,9 @@ pub struct FrameSender {
 
 impl FrameSender {
     pub fn open(link: &Link) -> Result<FrameSender> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error()).context("opening a packet socket");
-        }
         Ok(FrameSender {
-            // SAFETY: fresh descriptor.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: sockopt::socket(libc::AF_PACKET, libc::SOCK_RAW, 0)
+                .context("opening a packet socket")?,
             ifindex: link.ifindex,
         })
     }

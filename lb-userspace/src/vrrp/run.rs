@@ -742,22 +742,8 @@ fn all_vips(ha: &Ha) -> Vec<IpAddr> {
 
 /// Runs a program (no shell) with a timeout; logs a failure.
 async fn run_program(argv: Vec<String>, user: Option<String>, timeout: Duration) -> bool {
-    use crate::health::spec::{MiscProbe, Probe, Target};
-    let probe = Probe::Misc(MiscProbe {
-        argv: argv.clone(),
-        shell: false,
-        dynamic: false,
-        user: None,
-        group: None,
-    });
-    let target = Target {
-        weight: 0,
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        bind: None,
-        timeout,
-        script_user: user,
-    };
-    let o = crate::health::probe::run(&probe, &target, 0).await;
+    let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
+    let o = crate::health::probe::run_command(argv.clone(), nowhere, user, timeout).await;
     if !o.ok {
         debug!(program = %argv.join(" "), detail = %o.detail, "program failed");
     }
