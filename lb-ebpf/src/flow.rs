@@ -308,15 +308,24 @@ fn on_entry<K: FlowKey>(
     None
 }
 
-/// Retires a connection-table entry whose connection ended, unless someone else did first.
+/// Retires a connection-table entry whose connection ended, unless someone else did first
+/// (then false).
 #[inline(always)]
-fn end_entry<K: FlowKey>(key: &K, status_ptr: *mut u32, status: u32, flow: &Flow, now: u32) {
-    if acct::retire(status_ptr, status, flow.backend) {
-        persist::retired(key, flow, now);
-        nat::forget(key, flow);
-        let _ = K::table().remove(key);
-        acct::release_entry(K::FAMILY);
+pub fn end_entry<K: FlowKey>(
+    key: &K,
+    status_ptr: *mut u32,
+    status: u32,
+    flow: &Flow,
+    now: u32,
+) -> bool {
+    if !acct::retire(status_ptr, status, flow.backend) {
+        return false;
     }
+    persist::retired(key, flow, now);
+    nat::forget(key, flow);
+    let _ = K::table().remove(key);
+    acct::release_entry(K::FAMILY);
+    true
 }
 
 /// `BPF_NOEXIST`: insert only if the key is absent. Every insert uses it: overwriting an

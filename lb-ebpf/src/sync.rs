@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_AVAILABLE, Backend, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6,
-    GLOBAL_F_SYNC_EVENTS, PROTO_TCP, PROTO_UDP, Service, SyncBatch, SyncConn, forward, persist,
-    reason, sync,
+    GLOBAL_F_SYNC_EVENTS, PROTO_TCP, PROTO_UDP, Service, SyncBatch, SyncConn, persist, reason,
+    sync,
     tcp::{self, state},
 };
 
@@ -261,18 +261,14 @@ fn install_conn<K: FlowKey>(key: &K, r: &SyncConn, be: &Backend, svc: &Service, 
             return sync::R_KEPT;
         }
         // Another server: this entry's connection ends here, as a reused tuple's does.
-        if !acct::retire(status_ptr, status, flow.backend) {
+        if !flow::end_entry(key, status_ptr, status, flow, now) {
             return sync::R_BUSY;
         }
-        crate::persist::retired(key, flow, now);
-        nat::forget(key, flow);
-        let _ = K::table().remove(key);
-        acct::release_entry(K::FAMILY);
         result = sync::R_REPLACED;
     }
     let vip = key.service_addr();
     let vport = key.service_port();
-    if be.forward == forward::NAT && !nat::reply_tuple_free_for(key, &vip, vport, be) {
+    if !nat::reply_tuple_free_for(key, &vip, vport, be) {
         return sync::R_NAT_TUPLE_TAKEN;
     }
     if !acct::take_entry(K::FAMILY) {
