@@ -68,7 +68,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     config::{BackendConfig, Forwarding, ServiceConfig},
     dataplane::Dataplane,
-    engine::{Engine, ServiceRef, addr_words, monotonic_coarse_ticks, v6_of_words},
+    engine::{Engine, ServiceRef, addr_words, monotonic_coarse_ticks},
     sockopt,
 };
 
@@ -449,12 +449,14 @@ impl SyncEvents {
     }
 }
 
+/// A data-plane address (IPv4 unless the family says IPv6, as the program writes them).
 fn word_addr(family: u8, w: [u32; 4]) -> IpAddr {
-    if family == FAMILY_V6 {
-        v6_of_words(w)
+    let family = if family == FAMILY_V6 {
+        FAMILY_V6
     } else {
-        IpAddr::from(w[0].to_ne_bytes())
-    }
+        lb_common::FAMILY_V4
+    };
+    crate::engine::addr_of_words(family, w).expect("a known family")
 }
 
 /// What the master needs to know of its real servers, by backend index.

@@ -567,15 +567,6 @@ async fn wait_for_next_hops(
     Ok(())
 }
 
-/// The address an event names.
-fn event_addr(ev: &Event) -> Option<IpAddr> {
-    match ev.family as u8 {
-        lb_common::FAMILY_V4 => Some(IpAddr::from(ev.addr[0].to_ne_bytes())),
-        lb_common::FAMILY_V6 => Some(crate::engine::v6_of_words(ev.addr)),
-        _ => None,
-    }
-}
-
 /// Reads the data plane's events and turns them into work for the controller.
 async fn relay_events(
     rb: RingBuf<MapData>,
@@ -611,7 +602,7 @@ async fn relay_events(
                 if ev.kind == EVENT_NEIGH_MISSING {
                     backends.push(ev.backend);
                 } else if ev.kind == EVENT_ROUTE_MISSING
-                    && let Some(hop) = event_addr(&ev)
+                    && let Some(hop) = crate::engine::addr_of_words(ev.family as u8, ev.addr)
                 {
                     let now = std::time::Instant::now();
                     let due = last_request

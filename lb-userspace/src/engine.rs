@@ -1165,6 +1165,16 @@ pub fn addr_words(a: IpAddr) -> [u32; 4] {
     }
 }
 
+/// The address of key words of `family` (`FAMILY_V4`: word 0; `FAMILY_V6`: all four);
+/// `None` for another family.
+pub fn addr_of_words(family: u8, w: [u32; 4]) -> Option<IpAddr> {
+    match family {
+        lb_common::FAMILY_V4 => Some(IpAddr::from(w[0].to_ne_bytes())),
+        lb_common::FAMILY_V6 => Some(v6_of_words(w)),
+        _ => None,
+    }
+}
+
 /// The IPv6 address of key words (the inverse of [`addr_words`] for IPv6).
 pub fn v6_of_words(w: [u32; 4]) -> IpAddr {
     let mut o = [0u8; 16];

@@ -12,7 +12,7 @@ use std::{
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
-    machine::{Checker, Transition},
+    machine::Checker,
     probe,
     spec::{CheckSpec, Outcome, Probe, Target},
 };
@@ -31,16 +31,14 @@ pub struct Report {
     pub outcome: Outcome,
     pub up: bool,
     pub weight: Option<u32>,
-    pub transition: Option<Transition>,
     pub at: SystemTime,
 }
 
-/// A running check: its spec and the user programs run as when it started, the task's id
-/// and handle.
+/// A running check: its spec and target (the user programs run as included), the task's
+/// id and handle.
 struct Task {
     spec: CheckSpec,
     target: Target,
-    user: Option<String>,
     id: u64,
     handle: JoinHandle<()>,
 }
@@ -122,12 +120,10 @@ impl Runner {
                 }
             }
         }
-        let user = self.script_user.clone();
         self.tasks.retain(|k, t| {
             let keep = wanted
                 .get(k)
-                .is_some_and(|(w, target)| *w == t.spec && *target == t.target)
-                && t.user == user;
+                .is_some_and(|(w, target)| *w == t.spec && *target == t.target);
             if !keep {
                 t.handle.abort();
             }
@@ -148,7 +144,6 @@ impl Runner {
                 Task {
                     spec,
                     target: task_target,
-                    user: user.clone(),
                     id,
                     handle,
                 },
@@ -194,7 +189,7 @@ async fn check_loop(
     tokio::time::sleep(m.first_delay(jitter(&(server, check)))).await;
     loop {
         let outcome = probe::run(&spec.probe, &target, m.url()).await;
-        let (transition, next) = m.record(&outcome);
+        let (_, next) = m.record(&outcome);
         let report = Report {
             server,
             check,
@@ -202,7 +197,6 @@ async fn check_loop(
             outcome,
             up: m.is_up(),
             weight: m.weight(),
-            transition,
             at: SystemTime::now(),
         };
         if tx.send(report).is_err() {

@@ -254,13 +254,14 @@ impl Health {
     pub fn effective(&mut self, configured: &[ServiceConfig]) -> (Vec<ServiceConfig>, Vec<Event>) {
         let mut out = Vec::with_capacity(configured.len());
         let mut events = Vec::new();
+        // One clock reading for the whole pass.
+        let now = unix(SystemTime::now());
         for s in configured {
             let mut svc = s.clone();
             svc.backends.clear();
             let mut alive_sum: u64 = 0;
             for b in &s.backends {
                 let st = self.servers.get(&(s.key, b.addr, b.port));
-                let now = unix(SystemTime::now());
                 let (alive, weight) = st.map_or((true, b.weight), |st| {
                     (st.alive && st.usable_from_unix <= now, st.weight)
                 });
@@ -372,7 +373,6 @@ mod tests {
             },
             up,
             weight: None,
-            transition: None,
             at: SystemTime::now(),
         }
     }
