@@ -352,6 +352,9 @@ pub const NEW_FLOW_SYN: u32 = 2;
 /// `HANDOFF` value telling the new-flow program the flow has no usable entry (the main
 /// program looked it up already); 0 means it did not look.
 pub const HANDOFF_NO_ENTRY: u32 = 1;
+/// `HANDOFF` value from the SYN program: the table is full and nothing in this CPU's ring
+/// could be recycled just now (the new-flow program does not walk it again).
+pub const HANDOFF_TABLE_FULL: u32 = 2;
 /// The program that retires expired connections (run by the controller with
 /// `BPF_PROG_TEST_RUN`; it never sees a packet).
 pub const REAPER_NAME: &str = "xlb_reap";
@@ -988,9 +991,8 @@ impl ConnCounts {
 
 /// How many connection-table entries may still be created (`FLOW_POOL`, one per table:
 /// index 0 IPv4, 1 IPv6). CPUs take entries in batches into their `FLOW_QUOTA`, so the shared
-/// counter is touched once per batch. The kernel map is created larger than the pool by
-/// [`flow_table_reserve`], so it never fills and the LRU never evicts a live connection (whose
-/// count would then never be decremented).
+/// counter is touched once per batch. The kernel map (a plain hash) has exactly the pool's
+/// capacity, so an insert always finds a free element.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowPool {
@@ -1056,12 +1058,13 @@ pub fn flow_pool_batch(capacity: u32, ncpus: u32) -> i64 {
     (capacity as i64 / (16 * ncpus.max(1) as i64)).clamp(1, FLOW_POOL_BATCH)
 }
 
-/// Entries the kernel's LRU hash needs beyond the connections it holds so that it never
-/// evicts: a CPU refilling its private free list takes 128 entries (`LOCAL_FREE_TARGET` in
-/// `kernel/bpf/bpf_lru_list.c`) and evicts when the shared free list has fewer; each CPU's
-/// private list holds up to that many. One more list's worth covers the entry an insert takes
-/// before it finds its key present.
-pub fn flow_table_reserve(ncpus: u32) -> u32 {
+/// Entries NAT's reply tables (LRU hashes, one entry per NAT connection) need beyond the
+/// connections they hold so that they never evict a live connection's: a CPU refilling its
+/// private free list takes 128 entries (`LOCAL_FREE_TARGET` in `kernel/bpf/bpf_lru_list.c`)
+/// and evicts when the shared free list has fewer; each CPU's private list holds up to that
+/// many. One more list's worth covers the entry an insert takes before it finds its key
+/// present.
+pub fn lru_table_reserve(ncpus: u32) -> u32 {
     128 * (ncpus + 2)
 }
 

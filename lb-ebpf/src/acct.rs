@@ -6,8 +6,9 @@
 //! `Flow::status`: whoever wins the swap applies the matching count change, exactly once
 //! (creation: +1; a change between active and inactive states: one of each; retirement: −1).
 //! Entries are retired by the reaper (idle past their timeout) or by a packet reusing an
-//! expired tuple. The LRU never evicts an entry behind our back, because the table never
-//! fills: entries are handed out from a pool sized below the table's capacity.
+//! expired tuple, or recycled by a new connection when the table is full (`admit`). Nothing
+//! else removes an entry: the table is a plain hash (not an LRU, which would evict behind our
+//! back and lose a decrement) of exactly the pool's size, entries handed out from the pool.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
@@ -162,6 +163,12 @@ pub fn take_entry(family: u8) -> bool {
     };
     let batch = unsafe { (*pool).batch }.min(FLOW_POOL_BATCH).max(1);
     let free = unsafe { &raw mut (*pool).free } as *mut u64;
+    // A full table is read, not written: every new connection of a full table asks, and two
+    // locked operations on the shared word would only confirm it (a stale read costs at most
+    // one recycled entry that a concurrent release would have spared).
+    if unsafe { core::ptr::read_volatile(free) } as i64 <= 0 {
+        return false;
+    }
     let before =
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(free, (-batch) as u64) }
             as i64;

@@ -24,7 +24,13 @@ use crate::{
 /// there is none to be had.
 #[inline(always)]
 pub fn take<K: FlowKey>(now: u32) -> bool {
-    acct::take_entry(K::FAMILY) || (recycle::<K>(now) != 0 && acct::take_entry(K::FAMILY))
+    acct::take_entry(K::FAMILY) || recycle_for::<K>(now)
+}
+
+/// Takes an entry by recycling one (the table is full); `false` if none could be.
+#[inline(always)]
+pub fn recycle_for<K: FlowKey>(now: u32) -> bool {
+    recycle::<K>(now) != 0 && acct::take_entry(K::FAMILY)
 }
 
 /// Records a connection this CPU just created in its ring.
@@ -151,7 +157,9 @@ extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
         crate::persist::retired(key, unsafe { &*entry }, w.now);
         crate::nat::forget(key, unsafe { &*entry });
         let _ = K::table().remove(key);
-        acct::release_entry(K::FAMILY);
+        // Straight to this CPU's hand, for the connection that asked (through the shared
+        // pool it would cost two more locked operations).
+        acct::untake_entry(K::FAMILY);
         stats::count(reason::EV_FLOW_RECYCLED);
         w.freed = 1;
         return 1;

@@ -3,7 +3,7 @@
 //! table) so idle timeouts are the IPVS ones. Packets that open a connection are matched to
 //! their virtual service here and handed to the scheduler.
 
-use aya_ebpf::maps::{LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{HashMap, PerCpuArray};
 use lb_common::{
     BACKEND_F_AVAILABLE, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP,
     Service, reason,
@@ -33,7 +33,7 @@ pub trait FlowKey: persist::Templated + nat::NatKey {
     /// The table's index in per-family arrays (0 IPv4, 1 IPv6).
     const INDEX: usize;
     fn from_pkt(pkt: &Pkt) -> Self;
-    fn table() -> &'static LruHashMap<Self, Flow>;
+    fn table() -> &'static HashMap<Self, Flow>;
     /// This family's rings of recently created connections.
     fn recent() -> &'static PerCpuArray<Self>;
     /// The destination (service) port, network byte order.
@@ -56,7 +56,7 @@ impl FlowKey for FlowKeyV4 {
         FlowKeyV4::new(pkt.src[0], pkt.dst[0], pkt.sport, pkt.dport, pkt.proto)
     }
     #[inline(always)]
-    fn table() -> &'static LruHashMap<Self, Flow> {
+    fn table() -> &'static HashMap<Self, Flow> {
         &FLOWS_V4
     }
     #[inline(always)]
@@ -97,7 +97,7 @@ impl FlowKey for FlowKeyV6 {
         FlowKeyV6::new(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto)
     }
     #[inline(always)]
-    fn table() -> &'static LruHashMap<Self, Flow> {
+    fn table() -> &'static HashMap<Self, Flow> {
         &FLOWS_V6
     }
     #[inline(always)]
@@ -162,16 +162,22 @@ fn established_in<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
 }
 
 /// The new-flow program's part, for one family: a packet that may open a connection, or one
-/// without a live entry. `no_entry`: the main program found no usable entry.
+/// without a live entry. `no_entry`: the main program found no usable entry; `recycle`: a full
+/// table may recycle an entry (false when the SYN program just tried).
 #[inline(always)]
-pub fn new_flow<K: FlowKey>(pkt: &Pkt, now: u32, no_entry: bool) -> Result<Target, u32> {
+pub fn new_flow<K: FlowKey>(
+    pkt: &Pkt,
+    now: u32,
+    no_entry: bool,
+    recycle: bool,
+) -> Result<Target, u32> {
     let key = K::from_pkt(pkt);
     let class = Class::of(pkt);
     if !no_entry && let Some(r) = on_entry(&key, pkt, now, &class) {
         return r;
     }
     let svc = service::lookup(pkt).ok_or(reason::PASS_NO_SERVICE)?;
-    schedule(&key, pkt, svc, now, class.may_create)
+    schedule(&key, pkt, svc, now, class.may_create, recycle)
 }
 
 /// What the TCP flags (or UDP) allow a packet to do.
@@ -335,21 +341,22 @@ const EEXIST: i32 = 17;
 
 /// The SYN program's part, the SYN of a new connection: insert the flow directly (one
 /// hash-table walk instead of a lookup and then an insert); the pick is claimed only if the
-/// insert shows the flow is new. `None` when the flow exists already, or when anything stands
-/// in the way (no service, no usable server, expiring TTL, a full table, persistence,
+/// insert shows the flow is new. `Err` (the `HANDOFF` word for the new-flow program) when the
+/// flow exists already, or when anything stands in the way (no service, no usable server,
+/// expiring TTL, a table full of connections that cannot be recycled, persistence,
 /// lblc/lblcr): the new-flow program then looks at the connection table first and decides,
 /// so a retransmitted SYN of an existing connection always follows it.
 #[inline(always)]
-pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
+pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     let key = &K::from_pkt(pkt);
-    let svc = service::lookup(pkt)?;
+    let svc = service::lookup(pkt).ok_or(0u32)?;
     if pkt.ttl <= 1 {
-        return None;
+        return Err(0);
     }
     if svc.flags & F_STATELESS != 0 {
         // No entry to insert: the hash is the connection table.
-        let (index, _) = sched::pick(svc, pkt).ok()?;
-        return Some(Target {
+        let (index, _) = sched::pick(svc, pkt).map_err(|_| 0u32)?;
+        return Ok(Target {
             index,
             service_id: svc.id,
             new_conn: true,
@@ -358,16 +365,23 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
     if svc.persist_timeout != 0 || matches!(svc.scheduler, sched_codes::LBLC | sched_codes::LBLCR) {
         // Templates come first, and lblc/lblcr learn from every pick: the regular path,
         // which looks at the table first, so a retransmitted SYN picks nothing.
-        return None;
+        return Err(0);
     }
-    let t = sched::peek(svc, pkt).ok()?;
+    let t = sched::peek(svc, pkt).map_err(|_| 0u32)?;
     if t.backend.forward == lb_common::forward::NAT {
         // NAT checks its reply tuple first: the regular path.
-        return None;
+        return Err(0);
     }
-    // A full table is the regular path's business (it may recycle an entry).
+    // A full table recycles the oldest embryonic or closing connection of this CPU's ring
+    // here, not after a detour through the new-flow program; but first a look, so that a
+    // retransmitted SYN (whose own embryonic entry may be the oldest) follows its connection.
     if !acct::take_entry(K::FAMILY) {
-        return None;
+        if K::table().get_ptr(key).is_some() {
+            return Err(0);
+        }
+        if !admit::recycle_for::<K>(now) {
+            return Err(lb_common::HANDOFF_TABLE_FULL);
+        }
     }
     // A plain SYN in state NONE: the input-only table's answer, without the lookup.
     let initial = state::SYN_RECV;
@@ -377,7 +391,7 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
         Err(e) => {
             acct::untake_entry(K::FAMILY);
             if e == -EEXIST {
-                return None;
+                return Err(0);
             }
             stats::count(reason::EV_FLOW_INSERT_FAILED);
             false
@@ -406,7 +420,7 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Option<Target> {
         admit::record(key);
         nat::record(key, pkt, index, backend);
     }
-    Some(Target {
+    Ok(Target {
         index,
         service_id: svc.id,
         new_conn: true,
@@ -426,6 +440,7 @@ fn schedule<K: FlowKey>(
     svc: &Service,
     now: u32,
     create: bool,
+    recycle: bool,
 ) -> Result<Target, u32> {
     if !create && !sched::deterministic(svc) {
         return Err(reason::PASS_TCP_NO_FLOW);
@@ -434,7 +449,13 @@ fn schedule<K: FlowKey>(
         return Err(reason::PASS_TTL_EXPIRED);
     }
     // Before the pick, so a refused connection does not advance the scheduler.
-    let tracked = create && svc.flags & F_STATELESS == 0 && admit::take::<K>(now);
+    let tracked = create
+        && svc.flags & F_STATELESS == 0
+        && (if recycle {
+            admit::take::<K>(now)
+        } else {
+            acct::take_entry(K::FAMILY)
+        });
     if !tracked && !sched::deterministic(svc) {
         return Err(reason::DROP_FLOW_TABLE_FULL);
     }

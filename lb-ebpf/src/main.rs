@@ -43,8 +43,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, NEW_FLOW_FRAG, NEW_FLOW_ICMP,
-    NEW_FLOW_REPLY, NEW_FLOW_SYN, NEW_FLOW_V4, NEW_FLOW_V6, NEW_FLOW_XMIT, reason,
+    FAMILY_V4, FlowKeyV4, FlowKeyV6, HANDOFF_NO_ENTRY, HANDOFF_TABLE_FULL, NEW_FLOW_FRAG,
+    NEW_FLOW_ICMP, NEW_FLOW_REPLY, NEW_FLOW_SYN, NEW_FLOW_V4, NEW_FLOW_V6, NEW_FLOW_XMIT, reason,
 };
 use maps::{HANDOFF, NEW_FLOW, XMIT_HANDOFF};
 
@@ -268,9 +268,14 @@ fn process_new<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
         Ok(p) => p,
         Err(verdict) => return verdict,
     };
-    let no_entry = HANDOFF.get(0).is_some_and(|h| *h == HANDOFF_NO_ENTRY);
+    let handoff = HANDOFF.get(0).copied().unwrap_or(0);
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
-    let result = flow::new_flow::<K>(&pkt, now, no_entry);
+    let result = flow::new_flow::<K>(
+        &pkt,
+        now,
+        handoff == HANDOFF_NO_ENTRY,
+        handoff != HANDOFF_TABLE_FULL,
+    );
     finish_new(ctx, result)
 }
 
@@ -282,10 +287,10 @@ fn process_syn<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
     };
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
     match flow::syn::<K>(&pkt, now) {
-        Some(target) => finish_new(ctx, Ok(target)),
-        // Anything unusual (a retransmitted SYN, a full table, persistence...): the
-        // new-flow program looks at the table and decides.
-        None => hand_off(ctx, &pkt, 0, 0),
+        Ok(target) => finish_new(ctx, Ok(target)),
+        // Anything unusual (a retransmitted SYN, a table full of established connections,
+        // persistence...): the new-flow program looks at the table and decides.
+        Err(handoff) => hand_off(ctx, &pkt, 0, handoff),
     }
 }
 

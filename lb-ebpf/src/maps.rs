@@ -151,13 +151,15 @@ pub static GROUP_SCAN: PerCpuArray<crate::least::Groups> = PerCpuArray::with_max
 #[map]
 pub static SCHED_STATE: Array<SchedState> = Array::with_max_entries(defaults::MAX_SERVICES, 0);
 
-/// Connection tables: client 5-tuple → real server.
+/// Connection tables: client 5-tuple → real server. Plain preallocated hashes: entries come
+/// from the pool (`acct`) and only xlb retires them, oldest first when the table is full
+/// (`admit`); the kernel's LRU would evict behind our back and costs more per insert.
 #[map]
-pub static FLOWS_V4: LruHashMap<FlowKeyV4, Flow> =
-    LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+pub static FLOWS_V4: HashMap<FlowKeyV4, Flow> =
+    HashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
 #[map]
-pub static FLOWS_V6: LruHashMap<FlowKeyV6, Flow> =
-    LruHashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+pub static FLOWS_V6: HashMap<FlowKeyV6, Flow> =
+    HashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
 
 /// Connection counts (ActiveConn / InActConn) by backend index, global, updated atomically.
 /// Mapped by the controller, which reads the counts and re-evaluates the overload flag when

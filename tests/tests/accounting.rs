@@ -230,6 +230,18 @@ fn a_full_table_keeps_established_connections() {
     );
     h.assert_counts_match_tables();
 
+    // The table is full again, and the oldest embryonic connection is the first of those 32:
+    // its retransmitted SYN follows it (it is not recycled to make room for itself).
+    let before = h.counters();
+    let r = h.run(&tcp("192.168.4.1", 4000, SYN));
+    assert_eq!(
+        h.server_of(&r, &servers),
+        Some(owner[0]),
+        "retransmitted SYN"
+    );
+    assert_eq!(delta(&before, &h.counters()), vec![("tx", 1)]);
+    h.assert_counts_match_tables();
+
     // A SYN flood now: it cycles through the embryonic entries (the 32 new connections, then
     // its own), so new connections keep getting in - a client that completes its handshake
     // promptly is established and stays - while the 32 established connections are untouched.

@@ -46,6 +46,14 @@ static BASE_LRU2: LruHashMap<FlowKeyV4, Flow> = LruHashMap::with_max_entries(1 <
 #[map]
 static BASE_LRU_FULL: LruHashMap<FlowKeyV4, Flow> = LruHashMap::with_max_entries(1 << 20, 0);
 
+/// A plain (preallocated) hash shaped like xlb's connection table, kept full: the floor of
+/// xlb's recycling (lookup the new key, look up and delete the oldest entry, insert).
+#[map]
+static BASE_HASH_FULL: HashMap<FlowKeyV4, Flow> = HashMap::with_max_entries(1 << 20, 0);
+/// [0]: how many inserts back the oldest entry of `BASE_HASH_FULL` was made (its capacity).
+#[map]
+static BASE_HASH_LAG: Array<u32> = Array::with_max_entries(1, 0);
+
 struct Parsed {
     saddr: u32,
     daddr: u32,
@@ -159,6 +167,32 @@ pub fn base_lru_lookup_insert(ctx: XdpContext) -> u32 {
     }
     let v = Flow::new(1, 1, 0, 0, 3);
     if BASE_LRU2.insert(&key, &v, 0).is_err() {
+        return xdp_action::XDP_DROP;
+    }
+    swap_macs(&ctx);
+    xdp_action::XDP_TX
+}
+
+/// (vi) xlb's way with a full table on a plain hash: a lookup of the new key (a miss), a
+/// lookup and a delete of the oldest entry (inserted `BASE_HASH_LAG` packets ago, so FIFO),
+/// an insert.
+#[xdp]
+pub fn base_hash_recycle(ctx: XdpContext) -> u32 {
+    let Some(p) = parse(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    if BASE_HASH_FULL.get_ptr(&key).is_some() {
+        return xdp_action::XDP_DROP;
+    }
+    let lag = BASE_HASH_LAG.get(0).copied().unwrap_or(0);
+    let old = u32::from_be(p.saddr).wrapping_sub(lag).to_be();
+    let victim = FlowKeyV4::new(old, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    if BASE_HASH_FULL.get_ptr(&victim).is_some() {
+        let _ = BASE_HASH_FULL.remove(&victim);
+    }
+    let v = Flow::new(1, 1, 0, 0, 3);
+    if BASE_HASH_FULL.insert(&key, &v, 0).is_err() {
         return xdp_action::XDP_DROP;
     }
     swap_macs(&ctx);
