@@ -380,6 +380,16 @@ fn main() -> Result<()> {
                 "full" => {
                     b.measure("xlb", &syn, Method::Fresh, 200_000)?;
                 }
+                s if s.starts_with("sched:") => {
+                    let spec = schedulers::specs()
+                        .into_iter()
+                        .find(|x| x.label == s["sched:".len()..])
+                        .ok_or_else(|| anyhow::anyhow!("no scheduler case {s}"))?;
+                    let frame = schedulers::to_port(&syn, spec.port);
+                    let (_, ns) = b.measure("xlb", &frame, Method::Fresh, 200_000)?;
+                    eprintln!("{s}: {ns:.0} ns/packet (shim included)");
+                    b.retire_new_flows()?;
+                }
                 "hash" => {
                     b.fresh = hash_next;
                     b.measure("base_hash_recycle", &syn, Method::Fresh, 200_000)?;
@@ -393,7 +403,7 @@ fn main() -> Result<()> {
                     b.measure("xlb", &ack, Method::Shim { mask: 0 }, 5_000_000)?;
                 }
             };
-            if which == "new" && b.fresh > 14_000_000 {
+            if (which == "new" || which.starts_with("sched:")) && b.fresh > 14_000_000 {
                 b.fresh = start + fill as u64;
             }
         }

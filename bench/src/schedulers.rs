@@ -110,7 +110,7 @@ pub struct SchedCase {
 }
 
 /// `frame` sent to port `port` of the VIP (the TCP checksum is not the program's business).
-fn to_port(frame: &[u8], port: u16) -> Vec<u8> {
+pub fn to_port(frame: &[u8], port: u16) -> Vec<u8> {
     let mut f = frame.to_vec();
     f[36..38].copy_from_slice(&port.to_be_bytes());
     f

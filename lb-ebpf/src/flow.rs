@@ -7,7 +7,7 @@ use aya_ebpf::maps::{HashMap, PerCpuArray};
 use lb_common::{
     BACKEND_F_AVAILABLE, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP,
     Service, reason,
-    sched::{self as sched_codes, F_STATELESS},
+    sched::F_STATELESS,
     tcp::{self, Direction, state},
 };
 
@@ -343,9 +343,9 @@ const EEXIST: i32 = 17;
 /// hash-table walk instead of a lookup and then an insert); the pick is claimed only if the
 /// insert shows the flow is new. `Err` (the `HANDOFF` word for the new-flow program) when the
 /// flow exists already, or when anything stands in the way (no service, no usable server,
-/// expiring TTL, a table full of connections that cannot be recycled, persistence,
-/// lblc/lblcr): the new-flow program then looks at the connection table first and decides,
-/// so a retransmitted SYN of an existing connection always follows it.
+/// expiring TTL, a table full of connections that cannot be recycled, persistence): the
+/// new-flow program then looks at the connection table first and decides, so a retransmitted
+/// SYN of an existing connection always follows it.
 #[inline(always)]
 pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     let key = &K::from_pkt(pkt);
@@ -362,9 +362,10 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
             new_conn: true,
         });
     }
-    if svc.persist_timeout != 0 || matches!(svc.scheduler, sched_codes::LBLC | sched_codes::LBLCR) {
-        // Templates come first, and lblc/lblcr learn from every pick: the regular path,
-        // which looks at the table first, so a retransmitted SYN picks nothing.
+    if svc.persist_timeout != 0 {
+        // Templates come first: the regular path, which looks at the table first, so a
+        // retransmitted SYN touches no template. (lblc/lblcr peek without learning; `confirm`
+        // teaches their cache once the insert shows the flow is new.)
         return Err(0);
     }
     let t = sched::peek(svc, pkt).map_err(|_| 0u32)?;

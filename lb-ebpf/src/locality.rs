@@ -26,19 +26,46 @@ use crate::{
     sched::PickArgs,
 };
 
-/// The cached choice for the packet's destination, after the cache's upkeep: lblc's server
-/// or lblcr's least loaded member, if usable and not overloaded in lblc's sense. `None`: wlc
-/// picks, and [`learn`] records its choice.
+/// The cached choice for the packet's destination: lblc's server or lblcr's least loaded
+/// member, if usable and not overloaded in lblc's sense. `None`: wlc picks, and [`learn`]
+/// records its choice. `upkeep`: also the cache's upkeep (last use, lblcr's shedding) - false
+/// for a tentative pick, whose flow may turn out to exist already ([`commit`] does it then).
 #[inline(always)]
-pub fn cached(svc: &Service, pkt: &PickArgs) -> Option<u32> {
+pub fn cached(svc: &Service, pkt: &PickArgs, upkeep: bool) -> Option<u32> {
     let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
     let index = if pkt.family == FAMILY_V4 {
-        candidate(&LOCALITY_V4, &key_v4(svc, pkt), svc, now)
+        candidate(&LOCALITY_V4, &key_v4(svc, pkt), svc, now, upkeep)
     } else {
-        candidate(&LOCALITY_V6, &key_v6(svc, pkt), svc, now)
+        candidate(&LOCALITY_V6, &key_v6(svc, pkt), svc, now, upkeep)
     }?;
     let be = BACKENDS.get(index)?.current();
     (!overloaded(svc, index, be)).then_some(index)
+}
+
+/// A tentative pick turned out to open a connection: the cache's upkeep, and the wlc choice
+/// `index` learnt if the cache did not give it (`learnt`). A function of its own: the fresh
+/// entry it may build would otherwise sit in the SYN program's frame, whose chain down to the
+/// schedulers' callbacks must fit the verifier's 512 bytes.
+#[inline(never)]
+pub fn commit(svc: &Service, pkt: &PickArgs, index: u32, learnt: bool) {
+    let now = lb_common::ticks::from_ns(unsafe { bpf_ktime_get_coarse_ns() });
+    if pkt.family == FAMILY_V4 {
+        let key = key_v4(svc, pkt);
+        if let Some(e) = entry(&LOCALITY_V4, &key, now) {
+            upkeep(unsafe { &mut *e }, svc, now);
+        }
+        if learnt {
+            record(&LOCALITY_V4, &key, svc, now, index);
+        }
+    } else {
+        let key = key_v6(svc, pkt);
+        if let Some(e) = entry(&LOCALITY_V6, &key, now) {
+            upkeep(unsafe { &mut *e }, svc, now);
+        }
+        if learnt {
+            record(&LOCALITY_V6, &key, svc, now, index);
+        }
+    }
 }
 
 /// Records wlc's choice `index` for the packet's destination: lblc's server, a new member of
@@ -79,27 +106,46 @@ fn entry<K>(cache: &LruHashMap<K, Locality>, key: &K, now: u32) -> Option<*mut L
 }
 
 #[inline(always)]
-fn candidate<K>(cache: &LruHashMap<K, Locality>, key: &K, svc: &Service, now: u32) -> Option<u32> {
+fn candidate<K>(
+    cache: &LruHashMap<K, Locality>,
+    key: &K,
+    svc: &Service,
+    now: u32,
+    with_upkeep: bool,
+) -> Option<u32> {
     let e = unsafe { &mut *entry(cache, key, now)? };
-    if e.last_use != now {
-        e.last_use = now;
-    }
     if svc.scheduler == sched::LBLC {
+        if with_upkeep {
+            upkeep(e, svc, now);
+        }
         // `ip_vs_lblc_schedule()`: the cached server if available and weighted (the
         // threshold flag is not looked at).
         let be = member(svc.id, e.members[0], e.generations[0])?;
         return (be.weight > 0).then_some(e.members[0]);
     }
-    // `ip_vs_lblcr_schedule()`.
+    // `ip_vs_lblcr_schedule()`: the least loaded member, taken before the set sheds.
     let min = set_min(svc, e);
-    if e.len > 1 && now.wrapping_sub(e.last_mod) > EXPIRATION {
-        // A set unchanged for the expiration time sheds its most loaded member.
-        if let Some(pos) = set_max(svc, e) {
-            erase(e, pos);
-            e.last_mod = now;
-        }
+    if with_upkeep {
+        upkeep(e, svc, now);
     }
     min
+}
+
+/// A destination's entry was used: its last use, and lblcr's shedding (a set unchanged for
+/// the expiration time sheds its most loaded member).
+#[inline(always)]
+fn upkeep(e: &mut Locality, svc: &Service, now: u32) {
+    if e.last_use != now {
+        e.last_use = now;
+    }
+    if svc.scheduler == sched::LBLCR
+        && e.len > 1
+        && now.wrapping_sub(e.last_mod) > EXPIRATION
+        && let Some(pos) = set_max(svc, e)
+    {
+        erase(e, pos);
+        e.last_mod = now;
+    }
 }
 
 #[inline(always)]

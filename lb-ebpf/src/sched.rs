@@ -211,7 +211,7 @@ pub fn pick_only(svc: &Service, pkt: &Pkt) -> Result<u32, u32> {
     // The arguments go through a per-CPU map rather than the stack: the chain of frames
     // down to the schedulers' callbacks must fit the verifier's 512 bytes.
     let args = PICK_ARGS.get_ptr_mut(0).ok_or(reason::DROP_INTERNAL)?;
-    unsafe { PickArgs::write(args, pkt) };
+    unsafe { PickArgs::write(args, pkt, false) };
     let picked = xlb_pick(svc as *const Service, args as *const PickArgs);
     if picked >> 32 != 0 {
         return Err(picked as u32);
@@ -229,13 +229,14 @@ pub struct PickArgs {
     /// Network byte order.
     pub sport: u16,
     pub family: u8,
-    pub _pad: u8,
+    /// A tentative pick (`peek`): lblc/lblcr leave their destination cache alone.
+    pub tentative: u8,
 }
 
 impl PickArgs {
     /// Writes the arguments for `pkt` into `dst`.
     #[inline(always)]
-    unsafe fn write(dst: *mut PickArgs, pkt: &Pkt) {
+    unsafe fn write(dst: *mut PickArgs, pkt: &Pkt, tentative: bool) {
         let w: [u32; 9] = [
             pkt.src[0],
             pkt.src[1],
@@ -247,7 +248,7 @@ impl PickArgs {
             pkt.dst[3],
             u32::from_ne_bytes({
                 let [a, b] = pkt.sport.to_ne_bytes();
-                [a, b, pkt.family, 0]
+                [a, b, pkt.family, tentative as u8]
             }),
         ];
         // Word by word: a struct copy becomes a call to `memcpy`.
@@ -280,8 +281,9 @@ pub extern "C" fn xlb_pick(svc: *const Service, args: *const PickArgs) -> u64 {
             // The least-connection family, and lblc/lblcr (a destination's cached server,
             // else wlc). One call of the scan for all of them keeps the program small.
             let local = matches!(s, sched::LBLC | sched::LBLCR);
+            let tentative = pkt.tentative != 0;
             let cached = if local {
-                crate::locality::cached(svc, pkt)
+                crate::locality::cached(svc, pkt, !tentative)
             } else {
                 None
             };
@@ -294,6 +296,10 @@ pub extern "C" fn xlb_pick(svc: *const Service, args: *const PickArgs) -> u64 {
                     let rule = if local { sched::WLC } else { s };
                     let r = least::scan(svc, rule);
                     if local && let Ok((index, _)) = r {
+                        if tentative {
+                            // Learnt by `confirm`, once the flow is known to be new.
+                            return PICK_LEARN | index as u64;
+                        }
                         crate::locality::learn(svc, pkt, index);
                     }
                     r
@@ -306,6 +312,10 @@ pub extern "C" fn xlb_pick(svc: *const Service, args: *const PickArgs) -> u64 {
         Err(why) => 1 << 32 | why as u64,
     }
 }
+
+/// Set in a tentative lblc/lblcr pick's answer: wlc chose, the destination cache is to learn
+/// the choice.
+const PICK_LEARN: u64 = 1 << 63;
 
 /// rr, wrr: the next number's server; an overloaded one is passed over (IPVS's cursor moves
 /// on to the next server), at most once round the table. (When all are overloaded, IPVS's
@@ -372,6 +382,9 @@ pub struct Tentative {
     /// The rr/wrr counter value looked at; `None` for the other schedulers, whose picks
     /// consume nothing.
     n: Option<u64>,
+    /// lblc/lblcr: the destination cache's upkeep is due, and (`Some(true)`) its learning of
+    /// wlc's choice.
+    local: Option<bool>,
     pub index: u32,
     pub backend: &'static Backend,
 }
@@ -390,6 +403,25 @@ pub fn peek(svc: &Service, pkt: &Pkt) -> Result<Tentative, u32> {
             }
             Ok(Tentative {
                 n: Some(n),
+                local: None,
+                index,
+                backend,
+            })
+        }
+        sched::LBLC | sched::LBLCR => {
+            // Nothing learnt until `confirm`: a retransmitted SYN must teach the cache
+            // nothing.
+            let args = PICK_ARGS.get_ptr_mut(0).ok_or(reason::DROP_INTERNAL)?;
+            unsafe { PickArgs::write(args, pkt, true) };
+            let picked = xlb_pick(svc as *const Service, args as *const PickArgs);
+            if picked >> 32 & 0x7fff_ffff != 0 {
+                return Err(picked as u32);
+            }
+            let index = picked as u32;
+            let backend = BACKENDS.get(index).ok_or(reason::DROP_INTERNAL)?.current();
+            Ok(Tentative {
+                n: None,
+                local: Some(picked & PICK_LEARN != 0),
                 index,
                 backend,
             })
@@ -398,6 +430,7 @@ pub fn peek(svc: &Service, pkt: &Pkt) -> Result<Tentative, u32> {
             let (index, backend) = pick(svc, pkt)?;
             Ok(Tentative {
                 n: None,
+                local: None,
                 index,
                 backend,
             })
@@ -410,6 +443,13 @@ pub fn peek(svc: &Service, pkt: &Pkt) -> Result<Tentative, u32> {
 /// with IPVS's locked scheduler.
 #[inline(always)]
 pub fn confirm(svc: &Service, t: &Tentative) -> Result<Option<(u32, &'static Backend)>, u32> {
+    if let Some(learnt) = t.local {
+        // The arguments of the peek are still in this CPU's PICK_ARGS.
+        if let Some(args) = PICK_ARGS.get(0) {
+            crate::locality::commit(svc, args, t.index, learnt);
+        }
+        return Ok(None);
+    }
     let Some(n) = t.n else {
         return Ok(None);
     };

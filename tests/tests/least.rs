@@ -273,6 +273,22 @@ fn play(sched: Scheduler, seed: u64, steps: usize, thresholds: bool) {
                     }
                 }
                 _ => {
+                    let open: Vec<usize> = (0..conns.len())
+                        .filter(|&i| {
+                            conns[i].state == ConnState::Active && alive(conns[i].dest, &model)
+                        })
+                        .collect();
+                    if let Some(&i) = open.get(rng.next(open.len().max(1) as u64) as usize) {
+                        // A retransmitted SYN follows its connection and schedules nothing
+                        // (lblc/lblcr: their caches learn nothing from it).
+                        let r = h.run(&tcp(conns[i].port, conns[i].dst, SYN));
+                        assert_eq!(
+                            h.server_of(&r, &all),
+                            Some(conns[i].dest.0),
+                            "retransmitted SYN; {}",
+                            ctx(&cfg)
+                        );
+                    }
                     if rng.next(4) == 0 {
                         // Reset connections expire.
                         std::thread::sleep(Duration::from_millis(20));
