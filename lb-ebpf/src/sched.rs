@@ -208,15 +208,22 @@ pub fn pick(svc: &Service, pkt: &Pkt) -> Result<(u32, &'static Backend), u32> {
 /// Picks the backend index for a new flow, or the reason counter.
 #[inline(always)]
 pub fn pick_only(svc: &Service, pkt: &Pkt) -> Result<u32, u32> {
+    call_pick(svc, pkt, false).map(|picked| picked as u32)
+}
+
+/// `xlb_pick`'s answer for the packet: the index (with `PICK_LEARN` if a tentative lblc/lblcr
+/// pick is to be learnt), or the reason counter.
+#[inline(always)]
+fn call_pick(svc: &Service, pkt: &Pkt, tentative: bool) -> Result<u64, u32> {
     // The arguments go through a per-CPU map rather than the stack: the chain of frames
     // down to the schedulers' callbacks must fit the verifier's 512 bytes.
     let args = PICK_ARGS.get_ptr_mut(0).ok_or(reason::DROP_INTERNAL)?;
-    unsafe { PickArgs::write(args, pkt, false) };
+    unsafe { PickArgs::write(args, pkt, tentative) };
     let picked = xlb_pick(svc as *const Service, args as *const PickArgs);
-    if picked >> 32 != 0 {
+    if (picked & !PICK_LEARN) >> 32 != 0 {
         return Err(picked as u32);
     }
-    Ok(picked as u32)
+    Ok(picked)
 }
 
 /// What the schedulers look at in a packet (every byte written: the verifier checks that a
@@ -411,12 +418,7 @@ pub fn peek(svc: &Service, pkt: &Pkt) -> Result<Tentative, u32> {
         sched::LBLC | sched::LBLCR => {
             // Nothing learnt until `confirm`: a retransmitted SYN must teach the cache
             // nothing.
-            let args = PICK_ARGS.get_ptr_mut(0).ok_or(reason::DROP_INTERNAL)?;
-            unsafe { PickArgs::write(args, pkt, true) };
-            let picked = xlb_pick(svc as *const Service, args as *const PickArgs);
-            if picked >> 32 & 0x7fff_ffff != 0 {
-                return Err(picked as u32);
-            }
+            let picked = call_pick(svc, pkt, true)?;
             let index = picked as u32;
             let backend = BACKENDS.get(index).ok_or(reason::DROP_INTERNAL)?.current();
             Ok(Tentative {

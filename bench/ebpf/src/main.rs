@@ -60,6 +60,20 @@ struct Parsed {
     ports: u32,
 }
 
+impl Parsed {
+    /// The packet's 5-tuple as xlb keys it, from source address `saddr`.
+    #[inline(always)]
+    fn key(&self, saddr: u32) -> FlowKeyV4 {
+        FlowKeyV4::new(
+            saddr,
+            self.daddr,
+            self.ports as u16,
+            (self.ports >> 16) as u16,
+            6,
+        )
+    }
+}
+
 #[inline(always)]
 fn parse(ctx: &XdpContext) -> Option<Parsed> {
     let start = ctx.data();
@@ -145,7 +159,7 @@ fn insert_into(ctx: &XdpContext, map: &LruHashMap<FlowKeyV4, Flow>) -> u32 {
     let Some(p) = parse(ctx) else {
         return xdp_action::XDP_PASS;
     };
-    let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    let key = p.key(p.saddr);
     let v = Flow::new(1, 1, 0, 0, 3);
     if map.insert(&key, &v, 0).is_err() {
         return xdp_action::XDP_DROP;
@@ -161,7 +175,7 @@ pub fn base_lru_lookup_insert(ctx: XdpContext) -> u32 {
     let Some(p) = parse(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    let key = p.key(p.saddr);
     if BASE_LRU2.get_ptr(&key).is_some() {
         return xdp_action::XDP_DROP;
     }
@@ -181,13 +195,13 @@ pub fn base_hash_recycle(ctx: XdpContext) -> u32 {
     let Some(p) = parse(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    let key = p.key(p.saddr);
     if BASE_HASH_FULL.get_ptr(&key).is_some() {
         return xdp_action::XDP_DROP;
     }
     let lag = BASE_HASH_LAG.get(0).copied().unwrap_or(0);
     let old = u32::from_be(p.saddr).wrapping_sub(lag).to_be();
-    let victim = FlowKeyV4::new(old, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    let victim = p.key(old);
     if BASE_HASH_FULL.get_ptr(&victim).is_some() {
         let _ = BASE_HASH_FULL.remove(&victim);
     }
@@ -206,7 +220,7 @@ pub fn base_lru_delete(ctx: XdpContext) -> u32 {
     let Some(p) = parse(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    let key = FlowKeyV4::new(p.saddr, p.daddr, p.ports as u16, (p.ports >> 16) as u16, 6);
+    let key = p.key(p.saddr);
     let _ = BASE_LRU.remove(&key);
     let _ = BASE_LRU2.remove(&key);
     xdp_action::XDP_DROP
