@@ -968,55 +968,23 @@ impl SyncCounters {
     }
 }
 
+/// Binds the sync socket; an IPv6 link-local address without a scope gets `scope_id` (the
+/// sync interface's index).
 fn bind(fd: &OwnedFd, addr: SocketAddr, scope_id: u32) -> io::Result<()> {
+    use nix::sys::socket::{SockaddrIn, SockaddrIn6};
     let r = match addr {
-        SocketAddr::V4(a) => {
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: a valid sockaddr_in of the length given.
-            unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    &sa as *const _ as *const libc::sockaddr,
-                    std::mem::size_of_val(&sa) as libc::socklen_t,
-                )
-            }
-        }
+        SocketAddr::V4(a) => nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
         SocketAddr::V6(a) => {
-            let sa = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: if a.scope_id() != 0 {
-                    a.scope_id()
-                } else {
-                    scope_id
-                },
+            let scope = if a.scope_id() != 0 {
+                a.scope_id()
+            } else {
+                scope_id
             };
-            // SAFETY: a valid sockaddr_in6 of the length given.
-            unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    &sa as *const _ as *const libc::sockaddr,
-                    std::mem::size_of_val(&sa) as libc::socklen_t,
-                )
-            }
+            let a = std::net::SocketAddrV6::new(*a.ip(), a.port(), 0, scope);
+            nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a))
         }
     };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    r.map_err(io::Error::from)
 }
 
 /// A UDP socket for `cfg`: the receiver's (bound to the group or the unicast address, group

@@ -274,7 +274,7 @@ impl Daemon {
                 .interfaces
                 .iter()
                 .all(|i| self.dp.attachments().iter().any(|a| a.interface == i.value));
-        let services = self.engine.services();
+        let services: Vec<&ServiceConfig> = self.engine.configs().collect();
         let mut out = HashMap::new();
         for (idx, inst) in self.ha.instances.iter().enumerate() {
             let Some(t) = &inst.track_dataplane else {
@@ -339,13 +339,22 @@ impl Daemon {
         self.handle_events(events);
     }
 
+    /// Whether a health tick without reports has work: a recovered server's reentry delay ran
+    /// out, or an earlier apply failed and is to be tried again.
+    pub fn health_due(&self) -> bool {
+        self.health_dirty || self.reentry_ran_out()
+    }
+
+    fn reentry_ran_out(&self) -> bool {
+        self.reentry_due
+            .is_some_and(|t| t <= crate::health::state::unix(SystemTime::now()))
+    }
+
     /// Applies the reports of the health checks (batched by the caller): transitions are
     /// logged and notified, and if any server's state changed the data plane follows.
     pub fn on_health(&mut self, reports: Vec<crate::health::runner::Report>) {
         // A recovered server whose reentry delay ran out since the last batch.
-        let mut changed = self
-            .reentry_due
-            .is_some_and(|t| t <= crate::health::state::unix(SystemTime::now()));
+        let mut changed = self.reentry_ran_out();
         let mut events = Vec::new();
         // A failed apply of an earlier batch is tried again.
         changed |= self.health_dirty;
@@ -476,12 +485,13 @@ impl Daemon {
         let (effective, events) = health.effective(&model.services);
         // Counters of services about to go are kept in the totals (node_ipvs_*_total never
         // goes back, as IPVS's /proc/net/ip_vs_stats does not).
+        let staying: std::collections::HashSet<ServiceKey> =
+            effective.iter().map(|s| s.key).collect();
         let leaving: Vec<ServiceKey> = self
             .engine
-            .services()
-            .iter()
+            .configs()
             .map(|s| s.key)
-            .filter(|k| !effective.iter().any(|s| s.key == *k))
+            .filter(|k| !staying.contains(k))
             .collect();
         let mut gone = CountersView::default();
         for k in &leaving {
@@ -526,7 +536,7 @@ impl Daemon {
     /// Every service and server with its id / backend index.
     fn indexes(&self) -> HashMap<StatKey, u32> {
         let mut m = HashMap::new();
-        for s in self.engine.services() {
+        for s in self.engine.configs() {
             if let Some(id) = self.engine.service_id(&s.key) {
                 m.insert(StatKey::Service(s.key), id);
             }
@@ -722,7 +732,7 @@ impl Daemon {
         };
         let mut servers: HashMap<u32, SocketAddr> = HashMap::new();
         let mut services: HashMap<u32, ServiceKey> = HashMap::new();
-        for s in self.engine.services() {
+        for s in self.engine.configs() {
             if let Some(id) = self.engine.service_id(&s.key) {
                 services.insert(id, s.key);
             }

@@ -424,7 +424,9 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
                     reports.push(r);
                 }
                 let mut d = shared.lock().await;
-                if !reports.is_empty() || d.reentry_due.is_some() {
+                // Without reports only a due reentry or a failed apply needs the batch (not
+                // every tick while a reentry is pending: it recomputes the next one).
+                if !reports.is_empty() || d.health_due() {
                     d.on_health(reports);
                 }
             }

@@ -425,7 +425,12 @@ impl Engine {
 
     /// The services as configured now (configuration order of backends).
     pub fn services(&self) -> Vec<ServiceConfig> {
-        self.services.values().map(|s| s.config.clone()).collect()
+        self.configs().cloned().collect()
+    }
+
+    /// The services as applied, by reference.
+    pub fn configs(&self) -> impl Iterator<Item = &ServiceConfig> {
+        self.services.values().map(|s| &s.config)
     }
 
     /// Sets the idle timeouts (`ipvsadm --set`).

@@ -2384,6 +2384,25 @@ impl Parser<'_> {
         Ok(d)
     }
 
+    /// `weight W [reverse|noreverse]`, W within ±`limit`.
+    fn weight_reverse(&mut self, c: &Node, limit: i64) -> R<(i32, bool)> {
+        let a = self.leaf(c, 1, 2)?;
+        let weight = self.int(&a[0], "weight", -limit, limit)? as i32;
+        let reverse = match a.get(1).map(|w| w.text.as_str()) {
+            None | Some("noreverse") => false,
+            Some("reverse") => true,
+            Some(x) => {
+                return Err(self.err(
+                    a[1].pos,
+                    format!(
+                        "weight takes \"reverse\" or \"noreverse\" after the number, not \"{x}\""
+                    ),
+                ));
+            }
+        };
+        Ok((weight, reverse))
+    }
+
     fn track_file(&mut self, n: &Node) -> R<TrackFile> {
         let name = self.block_name(n)?;
         let loc = self.loc(n.pos());
@@ -2391,20 +2410,7 @@ impl Parser<'_> {
         for c in self.block(n)? {
             match c.name() {
                 "file" => file = Some(self.string(c)?),
-                "weight" => {
-                    let a = self.leaf(c, 1, 2)?;
-                    weight = self.int(&a[0], "weight", -65535, 65535)? as i32;
-                    reverse = match a.get(1).map(|w| w.text.as_str()) {
-                        None | Some("noreverse") => false,
-                        Some("reverse") => true,
-                        Some(x) => {
-                            return Err(self.err(
-                                a[1].pos,
-                                format!("weight takes \"reverse\" or \"noreverse\" after the number, not \"{x}\""),
-                            ));
-                        }
-                    };
-                }
+                "weight" => (weight, reverse) = self.weight_reverse(c, 65535)?,
                 _ => self.unsupported(c, "in track_file"),
             }
         }
@@ -2443,20 +2449,7 @@ impl Parser<'_> {
                     }
                 }
                 "timeout" => timeout = Some(self.timer(c)?),
-                "weight" => {
-                    let a = self.leaf(c, 1, 2)?;
-                    weight = self.int(&a[0], "weight", -253, 253)? as i32;
-                    weight_reverse = match a.get(1).map(|w| w.text.as_str()) {
-                        None | Some("noreverse") => false,
-                        Some("reverse") => true,
-                        Some(x) => {
-                            return Err(self.err(
-                                a[1].pos,
-                                format!("weight takes \"reverse\" or \"noreverse\" after the number, not \"{x}\""),
-                            ));
-                        }
-                    };
-                }
+                "weight" => (weight, weight_reverse) = self.weight_reverse(c, 253)?,
                 "rise" => rise = self.u32_of(c, 1, u32::MAX)?,
                 "fall" => fall = self.u32_of(c, 1, u32::MAX)?,
                 "user" => {
@@ -3393,16 +3386,15 @@ impl Parser<'_> {
                     "type" => {
                         let a = self.leaf(c, 1, 1)?;
                         let t = a[0].text.to_ascii_uppercase();
-                        const TYPES: [&str; 9] = [
-                            "A", "NS", "CNAME", "SOA", "MX", "TXT", "AAAA", "RRSIG", "DNSKEY",
-                        ];
-                        if !TYPES.contains(&t.as_str()) {
+                        let types = &crate::health::config::DNS_TYPES;
+                        if !types.iter().any(|(name, _)| *name == t) {
+                            let names: Vec<&str> = types.iter().map(|(name, _)| *name).collect();
                             return Err(self.err(
                                 a[0].pos,
                                 format!(
                                     "DNS_CHECK type \"{}\" is not one of {}",
                                     a[0].text,
-                                    TYPES.join(", ")
+                                    names.join(", ")
                                 ),
                             ));
                         }

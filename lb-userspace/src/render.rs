@@ -81,6 +81,15 @@ fn timeouts(out: &mut String, t: Timeouts) {
 
 /// One `[[services]]` table with its backends.
 pub fn service(out: &mut String, s: &ServiceConfig) {
+    let multi_port = service_header(out, s);
+    for b in &s.backends {
+        backend(out, s, b, multi_port);
+    }
+}
+
+/// A service's own settings, without its backends; `true` if it has several ports (its
+/// backends' ports are then written differently).
+fn service_header(out: &mut String, s: &ServiceConfig) -> bool {
     let _ = writeln!(out, "\n[[services]]\nname = {}", quote(&s.name));
     let single =
         s.ports.len() == 1 && (s.ports[0].first == s.ports[0].last || s.ports[0] == PortRange::ALL);
@@ -159,10 +168,7 @@ pub fn service(out: &mut String, s: &ServiceConfig) {
     }
     // The service-level tunnel default is not kept in the model: every tunnel server
     // carries its own settings.
-    let multi = !single;
-    for b in &s.backends {
-        backend(out, s, b, multi);
-    }
+    !single
 }
 
 fn backend(out: &mut String, s: &ServiceConfig, b: &BackendConfig, multi_port: bool) {
@@ -312,11 +318,8 @@ pub fn validate_change(
         starts.push(lines + 2);
         let at = out.len();
         if *same {
-            let header = ServiceConfig {
-                backends: Vec::new(),
-                ..s.clone()
-            };
-            service(&mut out, &header);
+            // Its header only (the rules across services need it), its servers unchanged.
+            service_header(&mut out, s);
         } else {
             service(&mut out, s);
         }
