@@ -40,6 +40,9 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
+/// Connections per sync-report measurement: well within `SYNC_EVENTS` (1 MiB, ~14,000
+/// reports), so the ring never fills and every report is a real one.
+const SYNC_BATCH: u32 = 8192;
 /// Interleaved rounds (`XLB_BENCH_ROUNDS` for a quicker look; targets are judged on 9).
 fn rounds() -> usize {
     std::env::var("XLB_BENCH_ROUNDS")
@@ -410,7 +413,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
-    let names: [(&str, &str); 13] = [
+    let names: [(&str, &str); 15] = [
         ("XDP_DROP (harness floor)", "D"),
         ("parse + swap MACs + XDP_TX", "D"),
         ("parse + 1 hash lookup + XDP_TX", "D"),
@@ -426,6 +429,8 @@ fn main() -> Result<()> {
             "S+vary",
         ),
         ("hash: lookup, delete oldest, insert, full table", "S+vary"),
+        ("xlb: ACK establishing a connection, sync off", "S+vary"),
+        ("xlb: the same, sync on (one report each)", "S+vary"),
         ("shim floor: S(drop)", "S"),
     ];
     let mut cases: Vec<Case> = names
@@ -529,6 +534,26 @@ fn main() -> Result<()> {
             lru.iter().chain(&lru2).all(|r| r.0 == XDP_TX),
             "LRU baselines",
         )?;
+
+        // Sync reports: the ACK that establishes a connection reports it when this balancer
+        // is a sync master; off and on back to back, in alternating order, on fresh tuples.
+        let (mut est_off, mut est_on) = (Vec::new(), Vec::new());
+        for half in 0..2 {
+            let order = if (round + half) % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for on in order {
+                let ns = b.establishing(&syn, &ack, unique, on)?;
+                unique = b.fresh;
+                if on {
+                    est_on.push(ns);
+                } else {
+                    est_off.push(ns);
+                }
+            }
+        }
 
         // A full table: xlb's is filled up with embryonic connections (unmeasured), then every
         // new flow takes over the oldest one; the baseline's inserts evict.
@@ -636,7 +661,7 @@ fn main() -> Result<()> {
             "1M established flows",
         )?;
 
-        let values: [Vec<f64>; 13] = [
+        let values: [Vec<f64>; 15] = [
             vec![d_drop.1],
             vec![parse_tx.1],
             vec![parse_hash.1],
@@ -649,6 +674,8 @@ fn main() -> Result<()> {
             vec![correct(lru_full.1, s_drop_vary.1)],
             vec![correct(new_full.1, s_drop_vary.1)],
             vec![correct(hash_full.1, s_drop_vary.1)],
+            est_off.iter().map(|r| correct(*r, s_drop_vary.1)).collect(),
+            est_on.iter().map(|r| correct(*r, s_drop_vary.1)).collect(),
             vec![s_drop.1],
         ];
         for (c, v) in cases.iter_mut().zip(values) {
@@ -703,7 +730,9 @@ impl Bench {
     /// reaper; returns the reaper's cost in ns per table entry walked.
     fn retire_new_flows(&mut self) -> Result<f64> {
         let mut t = tcp::DEFAULT_TIMEOUTS.map(lb_common::ticks::from_secs);
+        // The measurements' own connections: embryonic, or reset (`establishing`).
         t[tcp::state::SYN_RECV as usize] = 0;
+        t[tcp::state::CLOSE as usize] = 0;
         self.dp.set_globals(&Globals::with_ticks(t))?;
         // Timeout 0 expires entries a tick (16.8 ms) old.
         std::thread::sleep(Duration::from_millis(40));
@@ -717,6 +746,39 @@ impl Bench {
             "the reaper did not retire the new flows"
         );
         Ok(took.as_nanos() as f64 / walked.max(1) as f64)
+    }
+
+    /// ns per ACK that establishes one of `SYNC_BATCH` fresh connections (from `start`), with
+    /// the master's sync reports on or off; checks that every one was reported (or none),
+    /// none dropped, then resets the connections and retires them.
+    fn establishing(&mut self, syn: &[u8], ack: &[u8], start: u64, sync: bool) -> Result<f64> {
+        self.dp.set_sync_events(sync)?;
+        self.fresh = start;
+        self.measure("xlb", syn, Method::Fresh, SYNC_BATCH)?;
+        let before = self.snapshot()?;
+        self.fresh = start;
+        let (_, ns) = self.measure("xlb", ack, Method::Fresh, SYNC_BATCH)?;
+        self.expect(
+            &before,
+            &[(reason::TX, SYNC_BATCH as u64)],
+            0,
+            "establishing ACKs",
+        )?;
+        self.dp.set_sync_events(false)?;
+        let reports = self.dp.drain_sync_events().len();
+        let dropped = self.dp.reasons()?[reason::EV_SYNC_DROPPED as usize]
+            - before.0[reason::EV_SYNC_DROPPED as usize];
+        let want = if sync { SYNC_BATCH as usize } else { 0 };
+        ensure!(
+            reports == want && dropped == 0,
+            "establishing ACKs: {reports} sync reports ({dropped} dropped), expected {want}"
+        );
+        let mut rst = ack.to_vec();
+        rst[47] = tcp::flags::RST | tcp::flags::ACK;
+        self.fresh = start;
+        self.measure("xlb", &rst, Method::Fresh, SYNC_BATCH)?;
+        self.retire_new_flows()?;
+        Ok(ns)
     }
 
     fn snapshot(&self) -> Result<(Vec<u64>, u64)> {
@@ -828,6 +890,10 @@ fn report(cases: &[Case], dp: &Dataplane, reaper_ns_per_entry: &[f64]) -> Result
             by("bare LRU insert, new key, full")
         )
         .0
+    );
+    println!(
+        "  (for reference: the ACK establishing a connection, sync reports on / off: {:.2})",
+        ratio(by("xlb: the same, sync on"), by("xlb: ACK establishing")).0
     );
     println!(
         "  (for reference: new flow / bare LRU insert, both 3/4 full: {:.2})",
