@@ -249,9 +249,10 @@ fn main() -> Result<()> {
     let ack = hex(ACK_VIP);
     let nonvip = hex(SYN_NON_VIP);
 
-    // The baseline tables get the capacity of xlb's table (exactly the configured one).
+    // The baseline tables get the kernel capacity of xlb's table (the configured one plus its
+    // slack).
     let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow::anyhow!("{m}: {e}"))? as u32;
-    let capacity = conn_table();
+    let capacity = conn_table() + lb_common::flow_table_slack(ncpus);
     let mut base = EbpfLoader::new()
         .map_max_entries("BASE_LRU", capacity)
         .map_max_entries("BASE_LRU2", capacity)

@@ -991,8 +991,8 @@ impl ConnCounts {
 
 /// How many connection-table entries may still be created (`FLOW_POOL`, one per table:
 /// index 0 IPv4, 1 IPv6). CPUs take entries in batches into their `FLOW_QUOTA`, so the shared
-/// counter is touched once per batch. The kernel map (a plain hash) has exactly the pool's
-/// capacity, so an insert always finds a free element.
+/// counter is touched once per batch. The kernel map (a plain hash) has the pool's capacity
+/// plus [`flow_table_slack`], so an insert always finds a free element.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowPool {
@@ -1056,6 +1056,14 @@ pub const FLOW_POOL_BATCH: i64 = 64;
 /// table sits unused in CPUs' hands.
 pub fn flow_pool_batch(capacity: u32, ncpus: u32) -> i64 {
     (capacity as i64 / (16 * ncpus.max(1) as i64)).clamp(1, FLOW_POOL_BATCH)
+}
+
+/// Elements the connection tables (plain hashes) have beyond the pool: an insert looks for a
+/// free element once through every CPU's free list in turn, so an element freed meanwhile on
+/// a list it already passed is not found; the slack keeps such moments from failing an insert
+/// that holds a pool entry.
+pub fn flow_table_slack(ncpus: u32) -> u32 {
+    64 * ncpus.max(1)
 }
 
 /// Entries NAT's reply tables (LRU hashes, one entry per NAT connection) need beyond the

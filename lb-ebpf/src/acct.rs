@@ -184,7 +184,8 @@ pub fn take_entry(family: u8) -> bool {
     true
 }
 
-/// Gives back an entry taken but not used (the insert found the key present).
+/// Puts an entry into this CPU's hand: one taken but not used (the insert found the key
+/// present), or one a recycled connection freed for the connection that asked.
 #[inline(always)]
 pub fn untake_entry(family: u8) {
     if let Some(q) = FLOW_QUOTA.get_ptr_mut(0) {

@@ -61,7 +61,7 @@ fn copy_words<K>(dst: *mut K, src: &K) {
 }
 
 /// Frees one entry by retiring the oldest recyclable connection in this CPU's ring; `true` if
-/// an entry went back to the pool. Looks at up to `RECYCLE_TRIES` live candidates that cannot
+/// an entry went into this CPU's hand. Looks at up to `RECYCLE_TRIES` live candidates that cannot
 /// be recycled (established ones, busy UDP flows) and up to `RECYCLE_SCAN` ring slots in all:
 /// slots of connections that already expired cost a lookup miss each, and after a mass expiry
 /// there may be many of them before the next live candidate.
@@ -156,13 +156,15 @@ extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
     if acct::retire(status_ptr, status, unsafe { (*entry).backend }) {
         crate::persist::retired(key, unsafe { &*entry }, w.now);
         crate::nat::forget(key, unsafe { &*entry });
-        let _ = K::table().remove(key);
-        // Straight to this CPU's hand, for the connection that asked (through the shared
-        // pool it would cost two more locked operations).
-        acct::untake_entry(K::FAMILY);
-        stats::count(reason::EV_FLOW_RECYCLED);
-        w.freed = 1;
-        return 1;
+        // Only a deleted entry frees an element (see `flow::end_entry`).
+        if K::table().remove(key).is_ok() {
+            // Straight to this CPU's hand, for the connection that asked (through the
+            // shared pool it would cost two more locked operations).
+            acct::untake_entry(K::FAMILY);
+            stats::count(reason::EV_FLOW_RECYCLED);
+            w.freed = 1;
+            return 1;
+        }
     }
     0
 }

@@ -329,8 +329,12 @@ pub fn end_entry<K: FlowKey>(
     }
     persist::retired(key, flow, now);
     nat::forget(key, flow);
-    let _ = K::table().remove(key);
-    acct::release_entry(K::FAMILY);
+    // Only a deleted entry frees an element. (The delete fails only if another CPU deleted
+    // the tuple between the lookup and the swap and its element was reused: the pool must
+    // then not count an element the table does not have.)
+    if K::table().remove(key).is_ok() {
+        acct::release_entry(K::FAMILY);
+    }
     true
 }
 

@@ -273,7 +273,8 @@ fn process_new<K: flow::FlowKey>(ctx: &XdpContext) -> (u32, u32) {
     let result = flow::new_flow::<K>(
         &pkt,
         now,
-        handoff == HANDOFF_NO_ENTRY,
+        // The SYN program looked the flow up before it found the table full.
+        handoff == HANDOFF_NO_ENTRY || handoff == HANDOFF_TABLE_FULL,
         handoff != HANDOFF_TABLE_FULL,
     );
     finish_new(ctx, result)

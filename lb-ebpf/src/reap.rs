@@ -96,8 +96,9 @@ extern "C" fn visit<K: FlowKey>(
         let typed = unsafe { &*(key as *const K) };
         persist::retired(typed, flow, walk.now);
         crate::nat::forget(typed, flow);
-        unsafe { bpf_map_delete_elem(map, key) };
-        acct::release_entry(K::FAMILY);
+        if unsafe { bpf_map_delete_elem(map, key) } == 0 {
+            acct::release_entry(K::FAMILY);
+        }
         walk.expired += 1;
     }
     0

@@ -305,6 +305,7 @@ impl Dataplane {
     /// The capacities the configuration gives the sized maps.
     fn capacities(limits: &Limits, ncpus: u32) -> Vec<(&'static str, u32)> {
         let reserve = lb_common::lru_table_reserve(ncpus);
+        let slack = lb_common::flow_table_slack(ncpus);
         let nat_size = |conns: u32| {
             if limits.nat_tables {
                 conns + reserve
@@ -313,8 +314,8 @@ impl Dataplane {
             }
         };
         vec![
-            (names::FLOWS_V4, limits.conn_table_size),
-            (names::FLOWS_V6, limits.conn_table_size_v6),
+            (names::FLOWS_V4, limits.conn_table_size + slack),
+            (names::FLOWS_V6, limits.conn_table_size_v6 + slack),
             (names::NAT_V4, nat_size(limits.conn_table_size)),
             (names::NAT_V6, nat_size(limits.conn_table_size_v6)),
             (names::BACKEND_CONNS, limits.max_backends),
@@ -344,7 +345,8 @@ impl Dataplane {
     fn load_with(limits: Limits, pin_dir: Option<&Path>) -> Result<Self> {
         raise_memlock_limit();
         let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
-        // The connection tables are plain hashes of the pool's size (see `FlowPool`). NAT's
+        // The connection tables are plain hashes of the pool's size plus a little slack (see
+        // `FlowPool`). NAT's
         // reply tables (LRU) follow them, larger by what the LRU needs never to evict a live
         // NAT connection's entry (`lru_table_reserve`), unless NAT is configured out.
         let capacities = Self::capacities(&limits, ncpus as u32);
