@@ -1676,18 +1676,8 @@ fn service(
     };
     let reentry_delay = match &s.reentry_delay {
         None => std::time::Duration::ZERO,
-        Some(d) if (0.0..=86400.0).contains(d.get_ref()) => {
-            std::time::Duration::from_secs_f64(*d.get_ref())
-        }
-        Some(d) => {
-            return Err(loc.err(
-                d.span(),
-                format!(
-                    "reentry_delay must be between 0 and 86400 seconds, not {}",
-                    d.get_ref()
-                ),
-            ));
-        }
+        Some(d) => crate::health::config::secs(*d.get_ref(), "reentry_delay")
+            .map_err(|m| loc.err(d.span(), m))?,
     };
     let health = crate::health::config::ServiceHealth {
         sorry_server,
@@ -2029,6 +2019,11 @@ address = "fd00::5"
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n[[services.backends]]\naddress = \"10.0.0.2\"\nupper_threshold = -1\n",
                 8,
                 "upper_threshold must be between 0 and 2147483647, not -1",
+            ),
+            (
+                "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nreentry_delay = 90000\n",
+                6,
+                "reentry_delay must be between 0 and 86400 seconds, not 90000",
             ),
             (
                 "[dataplane]\ninterfaces = [\"eth0\"]\n[[services]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nscheduler = \"sh\"\nflags = [\"mh-port\"]\n",

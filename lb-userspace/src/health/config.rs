@@ -131,7 +131,8 @@ pub struct FileUrl {
     pub virtualhost: Option<String>,
 }
 
-fn secs(v: f64, what: &str) -> Result<Duration, String> {
+/// A duration in seconds as the configuration gives it (0 to a day).
+pub fn secs(v: f64, what: &str) -> Result<Duration, String> {
     if !(0.0..=86400.0).contains(&v) || v.is_nan() {
         return Err(format!(
             "{what} must be between 0 and 86400 seconds, not {v}"
