@@ -724,32 +724,9 @@ fn metrics_follow_node_exporter_and_pass_promtool() {
         }
     })
     .unwrap();
-    let text = b
-        .bench
-        .exec(
-            &b.lb,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:9469/metrics",
-            ],
-        )
-        .unwrap();
-    let file = b.bench.dir.join("metrics.txt");
-    std::fs::write(&file, &text).unwrap();
-    let check = Command::new("sh")
-        .arg("-c")
-        .arg(format!("promtool check metrics < {}", file.display()))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let text = b.bench.scrape_metrics(&b.lb).unwrap();
+    let check = b.bench.promtool_check("metrics.txt", &text);
+    assert!(check.is_ok(), "promtool: {check:?}");
     let value = |prefix: &str| -> u64 {
         text.lines()
             .find(|l| l.starts_with(prefix))
@@ -847,19 +824,7 @@ fn metrics_follow_node_exporter_and_pass_promtool() {
         ["0"; 5],
         "{stats}"
     );
-    let again = b
-        .bench
-        .exec(
-            &b.lb,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:9469/metrics",
-            ],
-        )
-        .unwrap();
+    let again = b.bench.scrape_metrics(&b.lb).unwrap();
     assert!(
         again.contains("\nnode_ipvs_connections_total 10\n"),
         "{again}"

@@ -161,37 +161,14 @@ fn failed_server_leaves_and_returns() {
     assert_eq!(counts(&got).get("be3"), Some(&12), "{got:?}");
 
     // Metrics show it.
-    let metrics = b
-        .bench
-        .exec(
-            &b.lb,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:9469/metrics",
-            ],
-        )
-        .unwrap();
+    let metrics = b.bench.scrape_metrics(&b.lb).unwrap();
     assert!(
         metrics.contains("xlb_backend_up{local_address=\"10.100.0.100\",local_port=\"80\",remote_address=\"10.100.0.12\",remote_port=\"80\",proto=\"TCP\"} 0"),
         "{metrics}"
     );
     // ... in a valid exposition (the health families included).
-    let file = b.bench.dir.join("metrics.txt");
-    std::fs::write(&file, &metrics).unwrap();
-    let check = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("promtool check metrics < {}", file.display()))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let check = b.bench.promtool_check("metrics.txt", &metrics);
+    assert!(check.is_ok(), "promtool: {check:?}");
 
     // Back: at their configured weights.
     start_nginx(&mut b, 1, "nginx-be1b.log");

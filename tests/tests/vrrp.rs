@@ -721,26 +721,8 @@ fn connections_survive_failover_with_conn_sync() {
     }
     // /metrics of both ends: valid for promtool, with the VRRP and sync families.
     let metrics = |ns: &str| {
-        let text = b
-            .bench
-            .exec(
-                ns,
-                &[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    "http://127.0.0.1:9469/metrics",
-                ],
-            )
-            .unwrap();
-        let file = b.bench.dir.join(format!("{ns}.metrics"));
-        std::fs::write(&file, &text).unwrap();
-        let check = run(&[
-            "sh",
-            "-c",
-            &format!("promtool check metrics < {}", file.display()),
-        ]);
+        let text = b.bench.scrape_metrics(ns).unwrap();
+        let check = b.bench.promtool_check(&format!("{ns}.metrics"), &text);
         assert!(check.is_ok(), "promtool: {check:?}");
         text
     };

@@ -117,6 +117,33 @@ impl Bench {
         run(&v)
     }
 
+    /// xlb's `/metrics` as scraped inside namespace `ns` (the default listener).
+    pub fn scrape_metrics(&self, ns: &str) -> Result<String> {
+        self.exec(
+            ns,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9469/metrics",
+            ],
+        )
+    }
+
+    /// Checks a scrape with `promtool check metrics` (kept as `<dir>/<name>`); the error
+    /// carries promtool's output.
+    pub fn promtool_check(&self, name: &str, text: &str) -> Result<()> {
+        let file = self.dir.join(name);
+        std::fs::write(&file, text)?;
+        run(&[
+            "sh",
+            "-c",
+            &format!("promtool check metrics < {}", file.display()),
+        ])
+        .map(|_| ())
+    }
+
     /// Runs a shell snippet inside namespace `ns`.
     pub fn sh(&self, ns: &str, script: &str) -> Result<String> {
         self.exec(ns, &["sh", "-c", script])
