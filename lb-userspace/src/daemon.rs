@@ -219,11 +219,11 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
 
     let (mut dp, mut engine, generation, predecessor_health) =
         load_dataplane(&config, &pin_dir, &state)?;
-    // Taking over a running data plane: VRRP resumes at once (the previous daemon stopped
-    // advertising when it handed over), well before the peer's master-down interval runs
-    // out; the rest of the start-up does not delay it.
     let mut early_vrrp = None;
     if dp.adopted() {
+        // Taking over a running data plane: VRRP resumes at once (the previous daemon
+        // stopped advertising when it handed over), well before the peer's master-down
+        // interval runs out; the rest of the start-up does not delay it.
         match crate::vrrp::run::start(config.ha.clone(), config.script_user.clone(), true).await {
             Ok(v) => early_vrrp = v,
             Err(e) => {
@@ -231,8 +231,6 @@ pub async fn run(startup: Startup, o: Overrides) -> Result<()> {
                 return Err(e.context("starting VRRP"));
             }
         }
-    }
-    if dp.adopted() {
         // What ipvsadm changed at run time is not in the file: the file is what runs now.
         let running = engine.services();
         let differ = running

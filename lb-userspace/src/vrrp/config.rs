@@ -192,6 +192,13 @@ pub struct ConnSync {
     pub ttl: u8,
 }
 
+impl ConnSync {
+    /// The sync id in use: validation sets an unset one to the instance's VRID.
+    pub fn id(&self) -> u8 {
+        self.sync_id.unwrap_or(0)
+    }
+}
+
 impl Default for ConnSync {
     fn default() -> Self {
         ConnSync {
@@ -1163,7 +1170,7 @@ pub fn to_toml(ha: &Ha) -> String {
             "interface = {}\ninstance = {}\nid = {}\ngroup = {}\nport = {}\nmaxlen = {}\nttl = {}\n",
             q(&s.interface),
             q(&s.instance),
-            s.sync_id.unwrap_or(0),
+            s.id(),
             q(&s.group.to_string()),
             s.port,
             s.maxlen,

@@ -84,7 +84,7 @@ impl SyncStats {
         SyncStatus {
             instance: c.instance.clone(),
             role: if master { "master" } else { "backup" }.into(),
-            sync_id: c.sync_id.unwrap_or(0),
+            sync_id: c.id(),
             interface: c.interface.clone(),
             group: c.peer.unwrap_or(c.group),
             port: c.port,
@@ -118,7 +118,7 @@ fn transport(cfg: &ConnSync, receiver: bool) -> SyncConfig {
         ),
     };
     SyncConfig {
-        sync_id: cfg.sync_id.unwrap_or(0),
+        sync_id: cfg.id(),
         addr,
         interface: Some(cfg.interface.clone()),
         ttl: cfg.ttl as u32,
@@ -157,7 +157,7 @@ pub async fn start(
                 .context("the data plane's sync ring is taken already")?;
         SyncEvents::new(rb)?
     };
-    info!(instance = %cfg.instance, interface = %cfg.interface, sync_id = cfg.sync_id.unwrap_or(0), group = %cfg.group, peer = ?cfg.peer, "connection sync running");
+    info!(instance = %cfg.instance, interface = %cfg.interface, sync_id = cfg.id(), group = %cfg.group, peer = ?cfg.peer, "connection sync running");
     Ok(tokio::spawn(async move {
         let mut refresh = tokio::time::interval(REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
