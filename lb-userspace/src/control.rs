@@ -353,11 +353,10 @@ impl Daemon {
     /// Applies the reports of the health checks (batched by the caller): transitions are
     /// logged and notified, and if any server's state changed the data plane follows.
     pub fn on_health(&mut self, reports: Vec<crate::health::runner::Report>) {
-        // A recovered server whose reentry delay ran out since the last batch.
-        let mut changed = self.reentry_ran_out();
+        // A recovered server whose reentry delay ran out since the last batch, or a failed
+        // apply of an earlier batch to try again.
+        let mut changed = self.health_due();
         let mut events = Vec::new();
-        // A failed apply of an earlier batch is tried again.
-        changed |= self.health_dirty;
         for r in &reports {
             if self.runner.as_ref().is_some_and(|run| !run.is_current(r)) {
                 continue;

@@ -99,18 +99,19 @@ impl Vrrp {
     /// Hands over to a successor (`xlb run --takeover`): the addresses stay where they are
     /// and nothing is sent; the successor resumes.
     pub async fn hand_over(self) {
-        let (tx, rx) = oneshot::channel();
-        if self.cmds.send(Cmd::HandOver(tx)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), rx).await;
-        }
-        self.task.abort();
+        self.stop(Cmd::HandOver, Duration::from_secs(1)).await;
     }
 
     /// Stops cleanly: masters send priority 0 and give up their VIPs; notify_stop runs.
     pub async fn shutdown(self) {
+        self.stop(Cmd::Shutdown, Duration::from_secs(3)).await;
+    }
+
+    /// Sends a stop command and waits for its answer (at most `wait`), then ends the task.
+    async fn stop(self, cmd: fn(oneshot::Sender<()>) -> Cmd, wait: Duration) {
         let (tx, rx) = oneshot::channel();
-        if self.cmds.send(Cmd::Shutdown(tx)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(3), rx).await;
+        if self.cmds.send(cmd(tx)).is_ok() {
+            let _ = tokio::time::timeout(wait, rx).await;
         }
         self.task.abort();
     }
