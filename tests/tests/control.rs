@@ -727,16 +727,7 @@ fn metrics_follow_node_exporter_and_pass_promtool() {
     let text = b.bench.scrape_metrics(&b.lb).unwrap();
     let check = b.bench.promtool_check("metrics.txt", &text);
     assert!(check.is_ok(), "promtool: {check:?}");
-    let value = |prefix: &str| -> u64 {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |prefix: &str| -> u64 { xlb_testbed::metric_value(&text, prefix) };
     assert_eq!(value("node_ipvs_connections_total "), 10);
     let labels = |rs: &str| {
         format!(

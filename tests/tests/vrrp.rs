@@ -726,16 +726,7 @@ fn connections_survive_failover_with_conn_sync() {
         assert!(check.is_ok(), "promtool: {check:?}");
         text
     };
-    let sample = |text: &str, prefix: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let sample = |text: &str, prefix: &str| -> f64 { xlb_testbed::metric_value(text, prefix) };
     let m1 = metrics(&lb1);
     let m2 = metrics(&lb2);
     let labels = "{instance=\"VI_1\",interface=\"eth0\",vrid=\"51\"}";

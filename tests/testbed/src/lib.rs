@@ -24,6 +24,22 @@ pub struct Bench {
     children: Vec<(String, Child)>,
 }
 
+/// The value of the first sample of a scrape whose line starts with `prefix` (name and
+/// labels); panics, showing the scrape, if there is none.
+pub fn metric_value<T: std::str::FromStr>(text: &str, prefix: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// Runs a command to completion (bounded by `timeout`), failing with its stderr.
 pub fn run(argv: &[&str]) -> Result<String> {
     let out = Command::new("timeout")
