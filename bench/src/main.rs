@@ -79,6 +79,14 @@ fn small() -> bool {
 }
 const REAL_SERVERS: u8 = 8;
 
+/// Ways per bucket of the set-associative prototype (`AssocBucket` in `bench/ebpf`).
+const ASSOC_WAYS: u32 = 8;
+
+/// Slots of the set-associative prototype: the power of two at or below `capacity`.
+fn assoc_slots(capacity: u32) -> u32 {
+    1 << (31 - capacity.leading_zeros())
+}
+
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)
@@ -249,15 +257,16 @@ fn main() -> Result<()> {
     let ack = hex(ACK_VIP);
     let nonvip = hex(SYN_NON_VIP);
 
-    // The baseline tables get the kernel capacity of xlb's table (the configured one plus its
-    // slack).
+    // The baseline tables get the capacity of xlb's table (its connections).
     let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow::anyhow!("{m}: {e}"))? as u32;
-    let capacity = conn_table() + lb_common::flow_table_slack(ncpus);
+    let capacity = conn_table();
     let mut base = EbpfLoader::new()
         .map_max_entries("BASE_LRU", capacity)
         .map_max_entries("BASE_LRU2", capacity)
         .map_max_entries("BASE_LRU_FULL", capacity)
         .map_max_entries("BASE_HASH_FULL", capacity)
+        .map_max_entries("ASSOC_BUCKETS", assoc_slots(capacity) / ASSOC_WAYS)
+        .map_max_entries("ASSOC_ENTRIES", assoc_slots(capacity))
         .load(BENCH_OBJECT)
         .context("loading the baseline programs")?;
     for p in [
@@ -269,6 +278,7 @@ fn main() -> Result<()> {
         "base_lru_lookup_insert",
         "base_lru_delete",
         "base_hash_recycle",
+        "base_assoc_recycle",
         "wrap",
     ] {
         let prog: &mut Xdp = base.program_mut(p).unwrap().try_into()?;
@@ -369,6 +379,21 @@ fn main() -> Result<()> {
     b.fresh = hash_next;
     b.measure("base_hash_recycle", &syn, Method::Fresh, capacity)?;
     hash_next = b.fresh;
+    // The set-associative prototype: twice its slots of keys fill every way of (nearly) every
+    // bucket.
+    {
+        let mut cfg: Array<_, u32> = Array::try_from(b.base.map_mut("ASSOC_CFG").unwrap())?;
+        cfg.set(0, assoc_slots(capacity) / ASSOC_WAYS - 1, 0)?;
+    }
+    let mut assoc_next = 1u64 << 28;
+    b.fresh = assoc_next;
+    b.measure(
+        "base_assoc_recycle",
+        &syn,
+        Method::Fresh,
+        2 * assoc_slots(capacity),
+    )?;
+    assoc_next = b.fresh;
 
     // Profiling aid: `XLB_BENCH_PROFILE=new|full|established` runs only that case for ~20 s (for
     // `perf record -e cpu-clock` with net.core.bpf_jit_kallsyms=1).
@@ -394,9 +419,16 @@ fn main() -> Result<()> {
                     eprintln!("{s}: {ns:.0} ns/packet (shim included)");
                     b.retire_new_flows()?;
                 }
+                "assoc" => {
+                    b.fresh = assoc_next;
+                    let (_, ns) = b.measure("base_assoc_recycle", &syn, Method::Fresh, 200_000)?;
+                    eprintln!("assoc: {ns:.0} ns/packet (shim included)");
+                    assoc_next = b.fresh;
+                }
                 "hash" => {
                     b.fresh = hash_next;
-                    b.measure("base_hash_recycle", &syn, Method::Fresh, 200_000)?;
+                    let (_, ns) = b.measure("base_hash_recycle", &syn, Method::Fresh, 200_000)?;
+                    eprintln!("hash: {ns:.0} ns/packet (shim included)");
                     hash_next = b.fresh;
                 }
                 "new" => {
@@ -564,8 +596,17 @@ fn main() -> Result<()> {
             room > 0,
             "the table should have room before the full-table case"
         );
-        b.measure("xlb", &syn, Method::Fresh, room as u32)?;
-        ensure!(b.dp.flow_entries_free()?[0] == 0, "the table did not fill");
+        // A new connection whose bucket and alternate are both full recycles one even
+        // while the pool has entries: a few more rounds take what is left.
+        for _ in 0..8 {
+            let room = b.dp.flow_entries_free()?[0];
+            if room <= 0 {
+                break;
+            }
+            b.measure("xlb", &syn, Method::Fresh, room as u32)?;
+        }
+        let left = b.dp.flow_entries_free()?[0];
+        ensure!(left == 0, "the table did not fill: {left} entries left");
         // Warm-up: the ring of recent connections still starts with the established ones
         // of the fill and those the reaper took out since the last full-table run; the first
         // recycling new flows skip past them (8 established or 1024 gone ones each).

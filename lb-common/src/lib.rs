@@ -10,6 +10,7 @@
 //! too, so the packet path and the tests/reference models run the same code.
 #![no_std]
 
+pub mod conntable;
 pub mod csum;
 pub mod hash;
 pub mod reason;
@@ -32,6 +33,10 @@ pub mod map_names {
     pub const SCHED_STATE: &str = "SCHED_STATE";
     pub const FLOWS_V4: &str = "FLOWS_V4";
     pub const FLOWS_V6: &str = "FLOWS_V6";
+    pub const FLOW_BUCKETS_V4: &str = "FLOW_BUCKETS_V4";
+    pub const FLOW_BUCKETS_V6: &str = "FLOW_BUCKETS_V6";
+    pub const FLOW_SPILLED_V4: &str = "FLOW_SPILLED_V4";
+    pub const FLOW_SPILLED_V6: &str = "FLOW_SPILLED_V6";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASONS: &str = "REASONS";
@@ -991,8 +996,8 @@ impl ConnCounts {
 
 /// How many connection-table entries may still be created (`FLOW_POOL`, one per table:
 /// index 0 IPv4, 1 IPv6). CPUs take entries in batches into their `FLOW_QUOTA`, so the shared
-/// counter is touched once per batch. The kernel map (a plain hash) has the pool's capacity
-/// plus [`flow_table_slack`], so an insert always finds a free element.
+/// counter is touched once per batch. The table ([`conntable`]) has twice the pool's capacity
+/// in slots, so a key's bucket nearly always has a free way while the pool has entries.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowPool {
@@ -1005,7 +1010,11 @@ pub struct FlowPool {
     /// Size of each CPU's ring of recently created connections (`RECENT_V4/V6`) minus one;
     /// the size is a power of two.
     pub recent_mask: u64,
-    pub _reserved: [u64; 5],
+    /// The table's buckets minus one (a power of two, see [`conntable`]).
+    pub bucket_mask: u64,
+    /// The table's hash seed, random, chosen when the table is created.
+    pub seed: u64,
+    pub _reserved: [u64; 3],
 }
 
 /// Per-CPU, per table (index 0 IPv4, 1 IPv6): entries taken from the pool and not used yet,
@@ -1056,14 +1065,6 @@ pub const FLOW_POOL_BATCH: i64 = 64;
 /// table sits unused in CPUs' hands.
 pub fn flow_pool_batch(capacity: u32, ncpus: u32) -> i64 {
     (capacity as i64 / (16 * ncpus.max(1) as i64)).clamp(1, FLOW_POOL_BATCH)
-}
-
-/// Elements the connection tables (plain hashes) have beyond the pool: an insert looks for a
-/// free element once through every CPU's free list in turn, so an element freed meanwhile on
-/// a list it already passed is not found; the slack keeps such moments from failing an insert
-/// that holds a pool entry.
-pub fn flow_table_slack(ncpus: u32) -> u32 {
-    64 * ncpus.max(1)
 }
 
 /// Entries NAT's reply tables (LRU hashes, one entry per NAT connection) need beyond the
@@ -1363,6 +1364,9 @@ mod pod {
     unsafe impl aya::Pod for FlowKeyV4 {}
     unsafe impl aya::Pod for FlowKeyV6 {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for crate::conntable::FlowBucket {}
+    unsafe impl aya::Pod for crate::conntable::FlowEntry<FlowKeyV4> {}
+    unsafe impl aya::Pod for crate::conntable::FlowEntry<FlowKeyV6> {}
     unsafe impl aya::Pod for TemplateKeyV4 {}
     unsafe impl aya::Pod for TemplateKeyV6 {}
     unsafe impl aya::Pod for Template {}

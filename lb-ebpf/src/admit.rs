@@ -5,9 +5,11 @@
 //! established - an embryonic one (a SYN flood's), a closing one, an idle UDP one - as
 //! conntrack's early drop does. Established connections are never displaced.
 //!
-//! The candidates are found in a ring per CPU, oldest first: a connection enters its CPU's
-//! ring when it is created and again when it starts closing. A candidate found established
-//! leaves the ring (it comes back when it closes); a busy UDP one goes to the back.
+//! The first candidates are those of the new connection's own bucket of the table, oldest
+//! first (`conntable::insert`, one cache line away). When none of them can go, the candidates
+//! are found in a ring per CPU, oldest first: a connection enters its CPU's ring when it is
+//! created and again when it starts closing. A candidate found established leaves the ring
+//! (it comes back when it closes); a busy UDP one goes to the back.
 
 use core::ffi::c_void;
 
@@ -45,18 +47,8 @@ pub fn record<K: FlowKey>(key: &K) {
     };
     let pos = unsafe { (*q).recent_next[i] };
     if let Some(slot) = K::recent().get_ptr_mut((pos & pool.recent_mask) as u32) {
-        copy_words(slot, key);
+        crate::conntable::copy_words(slot, key);
         unsafe { (*q).recent_next[i] = pos.wrapping_add(1) };
-    }
-}
-
-/// Copies a key word by word (a struct copy would become a call to `memcpy`).
-#[inline(always)]
-fn copy_words<K>(dst: *mut K, src: &K) {
-    let d = dst as *mut u32;
-    let s = src as *const K as *const u32;
-    for w in 0..core::mem::size_of::<K>() / 4 {
-        unsafe { core::ptr::write_volatile(d.add(w), core::ptr::read_volatile(s.add(w))) };
     }
 }
 
@@ -134,9 +126,10 @@ extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
     };
     w.pos = w.pos.wrapping_add(1);
     let key = unsafe { &*slot };
-    let Some(entry) = K::table().get_ptr_mut(key) else {
+    let Some(found) = crate::conntable::get(key) else {
         return 0;
     };
+    let entry = found.flow();
     let status_ptr = unsafe { &raw mut (*entry).status };
     let status = unsafe { core::ptr::read_volatile(status_ptr) };
     if status & FLOW_DEAD != 0 {
@@ -156,15 +149,13 @@ extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
     if acct::retire(status_ptr, status, unsafe { (*entry).backend }) {
         crate::persist::retired(key, unsafe { &*entry }, w.now);
         crate::nat::forget(key, unsafe { &*entry });
-        // Only a deleted entry frees an element (see `flow::end_entry`).
-        if K::table().remove(key).is_ok() {
-            // Straight to this CPU's hand, for the connection that asked (through the
-            // shared pool it would cost two more locked operations).
-            acct::untake_entry(K::FAMILY);
-            stats::count(reason::EV_FLOW_RECYCLED);
-            w.freed = 1;
-            return 1;
-        }
+        crate::conntable::clear_slot::<K>(found.slot);
+        // Straight to this CPU's hand, for the connection that asked (through the shared
+        // pool it would cost two more locked operations).
+        acct::untake_entry(K::FAMILY);
+        stats::count(reason::EV_FLOW_RECYCLED);
+        w.freed = 1;
+        return 1;
     }
     0
 }

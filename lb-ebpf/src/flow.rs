@@ -3,17 +3,22 @@
 //! table) so idle timeouts are the IPVS ones. Packets that open a connection are matched to
 //! their virtual service here and handed to the scheduler.
 
-use aya_ebpf::maps::{HashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, PerCpuArray};
 use lb_common::{
     BACKEND_F_AVAILABLE, FAMILY_V4, FAMILY_V6, FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, PROTO_TCP,
-    Service, reason,
+    Service,
+    conntable::{FlowBucket, FlowEntry},
+    reason,
     sched::F_STATELESS,
     tcp::{self, Direction, state},
 };
 
 use crate::{
-    acct, admit,
-    maps::{BACKENDS, FLOWS_V4, FLOWS_V6, GLOBALS, RECENT_V4, RECENT_V6},
+    acct, admit, conntable,
+    maps::{
+        BACKENDS, FLOW_BUCKETS_V4, FLOW_BUCKETS_V6, FLOW_SPILLED_V4, FLOW_SPILLED_V6, FLOWS_V4,
+        FLOWS_V6, GLOBALS, RECENT_V4, RECENT_V6,
+    },
     nat,
     parse::Pkt,
     persist, sched, service, stats, sync,
@@ -33,7 +38,13 @@ pub trait FlowKey: persist::Templated + nat::NatKey {
     /// The table's index in per-family arrays (0 IPv4, 1 IPv6).
     const INDEX: usize;
     fn from_pkt(pkt: &Pkt) -> Self;
-    fn table() -> &'static HashMap<Self, Flow>;
+    /// This family's connection table (`conntable`): its entries and its buckets.
+    fn entries() -> &'static Array<FlowEntry<Self>>;
+    fn buckets() -> &'static Array<FlowBucket>;
+    fn spilled() -> &'static Array<u64>;
+    /// `conntable`'s global functions for this family: the slot of a key, an insert.
+    fn find(key: &Self) -> u64;
+    fn insert_entry<const RECYCLE: bool>(key: &Self, flow: &Flow, now: u32, pooled: bool) -> u64;
     /// This family's rings of recently created connections.
     fn recent() -> &'static PerCpuArray<Self>;
     /// The destination (service) port, network byte order.
@@ -56,8 +67,28 @@ impl FlowKey for FlowKeyV4 {
         FlowKeyV4::new(pkt.src[0], pkt.dst[0], pkt.sport, pkt.dport, pkt.proto)
     }
     #[inline(always)]
-    fn table() -> &'static HashMap<Self, Flow> {
+    fn entries() -> &'static Array<FlowEntry<Self>> {
         &FLOWS_V4
+    }
+    #[inline(always)]
+    fn buckets() -> &'static Array<FlowBucket> {
+        &FLOW_BUCKETS_V4
+    }
+    #[inline(always)]
+    fn spilled() -> &'static Array<u64> {
+        &FLOW_SPILLED_V4
+    }
+    #[inline(always)]
+    fn find(key: &Self) -> u64 {
+        conntable::xlb_find_v4(key)
+    }
+    #[inline(always)]
+    fn insert_entry<const RECYCLE: bool>(key: &Self, flow: &Flow, now: u32, pooled: bool) -> u64 {
+        if RECYCLE {
+            conntable::xlb_admit_v4(key, flow, now, pooled as u32)
+        } else {
+            conntable::xlb_insert_v4(key, flow, now, pooled as u32)
+        }
     }
     #[inline(always)]
     fn recent() -> &'static PerCpuArray<Self> {
@@ -97,8 +128,28 @@ impl FlowKey for FlowKeyV6 {
         FlowKeyV6::new(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto)
     }
     #[inline(always)]
-    fn table() -> &'static HashMap<Self, Flow> {
+    fn entries() -> &'static Array<FlowEntry<Self>> {
         &FLOWS_V6
+    }
+    #[inline(always)]
+    fn buckets() -> &'static Array<FlowBucket> {
+        &FLOW_BUCKETS_V6
+    }
+    #[inline(always)]
+    fn spilled() -> &'static Array<u64> {
+        &FLOW_SPILLED_V6
+    }
+    #[inline(always)]
+    fn find(key: &Self) -> u64 {
+        conntable::xlb_find_v6(key)
+    }
+    #[inline(always)]
+    fn insert_entry<const RECYCLE: bool>(key: &Self, flow: &Flow, now: u32, pooled: bool) -> u64 {
+        if RECYCLE {
+            conntable::xlb_admit_v6(key, flow, now, pooled as u32)
+        } else {
+            conntable::xlb_insert_v6(key, flow, now, pooled as u32)
+        }
     }
     #[inline(always)]
     fn recent() -> &'static PerCpuArray<Self> {
@@ -235,7 +286,7 @@ fn on_entry<K: FlowKey>(
     let may_create = class.may_create;
     let plain_syn = class.plain_syn;
     let f = pkt.tcp_flags;
-    let entry = K::table().get_ptr_mut(key)?;
+    let entry = conntable::get(key)?.flow();
     let status_ptr = unsafe { &raw mut (*entry).status };
     // One read: every decision below is about this status, and the swap that applies a
     // change fails if another CPU (or the reaper) changed it meanwhile.
@@ -273,11 +324,7 @@ fn on_entry<K: FlowKey>(
         // Write only on change: most packets leave the entry (and its cache line) clean.
         // Losing the swap means someone else changed the state first; theirs stands.
         if next != st && acct::cas(status_ptr, status, next as u32) {
-            acct::moved(flow.backend, st, next);
-            if tcp::is_active(st) && !tcp::is_active(next) {
-                // Closing: its entry may now go to a new connection if the table fills.
-                admit::record(key);
-            }
+            changed(key, flow.backend, st, next);
             sync::conn(key, flow, next);
         }
         if flow.last_seen != now {
@@ -314,6 +361,20 @@ fn on_entry<K: FlowKey>(
     None
 }
 
+/// A connection went from state `st` to `next` (this caller won the swap): its count
+/// follows, and its way's established hint; a closing one may now give its entry to a new
+/// connection if the table fills.
+#[inline(always)]
+pub fn changed<K: FlowKey>(key: &K, backend: u32, st: u8, next: u8) {
+    acct::moved(backend, st, next);
+    if (st == state::ESTABLISHED) != (next == state::ESTABLISHED) {
+        conntable::mark(key, next == state::ESTABLISHED);
+    }
+    if tcp::is_active(st) && !tcp::is_active(next) {
+        admit::record(key);
+    }
+}
+
 /// Retires a connection-table entry whose connection ended, unless someone else did first
 /// (then false).
 #[inline(always)]
@@ -329,22 +390,13 @@ pub fn end_entry<K: FlowKey>(
     }
     persist::retired(key, flow, now);
     nat::forget(key, flow);
-    // Only a deleted entry frees an element. (The delete fails only if another CPU deleted
-    // the tuple between the lookup and the swap and its element was reused: the pool must
-    // then not count an element the table does not have.)
-    if K::table().remove(key).is_ok() {
-        acct::release_entry(K::FAMILY);
-    }
+    conntable::clear(key);
+    acct::release_entry(K::FAMILY);
     true
 }
 
-/// `BPF_NOEXIST`: insert only if the key is absent. Every insert uses it: overwriting an
-/// entry would lose its connection's count.
-pub const BPF_NOEXIST: u64 = 1;
-const EEXIST: i32 = 17;
-
 /// The SYN program's part, the SYN of a new connection: insert the flow directly (one
-/// hash-table walk instead of a lookup and then an insert); the pick is claimed only if the
+/// pass over the key's bucket instead of a lookup and then an insert); the pick is claimed only if the
 /// insert shows the flow is new. `Err` (the `HANDOFF` word for the new-flow program) when the
 /// flow exists already, or when anything stands in the way (no service, no usable server,
 /// expiring TTL, a table full of connections that cannot be recycled, persistence): the
@@ -377,41 +429,43 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
         // NAT checks its reply tuple first: the regular path.
         return Err(0);
     }
-    // A full table recycles the oldest embryonic or closing connection of this CPU's ring
-    // here, not after a detour through the new-flow program; but first a look, so that a
-    // retransmitted SYN (whose own embryonic entry may be the oldest) follows its connection.
-    if !acct::take_entry(K::FAMILY) {
-        if K::table().get_ptr(key).is_some() {
-            return Err(0);
-        }
-        if !admit::recycle_for::<K>(now) {
-            return Err(lb_common::HANDOFF_TABLE_FULL);
-        }
-    }
     // A plain SYN in state NONE: the input-only table's answer, without the lookup.
     let initial = state::SYN_RECV;
     let flow = Flow::new(t.index, t.backend.generation, svc.id, now, initial);
-    let recorded = match K::table().insert(key, &flow, BPF_NOEXIST) {
-        Ok(()) => true,
-        Err(e) => {
-            acct::untake_entry(K::FAMILY);
-            if e == -EEXIST {
-                return Err(0);
-            }
-            stats::count(reason::EV_FLOW_INSERT_FAILED);
-            false
+    // The insert looks for the key first (a retransmitted SYN follows its connection); a
+    // full table recycles the oldest embryonic or closing connection of the key's bucket,
+    // or failing that of this CPU's ring, here rather than after a detour through the
+    // new-flow program.
+    let pooled = acct::take_entry(K::FAMILY);
+    let mut result = conntable::insert::<K, true>(key, &flow, now, pooled);
+    let mut holds = pooled;
+    if result == conntable::FULL && !pooled {
+        if !admit::recycle_for::<K>(now) {
+            return Err(lb_common::HANDOFF_TABLE_FULL);
         }
-    };
+        holds = true;
+        result = conntable::insert::<K, true>(key, &flow, now, true);
+    }
+    let recorded = result == conntable::INSERTED;
+    if !recorded {
+        if holds {
+            acct::untake_entry(K::FAMILY);
+        }
+        if result == conntable::EXISTS {
+            return Err(0);
+        }
+        stats::count(reason::EV_FLOW_INSERT_FAILED);
+    }
     let (index, backend) = match sched::confirm(svc, &t) {
         Ok(None) => (t.index, t.backend),
         Ok(Some((index, backend))) => {
             // Lost the race for that pick: record the one this flow owns. The entry is
             // ours alone until the SYN is forwarded (a flow's packets arrive on one CPU), and
             // it is counted only below, so rewriting it in place is safe.
-            if recorded && let Some(e) = K::table().get_ptr_mut(key) {
+            if recorded && let Some(e) = conntable::get(key) {
                 unsafe {
-                    (*e).backend = index;
-                    (*e).generation = backend.generation;
+                    (*e.flow()).backend = index;
+                    (*e.flow()).generation = backend.generation;
                 }
             }
             (index, backend)
@@ -531,7 +585,7 @@ fn schedule<K: FlowKey>(
         };
         let template = if persistent { persist::marker(svc) } else { 0 };
         let flow = Flow::controlled(index, backend.generation, svc.id, now, initial, template);
-        if K::table().insert(key, &flow, BPF_NOEXIST).is_ok() {
+        if conntable::insert::<K, false>(key, &flow, now, true) == conntable::INSERTED {
             acct::created(index, initial);
             admit::record(key);
             nat::record(key, pkt, index, backend);

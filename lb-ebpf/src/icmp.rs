@@ -275,7 +275,7 @@ pub fn relay(ctx: &XdpContext) -> (u32, u32) {
 #[inline(always)]
 fn connection<K: FlowKey>(q: &Quoted) -> Option<u32> {
     let key = K::from_parts(&q.dst, &q.src, q.dport, q.sport, q.proto);
-    let flow = K::table().get_ptr(&key)?;
+    let flow = crate::conntable::get(&key)?.flow();
     let flow = unsafe { &*flow };
     if flow.status & FLOW_DEAD != 0 {
         return None;

@@ -21,6 +21,7 @@
 mod access;
 mod acct;
 mod admit;
+mod conntable;
 mod filter;
 mod flow;
 mod frag;

@@ -6,10 +6,12 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    BackendSlot, ConnCounts, Counters, Flow, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, FragKeyV4,
+    BackendSlot, ConnCounts, Counters, FlowKeyV4, FlowKeyV6, FlowPool, FlowQuota, FragKeyV4,
     FragKeyV6, Fragment, Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6, NatV4, NatV6,
     SchedState, Service, ServiceCache, ServiceKeyV4, ServiceKeyV6, SyncBatch, Template,
-    TemplateKeyV4, TemplateKeyV6, defaults, filter, reason, wide,
+    TemplateKeyV4, TemplateKeyV6,
+    conntable::{FlowBucket, FlowEntry},
+    defaults, filter, reason, wide,
 };
 
 /// `BPF_F_MMAPABLE`: the controller writes slot tables through a shared mapping instead of one
@@ -129,6 +131,11 @@ pub static FIB_SCRATCH: PerCpuArray<crate::nat::FibParams> = PerCpuArray::with_m
 #[map]
 pub static RECYCLE_WALK: PerCpuArray<crate::admit::Walk> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's scratch words of `conntable`'s scans (values the verifier must not follow
+/// one by one: the best candidate of a scan for a way to recycle, a chosen way).
+#[map]
+pub static WAY_SCRATCH: PerCpuArray<[u32; 4]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Each CPU's arguments for the schedulers (`sched::xlb_pick`), off the stack.
 #[map]
 pub static PICK_ARGS: PerCpuArray<crate::sched::PickArgs> = PerCpuArray::with_max_entries(1, 0);
@@ -151,15 +158,28 @@ pub static GROUP_SCAN: PerCpuArray<crate::least::Groups> = PerCpuArray::with_max
 #[map]
 pub static SCHED_STATE: Array<SchedState> = Array::with_max_entries(defaults::MAX_SERVICES, 0);
 
-/// Connection tables: client 5-tuple → real server. Plain preallocated hashes: entries come
-/// from the pool (`acct`) and only xlb retires them, oldest first when the table is full
-/// (`admit`); the kernel's LRU would evict behind our back and costs more per insert.
+/// Connection tables: client 5-tuple → real server, set-associative (`conntable`): the
+/// buckets' way words, and the entries. Entries come from the pool (`acct`) and only xlb
+/// retires them (`admit` when the table is full).
 #[map]
-pub static FLOWS_V4: HashMap<FlowKeyV4, Flow> =
-    HashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+pub static FLOW_BUCKETS_V4: Array<FlowBucket> =
+    Array::with_max_entries(defaults::CONN_TABLE_SIZE / 8, 0);
 #[map]
-pub static FLOWS_V6: HashMap<FlowKeyV6, Flow> =
-    HashMap::with_max_entries(defaults::CONN_TABLE_SIZE, 0);
+pub static FLOWS_V4: Array<FlowEntry<FlowKeyV4>> =
+    Array::with_max_entries(defaults::CONN_TABLE_SIZE * 2, 0);
+#[map]
+pub static FLOW_BUCKETS_V6: Array<FlowBucket> =
+    Array::with_max_entries(defaults::CONN_TABLE_SIZE / 8, 0);
+#[map]
+pub static FLOWS_V6: Array<FlowEntry<FlowKeyV6>> =
+    Array::with_max_entries(defaults::CONN_TABLE_SIZE * 2, 0);
+/// One bit per bucket: it sent a key to its alternate bucket (`conntable::spill`).
+#[map]
+pub static FLOW_SPILLED_V4: Array<u64> =
+    Array::with_max_entries(defaults::CONN_TABLE_SIZE / 512, 0);
+#[map]
+pub static FLOW_SPILLED_V6: Array<u64> =
+    Array::with_max_entries(defaults::CONN_TABLE_SIZE / 512, 0);
 
 /// Connection counts (ActiveConn / InActConn) by backend index, global, updated atomically.
 /// Mapped by the controller, which reads the counts and re-evaluates the overload flag when

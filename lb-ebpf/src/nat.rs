@@ -23,7 +23,7 @@ use lb_common::{
 };
 
 use crate::{
-    acct, admit,
+    acct,
     flow::FlowKey,
     maps::{BACKENDS, FIB_SCRATCH, NAT_SCRATCH_V4, NAT_SCRATCH_V6, NAT_SOURCES, NAT_V4, NAT_V6},
     parse::{Pkt, at},
@@ -547,7 +547,7 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
     };
     let nat = unsafe { *nat_ptr };
     let key = K::connection(pkt, &nat);
-    let Some(entry) = K::table().get_ptr_mut(&key) else {
+    let Some(entry) = crate::conntable::get(&key).map(|f| f.flow()) else {
         return no_flow;
     };
     let status_ptr = unsafe { &raw mut (*entry).status };
@@ -581,10 +581,7 @@ fn reply_in<K: FlowKey>(ctx: &XdpContext, pkt: &Pkt, now: u32) -> (u32, u32) {
         let next = tcp::next_state(Direction::Output, st, pkt.tcp_flags);
         now_state = next;
         if next != st && acct::cas(status_ptr, status, next as u32) {
-            acct::moved(flow.backend, st, next);
-            if tcp::is_active(st) && !tcp::is_active(next) {
-                admit::record(&key);
-            }
+            crate::flow::changed(&key, flow.backend, st, next);
             crate::sync::conn(&key, flow, next);
         }
     }

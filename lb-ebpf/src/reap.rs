@@ -1,7 +1,7 @@
 //! The reaper: retires connections idle past their state's timeout, so their counts leave
 //! ActiveConn/InActConn and their entries return to the pool. IPVS arms a timer per
 //! connection; here the controller runs this program (`BPF_PROG_TEST_RUN`, about once a
-//! second), which walks both connection tables with `bpf_for_each_map_elem`.
+//! second), which walks both connection tables' buckets with `bpf_for_each_map_elem`.
 //!
 //! Retirement is the same compare-and-swap the packet path uses, so an entry is retired (and
 //! its count decremented) exactly once, whoever gets there first.
@@ -9,12 +9,16 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_for_each_map_elem, bpf_map_delete_elem};
-use lb_common::{FLOW_DEAD, Flow, FlowKeyV4, FlowKeyV6, Template, reason};
+use lb_common::{
+    FLOW_DEAD, FlowKeyV4, FlowKeyV6, Template,
+    conntable::{FlowBucket, WAYS, way},
+    reason,
+};
 
 use crate::{
-    acct,
+    acct, conntable,
     flow::{self, FlowKey},
-    maps::{FLOWS_V4, FLOWS_V6, REASONS, TEMPLATES_V4, TEMPLATES_V6},
+    maps::{FLOW_BUCKETS_V4, FLOW_BUCKETS_V6, REASONS, TEMPLATES_V4, TEMPLATES_V6},
     persist,
 };
 
@@ -36,7 +40,7 @@ pub fn reap(now: u32) -> u64 {
     // One callback per family: the verifier checks each against its own table's key.
     unsafe {
         bpf_for_each_map_elem(
-            &raw const FLOWS_V4 as *mut c_void,
+            &raw const FLOW_BUCKETS_V4 as *mut c_void,
             visit::<FlowKeyV4> as *mut c_void,
             &raw mut walk as *mut c_void,
             0,
@@ -44,7 +48,7 @@ pub fn reap(now: u32) -> u64 {
     }
     unsafe {
         bpf_for_each_map_elem(
-            &raw const FLOWS_V6 as *mut c_void,
+            &raw const FLOW_BUCKETS_V6 as *mut c_void,
             visit::<FlowKeyV6> as *mut c_void,
             &raw mut walk as *mut c_void,
             0,
@@ -70,36 +74,47 @@ pub fn reap(now: u32) -> u64 {
     walk.expired
 }
 
-/// One entry: retire it if it expired. Always continues the walk (returns 0).
+/// One bucket: retire the connections of its ways that expired. Always continues the walk
+/// (returns 0).
 #[inline(never)]
 extern "C" fn visit<K: FlowKey>(
-    map: *mut c_void,
-    key: *mut c_void,
+    _map: *mut c_void,
+    index: *mut c_void,
     value: *mut c_void,
     ctx: *mut c_void,
 ) -> i64 {
     let walk = unsafe { &mut *(ctx as *mut Walk) };
-    let flow = value as *mut Flow;
-    let status_ptr = unsafe { &raw mut (*flow).status };
-    let status = unsafe { core::ptr::read_volatile(status_ptr) };
-    if status & FLOW_DEAD != 0 {
-        // Being retired by a packet, which deletes it.
-        return 0;
-    }
-    let last_seen = unsafe { core::ptr::read_volatile(&raw const (*flow).last_seen) };
-    if walk.now.wrapping_sub(last_seen) <= flow::timeout(status as u8) {
-        return 0;
-    }
-    let backend = unsafe { (*flow).backend };
-    if acct::retire(status_ptr, status, backend) {
-        let flow = unsafe { &*flow };
-        let typed = unsafe { &*(key as *const K) };
-        persist::retired(typed, flow, walk.now);
-        crate::nat::forget(typed, flow);
-        if unsafe { bpf_map_delete_elem(map, key) } == 0 {
-            acct::release_entry(K::FAMILY);
+    let bucket = value as *const FlowBucket;
+    let base = unsafe { *(index as *const u32) }.wrapping_mul(WAYS as u32);
+    for w in 0..WAYS {
+        let word = unsafe { core::ptr::read_volatile(&raw const (*bucket).ways[w]) };
+        if word & way::TAG == 0 || word & way::CLAIMED != 0 {
+            continue;
         }
-        walk.expired += 1;
+        let slot = base + w as u32;
+        let Some(e) = K::entries().get_ptr_mut(slot) else {
+            continue;
+        };
+        let flow = unsafe { &raw mut (*e).flow };
+        let status_ptr = unsafe { &raw mut (*flow).status };
+        let status = unsafe { core::ptr::read_volatile(status_ptr) };
+        if status & FLOW_DEAD != 0 {
+            // Being retired by a packet, which clears the way.
+            continue;
+        }
+        let last_seen = unsafe { core::ptr::read_volatile(&raw const (*flow).last_seen) };
+        if walk.now.wrapping_sub(last_seen) <= flow::timeout(status as u8) {
+            continue;
+        }
+        if acct::retire(status_ptr, status, unsafe { (*flow).backend }) {
+            let key = unsafe { &(*e).key };
+            let flow = unsafe { &*flow };
+            persist::retired(key, flow, walk.now);
+            crate::nat::forget(key, flow);
+            conntable::clear_slot::<K>(slot);
+            acct::release_entry(K::FAMILY);
+            walk.expired += 1;
+        }
     }
     0
 }

@@ -232,7 +232,7 @@ fn one<K: FlowKey>(r: &SyncConn, now: u32) -> u32 {
 #[inline(always)]
 fn install_conn<K: FlowKey>(key: &K, r: &SyncConn, be: &Backend, svc: &Service, now: u32) -> u32 {
     let mut result = sync::R_INSTALLED;
-    if let Some(entry) = K::table().get_ptr_mut(key) {
+    if let Some(entry) = crate::conntable::get(key).map(|f| f.flow()) {
         let status_ptr = unsafe { &raw mut (*entry).status };
         let status = unsafe { core::ptr::read_volatile(status_ptr) };
         if status & FLOW_DEAD != 0 {
@@ -246,10 +246,7 @@ fn install_conn<K: FlowKey>(key: &K, r: &SyncConn, be: &Backend, svc: &Service, 
                 if !acct::cas(status_ptr, status, r.state as u32) {
                     return sync::R_BUSY;
                 }
-                acct::moved(flow.backend, st, r.state);
-                if tcp::is_active(st) && !tcp::is_active(r.state) {
-                    admit::record(key);
-                }
+                flow::changed(key, flow.backend, st, r.state);
             }
             if flow.last_seen != now {
                 flow.last_seen = now;
@@ -286,7 +283,7 @@ fn install_conn<K: FlowKey>(key: &K, r: &SyncConn, be: &Backend, svc: &Service, 
         r.state,
         r.template,
     );
-    if K::table().insert(key, &flow, flow::BPF_NOEXIST).is_err() {
+    if crate::conntable::insert::<K, false>(key, &flow, now, true) != crate::conntable::INSERTED {
         acct::untake_entry(K::FAMILY);
         if r.template != 0 {
             crate::persist::uncontrol(key, svc, now);

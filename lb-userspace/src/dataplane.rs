@@ -22,7 +22,9 @@ use lb_common::{
     FragKeyV4, FragKeyV6, Fragment, Globals, GroupState, Locality, LocalityKeyV4, LocalityKeyV6,
     NatV4, NatV6, PASS_PROGRAM_NAME, PROGRAM_NAME, REAPER_NAME, SYNC_INSTALL_NAME, SchedState,
     Service, ServiceKeyV4, ServiceKeyV6, SyncBatch, SyncConn, Template, TemplateKeyV4,
-    TemplateKeyV6, map_names as names, reason, wide,
+    TemplateKeyV6,
+    conntable::{self, FlowBucket, FlowEntry},
+    map_names as names, reason, wide,
 };
 use tracing::{info, warn};
 
@@ -50,6 +52,10 @@ pub const PINNED_MAPS: &[&str] = &[
     names::CONFIG_GEN,
     names::FLOWS_V4,
     names::FLOWS_V6,
+    names::FLOW_BUCKETS_V4,
+    names::FLOW_BUCKETS_V6,
+    names::FLOW_SPILLED_V4,
+    names::FLOW_SPILLED_V6,
     names::FLOW_POOL,
     names::FLOW_QUOTA,
     names::FRAGS_V4,
@@ -136,8 +142,13 @@ pub struct Dataplane {
     frags_v6: HashMap<MapData, FragKeyV6, Fragment>,
     config_gen: Mmapped<u64>,
     sched_state: Array<MapData, SchedState>,
-    flows_v4: HashMap<MapData, FlowKeyV4, Flow>,
-    flows_v6: HashMap<MapData, FlowKeyV6, Flow>,
+    flows_v4: Array<MapData, FlowEntry<FlowKeyV4>>,
+    flows_v6: Array<MapData, FlowEntry<FlowKeyV6>>,
+    flow_buckets_v4: Array<MapData, FlowBucket>,
+    flow_buckets_v6: Array<MapData, FlowBucket>,
+    /// Held for their memory figures only: the program alone uses them.
+    flow_spilled_v4: Array<MapData, u64>,
+    flow_spilled_v6: Array<MapData, u64>,
     backend_conns: Mmapped<ConnCounts>,
     flow_pool: Array<MapData, FlowPool>,
     flow_quota: PerCpuArray<MapData, FlowQuota>,
@@ -305,7 +316,8 @@ impl Dataplane {
     /// The capacities the configuration gives the sized maps.
     fn capacities(limits: &Limits, ncpus: u32) -> Vec<(&'static str, u32)> {
         let reserve = lb_common::lru_table_reserve(ncpus);
-        let slack = lb_common::flow_table_slack(ncpus);
+        let slots_v4 = conntable::slots(limits.conn_table_size);
+        let slots_v6 = conntable::slots(limits.conn_table_size_v6);
         let nat_size = |conns: u32| {
             if limits.nat_tables {
                 conns + reserve
@@ -314,8 +326,12 @@ impl Dataplane {
             }
         };
         vec![
-            (names::FLOWS_V4, limits.conn_table_size + slack),
-            (names::FLOWS_V6, limits.conn_table_size_v6 + slack),
+            (names::FLOWS_V4, slots_v4),
+            (names::FLOWS_V6, slots_v6),
+            (names::FLOW_BUCKETS_V4, conntable::buckets(slots_v4)),
+            (names::FLOW_BUCKETS_V6, conntable::buckets(slots_v6)),
+            (names::FLOW_SPILLED_V4, conntable::spill_words(slots_v4)),
+            (names::FLOW_SPILLED_V6, conntable::spill_words(slots_v6)),
             (names::NAT_V4, nat_size(limits.conn_table_size)),
             (names::NAT_V6, nat_size(limits.conn_table_size_v6)),
             (names::BACKEND_CONNS, limits.max_backends),
@@ -345,9 +361,8 @@ impl Dataplane {
     fn load_with(limits: Limits, pin_dir: Option<&Path>) -> Result<Self> {
         raise_memlock_limit();
         let ncpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
-        // The connection tables are plain hashes of the pool's size plus a little slack (see
-        // `FlowPool`). NAT's
-        // reply tables (LRU) follow them, larger by what the LRU needs never to evict a live
+        // The connection tables have twice the pool's size in slots (see `conntable`). NAT's
+        // reply tables (LRU) follow the pool, larger by what the LRU needs never to evict a live
         // NAT connection's entry (`lru_table_reserve`), unless NAT is configured out.
         let capacities = Self::capacities(&limits, ncpus as u32);
         let mut loader = EbpfLoader::new();
@@ -427,6 +442,10 @@ impl Dataplane {
             groups: take(&mut ebpf, names::GROUPS)?,
             flows_v4: take(&mut ebpf, names::FLOWS_V4)?,
             flows_v6: take(&mut ebpf, names::FLOWS_V6)?,
+            flow_buckets_v4: take(&mut ebpf, names::FLOW_BUCKETS_V4)?,
+            flow_buckets_v6: take(&mut ebpf, names::FLOW_BUCKETS_V6)?,
+            flow_spilled_v4: take(&mut ebpf, names::FLOW_SPILLED_V4)?,
+            flow_spilled_v6: take(&mut ebpf, names::FLOW_SPILLED_V6)?,
             backend_conns: Mmapped::map(conns_map, limits.max_backends)?,
             flow_pool: take(&mut ebpf, names::FLOW_POOL)?,
             flow_quota: take(&mut ebpf, names::FLOW_QUOTA)?,
@@ -469,6 +488,8 @@ impl Dataplane {
                 free: capacity as i64,
                 batch: lb_common::flow_pool_batch(capacity, ncpus as u32),
                 recent_mask: lb_common::recent_ring_size(capacity, ncpus as u32) as u64 - 1,
+                bucket_mask: conntable::buckets(conntable::slots(capacity)) as u64 - 1,
+                seed: random_seed()?,
                 ..FlowPool::default()
             };
             dp.flow_pool
@@ -1105,19 +1126,51 @@ impl Dataplane {
 
     /// Every IPv4 flow entry (a full walk: for listings, not for the packet path).
     pub fn flows_v4(&self) -> Vec<(FlowKeyV4, Flow)> {
-        self.flows_v4.iter().filter_map(|r| r.ok()).collect()
+        table_entries(&self.flow_buckets_v4, &self.flows_v4)
     }
 
     pub fn flows_v6(&self) -> Vec<(FlowKeyV6, Flow)> {
-        self.flows_v6.iter().filter_map(|r| r.ok()).collect()
+        table_entries(&self.flow_buckets_v6, &self.flows_v6)
     }
 
     pub fn flow_v4(&self, k: &FlowKeyV4) -> Option<Flow> {
-        self.flows_v4.get(k, 0).ok()
+        self.table_entry(0, &self.flow_buckets_v4, &self.flows_v4, k)
     }
 
     pub fn flow_v6(&self, k: &FlowKeyV6) -> Option<Flow> {
-        self.flows_v6.get(k, 0).ok()
+        self.table_entry(1, &self.flow_buckets_v6, &self.flows_v6, k)
+    }
+
+    /// The entry of `key` in table `index` (0 IPv4, 1 IPv6): the ways whose tag matches in
+    /// its bucket (from the table's seed), then in its alternate bucket.
+    fn table_entry<K: aya::Pod + PartialEq>(
+        &self,
+        index: u32,
+        buckets: &Array<MapData, FlowBucket>,
+        entries: &Array<MapData, FlowEntry<K>>,
+        key: &K,
+    ) -> Option<Flow>
+    where
+        FlowEntry<K>: aya::Pod,
+    {
+        let pool = self.flow_pool.get(&index, 0).ok()?;
+        let h = conntable::key_hash(key, pool.seed);
+        let bucket = conntable::bucket(h, pool.bucket_mask);
+        let tag = conntable::tag(h);
+        [bucket, conntable::alternate(bucket, tag, pool.bucket_mask)]
+            .into_iter()
+            .find_map(|bucket| {
+                let ways = buckets.get(&bucket, 0).ok()?.ways;
+                ways.iter().enumerate().find_map(|(w, word)| {
+                    if word & (conntable::way::TAG | conntable::way::CLAIMED) != tag {
+                        return None;
+                    }
+                    let e = entries
+                        .get(&(bucket * conntable::WAYS as u32 + w as u32), 0)
+                        .ok()?;
+                    (e.key == *key).then_some(e.flow)
+                })
+            })
     }
 
     /// Kernel memory charged to each map (`memlock` of its fdinfo), with its capacity.
@@ -1136,6 +1189,10 @@ impl Dataplane {
         };
         add(names::FLOWS_V4, raw_fd(&self.flows_v4));
         add(names::FLOWS_V6, raw_fd(&self.flows_v6));
+        add(names::FLOW_BUCKETS_V4, raw_fd(&self.flow_buckets_v4));
+        add(names::FLOW_BUCKETS_V6, raw_fd(&self.flow_buckets_v6));
+        add(names::FLOW_SPILLED_V4, raw_fd(&self.flow_spilled_v4));
+        add(names::FLOW_SPILLED_V6, raw_fd(&self.flow_spilled_v6));
         add(names::NAT_V4, raw_fd(&self.nat_v4));
         add(names::NAT_V6, raw_fd(&self.nat_v6));
         add(names::NAT_SOURCES, raw_fd(&self.nat_sources.map));
@@ -1163,6 +1220,43 @@ impl Dataplane {
         add(names::BACKEND_STATS, raw_fd(&self.backend_stats));
         out
     }
+}
+
+/// Every entry of a connection table whose way is in use: its buckets' way words name the
+/// slots (an entry retired but not yet cleared is listed with its status).
+fn table_entries<K: aya::Pod>(
+    buckets: &Array<MapData, FlowBucket>,
+    entries: &Array<MapData, FlowEntry<K>>,
+) -> Vec<(K, Flow)>
+where
+    FlowEntry<K>: aya::Pod,
+{
+    let mut out = Vec::new();
+    for (bucket, b) in buckets.iter().enumerate() {
+        let Ok(b) = b else { continue };
+        for (w, word) in b.ways.iter().enumerate() {
+            if word & conntable::way::TAG == 0 || word & conntable::way::CLAIMED != 0 {
+                continue;
+            }
+            let slot = (bucket * conntable::WAYS + w) as u32;
+            if let Ok(e) = entries.get(&slot, 0) {
+                out.push((e.key, e.flow));
+            }
+        }
+    }
+    out
+}
+
+/// A random seed for a connection table's hash (a table of predictable buckets could be
+/// filled bucket by bucket by a client choosing its ports).
+fn random_seed() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?,
+        &mut bytes,
+    )
+    .context("reading /dev/urandom")?;
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 /// A pinned data plane outlives its daemon unless stopped with [`Dataplane::detach_all`]

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{reason, tcp::state};
+use lb_common::{FlowKeyV4, reason, tcp::state};
 use xlb::config::{Limits, Protocol, ServiceKey};
 use xlb_tests::{frames::*, harness::*};
 
@@ -161,7 +161,8 @@ fn the_reaper_expires_idle_connections() {
 /// A full connection table never displaces an established connection: with nothing else to
 /// take over it refuses new connections, so a flood of new tuples ten times its size leaves
 /// every established connection on its server (and every count exact). Closed and embryonic
-/// connections give their entries to new ones, oldest first.
+/// connections give their entries to new ones, oldest first (of the new connection's bucket,
+/// else of the CPU's ring).
 #[test]
 fn a_full_table_keeps_established_connections() {
     pin_to_cpu(0);
@@ -230,13 +231,28 @@ fn a_full_table_keeps_established_connections() {
     );
     h.assert_counts_match_tables();
 
-    // The table is full again, and the oldest embryonic connection is the first of those 32:
-    // its retransmitted SYN follows it (it is not recycled to make room for itself).
+    // The table is full again. A new connection takes over the oldest connection of its
+    // own bucket that is not established (a closed one, or one of these 32 if its bucket
+    // has none left): the earliest of the 32 still in the table is the oldest embryonic
+    // connection of its bucket, and its retransmitted SYN follows it (it is not recycled to
+    // make room for itself).
+    let first = (0..32u16)
+        .find(|p| {
+            h.dp.flow_v4(&FlowKeyV4::new(
+                u32::from_ne_bytes([192, 168, 4, 1]),
+                u32::from_ne_bytes([10, 0, 0, 10]),
+                (4000 + p).to_be(),
+                80u16.to_be(),
+                6,
+            ))
+            .is_some()
+        })
+        .expect("one of the 32 is in the table");
     let before = h.counters();
-    let r = h.run(&tcp("192.168.4.1", 4000, SYN));
+    let r = h.run(&tcp("192.168.4.1", 4000 + first, SYN));
     assert_eq!(
         h.server_of(&r, &servers),
-        Some(owner[0]),
+        Some(owner[first as usize % 2]),
         "retransmitted SYN"
     );
     assert_eq!(delta(&before, &h.counters()), vec![("tx", 1)]);
