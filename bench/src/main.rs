@@ -79,14 +79,6 @@ fn small() -> bool {
 }
 const REAL_SERVERS: u8 = 8;
 
-/// Ways per bucket of the set-associative prototype (`AssocBucket` in `bench/ebpf`).
-const ASSOC_WAYS: u32 = 8;
-
-/// Slots of the set-associative prototype: the power of two at or below `capacity`.
-fn assoc_slots(capacity: u32) -> u32 {
-    1 << (31 - capacity.leading_zeros())
-}
-
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)
@@ -265,8 +257,6 @@ fn main() -> Result<()> {
         .map_max_entries("BASE_LRU2", capacity)
         .map_max_entries("BASE_LRU_FULL", capacity)
         .map_max_entries("BASE_HASH_FULL", capacity)
-        .map_max_entries("ASSOC_BUCKETS", assoc_slots(capacity) / ASSOC_WAYS)
-        .map_max_entries("ASSOC_ENTRIES", assoc_slots(capacity))
         .load(BENCH_OBJECT)
         .context("loading the baseline programs")?;
     for p in [
@@ -278,7 +268,6 @@ fn main() -> Result<()> {
         "base_lru_lookup_insert",
         "base_lru_delete",
         "base_hash_recycle",
-        "base_assoc_recycle",
         "wrap",
     ] {
         let prog: &mut Xdp = base.program_mut(p).unwrap().try_into()?;
@@ -379,21 +368,6 @@ fn main() -> Result<()> {
     b.fresh = hash_next;
     b.measure("base_hash_recycle", &syn, Method::Fresh, capacity)?;
     hash_next = b.fresh;
-    // The set-associative prototype: twice its slots of keys fill every way of (nearly) every
-    // bucket.
-    {
-        let mut cfg: Array<_, u32> = Array::try_from(b.base.map_mut("ASSOC_CFG").unwrap())?;
-        cfg.set(0, assoc_slots(capacity) / ASSOC_WAYS - 1, 0)?;
-    }
-    let mut assoc_next = 1u64 << 28;
-    b.fresh = assoc_next;
-    b.measure(
-        "base_assoc_recycle",
-        &syn,
-        Method::Fresh,
-        2 * assoc_slots(capacity),
-    )?;
-    assoc_next = b.fresh;
 
     // Profiling aid: `XLB_BENCH_PROFILE=new|full|established` runs only that case for ~20 s (for
     // `perf record -e cpu-clock` with net.core.bpf_jit_kallsyms=1).
@@ -418,12 +392,6 @@ fn main() -> Result<()> {
                     let (_, ns) = b.measure("xlb", &frame, Method::Fresh, 200_000)?;
                     eprintln!("{s}: {ns:.0} ns/packet (shim included)");
                     b.retire_new_flows()?;
-                }
-                "assoc" => {
-                    b.fresh = assoc_next;
-                    let (_, ns) = b.measure("base_assoc_recycle", &syn, Method::Fresh, 200_000)?;
-                    eprintln!("assoc: {ns:.0} ns/packet (shim included)");
-                    assoc_next = b.fresh;
                 }
                 "hash" => {
                     b.fresh = hash_next;

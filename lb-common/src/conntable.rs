@@ -48,7 +48,9 @@ pub mod way {
     /// The connection was established when last seen changing state: not worth looking at
     /// for recycling (a hint; the entry's status decides).
     pub const ESTABLISHED: u32 = 1 << 17;
-    /// The low bits of the tick the connection was created in.
+    /// The low bits of the tick the connection was created in (14 bits of 16.8 ms ticks:
+    /// ages compare right up to 4.6 minutes; an older connection may look young, which only
+    /// spares it longer).
     pub const BORN_SHIFT: u32 = 18;
     pub const BORN_MASK: u32 = 0x3fff;
 

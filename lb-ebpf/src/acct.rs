@@ -6,9 +6,9 @@
 //! `Flow::status`: whoever wins the swap applies the matching count change, exactly once
 //! (creation: +1; a change between active and inactive states: one of each; retirement: −1).
 //! Entries are retired by the reaper (idle past their timeout) or by a packet reusing an
-//! expired tuple, or recycled by a new connection when the table is full (`admit`). Nothing
-//! else removes an entry: the table is a plain hash (not an LRU, which would evict behind our
-//! back and lose a decrement) of exactly the pool's size, entries handed out from the pool.
+//! expired tuple, or recycled by a new connection when the table is full (`admit`,
+//! `conntable`). Nothing else removes an entry: the table is xlb's own (not an LRU, which
+//! would evict behind our back and lose a decrement), entries handed out from the pool.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 

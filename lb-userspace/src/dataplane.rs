@@ -651,6 +651,13 @@ impl Dataplane {
         Ok(free)
     }
 
+    /// How table `index` (0 IPv4, 1 IPv6) places keys: its hash seed and bucket mask (see
+    /// `lb_common::conntable`).
+    pub fn flow_hashing(&self, index: u32) -> Result<(u64, u64)> {
+        let pool = self.flow_pool.get(&index, 0).context("reading FLOW_POOL")?;
+        Ok((pool.seed, pool.bucket_mask))
+    }
+
     /// Connections in the tables (both families): capacity minus what may still be created.
     pub fn flows_in_table(&self) -> Result<u64> {
         let free = self.flow_entries_free()?;

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{FlowKeyV4, reason, tcp::state};
+use lb_common::{FlowKeyV4, conntable, reason, tcp::state};
 use xlb::config::{Limits, Protocol, ServiceKey};
 use xlb_tests::{frames::*, harness::*};
 
@@ -285,6 +285,69 @@ fn a_full_table_keeps_established_connections() {
     let late = h.run(&tcp("192.168.6.1", 6000, ACK | PSH));
     assert_eq!(late.action, XDP_TX, "the connection made during the flood");
     assert_eq!(h.dp.flows_v4().len(), 64);
+    h.assert_counts_match_tables();
+}
+
+/// A bucket that is full sends further keys to its alternate bucket: twenty connections whose
+/// keys share one bucket of 16 ways are all recorded, their later packets find them (on
+/// their servers), and they are listed, counted and expired like any other.
+#[test]
+fn a_full_bucket_spills_to_its_alternate() {
+    pin_to_cpu(0);
+    let limits = Limits {
+        conn_table_size: 64,
+        conn_table_size_v6: 64,
+        max_services: 8,
+        max_backends: 16,
+        slot_table_size: 1024,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(TWO_RR, limits);
+    let (seed, mask) = h.dp.flow_hashing(0).unwrap();
+    let flow_key = |port: u16| {
+        FlowKeyV4::new(
+            u32::from_ne_bytes([192, 168, 7, 1]),
+            u32::from_ne_bytes([10, 0, 0, 10]),
+            port.to_be(),
+            80u16.to_be(),
+            6,
+        )
+    };
+    let bucket = |port: u16| conntable::bucket(conntable::key_hash(&flow_key(port), seed), mask);
+    let ports: Vec<u16> = (5000..60000)
+        .filter(|p| bucket(*p) == bucket(5000))
+        .take(20)
+        .collect();
+    assert_eq!(ports.len(), 20);
+    let servers = [ip("10.0.1.1"), ip("10.0.1.2")];
+    let before = h.counters();
+    let mut owner = Vec::new();
+    for &port in &ports {
+        let r = h.run(&tcp("192.168.7.1", port, SYN));
+        owner.push(h.server_of(&r, &servers).expect("forwarded"));
+        h.run(&tcp("192.168.7.1", port, ACK));
+    }
+    assert_eq!(delta(&before, &h.counters()), vec![("tx", 40)]);
+    for (i, &port) in ports.iter().enumerate() {
+        assert!(
+            h.dp.flow_v4(&flow_key(port)).is_some(),
+            "connection {i} recorded"
+        );
+        let r = h.run(&tcp("192.168.7.1", port, ACK | PSH));
+        assert_eq!(h.server_of(&r, &servers), Some(owner[i]), "connection {i}");
+    }
+    assert_eq!(h.dp.flows_v4().len(), 20);
+    let web = key("10.0.0.10:80");
+    assert_eq!(
+        h.conns(&web, servers[0]).0 + h.conns(&web, servers[1]).0,
+        20
+    );
+    h.assert_counts_match_tables();
+    h.set_timeout_ticks(all_timeouts(0));
+    std::thread::sleep(Duration::from_millis(50));
+    h.reap();
+    assert!(h.dp.flows_v4().is_empty());
+    assert_eq!(h.dp.flow_entries_free().unwrap()[0], 64);
     h.assert_counts_match_tables();
 }
 

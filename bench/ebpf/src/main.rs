@@ -3,12 +3,8 @@
 //! for programs that rewrite the frame (see BENCHMARKS.md).
 #![no_std]
 #![no_main]
-#![feature(core_intrinsics)]
-#![allow(internal_features)]
 // Keys by reference, as in lb-ebpf (no extra stack copy before the helper call).
 #![allow(clippy::needless_borrows_for_generic_args)]
-
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -57,36 +53,6 @@ static BASE_HASH_FULL: HashMap<FlowKeyV4, Flow> = HashMap::with_max_entries(1 <<
 /// [0]: how many inserts back the oldest entry of `BASE_HASH_FULL` was made (its capacity).
 #[map]
 static BASE_HASH_LAG: Array<u32> = Array::with_max_entries(1, 0);
-
-/// Prototype of a set-associative connection table (see BENCHMARKS.md, "Issue 2: a table of
-/// our own"): a bucket is one cache line of 8 ways' tags and ages; the entries (key and flow)
-/// live in an array, way `w` of bucket `b` at `b * 8 + w`. A new flow into a full table
-/// replaces the oldest way of its own bucket: no second bucket, no free list.
-#[repr(C)]
-pub struct AssocBucket {
-    pub tag: [u32; ASSOC_WAYS],
-    /// `age << 8 | state` of each way (0: empty).
-    pub seen: [u32; ASSOC_WAYS],
-}
-
-pub const ASSOC_WAYS: usize = 8;
-
-#[repr(C)]
-pub struct AssocEntry {
-    pub key: FlowKeyV4,
-    pub flow: Flow,
-}
-
-#[map]
-static ASSOC_BUCKETS: Array<AssocBucket> = Array::with_max_entries(1 << 17, 0);
-#[map]
-static ASSOC_ENTRIES: Array<AssocEntry> = Array::with_max_entries(1 << 20, 0);
-/// [0]: bucket mask; [1]: age clock (bumped per insert, so ages are FIFO).
-#[map]
-static ASSOC_CFG: Array<u32> = Array::with_max_entries(2, 0);
-/// Connection counts per backend, as xlb keeps them (atomic).
-#[map]
-static ASSOC_COUNTS: Array<u64> = Array::with_max_entries(64, 0);
 
 struct Parsed {
     saddr: u32,
@@ -245,97 +211,6 @@ pub fn base_hash_recycle(ctx: XdpContext) -> u32 {
     }
     swap_macs(&ctx);
     xdp_action::XDP_TX
-}
-
-/// (vii) the set-associative prototype, full table: hash the key, read its bucket line, look
-/// for the key among the tags (a hit would be its entry), else take the oldest way: claim it
-/// with a compare-and-swap, read the victim's backend (its count goes down), write the new
-/// entry, publish the tag (its count goes up).
-#[xdp]
-pub fn base_assoc_recycle(ctx: XdpContext) -> u32 {
-    let Some(p) = parse(&ctx) else {
-        return xdp_action::XDP_PASS;
-    };
-    let key = p.key(p.saddr);
-    let h = assoc_hash(&key);
-    let mask = ASSOC_CFG.get(0).copied().unwrap_or(0);
-    let Some(clock) = ASSOC_CFG.get_ptr_mut(1) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let bi = (h as u32) & mask;
-    let Some(b) = ASSOC_BUCKETS.get_ptr_mut(bi) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let tag = ((h >> 32) as u32) | 1;
-    let mut victim = 0usize;
-    let mut oldest = u32::MAX;
-    let mut victim_tag = 0u32;
-    for w in 0..ASSOC_WAYS {
-        let t = unsafe { core::ptr::read_volatile(&raw const (*b).tag[w]) };
-        if t == tag
-            && let Some(e) = ASSOC_ENTRIES.get(bi * ASSOC_WAYS as u32 + w as u32)
-            && e.key == key
-        {
-            return xdp_action::XDP_DROP;
-        }
-        let seen = unsafe { (*b).seen[w] };
-        if t == 0 {
-            victim = w;
-            victim_tag = 0;
-            break;
-        }
-        // Recyclable (not established, state 3) and older than the best so far.
-        if seen as u8 != 3 && seen < oldest {
-            oldest = seen;
-            victim = w;
-            victim_tag = t;
-        }
-    }
-    let tag_ptr = unsafe { &raw mut (*b).tag[victim & (ASSOC_WAYS - 1)] };
-    // Claimed: tag 1 matches no key's tag (those have their low bit set and are compared in full).
-    if !cas(tag_ptr, victim_tag, 2) {
-        return xdp_action::XDP_DROP;
-    }
-    let Some(e) = ASSOC_ENTRIES.get_ptr_mut(bi * ASSOC_WAYS as u32 + victim as u32) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    if victim_tag != 0
-        && let Some(c) = ASSOC_COUNTS.get_ptr_mut(unsafe { (*e).flow.backend } & 63)
-    {
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(c, u64::MAX) };
-    }
-    let now = unsafe { *clock };
-    unsafe {
-        *clock = now.wrapping_add(1);
-        (*e).key = key;
-        (*e).flow = Flow::new(now & 7, 1, 0, now, 2);
-        (*b).seen[victim & (ASSOC_WAYS - 1)] = now << 8 | 2;
-        core::ptr::write_volatile(tag_ptr, tag);
-    }
-    if let Some(c) = ASSOC_COUNTS.get_ptr_mut(now & 7) {
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(c, 1) };
-    }
-    swap_macs(&ctx);
-    xdp_action::XDP_TX
-}
-
-#[inline(always)]
-fn cas(word: *mut u32, old: u32, new: u32) -> bool {
-    unsafe {
-        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(word, old, new)
-    }
-    .1
-}
-
-/// A multiply-xorshift hash of the 5-tuple (the kernel's jhash costs about as much).
-#[inline(always)]
-fn assoc_hash(k: &FlowKeyV4) -> u64 {
-    let a = k.src as u64 | (k.dst as u64) << 32;
-    let b = k.sport as u64 | (k.dport as u64) << 16 | (k.proto as u64) << 32;
-    let mut h = a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    h ^= h >> 29;
-    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    h ^ (h >> 32)
 }
 
 /// Not measured: removes the packet's 5-tuple from both baseline tables, so the bench can take
