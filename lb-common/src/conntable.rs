@@ -15,7 +15,7 @@
 //! A bucket that is full sends a new key to its alternate bucket ([`alternate`]) and is
 //! marked as spilled, so lookups of its keys look there too; at most half full, that is rare.
 //!
-//! A way word: the key's 16-bit tag (0: the way is free), [`way::CLAIMED`] while an insert
+//! A way word: the key's 16-bit tag (15 bits of its hash, the low bit set; 0: the way is free), [`way::CLAIMED`] while an insert
 //! writes the entry (lookups skip it), [`way::ESTABLISHED`] as a hint for the choice of a
 //! victim, and the low bits of the tick the connection was created in (oldest first).
 
@@ -99,7 +99,7 @@ pub fn key_hash<K>(key: &K, seed: u64) -> u64 {
     h ^ (h >> 33)
 }
 
-/// The tag of hash `h` (never 0).
+/// The tag of hash `h`: its top 15 bits, the low bit set (never 0).
 #[inline(always)]
 pub fn tag(h: u64) -> u32 {
     (h >> 48) as u32 | 1

@@ -88,8 +88,8 @@ pub const EV_FLOW_RESCHEDULED: u32 = 24;
 pub const EV_EVENT_LOST: u32 = 25;
 /// Entries the reaper retired because their connection had been idle past its timeout.
 pub const EV_FLOW_EXPIRED: u32 = 26;
-/// A new connection found the table full and took the entry of the oldest connection that
-/// was not established (see `lb_common::recyclable`).
+/// A new connection found the table full (or its two buckets full) and took the entry of
+/// the oldest connection that was not established (see `lb_common::recyclable`).
 pub const EV_FLOW_RECYCLED: u32 = 27;
 /// A packet of a service with a deterministic scheduler (sh, dh, mh) was forwarded by hash
 /// without a connection entry (table full, or a mid-connection packet with no entry: the
@@ -112,8 +112,11 @@ pub const EV_SYNC_DROPPED: u32 = 33;
 /// A synchronised connection could not be installed: the connection table was full.
 pub const EV_SYNC_REFUSED: u32 = 34;
 
+/// The reaper freed the way of an entry a race had left retired in the table (see `reap`).
+pub const EV_FLOW_WAY_RECLAIMED: u32 = 35;
+
 /// Size of the `REASONS` array.
-pub const COUNT: u32 = 35;
+pub const COUNT: u32 = 36;
 
 /// Metric/label names, indexed by counter.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -152,4 +155,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "fragment_later",
     "sync_dropped",
     "sync_refused",
+    "flow_way_reclaimed",
 ];

@@ -39,16 +39,21 @@ impl<K> Found<K> {
     }
 }
 
-/// `insert`'s answers.
-pub const INSERTED: u64 = 0;
+/// `insert`'s answers: the new entry's slot (below 2^32), or one of these.
 /// The key has an entry already.
-pub const EXISTS: u64 = 1;
+pub const EXISTS: u64 = 1 << 32;
 /// No way to be had: no free one (or no pool entry to fill it) and the bucket's oldest
 /// recyclable candidate could not be recycled.
-pub const FULL: u64 = 2;
+pub const FULL: u64 = 2 << 32;
 /// Another insert of a key with the same tag is under way in the bucket (rare): not
 /// inserted, so that a key never has two entries.
-pub const BUSY: u64 = 3;
+pub const BUSY: u64 = 3 << 32;
+
+/// The slot of an entry `insert` made.
+#[inline(always)]
+pub fn inserted(answer: u64) -> Option<u32> {
+    (answer >> 32 == 0).then_some(answer as u32)
+}
 
 /// Where a key goes: its bucket, its tag, and the bucket it spills to.
 struct Place {
@@ -246,12 +251,11 @@ fn find_in<K: FlowKey>(bi: u32, tag: u32, key: &K) -> u64 {
 const NO_WAY: u32 = u32::MAX;
 const RACED: u32 = u32::MAX - 1;
 
-/// Scratch words (`WAY_SCRATCH`): the best candidate of `oldest` and its age + 1, the ways
-/// of the same tag that hold other keys (`look`), a chosen slot (`opaque`).
+/// Scratch words (`WAY_SCRATCH`): the best candidate of `oldest` and its age + 1, a chosen
+/// slot (`opaque`).
 const BEST: usize = 0;
 const BEST_AGE: usize = 1;
-const OTHERS: usize = 2;
-const OPAQUE: usize = 3;
+const OPAQUE: usize = 2;
 
 /// Inserts the entry of a new connection. `pooled`: the caller holds a pool entry for it; a
 /// free way of the key's bucket takes it, or if that bucket is full, one of its alternate
@@ -270,21 +274,16 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     let Some(p) = place(key) else {
         return FULL;
     };
-    let Some(scratch) = WAY_SCRATCH.get_ptr_mut(0) else {
-        return FULL;
-    };
-    let others = unsafe { (scratch as *mut u32).add(OTHERS) };
-    unsafe { core::ptr::write_volatile(others, 0) };
     // Each loop below either goes on or leaves: the verifier follows one path per way, where
     // a loop carrying "the best so far" in registers would make it follow every combination
     // (what must be carried goes through the scratch map, which it does not follow).
-    let r = look::<K>(p.bucket, p.tag, key, others, 0);
+    let r = look::<K>(p.bucket, p.tag, key);
     if r != 0 {
         return r;
     }
     let was_spilled = spilled::<K>(p.bucket);
     if was_spilled {
-        let r = look::<K>(p.alt, p.tag, key, others, WAYS as u32);
+        let r = look::<K>(p.alt, p.tag, key);
         if r != 0 {
             return r;
         }
@@ -295,7 +294,7 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
         if slot == NO_WAY {
             spill::<K>(p.bucket);
             if !was_spilled {
-                let r = look::<K>(p.alt, p.tag, key, others, WAYS as u32);
+                let r = look::<K>(p.alt, p.tag, key);
                 if r != 0 {
                     return r;
                 }
@@ -331,15 +330,9 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     let word = unsafe { &raw mut (*b).ways[w] };
     // Two inserts of one key may have claimed a way each at the same moment: whoever sees
     // the other's claim, or its entry published since the first pass (at least one of them
-    // does), backs off. A way of the same tag that held another key then is no conflict.
-    let own = if bi == p.bucket {
-        1 << w
-    } else {
-        1 << (WAYS + w)
-    };
-    let known = unsafe { core::ptr::read_volatile(others) } | own;
-    if !settled::<K>(p.bucket, p.tag, known)
-        || spilled::<K>(p.bucket) && !settled::<K>(p.alt, p.tag, known >> WAYS)
+    // does), backs off.
+    if !settled::<K>(p.bucket, p.tag, key, slot)
+        || spilled::<K>(p.bucket) && !settled::<K>(p.alt, p.tag, key, slot)
     {
         release::<K>(word, recycled);
         return BUSY;
@@ -351,6 +344,9 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     unsafe {
         copy_words(&raw mut (*e).key, key);
         copy_words(&raw mut (*e).flow, flow);
+        // Published retired: nobody recycles, reaps or changes it until the caller, having
+        // counted it, `activate`s it.
+        core::ptr::write_volatile(&raw mut (*e).flow.status, flow.status | FLOW_DEAD);
         // The full barrier of the exchange publishes the entry's words before the tag.
         atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(
             word,
@@ -361,14 +357,33 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
         // The recycled connection's entry serves; the caller's goes back into its hand.
         acct::untake_entry(K::FAMILY);
     }
-    INSERTED
+    slot as u64
+}
+
+/// Puts the entry `insert` made at `slot` into service with `status` (after the caller
+/// counted it): from here on its packets, the reaper and recycling may change it.
+#[inline(always)]
+pub fn activate<K: FlowKey>(slot: u32, status: u32, now: u32) {
+    if let Some(e) = K::entries().get_ptr_mut(slot) {
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*e).flow.last_seen, now);
+            atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(&raw mut (*e).flow.status, status);
+        }
+    }
+}
+
+/// The flow of the entry at `slot` (one `insert` made, not yet activated).
+#[inline(always)]
+pub fn flow_at<K: FlowKey>(slot: u32) -> Option<*mut Flow> {
+    K::entries()
+        .get_ptr_mut(slot)
+        .map(|e| unsafe { &raw mut (*e).flow })
 }
 
 /// The first pass over bucket `bi`: `EXISTS` (the key is there), `BUSY` (a claim of its tag
-/// is under way) or 0; the ways of the same tag that hold other keys are set in `*others`
-/// from bit `shift`.
+/// is under way) or 0.
 #[inline(always)]
-fn look<K: FlowKey>(bi: u32, tag: u32, key: &K, others: *mut u32, shift: u32) -> u64 {
+fn look<K: FlowKey>(bi: u32, tag: u32, key: &K) -> u64 {
     let Some(b) = K::buckets().get_ptr(bi) else {
         return 0;
     };
@@ -384,12 +399,6 @@ fn look<K: FlowKey>(bi: u32, tag: u32, key: &K, others: *mut u32, shift: u32) ->
             {
                 return EXISTS;
             }
-            unsafe {
-                core::ptr::write_volatile(
-                    others,
-                    core::ptr::read_volatile(others) | 1 << (w as u32 + shift),
-                )
-            };
         }
     }
     0
@@ -414,16 +423,25 @@ fn claim<K: FlowKey>(bi: u32, tag: u32) -> u32 {
     NO_WAY
 }
 
-/// Whether bucket `bi` holds no way of `tag` besides those in `known` (a claim or an entry
-/// that appeared since the first pass is another insert's).
+/// Whether bucket `bi` holds no other claim of `tag` and no other entry of `key` than the
+/// one at `own` (the slot this insert claimed).
 #[inline(always)]
-fn settled<K: FlowKey>(bi: u32, tag: u32, known: u32) -> bool {
+fn settled<K: FlowKey>(bi: u32, tag: u32, key: &K, own: u32) -> bool {
     let Some(b) = K::buckets().get_ptr(bi) else {
         return false;
     };
+    let base = bi.wrapping_mul(WAYS as u32);
     for o in 0..WAYS {
+        let slot = base + o as u32;
         let other = unsafe { core::ptr::read_volatile(&raw const (*b).ways[o]) };
-        if other & way::TAG == tag && known & 1 << o == 0 {
+        if other & way::TAG != tag || slot == own {
+            continue;
+        }
+        if other & way::CLAIMED != 0
+            || K::entries()
+                .get_ptr(slot)
+                .is_some_and(|e| same(unsafe { &(*e).key }, key))
+        {
             return false;
         }
     }

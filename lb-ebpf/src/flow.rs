@@ -446,7 +446,9 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
         holds = true;
         result = conntable::insert::<K, true>(key, &flow, now, true);
     }
-    let recorded = result == conntable::INSERTED;
+    // A plain number, not an `Option`: LLVM spills an `Option`'s undefined payload from
+    // whatever register, which the verifier refuses to read.
+    let recorded = conntable::inserted(result).is_some();
     if !recorded {
         if holds {
             acct::untake_entry(K::FAMILY);
@@ -460,12 +462,12 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
         Ok(None) => (t.index, t.backend),
         Ok(Some((index, backend))) => {
             // Lost the race for that pick: record the one this flow owns. The entry is
-            // ours alone until the SYN is forwarded (a flow's packets arrive on one CPU), and
-            // it is counted only below, so rewriting it in place is safe.
-            if recorded && let Some(e) = conntable::get(key) {
+            // not in service before `activate` below (nobody else changes it), and it is
+            // counted only below, so rewriting it in place is safe.
+            if recorded && let Some(e) = conntable::flow_at::<K>(result as u32) {
                 unsafe {
-                    (*e.flow()).backend = index;
-                    (*e.flow()).generation = backend.generation;
+                    (*e).backend = index;
+                    (*e).generation = backend.generation;
                 }
             }
             (index, backend)
@@ -476,6 +478,7 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
     };
     if recorded {
         acct::created(index, initial);
+        conntable::activate::<K>(result as u32, initial as u32, now);
         admit::record(key);
         nat::record(key, pkt, index, backend);
     }
@@ -585,8 +588,11 @@ fn schedule<K: FlowKey>(
         };
         let template = if persistent { persist::marker(svc) } else { 0 };
         let flow = Flow::controlled(index, backend.generation, svc.id, now, initial, template);
-        if conntable::insert::<K, false>(key, &flow, now, true) == conntable::INSERTED {
+        if let Some(slot) =
+            conntable::inserted(conntable::insert::<K, false>(key, &flow, now, true))
+        {
             acct::created(index, initial);
+            conntable::activate::<K>(slot, flow.status, now);
             admit::record(key);
             nat::record(key, pkt, index, backend);
             sync::conn(key, &flow, initial);

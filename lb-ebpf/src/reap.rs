@@ -18,25 +18,23 @@ use lb_common::{
 use crate::{
     acct, conntable,
     flow::{self, FlowKey},
-    maps::{FLOW_BUCKETS_V4, FLOW_BUCKETS_V6, REASONS, TEMPLATES_V4, TEMPLATES_V6},
-    persist,
+    maps::{FLOW_BUCKETS_V4, FLOW_BUCKETS_V6, TEMPLATES_V4, TEMPLATES_V6},
+    persist, stats,
 };
 
 #[repr(C)]
 struct Walk {
     now: u32,
     _pad: u32,
-    expired: u64,
 }
 
-/// Walks both tables; returns the number of entries retired.
+/// `Flow::last_seen` of a dead entry one walk has seen (see `visit`).
+const DEAD_MARK: u32 = u32::MAX;
+
+/// Walks both tables.
 #[inline(always)]
-pub fn reap(now: u32) -> u64 {
-    let mut walk = Walk {
-        now,
-        _pad: 0,
-        expired: 0,
-    };
+pub fn reap(now: u32) {
+    let mut walk = Walk { now, _pad: 0 };
     // One callback per family: the verifier checks each against its own table's key.
     unsafe {
         bpf_for_each_map_elem(
@@ -67,11 +65,6 @@ pub fn reap(now: u32) -> u64 {
             );
         }
     }
-    // Only the reaper writes this counter, so the per-CPU add cannot race with a packet.
-    if let Some(c) = REASONS.get_ptr_mut(reason::EV_FLOW_EXPIRED) {
-        unsafe { *c += walk.expired };
-    }
-    walk.expired
 }
 
 /// One bucket: retire the connections of its ways that expired. Always continues the walk
@@ -85,6 +78,7 @@ extern "C" fn visit<K: FlowKey>(
 ) -> i64 {
     let walk = unsafe { &mut *(ctx as *mut Walk) };
     let bucket = value as *const FlowBucket;
+    let bucket_mut = value as *mut FlowBucket;
     let base = unsafe { *(index as *const u32) }.wrapping_mul(WAYS as u32);
     for w in 0..WAYS {
         let word = unsafe { core::ptr::read_volatile(&raw const (*bucket).ways[w]) };
@@ -99,7 +93,19 @@ extern "C" fn visit<K: FlowKey>(
         let status_ptr = unsafe { &raw mut (*flow).status };
         let status = unsafe { core::ptr::read_volatile(status_ptr) };
         if status & FLOW_DEAD != 0 {
-            // Being retired by a packet, which clears the way.
+            // Being retired (or, just inserted, not yet in service): whoever does it clears
+            // or activates it within microseconds. One still dead a walk later was left
+            // behind by a race (an entry reused under a packet that then retired it): marked
+            // now, its way is freed by the next walk. (Activation writes `last_seen`, so a
+            // mark never outlives an entry put into service.)
+            let seen = unsafe { &raw mut (*flow).last_seen };
+            if unsafe { core::ptr::read_volatile(seen) } != DEAD_MARK {
+                unsafe { core::ptr::write_volatile(seen, DEAD_MARK) };
+            } else if acct::cas(unsafe { &raw mut (*bucket_mut).ways[w] }, word, 0) {
+                // Counted as it goes (per-CPU): a count carried in the walk's state would
+                // make the verifier follow every combination of the bucket's ways.
+                stats::count(reason::EV_FLOW_WAY_RECLAIMED);
+            }
             continue;
         }
         let last_seen = unsafe { core::ptr::read_volatile(&raw const (*flow).last_seen) };
@@ -113,7 +119,7 @@ extern "C" fn visit<K: FlowKey>(
             crate::nat::forget(key, flow);
             conntable::clear_slot::<K>(slot);
             acct::release_entry(K::FAMILY);
-            walk.expired += 1;
+            stats::count(reason::EV_FLOW_EXPIRED);
         }
     }
     0

@@ -283,14 +283,17 @@ fn install_conn<K: FlowKey>(key: &K, r: &SyncConn, be: &Backend, svc: &Service, 
         r.state,
         r.template,
     );
-    if crate::conntable::insert::<K, false>(key, &flow, now, true) != crate::conntable::INSERTED {
+    let Some(slot) =
+        crate::conntable::inserted(crate::conntable::insert::<K, false>(key, &flow, now, true))
+    else {
         acct::untake_entry(K::FAMILY);
         if r.template != 0 {
             crate::persist::uncontrol(key, svc, now);
         }
         return sync::R_BUSY;
-    }
+    };
     acct::created(r.backend, r.state);
+    crate::conntable::activate::<K>(slot, r.state as u32, now);
     admit::record(key);
     nat::record_for(key, &vip, vport, r.backend, be);
     result
