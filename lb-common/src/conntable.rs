@@ -12,8 +12,9 @@
 //! oldest recyclable way of its own bucket (as conntrack's early drop looks in the new
 //! tuple's bucket): one line and one entry.
 //!
-//! A bucket that is full sends a new key to its alternate bucket ([`alternate`]) and is
-//! marked as spilled, so lookups of its keys look there too; at most half full, that is rare.
+//! A bucket that is full sends a new key to one of two alternate buckets ([`alternates`])
+//! and is marked as spilled, so lookups of its keys look there too; at most half full, that
+//! is rare.
 //!
 //! A way word: the key's 16-bit tag (15 bits of its hash, the low bit set; 0: the way is free), [`way::CLAIMED`] while an insert
 //! writes the entry (lookups skip it), [`way::ESTABLISHED`] as a hint for the choice of a
@@ -69,7 +70,7 @@ pub mod way {
 
 /// Slots (ways in all) of a table for `capacity` connections: twice as many, a power of two,
 /// at least 16 buckets. At most half full, a bucket of 16 is full for about one key in 250
-/// (Poisson, mean 8): such a key goes to its [`alternate`] bucket.
+/// (Poisson, mean 8): such a key goes to one of its [`alternates`].
 pub fn slots(capacity: u32) -> u32 {
     (capacity.max(1) as u64 * 2)
         .next_power_of_two()
@@ -111,16 +112,19 @@ pub fn bucket(h: u64, mask: u64) -> u32 {
     (h & mask) as u32
 }
 
-/// The bucket a key goes to when its own is full (`bucket` with `tag`, in a table whose bucket
-/// count is `mask + 1`, at least 2): the key's own bucket is then marked as spilled (one bit
-/// per bucket), so that a lookup that does not find a key there looks in its alternate too.
-/// A function of the bucket and the tag only, so the controller finds it as the data plane
-/// does.
+/// The buckets a key goes to when its own is full, in this order (`bucket` with `tag`, in a
+/// table whose bucket count is `mask + 1`, at least 4): the key's own bucket is then marked
+/// as spilled (one bit per bucket), so that a lookup that does not find a key there looks in
+/// these too. Functions of the bucket and the tag only, so the controller finds them as the
+/// data plane does; never the bucket itself nor each other (an odd and an even offset).
+/// At most half full, a bucket is full for about one key in 250 and two given buckets for
+/// one in 60,000: a third keeps a full bucket from refusing a key while the table has room.
 #[inline(always)]
-pub fn alternate(bucket: u32, tag: u32, mask: u64) -> u32 {
+pub fn alternates(bucket: u32, tag: u32, mask: u64) -> [u32; 2] {
     let mask = mask as u32;
-    // Never the bucket itself: an odd offset within the mask (mask + 1 is a power of two).
-    bucket ^ ((tag.wrapping_mul(0x9e37_79b1) >> 8) & mask | 1)
+    let odd = (tag.wrapping_mul(0x9e37_79b1) >> 8) & mask | 1;
+    let even = ((tag.wrapping_mul(0x85eb_ca6b) >> 8) & (mask >> 1) | 1) << 1;
+    [bucket ^ odd, bucket ^ even]
 }
 
 /// Words of the spilled-bucket bitmap of a table of `slots`.
@@ -170,13 +174,13 @@ mod tests {
     }
 
     #[test]
-    fn the_alternate_is_another_bucket_of_the_table() {
+    fn the_alternates_are_other_buckets_of_the_table() {
         for mask in [15u64, 1023, (1 << 20) - 1] {
             for t in [1u32, 3, 0xffff, 0x1235] {
                 for b in [0u32, 5, mask as u32] {
-                    let a = alternate(b, t, mask);
-                    assert_ne!(a, b);
-                    assert!(a as u64 <= mask);
+                    let [a1, a2] = alternates(b, t, mask);
+                    assert!(a1 != b && a2 != b && a1 != a2, "{b} {a1} {a2}");
+                    assert!(a1 as u64 <= mask && a2 as u64 <= mask);
                 }
             }
         }

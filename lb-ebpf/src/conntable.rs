@@ -55,11 +55,11 @@ pub fn inserted(answer: u64) -> Option<u32> {
     (answer >> 32 == 0).then_some(answer as u32)
 }
 
-/// Where a key goes: its bucket, its tag, and the bucket it spills to.
+/// Where a key goes: its bucket, its tag, and the buckets it spills to.
 struct Place {
     bucket: u32,
     tag: u32,
-    alt: u32,
+    alt: [u32; 2],
 }
 
 #[inline(always)]
@@ -73,7 +73,7 @@ fn place<K: FlowKey>(key: &K) -> Option<Place> {
     Some(Place {
         bucket,
         tag,
-        alt: conntable::alternate(bucket, tag, mask),
+        alt: conntable::alternates(bucket, tag, mask),
     })
 }
 
@@ -89,7 +89,7 @@ fn hash<K: FlowKey>(key: &K) -> u64 {
     conntable::bucket(h, pool.bucket_mask) as u64 | (conntable::tag(h) as u64) << 32
 }
 
-/// Whether bucket `bi` ever sent a key to its alternate.
+/// Whether bucket `bi` ever sent a key to its alternates.
 #[inline(always)]
 fn spilled<K: FlowKey>(bi: u32) -> bool {
     K::spilled()
@@ -97,8 +97,8 @@ fn spilled<K: FlowKey>(bi: u32) -> bool {
         .is_some_and(|w| unsafe { core::ptr::read_volatile(w) } & 1 << (bi % 64) != 0)
 }
 
-/// Marks bucket `bi` as spilled (before the key goes to its alternate, so that a lookup
-/// that misses it in `bi` looks there). Never cleared: a stale bit costs a miss in that
+/// Marks bucket `bi` as spilled (before the key goes to an alternate, so that a lookup that
+/// misses it in `bi` looks there). Never cleared: a stale bit costs a miss in that
 /// bucket one more line.
 #[inline(always)]
 fn spill<K: FlowKey>(bi: u32) {
@@ -214,7 +214,7 @@ pub fn insert<K: FlowKey, const RECYCLE: bool>(
     K::insert_entry::<RECYCLE>(key, flow, now, pooled)
 }
 
-/// The slot of `key`, or `NONE`: in its bucket, or if that one spilled, in its alternate.
+/// The slot of `key`, or `NONE`: in its bucket, or if that one spilled, in its alternates.
 #[inline(always)]
 fn find<K: FlowKey>(key: &K) -> u64 {
     let Some(p) = place(key) else {
@@ -224,7 +224,11 @@ fn find<K: FlowKey>(key: &K) -> u64 {
     if slot != NONE || !spilled::<K>(p.bucket) {
         return slot;
     }
-    find_in::<K>(p.alt, p.tag, key)
+    let slot = find_in::<K>(p.alt[0], p.tag, key);
+    if slot != NONE {
+        return slot;
+    }
+    find_in::<K>(p.alt[1], p.tag, key)
 }
 
 #[inline(always)]
@@ -258,10 +262,11 @@ const BEST_AGE: usize = 1;
 const OPAQUE: usize = 2;
 
 /// Inserts the entry of a new connection. `pooled`: the caller holds a pool entry for it; a
-/// free way of the key's bucket takes it, or if that bucket is full, one of its alternate
-/// (the bucket is marked as spilled). Without a pool entry (the pool is empty), or if both
-/// buckets are full, the oldest recyclable connection of the key's bucket (not established;
-/// a UDP one only once idle), or with a pool entry of its alternate, gives its way: retired here and counted as recycled (the
+/// free way of the key's bucket takes it, or if that bucket is full, one of its alternates
+/// (the bucket is marked as spilled). Without a pool entry (the pool is empty), or if all
+/// three are full, the oldest recyclable connection of the key's bucket (not established; a
+/// UDP one only once idle), or with a pool entry of an alternate, gives its way: retired
+/// here and counted as recycled (the
 /// caller's pool entry, if any, then goes back into the CPU's hand); with `RECYCLE` false
 /// (callers whose stack cannot hold `take_over`'s frame on top of theirs) the answer is then
 /// `FULL`. On any answer but `INSERTED` the caller still holds what it held (and a
@@ -283,9 +288,9 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     }
     let was_spilled = spilled::<K>(p.bucket);
     if was_spilled {
-        let r = look::<K>(p.alt, p.tag, key);
+        let r = look::<K>(p.alt[0], p.tag, key) | look::<K>(p.alt[1], p.tag, key);
         if r != 0 {
-            return r;
+            return if r & BUSY == BUSY { BUSY } else { EXISTS };
         }
     }
     let mut slot = NO_WAY;
@@ -294,19 +299,22 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
         if slot == NO_WAY {
             spill::<K>(p.bucket);
             if !was_spilled {
-                let r = look::<K>(p.alt, p.tag, key);
+                let r = look::<K>(p.alt[0], p.tag, key) | look::<K>(p.alt[1], p.tag, key);
                 if r != 0 {
-                    return r;
+                    return if r & BUSY == BUSY { BUSY } else { EXISTS };
                 }
             }
-            slot = claim::<K>(p.alt, p.tag);
+            slot = claim::<K>(p.alt[0], p.tag);
+            if slot == NO_WAY {
+                slot = claim::<K>(p.alt[1], p.tag);
+            }
         }
         if slot == RACED {
             return BUSY;
         }
     }
-    // No pool entry, or (rarely) both buckets full: a connection of the key's bucket that
-    // may be recycled gives its way, or with a pool entry, one of the alternate's.
+    // No pool entry, or (rarely) all three buckets full: a connection of the key's bucket
+    // that may be recycled gives its way, or with a pool entry, one of the alternates'.
     let recycled = slot == NO_WAY;
     if recycled {
         if !RECYCLE {
@@ -315,7 +323,10 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
         slot = recycle::<K>(p.bucket, p.tag, now);
         if slot == NO_WAY && pooled {
             spill::<K>(p.bucket);
-            slot = recycle::<K>(p.alt, p.tag, now);
+            slot = recycle::<K>(p.alt[0], p.tag, now);
+            if slot == NO_WAY {
+                slot = recycle::<K>(p.alt[1], p.tag, now);
+            }
         }
         if slot == NO_WAY {
             return FULL;
@@ -332,7 +343,9 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     // the other's claim, or its entry published since the first pass (at least one of them
     // does), backs off.
     if !settled::<K>(p.bucket, p.tag, key, slot)
-        || spilled::<K>(p.bucket) && !settled::<K>(p.alt, p.tag, key, slot)
+        || spilled::<K>(p.bucket)
+            && !(settled::<K>(p.alt[0], p.tag, key, slot)
+                && settled::<K>(p.alt[1], p.tag, key, slot))
     {
         release::<K>(word, recycled);
         return BUSY;

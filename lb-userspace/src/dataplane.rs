@@ -1149,7 +1149,7 @@ impl Dataplane {
     }
 
     /// The entry of `key` in table `index` (0 IPv4, 1 IPv6): the ways whose tag matches in
-    /// its bucket (from the table's seed), then in its alternate bucket.
+    /// its bucket (from the table's seed), then in its alternate buckets.
     fn table_entry<K: aya::Pod + PartialEq>(
         &self,
         index: u32,
@@ -1164,20 +1164,19 @@ impl Dataplane {
         let h = conntable::key_hash(key, pool.seed);
         let bucket = conntable::bucket(h, pool.bucket_mask);
         let tag = conntable::tag(h);
-        [bucket, conntable::alternate(bucket, tag, pool.bucket_mask)]
-            .into_iter()
-            .find_map(|bucket| {
-                let ways = buckets.get(&bucket, 0).ok()?.ways;
-                ways.iter().enumerate().find_map(|(w, word)| {
-                    if word & (conntable::way::TAG | conntable::way::CLAIMED) != tag {
-                        return None;
-                    }
-                    let e = entries
-                        .get(&(bucket * conntable::WAYS as u32 + w as u32), 0)
-                        .ok()?;
-                    (e.key == *key).then_some(e.flow)
-                })
+        let [alt, alt2] = conntable::alternates(bucket, tag, pool.bucket_mask);
+        [bucket, alt, alt2].into_iter().find_map(|bucket| {
+            let ways = buckets.get(&bucket, 0).ok()?.ways;
+            ways.iter().enumerate().find_map(|(w, word)| {
+                if word & (conntable::way::TAG | conntable::way::CLAIMED) != tag {
+                    return None;
+                }
+                let e = entries
+                    .get(&(bucket * conntable::WAYS as u32 + w as u32), 0)
+                    .ok()?;
+                (e.key == *key).then_some(e.flow)
             })
+        })
     }
 
     /// Kernel memory charged to each map (`memlock` of its fdinfo), with its capacity.

@@ -351,6 +351,61 @@ fn a_full_bucket_spills_to_its_alternate() {
     h.assert_counts_match_tables();
 }
 
+/// A key whose bucket and first alternate bucket are both full goes to its second
+/// alternate, and is found there.
+#[test]
+fn a_key_goes_to_its_second_alternate_when_the_first_is_full_too() {
+    pin_to_cpu(0);
+    let limits = Limits {
+        conn_table_size: 64,
+        conn_table_size_v6: 64,
+        max_services: 8,
+        max_backends: 16,
+        slot_table_size: 1024,
+        ..Limits::default()
+    };
+    let h = Harness::with_limits(TWO_RR, limits);
+    let (seed, mask) = h.dp.flow_hashing(0).unwrap();
+    let flow_key = |port: u16| {
+        FlowKeyV4::new(
+            u32::from_ne_bytes([192, 168, 8, 1]),
+            u32::from_ne_bytes([10, 0, 0, 10]),
+            port.to_be(),
+            80u16.to_be(),
+            6,
+        )
+    };
+    let hash = |port: u16| conntable::key_hash(&flow_key(port), seed);
+    let bucket = |port: u16| conntable::bucket(hash(port), mask);
+    // The key, its bucket's 16 ways, then its first alternate's 16 (keys whose own bucket it
+    // is), all established so that nothing is recycled to make room.
+    let last = 5000u16;
+    let [alt, _] = conntable::alternates(bucket(last), conntable::tag(hash(last)), mask);
+    let mut ports: Vec<u16> = (5001..60000)
+        .filter(|p| bucket(*p) == bucket(last))
+        .take(16)
+        .collect();
+    ports.extend((5001..60000).filter(|p| bucket(*p) == alt).take(16));
+    ports.push(last);
+    assert_eq!(ports.len(), 33);
+    let servers = [ip("10.0.1.1"), ip("10.0.1.2")];
+    let before = h.counters();
+    let mut owner = Vec::new();
+    for &port in &ports {
+        let r = h.run(&tcp("192.168.8.1", port, SYN));
+        owner.push(h.server_of(&r, &servers).expect("forwarded"));
+        h.run(&tcp("192.168.8.1", port, ACK));
+    }
+    assert_eq!(delta(&before, &h.counters()), vec![("tx", 66)]);
+    for (i, &port) in ports.iter().enumerate() {
+        assert!(h.dp.flow_v4(&flow_key(port)).is_some(), "connection {i}");
+        let r = h.run(&tcp("192.168.8.1", port, ACK | PSH));
+        assert_eq!(h.server_of(&r, &servers), Some(owner[i]), "connection {i}");
+    }
+    assert_eq!(h.dp.flows_v4().len(), 33);
+    h.assert_counts_match_tables();
+}
+
 /// Counts never drift: two CPUs drive random flag sequences over the same tuples while the
 /// reaper retires entries concurrently; afterwards the counts equal the tables, and once
 /// everything expires they are all zero and every entry is back in the pool.
