@@ -290,8 +290,10 @@ fn play(sched: Scheduler, seed: u64, steps: usize, thresholds: bool) {
                         );
                     }
                     if rng.next(4) == 0 {
-                        // Reset connections expire.
-                        std::thread::sleep(Duration::from_millis(20));
+                        // Reset connections expire (timeout 0: a tick of 16.8 ms must have
+                        // passed on the kernel's coarse clock, which itself lags by up to a
+                        // jiffy: 20 ms was not always enough).
+                        std::thread::sleep(Duration::from_millis(40));
                         h.reap();
                         conns.retain(|c| {
                             if c.state == ConnState::Closed {
@@ -598,7 +600,8 @@ fn play_grouped(sched: Scheduler, seed: u64, servers: u16, steps: usize) {
                 closed.push(d);
             }
             8 => {
-                std::thread::sleep(Duration::from_millis(20));
+                // Two ticks of the coarse clock at least (see above).
+                std::thread::sleep(Duration::from_millis(40));
                 h.reap();
                 for d in closed.drain(..) {
                     model.unbind(d, false);
