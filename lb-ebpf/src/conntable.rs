@@ -354,12 +354,19 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
         release::<K>(word, recycled);
         return FULL;
     };
+    // Written and published retired: nobody recycles, reaps or changes it until the caller,
+    // having counted it, `activate`s it. (The entry's status is retired already - a way is
+    // free or taken over only once its connection was - and never reads live meanwhile, so
+    // a recycler holding a stale view of the way cannot retire it either.)
     unsafe {
+        let f = &raw mut (*e).flow;
+        core::ptr::write_volatile(&raw mut (*f).status, flow.status | FLOW_DEAD);
         copy_words(&raw mut (*e).key, key);
-        copy_words(&raw mut (*e).flow, flow);
-        // Published retired: nobody recycles, reaps or changes it until the caller, having
-        // counted it, `activate`s it.
-        core::ptr::write_volatile(&raw mut (*e).flow.status, flow.status | FLOW_DEAD);
+        core::ptr::write_volatile(&raw mut (*f).backend, flow.backend);
+        core::ptr::write_volatile(&raw mut (*f).generation, flow.generation);
+        core::ptr::write_volatile(&raw mut (*f).service_id, flow.service_id);
+        core::ptr::write_volatile(&raw mut (*f).last_seen, flow.last_seen);
+        core::ptr::write_volatile(&raw mut (*f).template, flow.template);
         // The full barrier of the exchange publishes the entry's words before the tag.
         atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(
             word,
@@ -372,6 +379,12 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     }
     slot as u64
 }
+
+// `insert_in` writes a flow field by field (its status never live): it must name them all.
+const _: () = assert!(
+    core::mem::size_of::<Flow>() == 24,
+    "Flow changed: update insert_in"
+);
 
 /// Puts the entry `insert` made at `slot` into service with `status` (after the caller
 /// counted it): from here on its packets, the reaper and recycling may change it.
