@@ -127,81 +127,42 @@ pub fn get<K: FlowKey>(key: &K) -> Option<Found<K>> {
 // cannot be generic: one per family (and for inserts, with and without recycling, which
 // the new-flow programs' stack cannot afford).
 
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn xlb_find_v4(key: *const FlowKeyV4) -> u64 {
-    match unsafe { key.as_ref() } {
-        Some(key) => find(key),
-        None => NONE,
-    }
+/// A global lookup: `$name(key)` is `find` for keys of type `$key`.
+macro_rules! global_find {
+    ($name:ident, $key:ty) => {
+        #[unsafe(no_mangle)]
+        #[inline(never)]
+        pub extern "C" fn $name(key: *const $key) -> u64 {
+            match unsafe { key.as_ref() } {
+                Some(key) => find(key),
+                None => NONE,
+            }
+        }
+    };
 }
 
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn xlb_find_v6(key: *const FlowKeyV6) -> u64 {
-    match unsafe { key.as_ref() } {
-        Some(key) => find(key),
-        None => NONE,
-    }
+/// A global insert: `$name(key, flow, now, pooled)` is `insert_in::<$key, $recycle>`
+/// (`pooled` non-zero if the caller holds a pool entry).
+macro_rules! global_insert {
+    ($name:ident, $key:ty, $recycle:literal) => {
+        #[unsafe(no_mangle)]
+        #[inline(never)]
+        pub extern "C" fn $name(key: *const $key, flow: *const Flow, now: u32, pooled: u32) -> u64 {
+            match unsafe { (key.as_ref(), flow.as_ref()) } {
+                (Some(key), Some(flow)) => insert_in::<$key, $recycle>(key, flow, now, pooled != 0),
+                _ => FULL,
+            }
+        }
+    };
 }
 
-/// `insert` without recycling; `pooled` non-zero if the caller holds a pool entry.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn xlb_insert_v4(
-    key: *const FlowKeyV4,
-    flow: *const Flow,
-    now: u32,
-    pooled: u32,
-) -> u64 {
-    match unsafe { (key.as_ref(), flow.as_ref()) } {
-        (Some(key), Some(flow)) => insert_in::<FlowKeyV4, false>(key, flow, now, pooled != 0),
-        _ => FULL,
-    }
-}
-
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn xlb_insert_v6(
-    key: *const FlowKeyV6,
-    flow: *const Flow,
-    now: u32,
-    pooled: u32,
-) -> u64 {
-    match unsafe { (key.as_ref(), flow.as_ref()) } {
-        (Some(key), Some(flow)) => insert_in::<FlowKeyV6, false>(key, flow, now, pooled != 0),
-        _ => FULL,
-    }
-}
-
-/// `insert` that may recycle a way of the key's bucket.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn xlb_admit_v4(
-    key: *const FlowKeyV4,
-    flow: *const Flow,
-    now: u32,
-    pooled: u32,
-) -> u64 {
-    match unsafe { (key.as_ref(), flow.as_ref()) } {
-        (Some(key), Some(flow)) => insert_in::<FlowKeyV4, true>(key, flow, now, pooled != 0),
-        _ => FULL,
-    }
-}
-
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn xlb_admit_v6(
-    key: *const FlowKeyV6,
-    flow: *const Flow,
-    now: u32,
-    pooled: u32,
-) -> u64 {
-    match unsafe { (key.as_ref(), flow.as_ref()) } {
-        (Some(key), Some(flow)) => insert_in::<FlowKeyV6, true>(key, flow, now, pooled != 0),
-        _ => FULL,
-    }
-}
+global_find!(xlb_find_v4, FlowKeyV4);
+global_find!(xlb_find_v6, FlowKeyV6);
+// Without recycling, and with (a way of the key's buckets may be taken over).
+global_insert!(xlb_insert_v4, FlowKeyV4, false);
+global_insert!(xlb_insert_v6, FlowKeyV6, false);
+global_insert!(xlb_admit_v4, FlowKeyV4, true);
+global_insert!(xlb_admit_v6, FlowKeyV6, true);
 
 /// Inserts the entry of a new connection (see `insert_in`).
 #[inline(always)]

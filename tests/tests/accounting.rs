@@ -59,6 +59,29 @@ fn tcp(client: &str, port: u16, flags: u8) -> Vec<u8> {
 
 /// Pins the calling thread to `cpu`: a CPU holds a batch of table entries in hand, so exact
 /// capacity checks must run on one CPU.
+/// A table of 64 connections (256 slots, 16 buckets): small enough to fill.
+fn small_table() -> Limits {
+    Limits {
+        conn_table_size: 64,
+        conn_table_size_v6: 64,
+        max_services: 8,
+        max_backends: 16,
+        slot_table_size: 1024,
+        ..Limits::default()
+    }
+}
+
+/// The connection-table key of a TCP connection from `client`:`port` to 10.0.0.10:80.
+fn web_key(client: [u8; 4], port: u16) -> FlowKeyV4 {
+    FlowKeyV4::new(
+        u32::from_ne_bytes(client),
+        u32::from_ne_bytes([10, 0, 0, 10]),
+        port.to_be(),
+        80u16.to_be(),
+        6,
+    )
+}
+
 fn pin_to_cpu(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu).unwrap();
@@ -166,14 +189,7 @@ fn the_reaper_expires_idle_connections() {
 #[test]
 fn a_full_table_keeps_established_connections() {
     pin_to_cpu(0);
-    let limits = Limits {
-        conn_table_size: 64,
-        conn_table_size_v6: 64,
-        max_services: 8,
-        max_backends: 16,
-        slot_table_size: 1024,
-        ..Limits::default()
-    };
+    let limits = small_table();
     let h = Harness::with_limits(TWO_RR, limits);
     let servers = [ip("10.0.1.1"), ip("10.0.1.2")];
     let mut owner = Vec::new();
@@ -237,16 +253,7 @@ fn a_full_table_keeps_established_connections() {
     // connection of its bucket, and its retransmitted SYN follows it (it is not recycled to
     // make room for itself).
     let first = (0..32u16)
-        .find(|p| {
-            h.dp.flow_v4(&FlowKeyV4::new(
-                u32::from_ne_bytes([192, 168, 4, 1]),
-                u32::from_ne_bytes([10, 0, 0, 10]),
-                (4000 + p).to_be(),
-                80u16.to_be(),
-                6,
-            ))
-            .is_some()
-        })
+        .find(|p| h.dp.flow_v4(&web_key([192, 168, 4, 1], 4000 + p)).is_some())
         .expect("one of the 32 is in the table");
     let before = h.counters();
     let r = h.run(&tcp("192.168.4.1", 4000 + first, SYN));
@@ -294,25 +301,10 @@ fn a_full_table_keeps_established_connections() {
 #[test]
 fn a_full_bucket_spills_to_its_alternate() {
     pin_to_cpu(0);
-    let limits = Limits {
-        conn_table_size: 64,
-        conn_table_size_v6: 64,
-        max_services: 8,
-        max_backends: 16,
-        slot_table_size: 1024,
-        ..Limits::default()
-    };
+    let limits = small_table();
     let mut h = Harness::with_limits(TWO_RR, limits);
     let (seed, mask) = h.dp.flow_hashing(0).unwrap();
-    let flow_key = |port: u16| {
-        FlowKeyV4::new(
-            u32::from_ne_bytes([192, 168, 7, 1]),
-            u32::from_ne_bytes([10, 0, 0, 10]),
-            port.to_be(),
-            80u16.to_be(),
-            6,
-        )
-    };
+    let flow_key = |port: u16| web_key([192, 168, 7, 1], port);
     let bucket = |port: u16| conntable::bucket(conntable::key_hash(&flow_key(port), seed), mask);
     let ports: Vec<u16> = (5000..60000)
         .filter(|p| bucket(*p) == bucket(5000))
@@ -356,25 +348,10 @@ fn a_full_bucket_spills_to_its_alternate() {
 #[test]
 fn a_key_goes_to_its_second_alternate_when_the_first_is_full_too() {
     pin_to_cpu(0);
-    let limits = Limits {
-        conn_table_size: 64,
-        conn_table_size_v6: 64,
-        max_services: 8,
-        max_backends: 16,
-        slot_table_size: 1024,
-        ..Limits::default()
-    };
+    let limits = small_table();
     let h = Harness::with_limits(TWO_RR, limits);
     let (seed, mask) = h.dp.flow_hashing(0).unwrap();
-    let flow_key = |port: u16| {
-        FlowKeyV4::new(
-            u32::from_ne_bytes([192, 168, 8, 1]),
-            u32::from_ne_bytes([10, 0, 0, 10]),
-            port.to_be(),
-            80u16.to_be(),
-            6,
-        )
-    };
+    let flow_key = |port: u16| web_key([192, 168, 8, 1], port);
     let hash = |port: u16| conntable::key_hash(&flow_key(port), seed);
     let bucket = |port: u16| conntable::bucket(hash(port), mask);
     // The key, its bucket's 16 ways, then its first alternate's 16 (keys whose own bucket it
