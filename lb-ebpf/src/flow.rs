@@ -361,6 +361,16 @@ fn on_entry<K: FlowKey>(
     None
 }
 
+/// A new connection's entry is in the table at `slot`: it is counted, then put into service
+/// (not before: see `conntable::activate`), and entered in this CPU's ring of candidates for
+/// recycling.
+#[inline(always)]
+pub fn admitted<K: FlowKey>(key: &K, slot: u32, backend: u32, st: u8, now: u32) {
+    acct::created(backend, st);
+    conntable::activate::<K>(slot, st as u32, now);
+    admit::record(key);
+}
+
 /// A connection went from state `st` to `next` (this caller won the swap): its count
 /// follows, and its way's established hint; a closing one may now give its entry to a new
 /// connection if the table fills.
@@ -477,9 +487,7 @@ pub fn syn<K: FlowKey>(pkt: &Pkt, now: u32) -> Result<Target, u32> {
         Err(_) => (t.index, t.backend),
     };
     if recorded {
-        acct::created(index, initial);
-        conntable::activate::<K>(result as u32, initial as u32, now);
-        admit::record(key);
+        admitted(key, result as u32, index, initial, now);
         nat::record(key, pkt, index, backend);
     }
     Ok(Target {
@@ -591,9 +599,7 @@ fn schedule<K: FlowKey>(
         if let Some(slot) =
             conntable::inserted(conntable::insert::<K, false>(key, &flow, now, true))
         {
-            acct::created(index, initial);
-            conntable::activate::<K>(slot, flow.status, now);
-            admit::record(key);
+            admitted(key, slot, index, initial, now);
             nat::record(key, pkt, index, backend);
             sync::conn(key, &flow, initial);
         } else {

@@ -26,7 +26,7 @@ use lb_common::{
 };
 
 use crate::{
-    acct, admit,
+    acct,
     flow::{self, FlowKey},
     maps::{BACKENDS, GLOBALS, SYNC_BATCH, SYNC_EVENTS},
     nat, stats,
@@ -292,9 +292,7 @@ fn install_conn<K: FlowKey>(key: &K, r: &SyncConn, be: &Backend, svc: &Service, 
         }
         return sync::R_BUSY;
     };
-    acct::created(r.backend, r.state);
-    crate::conntable::activate::<K>(slot, r.state as u32, now);
-    admit::record(key);
+    flow::admitted(key, slot, r.backend, r.state, now);
     nat::record_for(key, &vip, vport, r.backend, be);
     result
 }
