@@ -147,8 +147,7 @@ extern "C" fn step<K: FlowKey>(_i: u64, ctx: *mut c_void) -> i64 {
         return 0;
     }
     if acct::retire(status_ptr, status, unsafe { (*entry).backend }) {
-        crate::persist::retired(key, unsafe { &*entry }, w.now);
-        crate::nat::forget(key, unsafe { &*entry });
+        crate::flow::let_go(key, unsafe { &*entry }, w.now);
         crate::conntable::clear_slot::<K>(found.slot);
         // Straight to this CPU's hand, for the connection that asked (through the shared
         // pool it would cost two more locked operations).

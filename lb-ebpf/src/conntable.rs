@@ -55,38 +55,39 @@ pub fn inserted(answer: u64) -> Option<u32> {
     (answer >> 32 == 0).then_some(answer as u32)
 }
 
-/// Where a key goes: its bucket, its tag, and the buckets it spills to.
+/// Where a key goes: its bucket and its tag (and, from them, the buckets it spills to).
 struct Place {
     bucket: u32,
     tag: u32,
-    alt: [u32; 2],
+    mask: u64,
+}
+
+impl Place {
+    /// Only needed once the key's bucket is full or spilled: not computed for every lookup.
+    #[inline(always)]
+    fn alternates(&self) -> [u32; 2] {
+        conntable::alternates(self.bucket, self.tag, self.mask)
+    }
 }
 
 #[inline(always)]
 fn place<K: FlowKey>(key: &K) -> Option<Place> {
-    let h = hash(key);
-    if h == NONE {
-        return None;
-    }
-    let (bucket, tag) = (h as u32, (h >> 32) as u32);
-    let mask = FLOW_POOL.get(K::INDEX as u32)?.bucket_mask;
+    let pool = FLOW_POOL.get(K::INDEX as u32)?;
+    let h = hash(key, pool.seed, pool.bucket_mask);
     Some(Place {
-        bucket,
-        tag,
-        alt: conntable::alternates(bucket, tag, mask),
+        bucket: h as u32,
+        tag: (h >> 32) as u32,
+        mask: pool.bucket_mask,
     })
 }
 
-/// The key's bucket index (low half) and tag (high half), or `NONE`. Functions of their own
-/// (this and `differ`) keep the IPv6 key's ten words out of their callers' stack frames,
-/// whose sum along a call chain the verifier holds to 512 bytes.
+/// The key's bucket index (low half) and tag (high half). Functions of their own (this and
+/// `differ`) keep the IPv6 key's ten words out of their callers' stack frames, whose sum
+/// along a call chain the verifier holds to 512 bytes.
 #[inline(never)]
-fn hash<K: FlowKey>(key: &K) -> u64 {
-    let Some(pool) = FLOW_POOL.get(K::INDEX as u32) else {
-        return NONE;
-    };
-    let h = conntable::key_hash(key, pool.seed);
-    conntable::bucket(h, pool.bucket_mask) as u64 | (conntable::tag(h) as u64) << 32
+fn hash<K: FlowKey>(key: &K, seed: u64, mask: u64) -> u64 {
+    let h = conntable::key_hash(key, seed);
+    conntable::bucket(h, mask) as u64 | (conntable::tag(h) as u64) << 32
 }
 
 /// Whether bucket `bi` ever sent a key to its alternates.
@@ -185,11 +186,12 @@ fn find<K: FlowKey>(key: &K) -> u64 {
     if slot != NONE || !spilled::<K>(p.bucket) {
         return slot;
     }
-    let slot = find_in::<K>(p.alt[0], p.tag, key);
+    let [alt, alt2] = p.alternates();
+    let slot = find_in::<K>(alt, p.tag, key);
     if slot != NONE {
         return slot;
     }
-    find_in::<K>(p.alt[1], p.tag, key)
+    find_in::<K>(alt2, p.tag, key)
 }
 
 #[inline(always)]
@@ -240,6 +242,7 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     let Some(p) = place(key) else {
         return FULL;
     };
+    let alt = p.alternates();
     // Each loop below either goes on or leaves: the verifier follows one path per way, where
     // a loop carrying "the best so far" in registers would make it follow every combination
     // (what must be carried goes through the scratch map, which it does not follow).
@@ -249,7 +252,7 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     }
     let was_spilled = spilled::<K>(p.bucket);
     if was_spilled {
-        let r = look::<K>(p.alt[0], p.tag, key) | look::<K>(p.alt[1], p.tag, key);
+        let r = look::<K>(alt[0], p.tag, key) | look::<K>(alt[1], p.tag, key);
         if r != 0 {
             return if r & BUSY == BUSY { BUSY } else { EXISTS };
         }
@@ -260,14 +263,14 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
         if slot == NO_WAY {
             spill::<K>(p.bucket);
             if !was_spilled {
-                let r = look::<K>(p.alt[0], p.tag, key) | look::<K>(p.alt[1], p.tag, key);
+                let r = look::<K>(alt[0], p.tag, key) | look::<K>(alt[1], p.tag, key);
                 if r != 0 {
                     return if r & BUSY == BUSY { BUSY } else { EXISTS };
                 }
             }
-            slot = claim::<K>(p.alt[0], p.tag);
+            slot = claim::<K>(alt[0], p.tag);
             if slot == NO_WAY {
-                slot = claim::<K>(p.alt[1], p.tag);
+                slot = claim::<K>(alt[1], p.tag);
             }
         }
         if slot == RACED {
@@ -284,9 +287,9 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
         slot = recycle::<K>(p.bucket, p.tag, now);
         if slot == NO_WAY && pooled {
             spill::<K>(p.bucket);
-            slot = recycle::<K>(p.alt[0], p.tag, now);
+            slot = recycle::<K>(alt[0], p.tag, now);
             if slot == NO_WAY {
-                slot = recycle::<K>(p.alt[1], p.tag, now);
+                slot = recycle::<K>(alt[1], p.tag, now);
             }
         }
         if slot == NO_WAY {
@@ -305,8 +308,7 @@ fn insert_in<K: FlowKey, const RECYCLE: bool>(key: &K, flow: &Flow, now: u32, po
     // does), backs off.
     if !settled::<K>(p.bucket, p.tag, key, slot)
         || spilled::<K>(p.bucket)
-            && !(settled::<K>(p.alt[0], p.tag, key, slot)
-                && settled::<K>(p.alt[1], p.tag, key, slot))
+            && !(settled::<K>(alt[0], p.tag, key, slot) && settled::<K>(alt[1], p.tag, key, slot))
     {
         release::<K>(word, recycled);
         return BUSY;
@@ -534,8 +536,7 @@ fn take_over<K: FlowKey>(b: *mut FlowBucket, base: u32, w: usize, tag: u32, now:
         return false;
     }
     unsafe {
-        crate::persist::retired(&(*e).key, &(*e).flow, now);
-        crate::nat::forget(&(*e).key, &(*e).flow);
+        crate::flow::let_go(&(*e).key, &(*e).flow, now);
         // The way is ours now: nobody else clears or claims a way whose word is set.
         atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(&raw mut (*b).ways[w], way::CLAIMED | tag);
     }

@@ -385,6 +385,14 @@ pub fn changed<K: FlowKey>(key: &K, backend: u32, st: u8, next: u8) {
     }
 }
 
+/// What a connection retired by this caller leaves behind: its persistence template's count
+/// and its NAT reply entry let go of it (every retirer: a packet, the reaper, recycling).
+#[inline(always)]
+pub fn let_go<K: FlowKey>(key: &K, flow: &Flow, now: u32) {
+    persist::retired(key, flow, now);
+    nat::forget(key, flow);
+}
+
 /// Retires a connection-table entry whose connection ended, unless someone else did first
 /// (then false).
 #[inline(always)]
@@ -398,8 +406,7 @@ pub fn end_entry<K: FlowKey>(
     if !acct::retire(status_ptr, status, flow.backend) {
         return false;
     }
-    persist::retired(key, flow, now);
-    nat::forget(key, flow);
+    let_go(key, flow, now);
     conntable::clear(key);
     acct::release_entry(K::FAMILY);
     true

@@ -19,7 +19,7 @@ use crate::{
     acct, conntable,
     flow::{self, FlowKey},
     maps::{FLOW_BUCKETS_V4, FLOW_BUCKETS_V6, TEMPLATES_V4, TEMPLATES_V6},
-    persist, stats,
+    stats,
 };
 
 #[repr(C)]
@@ -115,8 +115,7 @@ extern "C" fn visit<K: FlowKey>(
         if acct::retire(status_ptr, status, unsafe { (*flow).backend }) {
             let key = unsafe { &(*e).key };
             let flow = unsafe { &*flow };
-            persist::retired(key, flow, walk.now);
-            crate::nat::forget(key, flow);
+            flow::let_go(key, flow, walk.now);
             conntable::clear_slot::<K>(slot);
             acct::release_entry(K::FAMILY);
             stats::count(reason::EV_FLOW_EXPIRED);
